@@ -1,0 +1,422 @@
+"""The bundle: a folder any static HTTP server can host.
+
+    bundle/
+      manifest.json          format name + version, config, tensors, initializers with chunk tables, blobs, totals
+      model.onnx             decoder graph; every initializer is external data (location = its own name)
+      weights-000.qzb ...    blobs: concatenated QZ chunks (docs/lzw-format.md), at most `blob_bytes` each
+      tokenizer.json, tokenizer_config.json (and generation_config.json when the source had one)
+
+`write_bundle` streams: one tensor is loaded, quantized, laid out and encoded before the next is read. It writes
+into a temporary sibling folder and renames it at the end, so a crash never leaves something that looks like a
+bundle. `load` validates every field it reads and raises BundleError naming the file and field/offset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__, codec, lzw
+from .config import LlamaConfig
+from .errors import BundleError, CodecError, TinyQMoEError
+from .layouts import Initializer, byte_stream, family, linear_initializers
+from .quant import get_scheme
+
+FORMAT_NAME = "tiny-qmoe-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH = "model.onnx"
+DEFAULT_CHUNK_SYMBOLS = 1 << 18        # 262,144 symbols: big enough for LZW to learn, small enough to parallelise
+DEFAULT_BLOB_BYTES = 64 << 20          # split blobs so downloads can run in parallel and caches stay happy
+MAX_INITIALIZER_BYTES = (2 << 30) - 1  # browsers cap one ArrayBuffer at 2 GB
+METHOD_NAMES = {lzw.METHOD_PACKED: "packed", lzw.METHOD_LZW: "lzw"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class BuildOptions:
+    scheme: str = "int8"
+    embed_scheme: str | None = None          # None: "int8" for quantized schemes, else the same float scheme
+    chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS
+    blob_bytes: int = DEFAULT_BLOB_BYTES
+    max_code_bits: int = 16
+    force: bool = False
+    name: str | None = None
+
+    def resolved_embed_scheme(self) -> str:
+        if self.embed_scheme:
+            return self.embed_scheme
+        return self.scheme if self.scheme in ("f32", "f16") else "int8"
+
+
+def entropy_bits(symbols: np.ndarray, alphabet: int) -> float:
+    """Order-0 entropy in bits per symbol."""
+    if symbols.size == 0:
+        return 0.0
+    counts = np.bincount(symbols, minlength=alphabet).astype(np.float64)
+    p = counts[counts > 0] / symbols.size
+    return float(-(p * np.log2(p)).sum())
+
+
+class _BlobWriter:
+    """Appends chunks to weights-NNN.qzb files, starting a new blob when the current one would pass the cap."""
+
+    def __init__(self, folder: Path, cap: int):
+        self.folder, self.cap = folder, cap
+        self.blobs: list[dict[str, Any]] = []
+        self._f = None
+        self._hash = None
+        self._size = 0
+
+    def _open_next(self):
+        self.close()
+        name = f"weights-{len(self.blobs):03d}.qzb"
+        self._f = open(self.folder / name, "wb")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self.blobs.append({"file": name})
+
+    def start_initializer(self, expected_bytes: int):
+        """Keep an initializer's chunks in one blob when they fit (fewer blobs per tensor for the page)."""
+        if self._f is None or (self._size and self._size + expected_bytes > self.cap):
+            self._open_next()
+
+    def append(self, data: bytes) -> tuple[int, int]:
+        if self._f is None:
+            self._open_next()
+        off = self._size
+        self._f.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+        return len(self.blobs) - 1, off
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self.blobs[-1].update(bytes=self._size, sha256=self._hash.hexdigest())
+            self._f = None
+
+
+def _encode_initializer(init: Initializer, blobs: _BlobWriter, opts: BuildOptions) -> dict[str, Any]:
+    """Cut the initializer's symbol stream into chunks, encode each, append to the blob, return its manifest entry."""
+    if init.nbytes > MAX_INITIALIZER_BYTES:
+        raise BundleError(f"initializer {init.name}: {init.nbytes} bytes exceeds the 2 GB browser buffer limit")
+    sym = init.symbols
+    step = opts.chunk_symbols
+    # worst case size: packed bytes + headers; used only to keep the initializer in one blob when possible
+    blobs.start_initializer(lzw.layout_nbytes(init.layout, sym.size) + lzw.HEADER_SIZE * (sym.size // step + 1))
+    chunks = []
+    blob_index = None
+    out_off = 0
+    for start in range(0, max(sym.size, 1), step):
+        part = sym[start:start + step]
+        data = codec.encode_chunk(part, init.alphabet, init.layout, init.bias, max_code_bits=opts.max_code_bits)
+        b, off = blobs.append(data)
+        if blob_index is None:
+            blob_index = b
+        elif b != blob_index:
+            raise BundleError(f"initializer {init.name}: chunks span two blobs (blob cap too small)")
+        method = data[3]
+        n_out = lzw.layout_nbytes(init.layout, part.size)
+        chunks.append([off, len(data), int(part.size), METHOD_NAMES[method], out_off])
+        out_off += n_out
+    if out_off != init.nbytes:
+        raise BundleError(f"initializer {init.name}: chunks decode to {out_off} bytes, tensor needs {init.nbytes}")
+    return {"name": init.name, "dtype": init.dtype, "shape": list(init.shape), "nbytes": init.nbytes,
+            "alphabet": init.alphabet, "layout": init.layout, "bias": init.bias, "blob": blob_index,
+            "entropy_bits": round(entropy_bits(sym, max(init.alphabet, 1)), 5),
+            "stored_bytes": sum(c[1] for c in chunks), "chunks": chunks}
+
+
+def _tensor_initializers(name: str, w: np.ndarray, scheme: str) -> tuple[list[Initializer], dict[str, Any]]:
+    """Quantize one HF tensor and lay it out; norms (1-D) stay float32."""
+    if w.ndim == 1:
+        return [byte_stream(name, w.astype(np.float32))], {"scheme": "f32", "max_error": 0.0, "rms_error": 0.0}
+    q = get_scheme(scheme).quantize(w)
+    return linear_initializers(name, q), {"scheme": scheme, "max_error": q.max_error, "rms_error": q.rms_error}
+
+
+def write_bundle(checkpoint, out: Path, opts: BuildOptions,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Convert `checkpoint` (a loaders.Checkpoint) into a bundle folder at `out`; returns the manifest."""
+    from .onnx_export import export_graph
+
+    out = Path(out)
+    get_scheme(opts.scheme)
+    embed_scheme = opts.resolved_embed_scheme()
+    get_scheme(embed_scheme)
+    if opts.chunk_symbols <= 0 or opts.chunk_symbols % 4:
+        raise BundleError(f"chunk_symbols must be a positive multiple of 4, got {opts.chunk_symbols}")
+    if out.exists() and not opts.force:
+        raise BundleError(f"{out}: already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        lock_fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(f"{out}: another build into this folder is running (lock file {lock}); "
+                          "remove the lock if that build is dead") from None
+    try:
+        os.write(lock_fd, str(os.getpid()).encode())
+        manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return manifest
+    finally:
+        os.close(lock_fd)
+        lock.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph):
+    cfg: LlamaConfig = checkpoint.config
+    t0 = time.perf_counter()
+    blobs = _BlobWriter(folder, opts.blob_bytes)
+    tensors, initializers = [], []
+    float_bytes = 0
+    n_params = 0
+    names = list(checkpoint.tensors)
+    for i, name in enumerate(names):
+        if progress:
+            progress(name, i, len(names))
+        w = checkpoint.load(name)
+        float_bytes += w.size * 4
+        n_params += w.size
+        scheme = embed_scheme if name in ("model.embed_tokens.weight", "lm_head.weight") else opts.scheme
+        inits, info = _tensor_initializers(name, w, scheme)
+        del w
+        entries = [_encode_initializer(init, blobs, opts) for init in inits]
+        initializers.extend(entries)
+        tensors.append({"name": name, "shape": list(checkpoint.tensors[name].shape),
+                        "source_dtype": checkpoint.tensors[name].dtype, **info,
+                        "initializers": [e["name"] for e in entries]})
+    blobs.close()
+    if progress:
+        progress("model.onnx", len(names), len(names))
+
+    graph_bytes = export_graph(cfg, {e["name"]: (e["dtype"], tuple(e["shape"])) for e in initializers},
+                               opts.scheme, embed_scheme)
+    (folder / GRAPH).write_bytes(graph_bytes)
+
+    tok_entries = {}
+    for fname, data in sorted(checkpoint.tokenizer_files().items()):
+        (folder / fname).write_bytes(data)
+        tok_entries[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    stored = sum(b["bytes"] for b in blobs.blobs)
+    quantized_params = sum(t_n for t_n in (int(np.prod(t["shape"])) for t in tensors))
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "codec": {"name": "qz", "version": 1, "chunk_symbols": opts.chunk_symbols, "max_code_bits": opts.max_code_bits},
+        "name": opts.name or Path(str(checkpoint.path)).stem,
+        "producer": f"tiny-qmoe {__version__}",
+        "source": {"file": Path(str(checkpoint.path)).name, "kind": checkpoint.kind},
+        "scheme": opts.scheme,
+        "embed_scheme": embed_scheme,
+        "config": cfg.to_dict(),
+        "graph": {"file": GRAPH, "bytes": len(graph_bytes), "sha256": hashlib.sha256(graph_bytes).hexdigest()},
+        "tokenizer": tok_entries,
+        "blobs": blobs.blobs,
+        "tensors": tensors,
+        "initializers": initializers,
+        "totals": {
+            "parameters": n_params,
+            "float32_bytes": float_bytes,
+            "runtime_bytes": sum(e["nbytes"] for e in initializers),
+            "blob_bytes": stored,
+            "bundle_bytes": stored + len(graph_bytes) + sum(v["bytes"] for v in tok_entries.values()),
+            "bits_per_weight_blobs": round(8 * stored / max(quantized_params, 1), 4),
+        },
+    }
+    manifest["totals"]["bundle_bytes"] += len(_dump(manifest))  # close enough: the manifest counts itself
+    manifest["totals"]["bits_per_weight_all_in"] = round(8 * manifest["totals"]["bundle_bytes"] / max(n_params, 1), 4)
+    (folder / MANIFEST).write_bytes(_dump(manifest))
+    manifest["_build_seconds"] = time.perf_counter() - t0
+    return manifest
+
+
+def _dump(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps({k: v for k, v in manifest.items() if not k.startswith("_")}, indent=1) + "\n").encode()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1}
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    config: LlamaConfig
+    initializers: list[dict[str, Any]] = field(default_factory=list)
+
+    def blob_path(self, index: int) -> Path:
+        return self.path / self.manifest["blobs"][index]["file"]
+
+    def graph_bytes(self) -> bytes:
+        return (self.path / GRAPH).read_bytes()
+
+    def tokenizer_json(self) -> dict:
+        return json.loads((self.path / "tokenizer.json").read_text(encoding="utf-8"))
+
+    def tokenizer_config(self) -> dict:
+        p = self.path / "tokenizer_config.json"
+        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+
+    def decode_initializers(self, verify: bool = True):
+        """Yield (entry, numpy array) for every initializer, decoding chunks straight into the array's buffer."""
+        blob_data: dict[int, memoryview] = {}
+        for b, info in enumerate(self.manifest["blobs"]):
+            data = self.blob_path(b).read_bytes()
+            if len(data) != info["bytes"]:
+                raise BundleError(f"{info['file']}: {len(data)} bytes on disk, manifest says {info['bytes']}")
+            if verify and hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise BundleError(f"{info['file']}: SHA-256 mismatch (corrupted or modified blob)")
+            blob_data[b] = memoryview(data)
+        for e in self.initializers:
+            arr = np.empty(e["nbytes"], np.uint8)
+            view = memoryview(arr)
+            src = blob_data[e["blob"]]
+            for k, (off, length, n_sym, method, out_off) in enumerate(e["chunks"]):
+                chunk = bytes(src[off:off + length])
+                try:
+                    n_out = codec.decode_into(chunk, view[out_off:])
+                except CodecError as err:
+                    raise BundleError(f"{self.manifest['blobs'][e['blob']]['file']}: initializer {e['name']} chunk {k} "
+                                      f"at byte offset {off}: {err}") from None
+                hdr = lzw.parse_header(chunk)
+                if hdr.n_symbols != n_sym or METHOD_NAMES[hdr.method] != method or \
+                        hdr.alphabet != e["alphabet"] or hdr.layout != e["layout"] or hdr.bias != e["bias"] or \
+                        n_out != lzw.layout_nbytes(e["layout"], n_sym):
+                    raise BundleError(f"{self.manifest['blobs'][e['blob']]['file']}: initializer {e['name']} chunk {k} "
+                                      f"at byte offset {off}: header disagrees with the manifest chunk table")
+            yield e, arr.view(np.dtype(e["dtype"])).reshape(e["shape"])
+
+
+def _want(cond: bool, where: str, what: str):
+    if not cond:
+        raise BundleError(f"{where}: {what}")
+
+
+def _int(v, where: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    _want(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, where,
+          f"expected an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def load(path: str | Path) -> Bundle:
+    """Read and validate a bundle's manifest against the files on disk (blob hashes are checked on decode)."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: missing (not a bundle folder)")
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{mpath}: not UTF-8 at byte offset {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: invalid JSON at byte offset {e.pos}: {e.msg}") from None
+    M = MANIFEST
+    _want(isinstance(m, dict), M, "top level must be an object")
+    _want(m.get("format") == FORMAT_NAME, f"{M}: format", f"expected {FORMAT_NAME!r}, got {m.get('format')!r}")
+    _want(m.get("version") == FORMAT_VERSION, f"{M}: version",
+          f"this reader supports version {FORMAT_VERSION}, got {m.get('version')!r}")
+    for key, typ in (("config", dict), ("graph", dict), ("tokenizer", dict), ("blobs", list), ("tensors", list),
+                     ("initializers", list), ("scheme", str), ("embed_scheme", str)):
+        _want(isinstance(m.get(key), typ), f"{M}: {key}", f"missing or not a {typ.__name__}")
+    try:
+        cfg = LlamaConfig.from_dict(m["config"])
+    except (TinyQMoEError, TypeError, ValueError) as e:
+        raise BundleError(f"{M}: config: {e}") from None
+    for s in (m["scheme"], m["embed_scheme"]):
+        try:
+            get_scheme(s)
+        except TinyQMoEError as e:
+            raise BundleError(f"{M}: scheme: {e}") from None
+    # files listed must exist with the listed sizes
+    g = m["graph"]
+    _want(g.get("file") == GRAPH, f"{M}: graph.file", f"expected {GRAPH!r}")
+    _check_file(path, GRAPH, g, f"{M}: graph")
+    for fname, info in m["tokenizer"].items():
+        _want(fname in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"),
+              f"{M}: tokenizer", f"unexpected file name {fname!r}")
+        _check_file(path, fname, info, f"{M}: tokenizer.{fname}", hash_it=True)
+    _want("tokenizer.json" in m["tokenizer"], f"{M}: tokenizer", "tokenizer.json is not listed")
+    for i, b in enumerate(m["blobs"]):
+        where = f"{M}: blobs[{i}]"
+        _want(isinstance(b, dict) and isinstance(b.get("file"), str), where, "needs a file name")
+        _want(b["file"] == f"weights-{i:03d}.qzb", f"{where}.file", f"expected weights-{i:03d}.qzb")
+        _int(b.get("bytes"), f"{where}.bytes")
+        _want(isinstance(b.get("sha256"), str) and len(b["sha256"]) == 64, f"{where}.sha256", "not a SHA-256 hex")
+        _check_file(path, b["file"], b, where)
+    _validate_initializers(m, cfg)
+    return Bundle(path, m, cfg, m["initializers"])
+
+
+def _check_file(folder: Path, fname: str, info: dict, where: str, hash_it: bool = False):
+    p = folder / fname
+    _want(p.is_file(), where, f"file {fname} is missing")
+    size = _int(info.get("bytes"), f"{where}.bytes")
+    _want(p.stat().st_size == size, fname, f"{p.stat().st_size} bytes on disk, manifest says {size}")
+    if hash_it or fname == GRAPH:
+        _want(hashlib.sha256(p.read_bytes()).hexdigest() == info.get("sha256"), fname, "SHA-256 mismatch")
+
+
+def _validate_initializers(m: dict, cfg: LlamaConfig):
+    M = MANIFEST
+    blob_sizes = [b["bytes"] for b in m["blobs"]]
+    seen = set()
+    for i, e in enumerate(m["initializers"]):
+        where = f"{M}: initializers[{i}]"
+        _want(isinstance(e, dict) and isinstance(e.get("name"), str), where, "needs a name")
+        where = f"{M}: initializer {e['name']}"
+        _want(e["name"] not in seen, where, "duplicate name")
+        seen.add(e["name"])
+        _want(e.get("dtype") in _DTYPES, f"{where}.dtype", f"expected one of {sorted(_DTYPES)}, got {e.get('dtype')!r}")
+        shape = e.get("shape")
+        _want(isinstance(shape, list) and 1 <= len(shape) <= 4, f"{where}.shape", "must be a list of 1-4 sizes")
+        for d in shape:
+            _int(d, f"{where}.shape", 1, 1 << 31)
+        nbytes = _int(e.get("nbytes"), f"{where}.nbytes", 1, MAX_INITIALIZER_BYTES)
+        _want(nbytes == math.prod(shape) * _DTYPES[e["dtype"]], f"{where}.nbytes", "disagrees with shape and dtype")
+        alphabet = _int(e.get("alphabet"), f"{where}.alphabet", 2, 256)
+        layout = _int(e.get("layout"), f"{where}.layout", 0, 2)
+        _int(e.get("bias"), f"{where}.bias", 0, 255)
+        blob = _int(e.get("blob"), f"{where}.blob", 0, len(blob_sizes) - 1) if blob_sizes else \
+            _want(False, f"{where}.blob", "bundle has no blobs")
+        chunks = e.get("chunks")
+        _want(isinstance(chunks, list) and chunks, f"{where}.chunks", "must be a non-empty list")
+        expect_out = 0
+        for k, c in enumerate(chunks):
+            cw = f"{where}.chunks[{k}]"
+            _want(isinstance(c, list) and len(c) == 5, cw, "must be [offset, length, symbols, method, out_offset]")
+            off = _int(c[0], f"{cw}.offset")
+            length = _int(c[1], f"{cw}.length", lzw.HEADER_SIZE)
+            n_sym = _int(c[2], f"{cw}.symbols", 0, 1 << 32)
+            _want(c[3] in ("lzw", "packed"), f"{cw}.method", f"expected lzw or packed, got {c[3]!r}")
+            _want(_int(c[4], f"{cw}.out_offset") == expect_out, f"{cw}.out_offset",
+                  f"expected {expect_out} (chunks must tile the tensor in order)")
+            _want(off + length <= blob_sizes[blob], cw,
+                  f"bytes [{off}, {off + length}) lie outside blob {blob} of {blob_sizes[blob]} bytes")
+            _want(k == len(chunks) - 1 or n_sym % 4 == 0, f"{cw}.symbols", "inner chunks must hold a multiple of 4")
+            expect_out += lzw.layout_nbytes(layout, n_sym)
+        _want(expect_out == nbytes, f"{where}.chunks", f"decode to {expect_out} bytes, tensor needs {nbytes}")

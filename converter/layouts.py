@@ -1,0 +1,103 @@
+"""How each scheme's quantized tensor becomes ONNX initializers (bytes + dtype + shape) and which op consumes it.
+
+This is the one table that ties a scheme to its runtime layout. Two op families carry quantized linear layers:
+
+  "dqmm"   com.microsoft DynamicQuantizeMatMul: B int8 (in, out) = transposed codes, per-output-channel scale.
+           Used by per-channel int8 and ternary (codes -1/0/+1 as int8).
+  "nbits"  com.microsoft MatMulNBits: B uint8 (out, n_blocks, block_bytes) = codes of each row, packed low bits
+           first, per-block scales (out * n_blocks) and packed integer zero points. Used by the group schemes.
+
+and the float schemes use plain MatMul ("f32": B float32 (in, out); "f16": float16 + Cast).
+
+Each initializer that carries codes is a *symbol stream* (alphabet, layout, bias of docs/lzw-format.md), so the
+LZW decoder writes the initializer's bytes directly. Scales/zero points/norms are byte streams (alphabet 256).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .lzw import LAYOUT_U2, LAYOUT_U4, LAYOUT_U8
+from .quant import Quantized, get_scheme
+
+
+@dataclass(frozen=True)
+class Initializer:
+    name: str                 # ONNX initializer name
+    dtype: str                # numpy dtype name of the runtime tensor: float32, float16, int8, uint8
+    shape: tuple[int, ...]    # runtime shape
+    symbols: np.ndarray       # 1-D uint8 symbol stream in runtime order (< alphabet)
+    alphabet: int             # 256 for byte streams
+    layout: int               # LAYOUT_U8 / U4 / U2
+    bias: int = 0             # LAYOUT_U8: byte = (symbol - bias) mod 256
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def byte_stream(name: str, a: np.ndarray) -> Initializer:
+    """A float/int array stored as its little-endian bytes (alphabet 256)."""
+    a = np.ascontiguousarray(a)
+    return Initializer(name, a.dtype.name, tuple(a.shape), a.view(np.uint8).reshape(-1), 256, LAYOUT_U8)
+
+
+def family(scheme: str) -> str:
+    """Op family of a scheme: "f32", "f16", "dqmm" or "nbits"."""
+    s = get_scheme(scheme)
+    if s.name in ("f32", "f16"):
+        return s.name
+    return "dqmm" if s.group == 0 else "nbits"
+
+
+def _pack_zeros(z: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits zero points: (rows, n_blocks) uint8 -> (rows, ceil(n_blocks * bits / 8)), low bits first."""
+    per = 8 // bits
+    rows, nb = z.shape
+    pad = (-nb) % per
+    zz = np.concatenate([z, np.zeros((rows, pad), np.uint8)], axis=1).reshape(rows, -1, per).astype(np.uint8)
+    out = np.zeros(zz.shape[:2], np.uint8)
+    for j in range(per):
+        out |= (zz[:, :, j] << (bits * j)).astype(np.uint8)
+    return out
+
+
+def linear_initializers(prefix: str, q: Quantized) -> list[Initializer]:
+    """Initializers of one linear weight (HF shape (out, in)) in the layout of its op family.
+
+    prefix: the HF tensor name, e.g. "model.layers.0.self_attn.q_proj.weight".
+    """
+    fam = family(q.scheme)
+    rows, cols = q.shape
+    if fam == "f32":
+        return [byte_stream(prefix, np.ascontiguousarray(q.symbols.T, np.float32))]          # (in, out)
+    if fam == "f16":
+        return [byte_stream(prefix, np.ascontiguousarray(q.symbols.T, np.float16))]          # (in, out)
+    scheme = get_scheme(q.scheme)
+    if fam == "dqmm":
+        codes = np.ascontiguousarray(q.symbols.T).reshape(-1)                                # (in, out) symbols
+        bias = 1 if scheme.alphabet == 3 else 0                                              # ternary: q + 1
+        return [Initializer(prefix + ".q", "int8", (cols, rows), codes, scheme.alphabet, LAYOUT_U8, bias),
+                byte_stream(prefix + ".scales", q.scales.reshape(rows))]                     # f16 (out,)
+    # nbits: rows of codes, groups of `group` along the row, `bits` per code packed low first
+    bits, group = scheme.bits, scheme.group
+    n_blocks = cols // group
+    if scheme.alphabet == 256:
+        codes = (q.symbols.view(np.int8).astype(np.int16) + 128).astype(np.uint8)           # MatMulNBits 8-bit: zp 128
+        layout, zeros = LAYOUT_U8, None
+    else:
+        codes = q.symbols
+        layout = LAYOUT_U4 if bits == 4 else LAYOUT_U2
+        zeros = q.zeros if q.zeros is not None else np.full((rows, n_blocks), 1, np.uint8)  # ternary-g: zp 1
+    out = [Initializer(prefix + ".q", "uint8", (rows, n_blocks, group * bits // 8), codes.reshape(-1),
+                       256 if scheme.alphabet == 256 else scheme.alphabet, layout),
+           byte_stream(prefix + ".scales", q.scales.reshape(rows * n_blocks))]                # f16 (out*n_blocks,)
+    if zeros is not None:
+        out.append(byte_stream(prefix + ".zeros", _pack_zeros(zeros, bits).reshape(-1)))
+    return out
+
+
+def nbits_of(scheme: str) -> tuple[int, int]:
+    s = get_scheme(scheme)
+    return s.bits, s.group

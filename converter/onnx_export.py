@@ -1,0 +1,318 @@
+"""The decoder graph: Llama with KV cache, as ONNX, with every weight an external initializer.
+
+Interface (onnxruntime-genai's convention):
+    inputs   input_ids            int64   [batch, seq]
+             attention_mask       int64   [batch, past + seq]      1 = attend, 0 = padding
+             position_ids         int64   [batch, seq]
+             past_key_values.{i}.key / .value   float32 [batch, kv_heads, past, head_dim]
+    outputs  logits               float32 [batch, seq, vocab]
+             present.{i}.key / .value           float32 [batch, kv_heads, past + seq, head_dim]
+
+Quantized weights stay quantized in the session: per-channel int8/ternary run through com.microsoft
+DynamicQuantizeMatMul, group schemes through com.microsoft MatMulNBits (layouts in layouts.py). Node names are
+hierarchical and deterministic: /model/layers.{i}/attn/q_proj/MatMul.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .config import LlamaConfig, rope_inv_freq
+from .layouts import family, nbits_of
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+NEG_INF = -1e9  # finite mask value: a fully masked (padding) row softmaxes to uniform instead of NaN
+
+_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8,
+                "uint8": TensorProto.UINT8}
+
+
+def kv_names(i: int) -> tuple[str, str, str, str]:
+    """(past key, past value, present key, present value) names of layer i — the only place they are spelled."""
+    return (f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value")
+
+
+class GraphBuilder:
+    """Collects nodes and constants; names every node and value from a hierarchical prefix."""
+
+    def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]]):
+        self.weights = weights            # initializer name -> (dtype, shape), all external
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: list[onnx.TensorProto] = []
+        self._const_cache: dict[tuple, str] = {}
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [f"{name}/output_{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+    def op1(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
+        return self.op(op_type, inputs, name, 1, domain, **attrs)[0]
+
+    def const(self, value, dtype=np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._const_cache:
+            name = f"/const/{len(self._const_cache)}"
+            self.consts.append(numpy_helper.from_array(arr, name))
+            self._const_cache[key] = name
+        return self._const_cache[key]
+
+    def weight(self, name: str) -> str:
+        if name not in self.weights:
+            raise KeyError(f"graph needs initializer {name}, which the bundle does not provide")
+        return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------------------------
+
+def to_f32(g: GraphBuilder, name: str, prefix: str) -> str:
+    """f16 initializers (scales, f16 weights) are cast once; onnxruntime folds the Cast at session creation."""
+    return g.op1("Cast", [name], f"{prefix}/Cast", to=TensorProto.FLOAT) if g.weights[name][0] == "float16" else name
+
+
+# x ──► Mul(x, x) ─► ReduceMean(-1) ─► Add(eps) ─► Sqrt ─► Reciprocal ─► Mul(x, ·) ─► Mul(weight) ──► y
+def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float, prefix: str) -> str:
+    sq = g.op1("Mul", [x, x], f"{prefix}/Pow")
+    mean = g.op1("ReduceMean", [sq, g.const([-1], np.int64)], f"{prefix}/ReduceMean", keepdims=1)
+    std = g.op1("Sqrt", [g.op1("Add", [mean, g.const(eps)], f"{prefix}/AddEps")], f"{prefix}/Sqrt")
+    normed = g.op1("Mul", [x, g.op1("Reciprocal", [std], f"{prefix}/Reciprocal")], f"{prefix}/Normalize")
+    return g.op1("Mul", [normed, g.weight(weight)], f"{prefix}/MulWeight")
+
+
+def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out: int, prefix: str) -> str:
+    """y = x @ W^T for the HF weight `hf_name` (out=n_out, in=n_in), in its scheme's op family."""
+    fam = family(scheme)
+    if fam in ("f32", "f16"):
+        w = to_f32(g, g.weight(hf_name), f"{prefix}/weight")
+        return g.op1("MatMul", [x, w], f"{prefix}/MatMul")
+    if fam == "dqmm":
+        scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
+        return g.op1("DynamicQuantizeMatMul", [x, g.weight(hf_name + ".q"), scales], f"{prefix}/DynamicQuantizeMatMul",
+                     domain=MS_DOMAIN)
+    bits, block = nbits_of(scheme)
+    inputs = [x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")]
+    if hf_name + ".zeros" in g.weights:
+        inputs.append(g.weight(hf_name + ".zeros"))
+    return g.op1("MatMulNBits", inputs, f"{prefix}/MatMulNBits", domain=MS_DOMAIN,
+                 K=n_in, N=n_out, bits=bits, block_size=block, accuracy_level=0)
+
+
+def _unpack_codes(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
+    """uint8 [..., nbytes] of `bits`-bit codes packed low first -> float32 [..., nbytes * 8/bits] (float ops only,
+    so every execution provider runs it)."""
+    x = g.op1("Cast", [packed], f"{prefix}/CastPacked", to=TensorProto.FLOAT)
+    if bits == 8:
+        return x
+    per, base = 8 // bits, float(1 << bits)
+    parts = []
+    for j in range(per):
+        # code j = floor(x / base^j) mod base
+        shifted = g.op1("Floor", [g.op1("Div", [x, g.const(base ** j)], f"{prefix}/Shift{j}")], f"{prefix}/Floor{j}")
+        code = g.op1("Mod", [shifted, g.const(base)], f"{prefix}/Mod{j}", fmod=1)
+        parts.append(g.op1("Unsqueeze", [code, g.const([-1], np.int64)], f"{prefix}/Unsqueeze{j}"))
+    stacked = g.op1("Concat", parts, f"{prefix}/Concat", axis=-1)               # [..., nbytes, per]
+    shape = g.op1("Shape", [x], f"{prefix}/Shape")
+    lead = g.op1("Slice", [shape, g.const([0], np.int64), g.const([-1], np.int64)], f"{prefix}/Lead")
+    new_shape = g.op1("Concat", [lead, g.const([-1], np.int64)], f"{prefix}/NewShape", axis=0)
+    return g.op1("Reshape", [stacked, new_shape], f"{prefix}/Reshape")
+
+
+# ids [B,S] ──► Gather rows of the quantized table ──► dequantize only those rows ──► [B,S,H]
+def embedding(g: GraphBuilder, ids: str, cfg: LlamaConfig, scheme: str, prefix: str) -> str:
+    name = "model.embed_tokens.weight"
+    H, V = cfg.hidden_size, cfg.vocab_size
+    fam = family(scheme)
+    if fam in ("f32", "f16"):                                     # table stored (H, V): gather columns
+        cols = g.op1("Gather", [g.weight(name), ids], f"{prefix}/Gather", axis=1)            # [H,B,S]
+        rows = g.op1("Transpose", [cols], f"{prefix}/Transpose", perm=[1, 2, 0])           # [B,S,H]
+        return g.op1("Cast", [rows], f"{prefix}/Cast", to=TensorProto.FLOAT) if fam == "f16" else rows
+    if fam == "dqmm":                                             # int8 (H, V) + per-token scale [V]
+        cols = g.op1("Gather", [g.weight(name + ".q"), ids], f"{prefix}/Gather", axis=1)     # [H,B,S] int8
+        rows = g.op1("Transpose", [cols], f"{prefix}/Transpose", perm=[1, 2, 0])
+        rows = g.op1("Cast", [rows], f"{prefix}/Cast", to=TensorProto.FLOAT)
+        scale = g.op1("Gather", [to_f32(g, g.weight(name + ".scales"), f"{prefix}/scales"), ids],
+                      f"{prefix}/GatherScale", axis=0)                                     # [B,S]
+        scale = g.op1("Unsqueeze", [scale, g.const([-1], np.int64)], f"{prefix}/UnsqueezeScale")
+        return g.op1("Mul", [rows, scale], f"{prefix}/Dequantize")
+    bits, block = nbits_of(scheme)
+    nb = H // block
+    q = g.op1("Gather", [g.weight(name + ".q"), ids], f"{prefix}/Gather", axis=0)           # [B,S,nb,bytes]
+    codes = _unpack_codes(g, q, bits, f"{prefix}/codes")                                    # [B,S,nb,block]
+    scales = g.op1("Reshape", [to_f32(g, g.weight(name + ".scales"), f"{prefix}/scales"),
+                               g.const([V, nb], np.int64)], f"{prefix}/ScalesTable")
+    scale = g.op1("Gather", [scales, ids], f"{prefix}/GatherScale", axis=0)                 # [B,S,nb]
+    if name + ".zeros" in g.weights:
+        nz = g.weights[name + ".zeros"][1][0] // V
+        ztab = g.op1("Reshape", [g.weight(name + ".zeros"), g.const([V, nz], np.int64)], f"{prefix}/ZerosTable")
+        z = _unpack_codes(g, g.op1("Gather", [ztab, ids], f"{prefix}/GatherZeros", axis=0), bits, f"{prefix}/zeros")
+        z = g.op1("Slice", [z, g.const([0], np.int64), g.const([nb], np.int64), g.const([-1], np.int64)],
+                  f"{prefix}/ZerosSlice")                                                   # [B,S,nb]
+        z = g.op1("Unsqueeze", [z, g.const([-1], np.int64)], f"{prefix}/UnsqueezeZero")     # [B,S,nb,1]
+    else:
+        z = g.const(128.0)                                                                  # 8-bit: zero point 128
+    centered = g.op1("Sub", [codes, z], f"{prefix}/SubZero")
+    scale = g.op1("Unsqueeze", [scale, g.const([-1], np.int64)], f"{prefix}/UnsqueezeScale")
+    w = g.op1("Mul", [centered, scale], f"{prefix}/Dequantize")
+    return g.op1("Reshape", [w, g.const([0, 0, H], np.int64)], f"{prefix}/Reshape")
+
+
+# position_ids [B,S] ─► Cast ─► ⊗ inv_freq [hd/2] ─► Concat(f, f) ─► Cos, Sin ─► Unsqueeze(1) ─► [B,1,S,hd]
+def rope_tables(g: GraphBuilder, position_ids: str, cfg: LlamaConfig) -> tuple[str, str]:
+    p = "/model/rotary_emb"
+    pos = g.op1("Unsqueeze", [g.op1("Cast", [position_ids], f"{p}/Cast", to=TensorProto.FLOAT),
+                              g.const([-1], np.int64)], f"{p}/Unsqueeze")                   # [B,S,1]
+    freqs = g.op1("Mul", [pos, g.const(rope_inv_freq(cfg))], f"{p}/Freqs")                  # [B,S,hd/2]
+    emb = g.op1("Concat", [freqs, freqs], f"{p}/Concat", axis=-1)                           # [B,S,hd]
+    one = g.const([1], np.int64)
+    cos = g.op1("Unsqueeze", [g.op1("Cos", [emb], f"{p}/Cos"), one], f"{p}/UnsqueezeCos")   # [B,1,S,hd]
+    sin = g.op1("Unsqueeze", [g.op1("Sin", [emb], f"{p}/Sin"), one], f"{p}/UnsqueezeSin")
+    return cos, sin
+
+
+# x [B,h,S,hd] ─► x*cos + rotate_half(x)*sin,  rotate_half(x) = Concat(-x[..., hd/2:], x[..., :hd/2])
+def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, half: int, prefix: str) -> str:
+    x1, x2 = g.op("Split", [x, g.const([half, half], np.int64)], f"{prefix}/Split", n_out=2, axis=-1)
+    rot = g.op1("Concat", [g.op1("Neg", [x2], f"{prefix}/Neg"), x1], f"{prefix}/RotateHalf", axis=-1)
+    return g.op1("Add", [g.op1("Mul", [x, cos], f"{prefix}/MulCos"), g.op1("Mul", [rot, sin], f"{prefix}/MulSin")],
+                 f"{prefix}/Add")
+
+
+# attention_mask [B,T] and S ─► additive bias [B,1,1,S,T]: 0 where key t is visible to query s
+# (t <= past + s and mask[b,t] = 1), NEG_INF elsewhere
+def attention_bias(g: GraphBuilder, input_ids: str, attention_mask: str) -> str:
+    p = "/model/attn_mask"
+    i64 = lambda v: g.const(v, np.int64)  # noqa: E731
+    T = g.op1("Gather", [g.op1("Shape", [attention_mask], f"{p}/ShapeT"), i64(1)], f"{p}/T", axis=0)
+    S = g.op1("Gather", [g.op1("Shape", [input_ids], f"{p}/ShapeS"), i64(1)], f"{p}/S", axis=0)
+    past = g.op1("Sub", [T, S], f"{p}/Past")
+    t = g.op1("Range", [i64(0), T, i64(1)], f"{p}/RangeT")                                 # [T]
+    s = g.op1("Add", [g.op1("Range", [i64(0), S, i64(1)], f"{p}/RangeS"), past], f"{p}/QueryPos")
+    s = g.op1("Unsqueeze", [s, i64([-1])], f"{p}/UnsqueezeS")                               # [S,1]
+    causal = g.op1("LessOrEqual", [t, s], f"{p}/Causal")                                    # [S,T]
+    pad = g.op1("Cast", [attention_mask], f"{p}/CastMask", to=TensorProto.BOOL)             # [B,T]
+    pad = g.op1("Unsqueeze", [pad, i64([1, 2, 3])], f"{p}/UnsqueezeMask")                   # [B,1,1,1,T]
+    visible = g.op1("And", [causal, pad], f"{p}/Visible")                                   # [B,1,1,S,T]
+    return g.op1("Where", [visible, g.const(0.0), g.const(NEG_INF)], f"{p}/Bias")
+
+
+#  x ─► q_proj ─► [B,S,nh,hd] ─► Transpose ─► RoPE ─────────────────────────┐
+#  x ─► k_proj ─► [B,S,kv,hd] ─► Transpose ─► RoPE ─► Concat(past_k) ─► present_k
+#  x ─► v_proj ─► [B,S,kv,hd] ─► Transpose ──────────► Concat(past_v) ─► present_v
+#  q as [B,kv,g,S,hd] · k^T [B,kv,1,hd,T] / sqrt(hd) + bias ─► Softmax ─► · v [B,kv,1,T,hd]
+#  ─► [B,nh,S,hd] ─► Transpose ─► [B,S,nh*hd] ─► o_proj
+def attention(g: GraphBuilder, x: str, i: int, cfg: LlamaConfig, scheme: str, cos: str, sin: str, bias: str) -> str:
+    p = f"/model/layers.{i}/attn"
+    w = f"model.layers.{i}.self_attn."
+    H, hd, nh, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    i64 = lambda v: g.const(v, np.int64)  # noqa: E731
+    past_k, past_v, present_k, present_v = kv_names(i)
+
+    def heads(t: str, n: int, name: str) -> str:                                              # [B,S,n*hd] -> [B,n,S,hd]
+        r = g.op1("Reshape", [t, i64([0, 0, n, hd])], f"{p}/{name}/Reshape")
+        return g.op1("Transpose", [r], f"{p}/{name}/Transpose", perm=[0, 2, 1, 3])
+
+    q = heads(linear(g, x, w + "q_proj.weight", scheme, H, nh * hd, f"{p}/q_proj"), nh, "q")
+    k = heads(linear(g, x, w + "k_proj.weight", scheme, H, kv * hd, f"{p}/k_proj"), kv, "k")
+    v = heads(linear(g, x, w + "v_proj.weight", scheme, H, kv * hd, f"{p}/v_proj"), kv, "v")
+    q = apply_rope(g, q, cos, sin, hd // 2, f"{p}/q_rotary")
+    k = apply_rope(g, k, cos, sin, hd // 2, f"{p}/k_rotary")
+    g.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=f"{p}/k_cache/Concat", axis=2))
+    g.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=f"{p}/v_cache/Concat", axis=2))
+    q5 = g.op1("Reshape", [q, i64([0, kv, nh // kv, -1, hd])], f"{p}/q/GroupReshape")          # [B,kv,g,S,hd]
+    q5 = g.op1("Mul", [q5, g.const(1.0 / math.sqrt(hd))], f"{p}/q/Scale")
+    kT = g.op1("Unsqueeze", [g.op1("Transpose", [present_k], f"{p}/k/TransposeT", perm=[0, 1, 3, 2]), i64([2])],
+               f"{p}/k/Unsqueeze")                                                            # [B,kv,1,hd,T]
+    scores = g.op1("Add", [g.op1("MatMul", [q5, kT], f"{p}/QK/MatMul"), bias], f"{p}/QK/AddBias")
+    probs = g.op1("Softmax", [scores], f"{p}/Softmax", axis=-1)                               # [B,kv,g,S,T]
+    v5 = g.op1("Unsqueeze", [present_v, i64([2])], f"{p}/v/Unsqueeze")                        # [B,kv,1,T,hd]
+    ctx = g.op1("MatMul", [probs, v5], f"{p}/PV/MatMul")                                      # [B,kv,g,S,hd]
+    ctx = g.op1("Reshape", [ctx, i64([0, nh, -1, hd])], f"{p}/ctx/Reshape")                   # [B,nh,S,hd]
+    ctx = g.op1("Transpose", [ctx], f"{p}/ctx/Transpose", perm=[0, 2, 1, 3])                  # [B,S,nh,hd]
+    ctx = g.op1("Reshape", [ctx, i64([0, 0, nh * hd])], f"{p}/ctx/Merge")
+    return linear(g, ctx, w + "o_proj.weight", scheme, nh * hd, H, f"{p}/o_proj")
+
+
+# x ─► gate_proj ─► SiLU ─┐
+#                         ⊗ ─► down_proj
+# x ─► up_proj ───────────┘
+def mlp(g: GraphBuilder, x: str, i: int, cfg: LlamaConfig, scheme: str) -> str:
+    p, w = f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp."
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    gate = linear(g, x, w + "gate_proj.weight", scheme, H, I, f"{p}/gate_proj")
+    up = linear(g, x, w + "up_proj.weight", scheme, H, I, f"{p}/up_proj")
+    silu = g.op1("Mul", [gate, g.op1("Sigmoid", [gate], f"{p}/act/Sigmoid")], f"{p}/act/Mul")
+    return linear(g, g.op1("Mul", [silu, up], f"{p}/Mul"), w + "down_proj.weight", scheme, I, H, f"{p}/down_proj")
+
+
+def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]]], scheme: str,
+                 embed_scheme: str) -> onnx.ModelProto:
+    g = GraphBuilder(weights)
+    B, S, T, P = "batch", "seq", "total_seq", "past_seq"
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, cfg.vocab_size])]
+    kvshape = lambda n: [B, cfg.num_key_value_heads, n, cfg.head_dim]  # noqa: E731
+    for i in range(cfg.num_hidden_layers):
+        pk, pv, ck, cv = kv_names(i)
+        inputs += [helper.make_tensor_value_info(pk, TensorProto.FLOAT, kvshape(P)),
+                   helper.make_tensor_value_info(pv, TensorProto.FLOAT, kvshape(P))]
+        outputs += [helper.make_tensor_value_info(ck, TensorProto.FLOAT, kvshape(T)),
+                    helper.make_tensor_value_info(cv, TensorProto.FLOAT, kvshape(T))]
+
+    x = embedding(g, "input_ids", cfg, embed_scheme, "/model/embed_tokens")
+    cos, sin = rope_tables(g, "position_ids", cfg)
+    bias = attention_bias(g, "input_ids", "attention_mask")
+    for i in range(cfg.num_hidden_layers):
+        p = f"/model/layers.{i}"
+        h = rms_norm(g, x, f"model.layers.{i}.input_layernorm.weight", cfg.rms_norm_eps, f"{p}/input_layernorm")
+        x = g.op1("Add", [x, attention(g, h, i, cfg, scheme, cos, sin, bias)], f"{p}/attn/Residual")
+        h = rms_norm(g, x, f"model.layers.{i}.post_attention_layernorm.weight", cfg.rms_norm_eps,
+                     f"{p}/post_attention_layernorm")
+        x = g.op1("Add", [x, mlp(g, h, i, cfg, scheme)], f"{p}/mlp/Residual")
+    x = rms_norm(g, x, "model.norm.weight", cfg.rms_norm_eps, "/model/norm")
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    logits = linear(g, x, head, embed_scheme, cfg.hidden_size, cfg.vocab_size, "/lm_head")
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Identity"))
+
+    initializers = list(g.consts)
+    for name, (dtype, shape) in weights.items():
+        t = TensorProto(name=name, data_type=_ONNX_DTYPES[dtype], dims=list(shape))
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", name), ("offset", "0"), ("length", str(int(np.prod(shape)) * np.dtype(dtype).itemsize))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        initializers.append(t)
+    graph = helper.make_graph(g.nodes, "tiny_qmoe_llama", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="tiny-qmoe", ir_version=10)
+    return model
+
+
+def export_graph(cfg: LlamaConfig, weights, scheme: str, embed_scheme: str) -> bytes:
+    """Serialized graph; checked with onnx.checker (external data is not read)."""
+    model = export_model(cfg, weights, scheme, embed_scheme)
+    check_graph(model)
+    return model.SerializeToString()
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """onnx.checker on the graph with its external initializers turned into typed graph inputs.
+
+    The checker insists on opening external data files, which a bundle does not have (its weights are LZW blobs),
+    so it checks a copy where each external weight is an input of the same dtype and shape instead.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    external = [t for t in m.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    for t in external:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        m.graph.initializer.remove(t)
+    onnx.checker.check_model(m, full_check=True)

@@ -1,0 +1,82 @@
+"""The only Python module that imports onnxruntime: a bundle's graph + decoded weights -> a running session.
+
+Decoded weights go straight from the LZW chunks into numpy buffers that onnxruntime borrows through
+`SessionOptions.add_external_initializers` — nothing is written to disk and nothing is expanded to fp32.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bundle import Bundle
+from .onnx_export import kv_names
+
+PROVIDERS = {"cpu": "CPUExecutionProvider"}
+
+
+def create_session(bundle: Bundle, threads: int = 1, verify: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    names, values, keep = [], [], []
+    for entry, arr in bundle.decode_initializers(verify=verify):
+        names.append(entry["name"])
+        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+        keep.append(arr)
+    so.add_external_initializers(names, values)
+    sess = ort.InferenceSession(bundle.graph_bytes(), so, providers=[PROVIDERS["cpu"]])
+    # onnxruntime has copied (or pre-packed) what it needs once the session exists; the decoded buffers can go
+    del keep, values
+    return sess
+
+
+class OrtDecoder:
+    """The runtime's session interface (see runtime/generate.py) over an onnxruntime CPU session.
+
+    Holds the KV cache between calls; `forward_full` returns all positions' logits (evaluation uses it).
+    """
+
+    def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True):
+        self.config = bundle.config
+        self.session = create_session(bundle, threads, verify)
+        self.reset()
+
+    def reset(self, batch: int = 1) -> None:
+        c = self.config
+        empty = np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), np.float32)
+        self.past = {n: empty for i in range(c.num_hidden_layers) for n in kv_names(i)[:2]}
+        self.mask = np.zeros((batch, 0), np.int64)
+
+    @property
+    def cached(self) -> int:
+        return self.mask.shape[1]
+
+    def run(self, ids: np.ndarray, mask_new: np.ndarray | None = None) -> np.ndarray:
+        """ids [B, S] after the cache; returns logits [B, S, V] and extends the cache."""
+        B, S = ids.shape
+        if mask_new is None:
+            mask_new = np.ones((B, S), np.int64)
+        mask = np.concatenate([self.mask, mask_new.astype(np.int64)], axis=1)
+        # positions count only attended tokens, so left padding does not shift a row's positions
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -S:]
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": pos.astype(np.int64)}
+        feeds.update(self.past)
+        out = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        res = dict(zip(names, out))
+        c = self.config
+        for i in range(c.num_hidden_layers):
+            pk, pv, ck, cv = kv_names(i)
+            self.past[pk], self.past[pv] = res[ck], res[cv]
+        self.mask = mask
+        return res["logits"]
+
+    def forward(self, ids: list[int]) -> list[float]:
+        logits = self.run(np.asarray([ids], np.int64))
+        return logits[0, -1].tolist()
+
+    def forward_full(self, ids: list[int]) -> np.ndarray:
+        self.reset()
+        return self.run(np.asarray([ids], np.int64))[0]

@@ -1,0 +1,94 @@
+"""Quantization schemes, one small module each, registered by name.
+
+Every scheme is a pair of pure functions over a 2-D float32 weight `w` of shape (rows=out, cols=in):
+
+    q = quantize(w)          -> Quantized(symbols, scales, zeros, ...)   symbols: uint8 (rows, cols), < alphabet
+    w_hat = dequantize(q)    -> float32 (rows, cols)
+
+Scales are stored as float16 (the quantizer rounds them to f16 *before* computing codes, so the reported error is
+the error of what ships). Groups run along the input dimension (cols): a group is `group` consecutive weights of
+one output row. `group=0` means one group per row (per output channel).
+
+Names: "f32", "f16", "int8" (per channel), "int8-g32", "int4-g32|g64|g128", "int2-g32|g64", "ternary",
+"ternary-g64". The registry maps each name to a `Scheme`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import QuantError
+
+
+@dataclass(frozen=True)
+class Quantized:
+    scheme: str
+    shape: tuple[int, int]             # (rows, cols) of the original weight
+    symbols: np.ndarray                # uint8 (rows, cols): the code of each weight as a symbol < alphabet
+    scales: np.ndarray | None          # float16 (rows, n_groups)
+    zeros: np.ndarray | None = None    # uint8 (rows, n_groups) integer zero points (asymmetric schemes)
+    group: int = 0                     # weights per group along cols (0 = whole row)
+    max_error: float = 0.0             # max |w - w_hat|
+    rms_error: float = 0.0             # sqrt(mean((w - w_hat)^2))
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    alphabet: int                      # symbol alphabet size for the LZW coder (0 = not a symbol stream)
+    bits: int                          # bits of one code in its runtime layout
+    group: int                         # 0 = per output channel
+    quantize: Callable[[np.ndarray], Quantized]
+    dequantize: Callable[[Quantized], np.ndarray]
+    symmetric: bool = True
+    description: str = ""
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register(scheme: Scheme) -> Scheme:
+    if scheme.name in SCHEMES:
+        raise ValueError(f"scheme {scheme.name} registered twice")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def get_scheme(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise QuantError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEMES)}") from None
+
+
+# ---- helpers shared by the schemes ------------------------------------------------------------------------
+
+def grouped(w: np.ndarray, group: int, name: str) -> np.ndarray:
+    """(rows, cols) -> (rows, n_groups, group). Refuses shapes that do not split into whole groups."""
+    if w.ndim != 2:
+        raise QuantError(f"{name}: expects a 2-D weight, got shape {list(w.shape)}")
+    rows, cols = w.shape
+    g = cols if group == 0 else group
+    if cols % g:
+        raise QuantError(f"{name}: {cols} columns do not split into groups of {g}")
+    if not np.isfinite(w).all():
+        raise QuantError(f"{name}: weight holds NaN or Inf")
+    return w.reshape(rows, cols // g, g)
+
+
+def f16_scale(s: np.ndarray) -> np.ndarray:
+    """Round scales to float16 as stored; a zero or sub-f16 scale becomes the smallest normal f16."""
+    s16 = s.astype(np.float16)
+    tiny = np.float16(6.104e-05)
+    return np.where((s16 == 0) | ~np.isfinite(s16), tiny, s16).astype(np.float16)
+
+
+def errors(w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
+    d = (w.astype(np.float64) - w_hat.astype(np.float64))
+    return float(np.abs(d).max(initial=0.0)), float(np.sqrt(np.mean(d * d))) if d.size else 0.0
+
+
+from . import floats, int8, int4, int2, ternary  # noqa: E402,F401  (registers the schemes)

@@ -1,0 +1,42 @@
+"""int4: asymmetric with an integer zero point, groups along the input dimension.
+
+w ≈ s * (q - z), q in [0, 15], z in [0, 15] per group, s = (max - min) / 15 (f16). The integer zero point is the
+layout onnxruntime's MatMulNBits consumes (packed nibbles for q and z).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Quantized, Scheme, errors, f16_scale, grouped, register
+
+
+def asymmetric(w: np.ndarray, group: int, levels: int, name: str) -> Quantized:
+    """Shared by int4 and int2: min/max range per group mapped onto `levels` integer steps."""
+    wg = grouped(w, group, name)                                       # (rows, n_groups, g)
+    lo = np.minimum(wg.min(axis=2), 0.0)                               # keep 0 representable
+    hi = np.maximum(wg.max(axis=2), 0.0)
+    s = f16_scale((hi - lo) / (levels - 1))                            # (rows, n_groups)
+    s32 = s.astype(np.float32)
+    z = np.clip(np.rint(-lo / s32), 0, levels - 1).astype(np.uint8)
+    q = np.clip(np.rint(wg / s32[..., None]) + z[..., None], 0, levels - 1).astype(np.uint8)
+    out = Quantized(name, w.shape, symbols=q.reshape(w.shape), scales=s, zeros=z, group=group)
+    mx, rms = errors(w, dequantize_asymmetric(out))
+    return Quantized(name, w.shape, out.symbols, s, z, group=group, max_error=mx, rms_error=rms)
+
+
+def dequantize_asymmetric(q: Quantized) -> np.ndarray:
+    rows, cols = q.shape
+    n_groups = q.scales.shape[1]
+    codes = q.symbols.astype(np.float32).reshape(rows, n_groups, -1)
+    return ((codes - q.zeros[..., None]) * q.scales.astype(np.float32)[..., None]).reshape(rows, cols)
+
+
+def make(group: int):
+    name = f"int4-g{group}"
+    return register(Scheme(name, alphabet=16, bits=4, group=group, symmetric=False,
+                           quantize=lambda w: asymmetric(w, group, 16, name), dequantize=dequantize_asymmetric,
+                           description=f"asymmetric int4, groups of {group}, integer zero point"))
+
+
+for _g in (32, 64, 128):
+    make(_g)
