@@ -1,0 +1,275 @@
+"""Config, loaders (HF folder and GGUF), quantization round trips and the bundle format."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import tiny
+from converter.bundle import BuildOptions, load, write_bundle
+from converter.config import LlamaConfig, rope_inv_freq
+from converter.errors import BundleError, FormatError, QuantError
+from converter.loaders import open_checkpoint, unpermute_gguf_qk
+from converter.quant import SCHEMES, get_scheme
+
+
+# ---- config ---------------------------------------------------------------------------------------------------
+
+def test_config_from_hf_has_llama3_rope_scaling_and_eos_list():
+    cfg = LlamaConfig.from_hf_dict(tiny.hf_config(tiny.TINY, tied=True))
+    assert cfg.rope_scaling.factor == 32.0 and cfg.rope_scaling.original_max_position_embeddings == 64
+    assert cfg.eos_token_ids == (tiny.TINY["vocab_size"] - 3,)
+    assert cfg.tie_word_embeddings and cfg.head_dim == 32 and cfg.group_size == 2
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_llama3_scaling_changes_only_low_frequencies():
+    cfg = LlamaConfig.from_hf_dict(tiny.hf_config(tiny.TINY, tied=True))
+    plain = LlamaConfig.from_hf_dict(tiny.hf_config(tiny.TINY, tied=True, rope_scaling=False))
+    a, b = rope_inv_freq(cfg), rope_inv_freq(plain)
+    assert a[0] == b[0]                                  # highest frequency kept
+    assert a[-1] == pytest.approx(b[-1] / 32.0)          # lowest frequency divided by factor
+
+
+def test_unknown_architecture_is_refused_by_name():
+    d = tiny.hf_config(tiny.TINY, tied=True)
+    d["architectures"], d["model_type"] = ["MistralForCausalLM"], "mistral"
+    with pytest.raises(FormatError, match="MistralForCausalLM.*supported: LlamaForCausalLM"):
+        LlamaConfig.from_hf_dict(d)
+
+
+def test_unknown_rope_scaling_is_refused():
+    d = tiny.hf_config(tiny.TINY, tied=True)
+    d["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(FormatError, match="yarn"):
+        LlamaConfig.from_hf_dict(d)
+
+
+# ---- loaders --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,shards,tied", [("bf16", 1, True), ("f16", 1, False), ("f32", 3, True),
+                                               ("bf16", 2, False)])
+def test_hf_loader_reads_every_tensor_exactly(tmp_path, dtype, shards, tied):
+    stored = tiny.write_hf(tmp_path / "m", tied=tied, dtype=dtype, shards=shards)
+    ck = open_checkpoint(tmp_path / "m")
+    assert list(ck.tensors) == list(stored)              # build order = canonical order, all used
+    for name, want in stored.items():
+        np.testing.assert_array_equal(ck.load(name), want)
+
+
+def test_gguf_and_hf_give_the_same_tensors(tmp_path, tiny_hf):
+    folder, weights = tiny_hf
+    tiny.write_gguf(tmp_path / "m.gguf", weights, tied=True)
+    g = open_checkpoint(tmp_path / "m.gguf")
+    h = open_checkpoint(folder)
+    assert g.config.hidden_size == h.config.hidden_size and g.config.tie_word_embeddings
+    for name in h.tensors:
+        np.testing.assert_array_equal(g.load(name), h.load(name), err_msg=name)   # q/k un-permuted
+
+
+def test_gguf_quantized_tensors_dequantize(tmp_path, tiny_hf):
+    _, weights = tiny_hf
+    quant = {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_0", "blk.1.ffn_up.weight": "Q4_1"}
+    tiny.write_gguf(tmp_path / "q.gguf", weights, tied=True, quant=quant)
+    g = open_checkpoint(tmp_path / "q.gguf")
+    assert g.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == "Q4_0"
+    for name, tol in (("model.embed_tokens.weight", 0.01), ("model.layers.0.self_attn.q_proj.weight", 0.01),
+                      ("model.layers.1.mlp.up_proj.weight", 0.01)):
+        np.testing.assert_allclose(g.load(name), weights[name], atol=tol, err_msg=name)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)
+    np.testing.assert_array_equal(unpermute_gguf_qk(tiny.permute_for_gguf(w, 4), 4), w)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    tiny.write_hf(tmp_path / "m", dtype="f32")
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(tmp_path / "m/model.safetensors"))
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, str(tmp_path / "m/model.safetensors"))
+    with pytest.raises(FormatError, match="missing tensor.*layers.1.mlp.up_proj"):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_extra_and_misshaped_tensors_are_named(tmp_path):
+    tiny.write_hf(tmp_path / "m", dtype="f32")
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(tmp_path / "m/model.safetensors"))
+    t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(16, np.float32)
+    save_file(t, str(tmp_path / "m/model.safetensors"))
+    with pytest.raises(FormatError, match="unexpected tensor.*rotary_emb"):
+        open_checkpoint(tmp_path / "m")
+    del t["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    t["model.layers.0.mlp.down_proj.weight"] = np.zeros((128, 128), np.float32)
+    save_file(t, str(tmp_path / "m/model.safetensors"))
+    with pytest.raises(FormatError, match=r"down_proj.weight has shape \[128, 128\], config says \[128, 256\]"):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_nan_weight_and_truncated_file_are_named(tmp_path):
+    tiny.write_hf(tmp_path / "m", dtype="f32")
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(tmp_path / "m/model.safetensors"))
+    t["model.norm.weight"][3] = np.nan
+    save_file(t, str(tmp_path / "m/model.safetensors"))
+    with pytest.raises(FormatError, match="model.norm.weight holds NaN"):
+        open_checkpoint(tmp_path / "m").load("model.norm.weight")
+    p = tmp_path / "m/model.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(FormatError, match="model.safetensors.*truncated"):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_truncated_gguf_is_named(tmp_path, tiny_hf):
+    tiny.write_gguf(tmp_path / "m.gguf", tiny_hf[1])
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="t.gguf"):
+        open_checkpoint(tmp_path / "t.gguf")
+
+
+# ---- quantization ---------------------------------------------------------------------------------------------
+
+BOUNDS = {"f32": 0, "f16": 1e-3, "int8": 0.5 / 127, "int8-g32": 0.5 / 127, "int4-g32": 0.5 / 15 * 1.01,
+          "int4-g64": 0.5 / 15 * 1.01, "int4-g128": 0.5 / 15 * 1.01, "int2-g32": 0.5 / 3 * 1.01,
+          "int2-g64": 0.5 / 3 * 1.01}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_scheme_round_trip_error_bound(name):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((48, 256)) * 0.05).astype(np.float32)
+    s = get_scheme(name)
+    q = s.quantize(w)
+    w_hat = s.dequantize(q)
+    assert w_hat.shape == w.shape and w_hat.dtype == np.float32
+    assert q.max_error == pytest.approx(float(np.abs(w - w_hat).max()), rel=1e-6, abs=1e-12)
+    if s.alphabet:
+        assert q.symbols.dtype == np.uint8 and int(q.symbols.max()) < s.alphabet
+    if name.startswith("ternary"):
+        # absmean ternary is lossy by design: check it is the best {-s, 0, s} rounding of each weight
+        assert q.rms_error < 0.8 * float(np.sqrt(np.mean(w * w)))
+        return
+    # error ≤ half a step of the range of each group (relative to the group's absolute max)
+    g = s.group or w.shape[1]
+    rng_max = np.abs(w.reshape(48, -1, g)).max(axis=2) * (1 if s.symmetric else 2)
+    step_bound = BOUNDS[name] * rng_max.max() * (2 if not s.symmetric else 1) + 1e-4
+    assert q.max_error <= step_bound, (name, q.max_error, step_bound)
+
+
+def test_quantizer_refuses_bad_input():
+    with pytest.raises(QuantError, match="groups of 32"):
+        get_scheme("int4-g32").quantize(np.zeros((4, 40), np.float32))
+    with pytest.raises(QuantError, match="NaN"):
+        get_scheme("int8").quantize(np.full((4, 32), np.nan, np.float32))
+    with pytest.raises(QuantError, match="unknown scheme 'int3'"):
+        get_scheme("int3")
+
+
+# ---- bundles --------------------------------------------------------------------------------------------------
+
+def _build(src, out, **kw):
+    return write_bundle(open_checkpoint(src), out, BuildOptions(chunk_symbols=4096, **kw))
+
+
+def test_two_builds_are_byte_identical(tmp_path, tiny_hf):
+    _build(tiny_hf[0], tmp_path / "a", scheme="int4-g32")
+    _build(tiny_hf[0], tmp_path / "b", scheme="int4-g32")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, tiny_hf):
+    _build(tiny_hf[0], tmp_path / "a", scheme="int8")
+    with pytest.raises(BundleError, match="already exists"):
+        _build(tiny_hf[0], tmp_path / "a", scheme="int8")
+    _build(tiny_hf[0], tmp_path / "a", scheme="int8", force=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]    # no temp folders or locks left
+
+
+def test_failed_build_leaves_nothing(tmp_path, tiny_hf):
+    with pytest.raises(Exception):
+        _build(tiny_hf[0], tmp_path / "x", scheme="int4-g32", embed_scheme="int4-g1000")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_describes_the_bundle(tiny_bundles):
+    b = load(tiny_bundles("ternary"))
+    m = b.manifest
+    assert m["format"] == "tiny-qmoe-bundle" and m["version"] == 1
+    assert m["scheme"] == "ternary" and m["config"]["hidden_size"] == 128
+    t = {x["name"]: x for x in m["tensors"]}
+    q = t["model.layers.0.self_attn.q_proj.weight"]
+    assert q["scheme"] == "ternary" and q["max_error"] > 0 and q["initializers"]
+    assert t["model.norm.weight"]["scheme"] == "f32"
+    init = {e["name"]: e for e in m["initializers"]}
+    e = init["model.layers.0.self_attn.q_proj.weight.q"]
+    assert e["alphabet"] == 3 and e["dtype"] == "int8" and e["entropy_bits"] <= np.log2(3) + 1e-9
+    # never bigger than plain packing: every chunk is at most its packed size + header
+    for e in m["initializers"]:
+        from converter import lzw
+        for off, length, n, method, _ in e["chunks"]:
+            assert length <= lzw.HEADER_SIZE + lzw.layout_nbytes(e["layout"], n)
+
+
+def test_decoded_weights_equal_the_quantizer_output(tiny_hf, tiny_bundles):
+    b = load(tiny_bundles("int4-g32"))
+    got = dict((e["name"], a) for e, a in b.decode_initializers())
+    w = open_checkpoint(tiny_hf[0]).load("model.layers.1.mlp.down_proj.weight")
+    q = get_scheme("int4-g32").quantize(w)
+    codes = got["model.layers.1.mlp.down_proj.weight.q"].reshape(-1)
+    lo, hi = codes & 15, codes >> 4
+    np.testing.assert_array_equal(np.stack([lo, hi], 1).reshape(q.symbols.shape), q.symbols)
+    np.testing.assert_array_equal(got["model.layers.1.mlp.down_proj.weight.scales"], q.scales.reshape(-1))
+
+
+def test_corrupted_blob_fails_with_named_error(tmp_path, tiny_bundles):
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int8"), dst)
+    blob = dst / "weights-000.qzb"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    blob.write_bytes(bytes(data))
+    b = load(dst)
+    with pytest.raises(BundleError, match="weights-000.qzb: SHA-256 mismatch"):
+        list(b.decode_initializers())
+
+
+def test_lying_manifest_is_named(tmp_path, tiny_bundles):
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int8"), dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["initializers"][3]["shape"][0] += 1
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"initializer .*\.nbytes: disagrees"):
+        load(dst)
+    m["initializers"][3]["shape"][0] -= 1
+    m["initializers"][3]["chunks"][0][0] = 10 ** 12
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="outside blob"):
+        load(dst)
+    (dst / "manifest.json").write_text("{ nope")
+    with pytest.raises(BundleError, match="invalid JSON at byte offset 2"):
+        load(dst)
+
+
+def test_chunk_header_is_checked_against_manifest(tmp_path, tiny_bundles):
+    """A blob whose hash is recomputed after tampering still fails: chunk headers are checked too."""
+    import hashlib
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int8"), dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    e = m["initializers"][1]
+    off = e["chunks"][0][0]
+    blob = dst / m["blobs"][e["blob"]]["file"]
+    data = bytearray(blob.read_bytes())
+    data[off + 4] = 17                                   # alphabet 17 instead of the manifest's
+    blob.write_bytes(bytes(data))
+    m["blobs"][e["blob"]]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=f"chunk 0 at byte offset {off}"):
+        list(load(dst).decode_initializers())
