@@ -29,7 +29,7 @@ from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import Initializer, byte_stream, family, linear_initializers
-from .quant import get_scheme
+from .quant import get_scheme, quantize_rows
 
 FORMAT_NAME = "tiny-qmoe-bundle"
 FORMAT_VERSION = 1
@@ -65,7 +65,9 @@ def entropy_bits(symbols: np.ndarray, alphabet: int) -> float:
     """Order-0 entropy in bits per symbol."""
     if symbols.size == 0:
         return 0.0
-    counts = np.bincount(symbols, minlength=alphabet).astype(np.float64)
+    counts = np.zeros(max(alphabet, 1), np.float64)
+    for r in range(0, symbols.size, 1 << 20):            # blocks: bincount widens its input to int64
+        counts += np.bincount(symbols[r:r + (1 << 20)], minlength=alphabet)
     p = counts[counts > 0] / symbols.size
     return float(-(p * np.log2(p)).sum())
 
@@ -144,7 +146,7 @@ def _tensor_initializers(name: str, w: np.ndarray, scheme: str) -> tuple[list[In
     """Quantize one HF tensor and lay it out; norms (1-D) stay float32."""
     if w.ndim == 1:
         return [byte_stream(name, w.astype(np.float32))], {"scheme": "f32", "max_error": 0.0, "rms_error": 0.0}
-    q = get_scheme(scheme).quantize(w)
+    q = quantize_rows(get_scheme(scheme), w)
     return linear_initializers(name, q), {"scheme": scheme, "max_error": q.max_error, "rms_error": q.rms_error}
 
 

@@ -305,7 +305,14 @@ class GGUFCheckpoint(Checkpoint):
     def _dequant(self, t) -> np.ndarray:
         from gguf.quants import dequantize
         try:
-            a = dequantize(t.data, t.tensor_type)
+            data = t.data
+            if data.ndim == 2 and data.shape[0] > 4096:   # row blocks bound the dequantizer's temporaries
+                first = np.asarray(dequantize(data[:1], t.tensor_type), np.float32)
+                a = np.empty((data.shape[0],) + first.shape[1:], np.float32)
+                for r in range(0, data.shape[0], 4096):
+                    a[r:r + 4096] = dequantize(data[r:r + 4096], t.tensor_type)
+            else:
+                a = dequantize(data, t.tensor_type)
         except NotImplementedError:
             raise FormatError(f"{self.path}: tensor {t.name}: GGUF type {t.tensor_type.name} cannot be "
                               "dequantized by the gguf package") from None

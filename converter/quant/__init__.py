@@ -86,9 +86,31 @@ def f16_scale(s: np.ndarray) -> np.ndarray:
     return np.where((s16 == 0) | ~np.isfinite(s16), tiny, s16).astype(np.float16)
 
 
-def errors(w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
-    d = (w.astype(np.float64) - w_hat.astype(np.float64))
-    return float(np.abs(d).max(initial=0.0)), float(np.sqrt(np.mean(d * d))) if d.size else 0.0
+def errors(w: np.ndarray, w_hat: np.ndarray, block_rows: int = 1024) -> tuple[float, float]:
+    """(max |w - w_hat|, RMS error), computed in row blocks so a 49k-row embedding needs no float64 copy."""
+    if w.size == 0:
+        return 0.0, 0.0
+    w2, h2 = w.reshape(w.shape[0], -1), w_hat.reshape(w.shape[0], -1)
+    mx, sq = 0.0, 0.0
+    for r in range(0, w2.shape[0], block_rows):
+        d = w2[r:r + block_rows].astype(np.float64) - h2[r:r + block_rows]
+        mx = max(mx, float(np.abs(d).max()))
+        sq += float(np.einsum("ij,ij->", d, d))
+    return mx, float(np.sqrt(sq / w.size))
 
 
 from . import floats, int8, int4, int2, ternary  # noqa: E402,F401  (registers the schemes)
+
+
+def quantize_rows(scheme: Scheme, w: np.ndarray, block_rows: int = 2048) -> Quantized:
+    """Quantize a large weight block of rows by block: every scheme is row-independent, and this bounds the
+    temporaries (a 49k × 576 embedding would otherwise need several full-size float copies at once)."""
+    if w.ndim != 2 or w.shape[0] <= block_rows:
+        return scheme.quantize(w)
+    parts = [scheme.quantize(w[r:r + block_rows]) for r in range(0, w.shape[0], block_rows)]
+    first = parts[0]
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=0)  # noqa: E731
+    sq = sum(p.rms_error ** 2 * p.symbols.shape[0] for p in parts)
+    return Quantized(first.scheme, tuple(w.shape), cat([p.symbols for p in parts]), cat([p.scales for p in parts]),
+                     cat([p.zeros for p in parts]), group=first.group, max_error=max(p.max_error for p in parts),
+                     rms_error=float(np.sqrt(sq / w.shape[0])), extra=first.extra)

