@@ -9,6 +9,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .onnx_export import kv_names
+from .runtime.generate import TOP_CANDIDATES
 
 PROVIDERS = {"cpu": "CPUExecutionProvider"}
 
@@ -73,10 +74,20 @@ class OrtDecoder:
         self.mask = mask
         return res["logits"]
 
-    def forward(self, ids: list[int]) -> list[float]:
-        logits = self.run(np.asarray([ids], np.int64))
-        return logits[0, -1].tolist()
+    def forward(self, ids: list[int], k: int = TOP_CANDIDATES) -> tuple[list[int], list[float]]:
+        """The runtime's interface: the top-k logits of the last position, by (value desc, id asc)."""
+        return top_k_sorted(self.run(np.asarray([ids], np.int64))[0, -1], k)
 
     def forward_full(self, ids: list[int]) -> np.ndarray:
         self.reset()
         return self.run(np.asarray([ids], np.int64))[0]
+
+
+def top_k_sorted(logits: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    """numpy twin of runtime.generate.top_candidates (same order, ties broken by the lower id)."""
+    k = min(k, logits.size)
+    part = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
+    kth = logits[part].min()
+    part = np.flatnonzero(logits >= kth)                     # every tie of the k-th value, so ties order by id
+    order = part[np.lexsort((part, -logits[part]))][:k]
+    return order.tolist(), logits[order].astype(np.float64).tolist()

@@ -2,7 +2,7 @@
 
 Same functions and semantics as converter/lzw.py, byte for byte; the ABI is documented at the top of
 static/wasm/qz.c. The module is compiled once per process; calls are serialized with a lock (one wasm instance,
-one heap). Every call resets the heap, copies the input in, runs, and copies the result out.
+one heap). A call copies its input into an arena in wasm memory, makes one wasm call, and copies the result out.
 """
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ _instance: "_QZ | None" = None
 
 
 class _QZ:
-    """One instantiated qz.wasm: its store, memory and exported functions."""
+    """One instantiated qz.wasm: its store, memory and exported functions, plus an arena for call arguments.
+
+    Each wasmtime call from Python costs tens of microseconds, so a decode or encode is one call: the arena (one
+    qz_alloc'd block, regrown only when a bigger chunk comes) holds the input then the output, and qz.c takes its
+    own decode scratch from the heap above it.
+    """
 
     def __init__(self, path: Path):
         import wasmtime  # the only module of this package that imports wasmtime
@@ -45,31 +50,44 @@ class _QZ:
         self.decode = exports["qz_decode"]
         self.encode_bound = exports["qz_encode_bound"]
         self.encode = exports["qz_encode"]
+        self.arena = 0  # wasm address of the arena
+        self.arena_size = 0
 
     def alloc(self, n: int) -> int:
-        ptr = self._alloc(self.store, n)
+        ptr = self.call(self._alloc, n)
         if ptr == 0:
             raise MemoryError(f"qz.wasm could not grow its memory by {n} bytes")
         return ptr
 
+    def ensure_arena(self, n: int) -> int:
+        """An arena of at least n bytes; returns its address. Growing it forgets the old one (reset_heap)."""
+        if n > self.arena_size:
+            size = max(n, self.arena_size * 3 // 2, 1 << 20)
+            self.call(self.reset_heap)
+            self.arena, self.arena_size = 0, 0
+            self.arena = self.alloc(size)
+            self.arena_size = size
+        return self.arena
+
+    def base(self) -> int:
+        """Host address of wasm memory (re-read after every call: memory.grow may move it)."""
+        return ctypes.addressof(self.memory.data_ptr(self.store).contents)
+
     def write(self, ptr: int, data) -> None:
-        """Copy a bytes-like object into wasm memory at ptr (ctypes: no intermediate copies)."""
+        """Copy a bytes-like object into wasm memory at ptr."""
         view = memoryview(data).cast("B")
         if len(view) == 0:
             return
-        base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
         src = (ctypes.c_char * len(view)).from_buffer_copy(view) if view.readonly else \
             (ctypes.c_char * len(view)).from_buffer(view)
-        ctypes.memmove(base + ptr, src, len(view))
+        ctypes.memmove(self.base() + ptr, src, len(view))
 
     def read_into(self, ptr: int, n: int, out: memoryview) -> None:
-        if n == 0:
-            return
-        base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
-        ctypes.memmove((ctypes.c_char * n).from_buffer(out), base + ptr, n)
+        if n:
+            ctypes.memmove((ctypes.c_char * n).from_buffer(out), self.base() + ptr, n)
 
     def read(self, ptr: int, n: int) -> bytes:
-        return ctypes.string_at(ctypes.addressof(self.memory.data_ptr(self.store).contents) + ptr, n)
+        return ctypes.string_at(self.base() + ptr, n)
 
     def call(self, fn, *args) -> int:
         """Call an export; u32 arguments above 2^31 are passed as the i32 with the same bits."""
@@ -92,23 +110,28 @@ def _raise(result: int, what: str) -> None:
     raise CodecError(code, f"{what} failed in qz.wasm")
 
 
+def _declared_output(data: memoryview) -> int:
+    """Output bytes the header asks for, read without validating it (qz_decode does); 0 if unreadable, and 0
+    above 2^31 - 1 (qz_decode then answers OUT_TOO_SMALL, or BAD_HEADER for a bad header)."""
+    if len(data) < lzw.HEADER_SIZE or data[6] not in lzw.LAYOUTS:
+        return 0
+    size = lzw.layout_nbytes(data[6], int.from_bytes(data[12:16], "little"))
+    return size if size <= 0x7FFF_FFFF else 0
+
+
 def _decode_to(qz: _QZ, chunk, out: memoryview | None) -> bytes | int:
-    qz.call(qz.reset_heap)
     data = memoryview(chunk).cast("B")
-    in_ptr = qz.alloc(len(data))
-    qz.write(in_ptr, data)
-    size = qz.call(qz.decoded_size, in_ptr, len(data))
-    if size < 0:
-        _raise(size, "decode")
-    if out is not None and len(out) < size:
-        raise CodecError(lzw.OUT_TOO_SMALL, f"output buffer has {len(out)} bytes, chunk needs {size}")
-    out_ptr = qz.alloc(size)
-    written = qz.call(qz.decode, in_ptr, len(data), out_ptr, size)
+    size = _declared_output(data)
+    cap = size if out is None else min(size, len(out))  # a short `out` gets OUT_TOO_SMALL from qz_decode
+    in_len = (len(data) + 15) & ~15
+    arena = qz.ensure_arena(in_len + cap)
+    qz.write(arena, data)
+    written = qz.call(qz.decode, arena, len(data), arena + in_len, cap)
     if written < 0:
         _raise(written, "decode")
     if out is None:
-        return qz.read(out_ptr, written)
-    qz.read_into(out_ptr, written, out)
+        return qz.read(arena + in_len, written)
+    qz.read_into(arena + in_len, written, out)
     return written
 
 
@@ -129,6 +152,12 @@ def decode_into(chunk, out) -> int:
         return _decode_to(qz, chunk, view)
 
 
+def encode_bound(n: int, layout: int, flags: int) -> int:
+    """The out_cap qz_encode needs (mirrors qz_encode_bound in qz.c, without a call into wasm)."""
+    packed = lzw.layout_nbytes(layout if layout in lzw.LAYOUTS else lzw.LAYOUT_U8, n)
+    return min(lzw.HEADER_SIZE + (4 * n + 8 if flags & ENC_FORCE_LZW else packed), 0xFFFF_FFFF)
+
+
 def encode_chunk(symbols, alphabet: int, layout: int, bias: int = 0, max_code_bits: int = 16,
                  reset_when_full: bool = True, method: int | None = None) -> bytes:
     """Same as converter.lzw.encode_chunk (same bytes, same errors), computed in qz.wasm."""
@@ -143,12 +172,12 @@ def encode_chunk(symbols, alphabet: int, layout: int, bias: int = 0, max_code_bi
                                                      lzw.METHOD_PACKED: ENC_FORCE_PACKED}[method]
     qz = load()
     with _lock:
-        qz.call(qz.reset_heap)
-        sym_ptr = qz.alloc(len(data))
-        qz.write(sym_ptr, data)
-        cap = qz.call(qz.encode_bound, len(data), layout, flags) & 0xFFFFFFFF
-        out_ptr = qz.alloc(cap)
-        written = qz.call(qz.encode, sym_ptr, len(data), alphabet, layout, bias, max_code_bits, flags, out_ptr, cap)
+        sym_len = (len(data) + 15) & ~15
+        cap = encode_bound(len(data), layout, flags)
+        arena = qz.ensure_arena(sym_len + cap)
+        qz.write(arena, data)
+        written = qz.call(qz.encode, arena, len(data), alphabet, layout, bias, max_code_bits, flags,
+                          arena + sym_len, cap)
         if written < 0:
             _raise(written, "encode")
-        return qz.read(out_ptr, written)
+        return qz.read(arena + sym_len, written)

@@ -1,14 +1,18 @@
 """The generation loop: prefill once, then one token per step with the KV cache kept by the session.
 
-Pure Python (no numpy): the same file runs in CPython beside onnxruntime and in Pyodide inside the page, where
-the session is a thin JS object around onnxruntime-web. A session only has to provide:
+Pure Python (no numpy): the same file runs in CPython beside onnxruntime and in Pyodide inside the page. The loop
+is a small state machine (`Generation`) so that whoever owns the model can drive it — a synchronous CPython loop
+(`generate`) or the page's async JavaScript loop around onnxruntime-web:
 
-    session.reset()                      forget the KV cache
-    session.forward(ids: list[int])      run these new tokens after what is cached; return the logits of the
-                                         last position as a sequence of floats (len = vocab)
+    gen = Generation(tokenizer, prompt_ids, eos_ids, sampling)
+    ids = gen.first_input()                    # the prompt
+    while ids is not None:
+        cand_ids, cand_logits = session.forward(ids)
+        ids = gen.push(cand_ids, cand_logits)  # [next token] or None when finished
+        text = gen.take_text()                 # newly completed text (UTF-8 safe)
 
-Sampling: greedy when temperature == 0, else temperature → top-k → top-p (nucleus) with a seeded RNG, so a run
-is reproducible from its seed.
+A session returns the TOP_CANDIDATES largest logits of the last position, sorted by (logit descending, token id
+ascending), so Python never copies the whole vocabulary: greedy takes the first, sampling draws from them.
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+TOP_CANDIDATES = 256
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0            # 0 = greedy
-    top_k: int = 0                      # 0 = no top-k cut
+    top_k: int = 0                      # 0 = all TOP_CANDIDATES
     top_p: float = 1.0                  # 1 = no nucleus cut
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
@@ -37,6 +43,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_steps: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -44,87 +51,133 @@ class GenerationResult:
 
     @property
     def decode_tok_s(self) -> float:
-        n = len(self.token_ids) - 1      # the first token comes out of prefill
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else 0.0
 
 
-def argmax(logits: Sequence[float]) -> int:
-    best, best_i = -math.inf, 0
-    for i, v in enumerate(logits):
-        if v > best:
-            best, best_i = v, i
-    return best_i
+def top_candidates(logits: Sequence[float], k: int = TOP_CANDIDATES) -> tuple[list[int], list[float]]:
+    """Pure-Python reference of what sessions return: the k largest, by (value desc, id asc)."""
+    order = sorted(range(len(logits)), key=lambda i: (-logits[i], i))[:k]
+    return order, [float(logits[i]) for i in order]
 
 
-def sample(logits: Sequence[float], cfg: SamplingConfig, rng: random.Random) -> int:
+def sample(cand_ids: Sequence[int], cand_logits: Sequence[float], cfg: SamplingConfig, rng: random.Random) -> int:
+    """Pick a token from sorted candidates: greedy, or temperature → top-k → top-p with `rng`."""
     if cfg.temperature <= 0:
-        return argmax(logits)
-    k = cfg.top_k if cfg.top_k > 0 else 256      # a finite candidate set keeps the pure-Python cost bounded
-    cand = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)[:k]
-    t = cfg.temperature
-    top = logits[cand[0]]
-    weights = [math.exp((logits[i] - top) / t) for i in cand]
+        return int(cand_ids[0])
+    k = min(cfg.top_k, len(cand_ids)) if cfg.top_k > 0 else len(cand_ids)
+    top = cand_logits[0]
+    weights = [math.exp((cand_logits[j] - top) / cfg.temperature) for j in range(k)]
     total = sum(weights)
     probs = [w / total for w in weights]
     if cfg.top_p < 1.0:
-        acc, cut = 0.0, len(probs)
+        acc, cut = 0.0, k
         for j, p in enumerate(probs):
             acc += p
             if acc >= cfg.top_p:
                 cut = j + 1
                 break
-        cand, probs = cand[:cut], probs[:cut]
+        probs = probs[:cut]
     r = rng.random() * sum(probs)
-    for i, p in zip(cand, probs):
+    for j, p in enumerate(probs):
         r -= p
         if r <= 0:
-            return i
-    return cand[-1]
+            return int(cand_ids[j])
+    return int(cand_ids[len(probs) - 1])
+
+
+class Generation:
+    """One reply, step by step (see the module docstring)."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], eos_ids: Sequence[int], cfg: SamplingConfig):
+        from .tokenizer import StreamDecoder
+
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: nothing to condition on")
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.eos = set(int(e) for e in eos_ids)
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        self.result = GenerationResult(prompt_tokens=len(self.prompt_ids))
+        self._stream = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self._pending = ""
+
+    def first_input(self) -> list[int]:
+        return list(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.result.stop_reason)
+
+    def take_text(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+    def cancel(self) -> None:
+        if not self.done:
+            self._finish("cancelled")
+
+    def _finish(self, reason: str) -> None:
+        self.result.stop_reason = reason
+        tail = self._stream.flush()
+        if tail and reason != "stop_string":
+            self.result.text += tail
+            self._pending += tail
+
+    def push(self, cand_ids: Sequence[int], cand_logits: Sequence[float]) -> list[int] | None:
+        """Feed the model's answer for the last input; returns the next input ids or None when finished."""
+        if self.done:
+            return None
+        res, cfg = self.result, self.cfg
+        tok = sample(cand_ids, cand_logits, cfg, self.rng)
+        if tok in self.eos:
+            self._finish("eos")
+            return None
+        res.token_ids.append(tok)
+        piece = self._stream.push(tok)
+        if piece:
+            res.text += piece
+            self._pending += piece
+        hit = next((s for s in cfg.stop_strings if s and s in res.text), None)
+        if hit is not None:
+            cut = res.text.index(hit)
+            already = len(res.text) - len(self._pending)      # characters handed out before this step
+            res.text = res.text[:cut]
+            self._pending = res.text[already:] if cut > already else ""
+            self._finish("stop_string")
+            return None
+        if len(res.token_ids) >= cfg.max_new_tokens:
+            self._finish("max_tokens")
+            return None
+        return [tok]
 
 
 def generate(session, tokenizer, prompt_ids: list[int], eos_ids: Sequence[int], cfg: SamplingConfig,
              on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
              clock: Callable[[], float] = time.perf_counter) -> GenerationResult:
-    """Generate from `prompt_ids`; `on_text` receives decoded text pieces as they complete (UTF-8 safe);
-    `should_stop()` is polled between tokens (cancellation)."""
-    from .tokenizer import StreamDecoder
-
-    rng = random.Random(cfg.seed)
-    res = GenerationResult(prompt_tokens=len(prompt_ids))
-    stream = StreamDecoder(tokenizer, skip_special_tokens=True)
-    eos = set(eos_ids)
+    """Drive a `Generation` with a synchronous session (CPython + onnxruntime). `on_text` receives text pieces
+    as they complete; `should_stop()` is polled between tokens (cancellation)."""
+    gen = Generation(tokenizer, prompt_ids, eos_ids, cfg)
     session.reset()
-    t0 = clock()
-    logits = session.forward(list(prompt_ids))
-    res.prefill_seconds = clock() - t0
-    t1 = clock()
-    while True:
+    ids = gen.first_input()
+    first = True
+    while ids is not None:
         if should_stop is not None and should_stop():
-            res.stop_reason = "cancelled"
+            gen.cancel()
             break
-        tok = sample(logits, cfg, rng)
-        if tok in eos:
-            res.stop_reason = "eos"
-            break
-        res.token_ids.append(tok)
-        piece = stream.push(tok)
-        if piece:
-            res.text += piece
-            if on_text is not None:
-                on_text(piece)
-        hit = next((s for s in cfg.stop_strings if s and s in res.text), None)
-        if hit is not None:
-            res.text = res.text[:res.text.index(hit)]
-            res.stop_reason = "stop_string"
-            break
-        if len(res.token_ids) >= cfg.max_new_tokens:
-            res.stop_reason = "max_tokens"
-            break
-        logits = session.forward([tok])
-    tail = stream.flush()
-    if tail and res.stop_reason != "stop_string":
-        res.text += tail
-        if on_text is not None:
-            on_text(tail)
-    res.decode_seconds = clock() - t1
-    return res
+        t0 = clock()
+        cand = session.forward(ids)
+        dt = clock() - t0
+        if first:
+            gen.result.prefill_seconds = dt
+            first = False
+        else:
+            gen.result.decode_seconds += dt
+            gen.result.decode_steps += 1
+        ids = gen.push(*cand)
+        text = gen.take_text()
+        if text and on_text is not None:
+            on_text(text)
+    text = gen.take_text()
+    if text and on_text is not None:
+        on_text(text)
+    return gen.result

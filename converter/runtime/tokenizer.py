@@ -94,8 +94,9 @@ def _classify(c: str) -> int:
     return k
 
 
-for _i in range(128):
+for _i in range(128):                             # ASCII pre-filled: the common case never calls unicodedata
     _classify(chr(_i))
+del _i
 
 
 def _classes(text: str) -> list[int]:

@@ -79,7 +79,14 @@ enum { COPY_SLACK = 16 };
 QZ_INLINE u64 load64(const u8 *p) { u64 v; __builtin_memcpy(&v, p, 8); return v; }
 QZ_INLINE void store32(u8 *p, u32 v) { __builtin_memcpy(p, &v, 4); }
 QZ_INLINE void store16(u8 *p, u16 v) { __builtin_memcpy(p, &v, 2); }
-QZ_INLINE void copy16(u8 *dst, const u8 *src) { __builtin_memcpy(dst, src, 16); }
+/* 16-byte vectors (GCC >= 12 and clang vector extensions; v128 on wasm, SSE natively). */
+typedef u8 v16u8 __attribute__((vector_size(16)));
+typedef u16 v8u16 __attribute__((vector_size(16)));
+typedef u32 v4u32 __attribute__((vector_size(16)));
+QZ_INLINE v16u8 loadv(const u8 *p) { v16u8 v; __builtin_memcpy(&v, p, 16); return v; }
+QZ_INLINE void storev(u8 *p, v16u8 v) { __builtin_memcpy(p, &v, 16); }
+/* One 16-byte load, then one store: the ranges may overlap (memcpy(dst, src, 16) would be undefined then). */
+QZ_INLINE void copy16(u8 *dst, const u8 *src) { storev(dst, loadv(src)); }
 QZ_INLINE u32 bit_length(u32 x) { return x ? 32u - (u32)__builtin_clz(x) : 0u; }
 
 /* ============================================================================================================= */
@@ -190,7 +197,7 @@ static void write_header(u8 *out, const qz_header *h) {
 /* Layouts: symbols (one per byte) -> u4 nibbles / u2 crumbs                                                     */
 /* ============================================================================================================= */
 
-/* 8 symbols (each < 16) in a u64, byte i = s_i  ->  4 bytes s0|s1<<4, s2|s3<<4, ... (SWAR, no tables). */
+/* 8 symbols (each < 16) in a u64, byte i = s_i  ->  4 bytes s0|s1<<4, s2|s3<<4, ... (SWAR, for the tail). */
 QZ_INLINE u32 pack8_u4(u64 x) {
     x = (x | (x >> 4)) & 0x00FF00FF00FF00FFull;
     x = (x | (x >> 8)) & 0x0000FFFF0000FFFFull;
@@ -204,12 +211,43 @@ QZ_INLINE u16 pack8_u2(u64 x) {
     return (u16)(x | (x >> 24));
 }
 
+
+/* 32 symbols (< 16) -> 16 bytes. In each u16 lane s0 | s1 << 8, lane | lane >> 4 has s0 | s1 << 4 in its
+ * low byte; keep the low bytes. */
+QZ_INLINE v16u8 pack32_u4(v16u8 lo, v16u8 hi) {
+    v8u16 a = (v8u16)lo, b = (v8u16)hi;
+    a |= a >> 4;
+    b |= b >> 4;
+    return __builtin_shufflevector((v16u8)a, (v16u8)b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+}
+
+/* 16 symbols (< 4) -> the packed byte of symbols 4j..4j+3 in byte 4j of the result (other bytes junk):
+ * u16 lanes get s0 | s1 << 2 in their low nibble, then u32 lanes get both pairs in their low byte. */
+QZ_INLINE v16u8 crumbs16(v16u8 x) {
+    v8u16 a = (v8u16)x;
+    a |= a >> 6;
+    v4u32 b = (v4u32)a;
+    b |= b >> 12;
+    return (v16u8)b;
+}
+
+/* 64 symbols (< 4) -> 16 bytes. */
+QZ_INLINE v16u8 pack64_u2(const u8 *sym) {
+    v16u8 c0 = crumbs16(loadv(sym)), c1 = crumbs16(loadv(sym + 16));
+    v16u8 c2 = crumbs16(loadv(sym + 32)), c3 = crumbs16(loadv(sym + 48));
+    v16u8 lo = __builtin_shufflevector(c0, c1, 0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    v16u8 hi = __builtin_shufflevector(c2, c3, 0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+}
+
 static void pack_symbols(const u8 *sym, u32 n, u32 layout, u8 *out) {
     u32 i = 0;
     if (layout == LAYOUT_U4) {
+        for (; i + 32 <= n; i += 32) storev(out + i / 2, pack32_u4(loadv(sym + i), loadv(sym + i + 16)));
         for (; i + 8 <= n; i += 8) store32(out + i / 2, pack8_u4(load64(sym + i)));
         for (; i < n; i += 2) out[i / 2] = (u8)(sym[i] | (i + 1 < n ? sym[i + 1] << 4 : 0));
     } else {
+        for (; i + 64 <= n; i += 64) storev(out + i / 4, pack64_u2(sym + i));
         for (; i + 8 <= n; i += 8) store16(out + i / 4, pack8_u2(load64(sym + i)));
         for (; i < n; i += 4) {
             u32 b = 0;
@@ -250,33 +288,44 @@ static i32 decode_packed(const qz_header *h, const u8 *p, u32 plen, u8 *out) {
 /* Method 1: LZW decoder                                                                                         */
 /* ============================================================================================================= */
 
-/* Every dictionary string is a substring of what was already decoded: an entry is (start, length) in the
- * output, and a code is decoded by copying, never by walking a prefix chain. Entry code c lives at ent[c]. */
-typedef struct { u32 start, len; } qz_entry;
-static qz_entry ent[MAX_CODES];
+/* Every dictionary string is a substring of what was already decoded, so an entry is just (pointer, length) and a
+ * code is decoded by one copy, never by walking a prefix chain. Codes 0..A-1 point into `alpha`, a 16-byte-padded
+ * table of the single symbols in output form, so every code takes the same path. ent[A] (CLEAR) has a length no
+ * buffer can hold, which sends it to the careful path; ent[2^16] is a write-only sink for the entry "added" once
+ * the dictionary is full (branchless). */
+typedef struct { const u8 *src; u32 len; } qz_entry;
+static qz_entry ent[MAX_CODES + 1];
+static u8 alpha[256 + 16];
+enum { CLEAR_LEN = 0x40000000 };
 
-/* Copy a dictionary string of `len` symbols from buf[src] to buf[dst] (src < dst). `overlap` is set for the
- * KwKwK case, where the string ends one symbol past dst. 16-byte moves may write up to 15 junk bytes after the
- * string; `limit` is the first byte that must not be written. */
-QZ_INLINE void copy_string(u8 *buf, u32 dst, u32 src, u32 len, u32 limit, int overlap) {
-    u8 *d = buf + dst;
-    const u8 *s = buf + src;
-    if (LIKELY((!overlap || dst - src >= 16) && (u64)dst + len + 15u < (u64)limit)) {
-        /* Without overlap every byte read is final or lies at/after dst (junk we only ever overwrite); with a
-         * distance >= 16 each 16-byte load reads only bytes already stored. */
-        for (u32 i = 0; i < len; i += 16) copy16(d + i, s + i);
-    } else {
-        for (u32 i = 0; i < len; i++) d[i] = s[i];
-    }
+/* Copy `len` bytes from src to dst 16 at a time, writing up to 15 junk bytes past dst + len.
+ * Valid when src + len <= dst (bytes read at or after dst are junk that only junk positions receive), or when
+ * dst - src >= 16 (each load reads bytes already stored). */
+QZ_INLINE void copy_wide(u8 *dst, const u8 *src, u32 len) {
+    copy16(dst, src);
+    for (u32 i = 16; i < len; i += 16) copy16(dst + i, src + i);
 }
 
-/* Decode n symbols into buf (bytes (symbol - bias) mod 256). limit = bytes of buf that may be written
- * (>= n; n + COPY_SLACK for a scratch buffer). Returns QZ_OK or an error code. */
+/* Decode n symbols into buf as bytes (symbol - bias) mod 256. limit = bytes of buf that may be written: n when
+ * buf is the caller's output, n + COPY_SLACK for a scratch buffer. Returns QZ_OK or an error code.
+ *
+ * Two loops share one state. The careful loop is the spec, step by step, with every check. The fast loop runs
+ * while at least 8 payload bytes remain and handles the common code (an existing entry, not CLEAR, that fits
+ * with 16 bytes of room); anything else leaves it without consuming the code, and the careful loop takes over
+ * for one code. */
 static int lzw_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *buf, u32 limit) {
     const u32 a = h->alphabet, n = h->n_symbols, mcb = h->max_code_bits;
     const u32 full = 1u << mcb;           /* next == full: no more entries */
     const u32 a_width = bit_length(a);    /* width of code k = 0 */
     const u8 bias = (u8)h->bias;
+
+    for (u32 c = 0; c < a; c++) {
+        alpha[c] = (u8)((u8)c - bias);
+        ent[c].src = alpha + c;
+        ent[c].len = 1;
+    }
+    ent[a].src = alpha;
+    ent[a].len = CLEAR_LEN;
 
     /* Bit reader: bitbuf holds bitcnt valid bits (LSB = next bit); p is the next byte to load. Bits above bitcnt
      * are either 0 or the true next bits, so reloading overlapping bytes is harmless. */
@@ -289,18 +338,39 @@ static int lzw_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *buf, 
     int fresh = 1;      /* k == 0: the next code must be a single symbol */
     u32 next = a + 1;   /* next entry code */
     u32 pos = 0;        /* symbols written */
-    u32 prev_start = 0, prev_len = 0;
+    const u8 *prev = buf;  /* the previous code's string, always inside buf */
+    u32 prev_len = 0;
 
     while (pos < n) {
-        if (bitcnt < width) {
-            if (LIKELY(end - p >= 8)) {
-                bitbuf |= load64(p) << bitcnt;
+        /* ---- fast loop ---- */
+        if (!fresh) {
+            while (end - p >= 8) {
+                bitbuf |= load64(p) << bitcnt;  /* branchless refill to 56..63 bits */
                 p += (63u - bitcnt) >> 3;
                 bitcnt |= 56u;
-            } else {
-                while (bitcnt <= 56u && p < end) { bitbuf |= (u64)*p++ << bitcnt; bitcnt += 8u; }
-                if (bitcnt < width) return QZ_TRUNCATED;
+                u32 code = (u32)bitbuf & mask;
+                if (UNLIKELY(code >= next)) break;             /* KwKwK or a bad code */
+                const u8 *src = ent[code].src;
+                u32 len = ent[code].len;
+                if (UNLIKELY(len + COPY_SLACK > limit - pos)) break;  /* CLEAR, overrun, or near the end */
+                bitbuf >>= width;
+                bitcnt -= width;
+                if (width < mcb && ++top == (1u << width)) { width++; mask = (1u << width) - 1u; }
+                ent[next].src = prev;  /* prev + S[0]; a sink write when full */
+                ent[next].len = prev_len + 1;
+                next += next < full;
+                u8 *dst = buf + pos;
+                copy_wide(dst, src, len);
+                prev = dst; prev_len = len; pos += len;
+                /* at pos == n the room check fails for any code: no separate test needed here */
             }
+            if (pos == n) break;
+        }
+
+        /* ---- careful loop: one code ---- */
+        if (bitcnt < width) {
+            while (bitcnt <= 56u && p < end) { bitbuf |= (u64)*p++ << bitcnt; bitcnt += 8u; }
+            if (bitcnt < width) return QZ_TRUNCATED;
         }
         u32 code = (u32)bitbuf & mask;
         bitbuf >>= width;
@@ -309,30 +379,36 @@ static int lzw_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *buf, 
         if (width < mcb && ++top == (1u << width)) { width++; mask = (1u << width) - 1u; }
 
         if (code < a) {  /* a single symbol: fits, since pos < n */
-            if (!fresh && next < full) { ent[next].start = prev_start; ent[next].len = prev_len + 1; next++; }
-            buf[pos] = (u8)((u8)code - bias);
-            prev_start = pos; prev_len = 1; pos++;
+            if (!fresh && next < full) { ent[next].src = prev; ent[next].len = prev_len + 1; next++; }
+            buf[pos] = alpha[code];
+            prev = buf + pos; prev_len = 1; pos++;
             fresh = 0;
             continue;
         }
-        if (UNLIKELY(fresh)) return QZ_BAD_CODE;  /* CLEAR or a string right after a reset */
-        if (UNLIKELY(code == a)) {                /* CLEAR */
+        if (fresh) return QZ_BAD_CODE;  /* CLEAR or a string right after a reset */
+        if (code == a) {                /* CLEAR */
             next = a + 1; width = a_width; mask = (1u << width) - 1u; top = a; fresh = 1;
             continue;
         }
-        u32 src, len;
+        const u8 *src;
+        u32 len;
         int overlap = 0;
         if (code < next) {
-            src = ent[code].start; len = ent[code].len;
-        } else if (code == next && next < full) {  /* KwKwK: prev + prev[0], one past the end of prev */
-            src = prev_start; len = prev_len + 1; overlap = 1;
+            src = ent[code].src; len = ent[code].len;
+        } else if (code == next && next < full) {  /* KwKwK: prev + prev[0], reaching one past prev's end */
+            src = prev; len = prev_len + 1; overlap = 1;
         } else {
             return QZ_BAD_CODE;
         }
-        if (UNLIKELY(len > n - pos)) return QZ_OVERRUN;
-        if (next < full) { ent[next].start = prev_start; ent[next].len = prev_len + 1; next++; }
-        copy_string(buf, pos, src, len, limit, overlap);
-        prev_start = pos; prev_len = len; pos += len;
+        if (len > n - pos) return QZ_OVERRUN;
+        if (next < full) { ent[next].src = prev; ent[next].len = prev_len + 1; next++; }
+        u8 *dst = buf + pos;
+        if ((!overlap || dst - src >= 16) && len + COPY_SLACK <= limit - pos) {
+            copy_wide(dst, src, len);
+        } else {
+            for (u32 i = 0; i < len; i++) dst[i] = src[i];  /* forward, byte by byte: right for overlaps */
+        }
+        prev = dst; prev_len = len; pos += len;
     }
 
     /* End of stream: the payload ends in the byte holding the last bit read; its unread bits are 0. */

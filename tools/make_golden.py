@@ -1,0 +1,346 @@
+"""Write the QZ golden vectors: tests/golden/*.qz and tests/golden/index.json.
+
+    python tools/make_golden.py                # rewrite tests/golden/
+    python tools/make_golden.py --out /tmp/g   # elsewhere (the tests check the committed files are what this makes)
+
+Every implementation (converter/lzw.py, static/wasm/qz.c through wasmtime, the JS decoder) must decode each file
+to the expected result. index.json:
+
+    {"format": "QZ chunk v1 (docs/lzw-format.md)",
+     "vectors": [{"name": ..., "file": "<name>.qz", "what": "<one line>",
+                  "expect": "ok", "length": <output bytes>, "sha256": "<hex of the output bytes>"}
+                 or {..., "expect": "<error name, e.g. BAD_CODE>", "code": <error code>}]}
+
+The inputs come from a tiny fixed PRNG (splitmix64) so the files never change with a Python or numpy version.
+Valid chunks come from the reference encoder; invalid ones are valid chunks with one defect, or LZW code streams
+written by hand below. Each expectation is checked against the reference decoder before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from converter import lzw  # noqa: E402
+from converter.errors import CodecError  # noqa: E402
+
+DEFAULT_OUT = ROOT / "tests" / "golden"
+MAX_TOTAL_BYTES = 200_000
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deterministic inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SplitMix64:
+    """A fixed, tiny PRNG: the golden inputs must not depend on library versions."""
+
+    def __init__(self, seed: int):
+        self.state = seed & 0xFFFF_FFFF_FFFF_FFFF
+
+    def next64(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+        return z ^ (z >> 31)
+
+    def uniform(self) -> float:
+        return (self.next64() >> 11) / float(1 << 53)  # [0, 1)
+
+    def below(self, n: int) -> int:
+        return self.next64() % n
+
+    def gauss(self) -> float:
+        u1, u2 = self.uniform(), self.uniform()
+        return math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2)
+
+
+def uniform_symbols(seed: int, n: int, alphabet: int) -> bytes:
+    rng = SplitMix64(seed)
+    return bytes(rng.below(alphabet) for _ in range(n))
+
+
+def gauss_symbols(seed: int, n: int, alphabet: int, sigma: float) -> bytes:
+    """Weight-like: round(N(0, sigma)) clipped to the alphabet, centred at alphabet // 2."""
+    rng = SplitMix64(seed)
+    mid = alphabet // 2
+    return bytes(min(alphabet - 1, max(0, mid + round(sigma * rng.gauss()))) for _ in range(n))
+
+
+def int8_symbols(seed: int, n: int, sigma: float) -> bytes:
+    """int8 weights as A=256 symbols: the two's complement byte of round(N(0, sigma)) clipped to -127..127."""
+    rng = SplitMix64(seed)
+    return bytes(max(-127, min(127, round(sigma * rng.gauss()))) & 0xFF for _ in range(n))
+
+
+def ternary_symbols(seed: int, n: int, p_zero: float) -> bytes:
+    """Ternary weights as symbols 0/1/2 (= -1/0/+1 with bias 1)."""
+    rng = SplitMix64(seed)
+    out = bytearray()
+    for _ in range(n):
+        u = rng.uniform()
+        out.append(1 if u < p_zero else (0 if u < (1 + p_zero) / 2 else 2))
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-made chunks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def header(method: int, alphabet: int, layout: int, n: int, bias: int = 0, mcb: int = 16, flags: int = 1,
+           version: int = 1, magic: bytes = b"QZ", reserved: int = 0) -> bytes:
+    """A raw header, any field allowed (for the invalid vectors). Packed chunks get mcb = flags = 0."""
+    if method == lzw.METHOD_PACKED:
+        mcb, flags = 0, 0
+    return (magic + bytes([version, method]) + alphabet.to_bytes(2, "little") + bytes([layout, bias, mcb, flags])
+            + reserved.to_bytes(2, "little") + n.to_bytes(4, "little"))
+
+
+def code_stream(codes: list[int], alphabet: int, mcb: int = 16, pad: int = 0) -> bytes:
+    """LSB-first codes with the spec's widths; k restarts after each CLEAR. `pad` fills the unused top bits."""
+    acc, nbits, k = 0, 0, 0
+    for code in codes:
+        width = lzw.code_width(alphabet, k, mcb)
+        acc |= code << nbits
+        nbits += width
+        k = 0 if code == alphabet and k > 0 else k + 1
+    if nbits % 8:
+        acc |= (pad & ((1 << (8 - nbits % 8)) - 1)) << nbits
+        nbits += 8 - nbits % 8
+    return acc.to_bytes(nbits // 8, "little")
+
+
+def with_byte(chunk: bytes, offset: int, value: int) -> bytes:
+    out = bytearray(chunk)
+    out[offset] = value
+    return bytes(out)
+
+
+def with_n(chunk: bytes, n: int) -> bytes:
+    return chunk[:12] + n.to_bytes(4, "little") + chunk[16:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The vectors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vector:
+    name: str
+    what: str
+    chunk: bytes
+    expect: str  # "ok" or an error name
+    method: int | None = None  # for "ok" vectors made by the encoder: the method the chunk must have
+
+
+def encode(symbols: bytes, alphabet: int, layout: int, **kw) -> bytes:
+    return lzw.encode_chunk(symbols, alphabet, layout, **kw)
+
+
+def valid_vectors() -> list[Vector]:
+    U8, U4, U2 = lzw.LAYOUT_U8, lzw.LAYOUT_U4, lzw.LAYOUT_U2
+    LZW, PACKED = lzw.METHOD_LZW, lzw.METHOD_PACKED
+    v = []
+    s = int8_symbols(1, 3000, sigma=4.0)
+    v.append(Vector("u8_int8_lzw", "int8 weights (sigma 4), A=256, u8 bias 0, auto picks LZW", encode(s, 256, U8), "ok", LZW))
+    s = int8_symbols(2, 2000, sigma=30.0)
+    v.append(Vector("u8_int8_forced_lzw", "wide int8 (sigma 30), LZW forced although larger than packed",
+                    encode(s, 256, U8, method=LZW), "ok", LZW))
+    s = ternary_symbols(3, 5000, p_zero=0.5)
+    v.append(Vector("u8_ternary_bias1", "ternary -1/0/+1 as A=3, u8 bias 1 (bytes ff/00/01)",
+                    encode(s, 3, U8, bias=1), "ok", LZW))
+    s = gauss_symbols(4, 1500, 16, sigma=2.0)
+    v.append(Vector("u8_a16_bias8", "int4 values as int8 bytes: A=16, u8 bias 8", encode(s, 16, U8, bias=8), "ok", LZW))
+    s = gauss_symbols(5, 4001, 16, sigma=2.0)
+    v.append(Vector("u4_a16_odd", "int4 weights, A=16, u4, odd n (last high nibble 0)", encode(s, 16, U4), "ok", LZW))
+    s = ternary_symbols(6, 3001, p_zero=0.6)
+    v.append(Vector("u4_a3_odd", "ternary in nibbles, A=3, u4, odd n", encode(s, 3, U4), "ok", LZW))
+    s = gauss_symbols(7, 4003, 4, sigma=0.5)
+    v.append(Vector("u2_a4_n3mod4", "int2 weights, A=4, u2, n % 4 == 3", encode(s, 4, U2), "ok", LZW))
+    s = ternary_symbols(8, 4001, p_zero=0.5)
+    v.append(Vector("u2_a3_n1mod4", "ternary in crumbs, A=3, u2, n % 4 == 1", encode(s, 3, U2), "ok", LZW))
+    s = ternary_symbols(9, 4002, p_zero=0.3)
+    v.append(Vector("u2_a2_n2mod4", "binary, A=2, u2, n % 4 == 2", encode(bytes(x & 1 for x in s), 2, U2), "ok"))
+    v.append(Vector("empty_lzw", "n = 0, LZW (empty payload)", encode(b"", 16, U4), "ok", LZW))
+    v.append(Vector("empty_packed", "n = 0, packed (empty payload)", encode(b"", 256, U8, method=PACKED), "ok", PACKED))
+    v.append(Vector("single_u8", "one symbol, A=256, u8, LZW forced (9 bits)", encode(b"\xc8", 256, U8, method=LZW), "ok", LZW))
+    v.append(Vector("single_u4", "one symbol, A=16, u4 (5 bits: ties with packed, a tie stays LZW)", encode(b"\x0b", 16, U4), "ok", LZW))
+    v.append(Vector("single_u2_packed", "one symbol, A=4, u2, packed", encode(b"\x03", 4, U2, method=PACKED), "ok", PACKED))
+    s = uniform_symbols(10, 3000, 256)
+    v.append(Vector("reset_mcb9_a256", "A=256, max_code_bits 9: 255 entries per dictionary, about 11 CLEARs",
+                    encode(s, 256, U8, max_code_bits=9, method=LZW), "ok", LZW))
+    s = gauss_symbols(11, 6000, 16, sigma=3.0)
+    v.append(Vector("reset_mcb9_a16", "A=16, u4, max_code_bits 9, reset-when-full: several CLEARs",
+                    encode(s, 16, U4, max_code_bits=9, method=LZW), "ok", LZW))
+    v.append(Vector("freeze_mcb9_a16", "same symbols, freeze-when-full: dictionary frozen at 512 codes",
+                    encode(s, 16, U4, max_code_bits=9, reset_when_full=False, method=LZW), "ok", LZW))
+    frozen = encode(s, 16, U4, max_code_bits=9, reset_when_full=False, method=LZW)
+    v.append(Vector("freeze_stream_reset_flag", "a freeze-mode stream with the reset flag set: the decoder ignores "
+                    "the flag (no CLEAR came, so it keeps the full dictionary)", with_byte(frozen, 9, 1), "ok"))
+    s = gauss_symbols(12, 20000, 16, sigma=1.5)
+    v.append(Vector("u4_mcb12_long", "A=16, u4, max_code_bits 12, 20000 symbols", encode(s, 16, U4, max_code_bits=12),
+                    "ok", LZW))
+    v.append(Vector("kwkwk_run_a2", "a run of one symbol: every code after the first is the KwKwK case",
+                    encode(bytes(1000), 2, U2), "ok", LZW))
+    v.append(Vector("kwkwk_run_a256", "a run of 0x41, A=256, u8", encode(b"A" * 777, 256, U8), "ok", LZW))
+    v.append(Vector("kwkwk_abab", "ababab...: KwKwK with two-symbol strings", encode(b"\x01\x02" * 300 + b"\x01", 3, U8),
+                    "ok", LZW))
+    s = ternary_symbols(13, 20000, p_zero=0.97)
+    v.append(Vector("ternary_sparse_long", "mostly-zero ternary, A=3, u2, 20000 symbols (long strings)",
+                    encode(s, 3, U2), "ok", LZW))
+    s = uniform_symbols(14, 2000, 256)
+    v.append(Vector("packed_fallback_u8", "uniform random bytes: LZW is larger, so auto stores packed",
+                    encode(s, 256, U8), "ok", PACKED))
+    s = uniform_symbols(15, 1001, 16)
+    v.append(Vector("packed_fallback_u4_odd", "uniform int4, odd n: stored packed", encode(s, 16, U4), "ok", PACKED))
+    s = uniform_symbols(16, 1003, 3)
+    v.append(Vector("packed_u8_bias1", "ternary packed with bias 1 (bytes ff/00/01)",
+                    encode(s, 3, U8, bias=1, method=PACKED), "ok", PACKED))
+    # CLEAR in the middle of a stream, before the dictionary is full, is legal (an encoder may reset early).
+    a = 4
+    codes = [1, 2, a + 1, a, 3, 3, a + 1, 0]  # 1 2 (1 2) CLEAR 3 3 (3 3) 0
+    v.append(Vector("clear_mid_stream", "hand-made: a CLEAR before the dictionary is full",
+                    header(lzw.METHOD_LZW, a, U2, 9) + code_stream(codes, a), "ok"))
+    return v
+
+
+def invalid_vectors() -> list[Vector]:
+    U8, U4, U2 = lzw.LAYOUT_U8, lzw.LAYOUT_U4, lzw.LAYOUT_U2
+    LZW, PACKED = lzw.METHOD_LZW, lzw.METHOD_PACKED
+    good = encode(gauss_symbols(20, 600, 16, sigma=2.0), 16, U4)  # an LZW chunk
+    assert good[3] == LZW
+    packed = encode(uniform_symbols(21, 101, 16), 16, U4, method=PACKED)  # odd n: a padding nibble
+    v = [
+        Vector("bad_magic", "magic 'QX'", with_byte(good, 1, ord("X")), "BAD_HEADER"),
+        Vector("bad_version", "version 2", with_byte(good, 2, 2), "BAD_HEADER"),
+        Vector("bad_method", "method 2", with_byte(good, 3, 2), "BAD_HEADER"),
+        Vector("truncated_header", "10 bytes: shorter than the header", good[:10], "BAD_HEADER"),
+        Vector("empty_input", "0 bytes", b"", "BAD_HEADER"),
+        Vector("reserved_nonzero", "reserved byte 11 = 1", with_byte(good, 11, 1), "BAD_HEADER"),
+        Vector("flags_extra_bit", "LZW flags 0x03 (bit 1 is reserved)", with_byte(good, 9, 3), "BAD_HEADER"),
+        Vector("packed_with_flags", "packed chunk with flags 1", with_byte(packed, 9, 1), "BAD_HEADER"),
+        Vector("packed_with_mcb", "packed chunk with max_code_bits 16", with_byte(packed, 8, 16), "BAD_HEADER"),
+        Vector("mcb_8", "max_code_bits 8", with_byte(good, 8, 8), "BAD_HEADER"),
+        Vector("mcb_17", "max_code_bits 17", with_byte(good, 8, 17), "BAD_HEADER"),
+        Vector("mcb_0_lzw", "LZW with max_code_bits 0", with_byte(good, 8, 0), "BAD_HEADER"),
+        Vector("alphabet_1", "alphabet 1", with_byte(good, 4, 1), "BAD_HEADER"),
+        Vector("alphabet_257", "alphabet 257, layout u8", header(LZW, 257, U8, 0), "BAD_HEADER"),
+        Vector("alphabet_0x0110", "alphabet 272 (high byte set)", header(LZW, 0x110, U8, 0), "BAD_HEADER"),
+        Vector("u4_alphabet_17", "layout u4 with alphabet 17", with_byte(good, 4, 17), "BAD_HEADER"),
+        Vector("u2_alphabet_5", "layout u2 with alphabet 5", header(LZW, 5, U2, 0), "BAD_HEADER"),
+        Vector("layout_3", "layout 3", with_byte(good, 6, 3), "BAD_HEADER"),
+        Vector("bias_on_u4", "bias 1 with layout u4", with_byte(good, 7, 1), "BAD_HEADER"),
+    ]
+    # Payload errors of LZW.
+    v.append(Vector("truncated_payload", "LZW payload missing its last 3 bytes", good[:-3], "TRUNCATED"))
+    v.append(Vector("truncated_empty_payload", "n = 5 and no payload", header(LZW, 16, U4, 5), "TRUNCATED"))
+    v.append(Vector("bad_code_first", "first code is A+1 (only single symbols are valid after a reset)",
+                    header(LZW, 16, U4, 4) + code_stream([17, 0, 0], 16), "BAD_CODE"))
+    v.append(Vector("clear_first", "first code is CLEAR (not allowed right after a reset)",
+                    header(LZW, 16, U4, 2) + code_stream([16, 1, 1], 16), "BAD_CODE"))
+    v.append(Vector("clear_after_clear", "CLEAR, then CLEAR again as the first code of the new dictionary",
+                    header(LZW, 4, U2, 3) + code_stream([1, 4, 4, 2, 2], 4), "BAD_CODE"))
+    v.append(Vector("bad_code_ahead", "code A+2 at k=1, when only A+1 (KwKwK) can be valid",
+                    header(LZW, 16, U4, 8) + code_stream([3, 18, 0, 0], 16), "BAD_CODE"))
+    run = encode(b"\x07" * 6, 16, U8)  # codes 7, 17 (77), 18 (777): 1 + 2 + 3 symbols
+    v.append(Vector("overrun", "the last string (3 symbols) would pass n_symbols = 5", with_n(run, 5), "OVERRUN"))
+    v.append(Vector("trailing_byte", "one zero byte after the last code", good + b"\0", "TRAILING"))
+    # (make_index checks this really hits unused bits: a used bit would give another result)
+    v.append(Vector("trailing_bits", "nonzero unused bits in the last byte",
+                    good[:-1] + bytes([good[-1] | 0x80]), "TRAILING"))
+    v.append(Vector("lzw_n0_with_payload", "n = 0 but a payload byte", header(LZW, 16, U4, 0) + b"\0", "TRAILING"))
+    # Packed payload errors: length, padding, symbols (checked in that order).
+    v.append(Vector("packed_too_long", "packed payload one byte long", packed + b"\0", "TRAILING"))
+    v.append(Vector("packed_too_short", "packed payload one byte short", packed[:-1], "TRAILING"))
+    v.append(Vector("packed_padding_u4", "odd n, the unused high nibble is 1",
+                    packed[:-1] + bytes([packed[-1] | 0x10]), "TRAILING"))
+    p2 = encode(uniform_symbols(22, 6, 4), 4, U2, method=PACKED)
+    v.append(Vector("packed_padding_u2", "n % 4 == 2, an unused crumb is nonzero",
+                    p2[:-1] + bytes([p2[-1] | 0x40]), "TRAILING"))
+    p3 = encode(uniform_symbols(23, 11, 3), 3, U4, method=PACKED)  # 6 bytes, the last has a padding nibble
+    v.append(Vector("packed_bad_symbol_u4", "A=3 in nibbles, one nibble is 3", with_byte(p3, 18, 0x13), "BAD_SYMBOL"))
+    p4 = encode(uniform_symbols(24, 10, 3), 3, U8, bias=1, method=PACKED)
+    v.append(Vector("packed_bad_symbol_u8_bias", "A=3, bias 1: byte 0x02 is symbol 3", with_byte(p4, 20, 2),
+                    "BAD_SYMBOL"))
+    v.append(Vector("packed_padding_and_bad_symbol", "bad symbol and nonzero padding: padding is checked first",
+                    with_byte(p3, 16 + 5, 0x33), "TRAILING"))
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_result(chunk: bytes) -> tuple[str, bytes | None]:
+    try:
+        return "ok", lzw.decode_chunk(chunk)
+    except CodecError as e:
+        return e.name, None
+
+
+def make_index(vectors: list[Vector]) -> dict:
+    entries = []
+    names = set()
+    for vec in vectors:
+        if vec.name in names:
+            raise ValueError(f"duplicate vector name {vec.name}")
+        names.add(vec.name)
+        got, output = reference_result(vec.chunk)
+        if got != vec.expect:
+            raise AssertionError(f"{vec.name}: the reference decoder gives {got}, the vector expects {vec.expect}")
+        if vec.method is not None and vec.chunk[3] != vec.method:
+            raise AssertionError(f"{vec.name}: chunk has method {vec.chunk[3]}, expected {vec.method}")
+        entry = {"name": vec.name, "file": f"{vec.name}.qz", "what": vec.what, "expect": vec.expect}
+        if output is not None:
+            entry.update(length=len(output), sha256=hashlib.sha256(output).hexdigest())
+        else:
+            entry["code"] = lzw.ERROR_CODES[vec.expect]
+        entries.append(entry)
+    return {"format": "QZ chunk v1 (docs/lzw-format.md)", "vectors": entries}
+
+
+def write_golden(out_dir: Path) -> dict:
+    vectors = valid_vectors() + invalid_vectors()
+    index = make_index(vectors)
+    total = sum(len(v.chunk) for v in vectors)
+    if total > MAX_TOTAL_BYTES:
+        raise ValueError(f"golden vectors total {total} bytes, over the {MAX_TOTAL_BYTES} budget")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.qz"):
+        stale.unlink()
+    for vec in vectors:
+        (out_dir / f"{vec.name}.qz").write_bytes(vec.chunk)
+    (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def configure_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default tests/golden)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = configure_parser().parse_args(argv)
+    index = write_golden(args.out)
+    n_ok = sum(e["expect"] == "ok" for e in index["vectors"])
+    total = sum((args.out / e["file"]).stat().st_size for e in index["vectors"])
+    print(f"wrote {len(index['vectors'])} vectors ({n_ok} ok, {len(index['vectors']) - n_ok} invalid), "
+          f"{total} bytes, to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
