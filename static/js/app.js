@@ -1,0 +1,170 @@
+// The page: wires the bundle list, the loading pipeline, the session and the Pyodide runtime to the chat UI.
+// Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt, opts)} (used by e2e/).
+import { DecoderPool } from "./qz.js";
+import { loadBundle } from "./loader.js";
+import { chooseProvider, DecoderSession } from "./ort-session.js";
+import { PyRuntime } from "./py-runtime.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const state = { session: null, manifest: null, history: [], stopRequested: false, busy: false };
+const pyReady = PyRuntime.start();            // Pyodide starts while the user picks and downloads a bundle
+pyReady.catch((e) => showError(`Python runtime failed to start: ${e.message}`));
+
+function showError(msg) { $("error").textContent = msg; $("error").hidden = false; }
+function notice(msg) { $("notice").textContent = msg; $("notice").hidden = false; }
+function stage(name, ms) {
+  const li = document.createElement("li");
+  li.textContent = `${name}: ${(ms / 1000).toFixed(2)} s`;
+  li.dataset.stage = name;
+  $("stages").appendChild(li);
+}
+const mb = (n) => `${(n / 1e6).toFixed(1)} MB`;
+
+async function listBundles() {
+  const res = await fetch("/api/bundles");
+  const list = await res.json();
+  const sel = $("bundle-select");
+  sel.innerHTML = "";
+  for (const b of list) {
+    const o = document.createElement("option");
+    o.value = b.name;
+    o.textContent = `${b.name} — ${b.scheme}, ${mb(b.bytes)}, ${b.bits_per_weight.toFixed(2)} bits/weight`;
+    sel.appendChild(o);
+  }
+  return list;
+}
+
+async function load(name, wanted = "auto") {
+  $("error").hidden = true; $("notice").hidden = true; $("stages").innerHTML = "";
+  $("load-btn").disabled = true;
+  const t0 = performance.now();
+  const pool = new DecoderPool(Number(params.get("workers")) || navigator.hardwareConcurrency || 2);
+  try {
+    await pool.start();
+    const bundle = await loadBundle(`/bundles/${encodeURIComponent(name)}/`, pool, (p) => {
+      $("progress").value = p.done / p.total;
+      $("progress-text").textContent = `${p.stage}: ${mb(p.done)} / ${mb(p.total)} (${(100 * p.done / p.total).toFixed(0)}%)`;
+    });
+    pool.terminate();
+    $("progress").value = 1;
+    stage("download", bundle.timings.downloadMs);
+    stage("decode (after download)", bundle.timings.decodeAfterDownloadMs);
+    $("progress-text").textContent = `${mb(bundle.stats.networkBytes)} from network, ${mb(bundle.stats.cachedBytes)} from cache`;
+    let { ep, why } = await chooseProvider(wanted);
+    const ts = performance.now();
+    let session;
+    try {
+      session = await DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep);
+    } catch (e) {
+      if (ep !== "webgpu") throw e;
+      notice(`WebGPU session failed (${e.message}); running on WASM instead.`);
+      ep = "wasm"; why = "WebGPU session creation failed";
+      session = await DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep);
+    }
+    bundle.externalData.length = 0;            // onnxruntime owns the weights now: drop our copies
+    stage("session", performance.now() - ts);
+    const tp = performance.now();
+    const py = await pyReady;
+    py.setup(bundle.tokenizer, bundle.manifest);
+    stage(`python (started in ${(py.startMs / 1000).toFixed(1)} s)`, performance.now() - tp);
+    stage("total", performance.now() - t0);
+    $("ep-badge").textContent = `${ep.toUpperCase()} — ${why}`;
+    $("ep-badge").className = `badge ${ep}`;
+    Object.assign(state, { session, manifest: bundle.manifest, py, ep, history: [] });
+    $("chat").hidden = false;
+    document.body.dataset.ready = "1";
+    return { ep, why, timings: bundle.timings };
+  } catch (e) {
+    pool.terminate();
+    showError(e.message || String(e));
+    document.body.dataset.ready = "error";
+    throw e;
+  } finally {
+    $("load-btn").disabled = false;
+  }
+}
+
+/** Generate a reply; streams into `onText`. Returns the tokens and timings. */
+async function generate(messages, sampling, onText = () => {}, raw = null) {
+  const { session, py } = state;
+  state.stopRequested = false; state.busy = true;
+  session.reset();
+  let ids = py.start(messages, sampling, raw);
+  const promptLen = ids.length;
+  const tokens = [];
+  let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0;
+  const t0 = performance.now();
+  while (ids) {
+    if (state.stopRequested) { const tail = py.cancel(); text += tail; onText(tail); reason = "cancelled"; break; }
+    const ts = performance.now();
+    const cand = await session.forward(ids);
+    const dt = performance.now() - ts;
+    if (steps++ === 0) prefillMs = dt; else decodeMs += dt;
+    const r = py.push(cand);
+    tokens.push(...r.tokens.filter(() => !r.done || r.reason !== "eos"));
+    if (r.text) { text += r.text; onText(r.text); }
+    ids = r.next; reason = r.reason;
+  }
+  state.busy = false;
+  const firstTokenMs = prefillMs;
+  return { tokens, text, reason, promptTokens: promptLen, prefillTokS: promptLen / (prefillMs / 1000),
+           decodeTokS: steps > 1 ? (steps - 1) / (decodeMs / 1000) : 0, firstTokenMs, totalMs: performance.now() - t0 };
+}
+
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  div.textContent = text;
+  $("messages").appendChild(div);
+  return div;
+}
+
+function memoryLine() {
+  const heap = performance.memory ? performance.memory.usedJSHeapSize : 0;
+  return heap ? `, JS heap ${mb(heap)}` : "";
+}
+
+async function onSend(ev) {
+  ev.preventDefault();
+  const text = $("input").value.trim();
+  if (!text || state.busy || !state.session) return;
+  $("input").value = "";
+  state.history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const div = addMessage("assistant", "");
+  $("send-btn").disabled = true; $("stop-btn").disabled = false;
+  try {
+    const r = await generate(state.history, {
+      temperature: Number($("temperature").value), top_p: Number($("top-p").value),
+      max_new_tokens: Number($("max-tokens").value), seed: Date.now() % 2 ** 31,
+    }, (piece) => { div.textContent += piece; });
+    state.history.push({ role: "assistant", content: r.text });
+    $("status").textContent = `prefill ${r.prefillTokS.toFixed(1)} tok/s, decode ${r.decodeTokS.toFixed(1)} tok/s, ` +
+      `first token ${(r.firstTokenMs / 1000).toFixed(2)} s, ${r.tokens.length} tokens (${r.reason})${memoryLine()}`;
+  } catch (e) { showError(`generation failed: ${e.message}`); }
+  finally { $("send-btn").disabled = false; $("stop-btn").disabled = true; }
+}
+
+$("load-btn").onclick = () => load($("bundle-select").value, $("ep-select").value).catch(() => {});
+$("chat-form").onsubmit = onSend;
+$("stop-btn").onclick = () => { state.stopRequested = true; };
+$("new-btn").onclick = () => { state.history = []; $("messages").innerHTML = ""; };
+$("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) onSend(e); });
+
+window.tinyqmoe = {
+  ready: listBundles().then(async (list) => {
+    const want = params.get("bundle");
+    if (want) $("bundle-select").value = want;
+    if (params.get("autoload") && list.length) await load($("bundle-select").value, params.get("ep") || "auto");
+    return list;
+  }),
+  load,
+  pyReady,
+  generate: (prompt, opts = {}) => generate([{ role: "user", content: prompt }],
+                                            { max_new_tokens: opts.max_new_tokens ?? 16, temperature: opts.temperature ?? 0,
+                                              top_k: opts.top_k ?? 0, top_p: opts.top_p ?? 1, seed: opts.seed ?? 0 },
+                                            undefined, opts.raw ?? null),
+  stop: () => { state.stopRequested = true; },
+  state,
+};

@@ -1,0 +1,132 @@
+// Loading pipeline: manifest -> blobs streamed with progress -> chunks decoded in the worker pool as soon as their
+// bytes have arrived -> SHA-256 checked -> initializer buffers for onnxruntime-web. Compressed files are kept in
+// the Cache API under their SHA-256, so a reload needs no network and a new bundle version misses the cache.
+
+const CACHE_NAME = "tiny-qmoe-v1";
+
+export class BundleError extends Error {}
+
+async function sha256Hex(bytes) {
+  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(d, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function openCache() {
+  try { return await caches.open(CACHE_NAME); } catch { return null; }   // e.g. storage disabled
+}
+
+/** Fetch a file, from the cache when its hash matches; streams with onBytes(n) progress. */
+async function fetchFile(url, expect, onBytes, stats) {
+  const cache = await openCache();
+  const key = `${url}?sha256=${expect.sha256}`;
+  if (cache) {
+    const hit = await cache.match(key);
+    if (hit) {
+      const buf = new Uint8Array(await hit.arrayBuffer());
+      if (buf.length === expect.bytes) { stats.cachedBytes += buf.length; onBytes(buf, buf.length, true); return buf; }
+    }
+  }
+  let res;
+  try { res = await fetch(url, { cache: "no-cache" }); }
+  catch (e) { throw new BundleError(`${url}: download failed (${e.message}) and it is not in the browser cache`); }
+  if (!res.ok) throw new BundleError(`${url}: HTTP ${res.status}`);
+  const buf = new Uint8Array(expect.bytes);
+  let got = 0;
+  const reader = res.body.getReader();
+  for (;;) {
+    let step;
+    try { step = await reader.read(); }
+    catch (e) { throw new BundleError(`${url}: download interrupted at byte ${got} (${e.message})`); }
+    if (step.done) break;
+    if (got + step.value.length > buf.length) throw new BundleError(`${url}: more than the ${buf.length} bytes the manifest lists`);
+    buf.set(step.value, got);
+    got += step.value.length;
+    stats.networkBytes += step.value.length;
+    onBytes(buf, got, false);
+  }
+  if (got !== buf.length) throw new BundleError(`${url}: ${got} bytes received, manifest lists ${buf.length}`);
+  if (cache) {
+    try { await cache.put(key, new Response(buf.slice())); } catch (e) { stats.cacheErrors.push(String(e)); }
+  }
+  return buf;
+}
+
+/**
+ * @param {string} base bundle URL ending in "/"
+ * @param {import("./qz.js").DecoderPool} pool
+ * @param {(p: {stage: string, done: number, total: number}) => void} progress
+ */
+export async function loadBundle(base, pool, progress) {
+  const t = { start: performance.now() };
+  const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [] };
+  let manifestText;
+  const cache = await openCache();
+  try {
+    const res = await fetch(base + "manifest.json", { cache: "no-cache" });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    manifestText = await res.text();
+    if (cache) await cache.put(base + "manifest.json", new Response(manifestText)).catch(() => {});
+  } catch (e) {
+    const hit = cache && await cache.match(base + "manifest.json");
+    if (!hit) throw new BundleError(`${base}manifest.json: ${e.message}`);
+    manifestText = await hit.text();
+  }
+  let m;
+  try { m = JSON.parse(manifestText); } catch (e) { throw new BundleError(`manifest.json: invalid JSON (${e.message})`); }
+  if (m.format !== "tiny-qmoe-bundle" || m.version !== 1) throw new BundleError(`manifest.json: format ${m.format} v${m.version} is not supported`);
+
+  // one output buffer per initializer; chunks grouped by blob
+  const outputs = new Map();
+  const byBlob = m.blobs.map(() => []);
+  for (const e of m.initializers) {
+    outputs.set(e.name, new Uint8Array(e.nbytes));
+    e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
+  }
+  for (const list of byBlob) list.sort((a, b) => a.off - b.off);
+  const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + m.graph.bytes;
+  let received = 0;
+  const decodes = [];
+  t.decodeStart = null;
+
+  const blobs = m.blobs.map(async (b, bi) => {
+    const list = byBlob[bi];
+    let next = 0, prev = 0;
+    const buf = await fetchFile(base + b.file, b, (data, got) => {
+      received += got - prev; prev = got;
+      progress({ stage: "download", done: received, total: totalBytes });
+      while (next < list.length && list[next].off + list[next].len <= got) {  // decode while downloading
+        const c = list[next++];
+        if (t.decodeStart === null) t.decodeStart = performance.now();
+        const where = `${b.file}: initializer ${c.init.name} chunk ${c.k} at byte offset ${c.off}`;
+        decodes.push(pool.decode(data.slice(c.off, c.off + c.len).buffer, where).then((out) => {
+          const expectLen = (c.k + 1 < c.init.chunks.length ? c.init.chunks[c.k + 1][4] : c.init.nbytes) - c.outOff;
+          if (out.length !== expectLen) throw new BundleError(`${where}: decoded ${out.length} bytes, manifest says ${expectLen}`);
+          outputs.get(c.init.name).set(out, c.outOff);
+        }));
+      }
+    }, stats);
+    if (await sha256Hex(buf) !== b.sha256) throw new BundleError(`${b.file}: SHA-256 mismatch (corrupted download or cache)`);
+  });
+  const graph = fetchFile(base + m.graph.file, m.graph, (data, got) => {}, stats);
+  await Promise.all(blobs);
+  t.downloaded = performance.now();
+  await Promise.all(decodes);
+  t.decoded = performance.now();
+  const graphBytes = await graph;
+  if (await sha256Hex(graphBytes) !== m.graph.sha256) throw new BundleError(`${m.graph.file}: SHA-256 mismatch`);
+  const tok = {};
+  for (const [name, info] of Object.entries(m.tokenizer)) {
+    const bytes = await fetchFile(base + name, info, () => {}, stats);
+    if (await sha256Hex(bytes) !== info.sha256) throw new BundleError(`${name}: SHA-256 mismatch`);
+    tok[name] = new TextDecoder().decode(bytes);
+  }
+  t.end = performance.now();
+  return {
+    manifest: m, manifestText, graph: graphBytes, tokenizer: tok,
+    externalData: m.initializers.map((e) => ({ path: e.name, data: outputs.get(e.name) })),
+    timings: { downloadMs: t.downloaded - t.start, decodeMs: t.decoded - (t.decodeStart ?? t.decoded),
+               decodeAfterDownloadMs: t.decoded - t.downloaded, totalMs: t.end - t.start,
+               workerDecodeMs: pool.decodeMs },
+    stats,
+  };
+}

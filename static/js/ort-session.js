@@ -1,0 +1,97 @@
+// The only module that imports onnxruntime-web. Creates the decoder session (WebGPU when an adapter exists,
+// else WASM) and implements the runtime's session interface: forward(ids) -> top-k candidates of the last
+// position, keeping the KV cache between calls.
+import * as ort from "/vendor/ort/ort.webgpu.min.mjs";
+
+ort.env.wasm.wasmPaths = "/vendor/ort/";
+ort.env.logLevel = "error";
+
+export const TOP_CANDIDATES = 256;   // must equal converter/runtime/generate.py TOP_CANDIDATES
+
+/** Which execution provider to use and why. @param {string} wanted "auto" | "webgpu" | "wasm" */
+export async function chooseProvider(wanted = "auto") {
+  if (wanted === "wasm") return { ep: "wasm", why: "requested" };
+  if (!("gpu" in navigator)) return { ep: "wasm", why: "this browser has no WebGPU" };
+  let adapter = null;
+  try { adapter = await navigator.gpu.requestAdapter(); } catch (e) { /* reported below */ }
+  if (!adapter) return { ep: "wasm", why: "no WebGPU adapter" };
+  return { ep: "webgpu", why: adapter.features.has("shader-f16") ? "WebGPU adapter (shader-f16)" : "WebGPU adapter (fp32)" };
+}
+
+export class DecoderSession {
+  /**
+   * @param {Uint8Array} graph model.onnx bytes
+   * @param {{path: string, data: Uint8Array}[]} externalData decoded initializers
+   * @param {object} config the manifest's LlamaConfig dict
+   * @param {string} ep "webgpu" | "wasm"
+   */
+  static async create(graph, externalData, config, ep, threads = 0) {
+    ort.env.wasm.numThreads = threads || (self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
+    const session = await ort.InferenceSession.create(graph, {
+      executionProviders: [ep], externalData, graphOptimizationLevel: "all",
+    });
+    return new DecoderSession(session, config, ep);
+  }
+
+  constructor(session, config, ep) {
+    this.session = session;
+    this.config = config;
+    this.ep = ep;
+    this.reset();
+  }
+
+  reset() {
+    const c = this.config;
+    for (const t of Object.values(this.past || {})) if (t.dispose) t.dispose();
+    this.past = {};
+    for (let i = 0; i < c.num_hidden_layers; i++) {
+      for (const kind of ["key", "value"]) {
+        this.past[`past_key_values.${i}.${kind}`] =
+          new ort.Tensor("float32", new Float32Array(0), [1, c.num_key_value_heads, 0, c.head_dim]);
+      }
+    }
+    this.length = 0;
+  }
+
+  /** @param {number[]} ids new tokens after the cache @returns {Promise<{ids: Int32Array, values: Float32Array}>} */
+  async forward(ids) {
+    const S = ids.length, T = this.length + S;
+    const feeds = {
+      input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, S]),
+      attention_mask: new ort.Tensor("int64", new BigInt64Array(T).fill(1n), [1, T]),
+      position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: S }, (_, j) => BigInt(this.length + j)), [1, S]),
+      ...this.past,
+    };
+    const out = await this.session.run(feeds);
+    for (let i = 0; i < this.config.num_hidden_layers; i++) {
+      for (const kind of ["key", "value"]) {
+        const old = this.past[`past_key_values.${i}.${kind}`];
+        if (old.dispose && old !== out[`present.${i}.${kind}`]) old.dispose();
+        this.past[`past_key_values.${i}.${kind}`] = out[`present.${i}.${kind}`];
+      }
+    }
+    this.length = T;
+    const logits = out.logits;
+    const V = this.config.vocab_size;
+    const data = /** @type {Float32Array} */ (await logits.getData());
+    const last = data.subarray((S - 1) * V, S * V);
+    const top = topK(last, TOP_CANDIDATES);
+    if (logits.dispose) logits.dispose();
+    return top;
+  }
+}
+
+/** The k largest values, by (value desc, index asc) — the same order as the Python reference. */
+export function topK(values, k) {
+  k = Math.min(k, values.length);
+  const ids = new Int32Array(k), vals = new Float32Array(k);
+  let n = 0;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (n === k && !(v > vals[k - 1])) continue;      // ties keep the earlier (lower) index
+    let j = n < k ? n++ : k - 1;
+    while (j > 0 && vals[j - 1] < v) { vals[j] = vals[j - 1]; ids[j] = ids[j - 1]; j--; }
+    vals[j] = v; ids[j] = i;
+  }
+  return { ids, values: vals };
+}

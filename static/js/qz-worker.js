@@ -1,0 +1,40 @@
+// One decoder per worker: instantiates qz.wasm once, then decodes chunks posted to it.
+// Message in:  {id, chunk: ArrayBuffer}      Message out: {id, out: ArrayBuffer} or {id, error, code}
+let qz = null;
+
+const ERROR_NAMES = {1: "BAD_HEADER", 2: "TRUNCATED", 3: "BAD_CODE", 4: "OVERRUN", 5: "TRAILING",
+                     6: "OUT_TOO_SMALL", 7: "BAD_SYMBOL", 64: "NO_MEMORY"};
+
+async function init(wasmUrl) {
+  const { instance } = await WebAssembly.instantiateStreaming(fetch(wasmUrl), {});
+  qz = instance.exports;
+}
+
+function decode(chunk) {
+  const input = new Uint8Array(chunk);
+  qz.qz_reset_heap();
+  const inPtr = qz.qz_alloc(input.length);
+  if (!inPtr) return { code: 64 };
+  new Uint8Array(qz.memory.buffer, inPtr, input.length).set(input);
+  const size = qz.qz_decoded_size(inPtr, input.length);
+  if (size < 0) return { code: -size };
+  const outPtr = qz.qz_alloc(Math.max(size, 1));
+  if (!outPtr) return { code: 64 };
+  const n = qz.qz_decode(inPtr, input.length, outPtr, size);
+  if (n < 0) return { code: -n };
+  // memory may have grown (detaching old views): take a fresh view, copy out
+  return { out: new Uint8Array(qz.memory.buffer, outPtr, n).slice().buffer };
+}
+
+self.onmessage = async (ev) => {
+  const msg = ev.data;
+  if (msg.type === "init") {
+    try { await init(msg.wasmUrl); self.postMessage({ type: "ready" }); }
+    catch (e) { self.postMessage({ type: "ready", error: String(e) }); }
+    return;
+  }
+  const t0 = performance.now();
+  const r = decode(msg.chunk);
+  if (r.out) self.postMessage({ id: msg.id, out: r.out, ms: performance.now() - t0 }, [r.out]);
+  else self.postMessage({ id: msg.id, error: ERROR_NAMES[r.code] || `ERROR_${r.code}`, code: r.code });
+};
