@@ -73,8 +73,8 @@ def test_gguf_quantized_tensors_dequantize(tmp_path, tiny_hf):
     tiny.write_gguf(tmp_path / "q.gguf", weights, tied=True, quant=quant)
     g = open_checkpoint(tmp_path / "q.gguf")
     assert g.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == "Q4_0"
-    for name, tol in (("model.embed_tokens.weight", 0.01), ("model.layers.0.self_attn.q_proj.weight", 0.01),
-                      ("model.layers.1.mlp.up_proj.weight", 0.01)):
+    for name, tol in (("model.embed_tokens.weight", 0.01), ("model.layers.0.self_attn.q_proj.weight", 0.05),
+                      ("model.layers.1.mlp.up_proj.weight", 0.05)):     # Q4 step ≈ max|w| / 8
         np.testing.assert_allclose(g.load(name), weights[name], atol=tol, err_msg=name)
 
 

@@ -35,7 +35,7 @@ def test_quantized_matches_its_dequantized_reference(tiny_hf, tiny_bundles, sche
     got = OrtDecoder(bundle).forward_full(IDS)
     # DynamicQuantizeMatMul also quantizes activations to uint8 per tensor, so its error floor is higher
     dqmm = {bundle.manifest["scheme"], bundle.manifest["embed_scheme"]} & {"int8", "ternary"}
-    tol = 2e-2 if dqmm else 1e-3
+    tol = 6e-2 if dqmm else 1e-3
     assert _rel(got, want) < tol, scheme
 
 

@@ -86,9 +86,9 @@ def tiny_weights(cfg: dict, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     H, I, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     hd, nh, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = lambda *s: (rng.standard_normal(s) * 0.02).astype(np.float32)  # noqa: E731
+    w = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
     norm = lambda: (1.0 + 0.1 * rng.standard_normal(H)).astype(np.float32)  # noqa: E731
-    t = {"model.embed_tokens.weight": (rng.standard_normal((V, H)) * 0.5).astype(np.float32)}
+    t = {"model.embed_tokens.weight": (rng.standard_normal((V, H)) * 0.08).astype(np.float32)}
     for i in range(L):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = norm()
