@@ -16,7 +16,8 @@ DEFAULT_SCHEME = "int8"
 
 def _console():
     from rich.console import Console
-    return Console(highlight=False)
+    # wide tables stay readable when piped (rich would otherwise wrap them to 80 columns)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 180)
 
 
 def _mb(n: float) -> str:
