@@ -105,11 +105,24 @@ async function generate(messages, sampling, onText = () => {}, raw = null) {
     tokens.push(...r.tokens.filter(() => !r.done || r.reason !== "eos"));
     if (r.text) { text += r.text; onText(r.text); }
     ids = r.next; reason = r.reason;
+    await yieldToPage();     // the wasm EP runs on this thread: let the page paint tokens and see the Stop click
   }
   state.busy = false;
   const firstTokenMs = prefillMs;
   return { tokens, text, reason, promptTokens: promptLen, prefillTokS: promptLen / (prefillMs / 1000),
            decodeTokS: steps > 1 ? (steps - 1) / (decodeMs / 1000) : 0, firstTokenMs, totalMs: performance.now() - t0 };
+}
+
+/** Give the page a turn between tokens (the wasm EP and Pyodide both run on this thread): at most every 30 ms,
+ * wait for the next frame so streamed text is painted and a Stop click is seen. Hidden tabs get no frames, so
+ * there a plain macrotask is enough. */
+let lastYield = 0;
+function yieldToPage() {
+  const now = performance.now();
+  if (now - lastYield < 30) return Promise.resolve();
+  lastYield = now;
+  if (document.hidden) return new Promise((resolve) => setTimeout(resolve, 0));
+  return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
 }
 
 function addMessage(role, text) {

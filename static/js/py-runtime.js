@@ -22,6 +22,7 @@ def setup(tok_json, tok_cfg, model_cfg, gen_cfg):
 def start(messages_json, sampling_json, raw):
     global _gen
     s = json.loads(sampling_json)
+    raw = raw if isinstance(raw, str) else None          # JS null arrives as pyodide's JsNull, not None
     cfg = SamplingConfig(max_new_tokens=int(s.get("max_new_tokens", 128)), temperature=float(s.get("temperature", 0)),
                          top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 1.0)), seed=int(s.get("seed", 0)))
     ids = _chat.prompt_ids(raw=raw) if raw is not None else _chat.prompt_ids(json.loads(messages_json))
@@ -67,7 +68,7 @@ export class PyRuntime {
 
   /** @returns {number[]} prompt ids */
   start(messages, sampling, raw = null) {
-    const ids = this.glue.start(JSON.stringify(messages), JSON.stringify(sampling), raw);
+    const ids = this.glue.start(JSON.stringify(messages), JSON.stringify(sampling), raw ?? undefined);
     const out = ids.toJs();
     ids.destroy();
     return out;
