@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -286,18 +287,21 @@ class Bundle:
 
     def decode_initializers(self, verify: bool = True):
         """Yield (entry, numpy array) for every initializer, decoding chunks straight into the array's buffer."""
-        blob_data: dict[int, memoryview] = {}
-        for b, info in enumerate(self.manifest["blobs"]):
-            data = self.blob_path(b).read_bytes()
-            if len(data) != info["bytes"]:
-                raise BundleError(f"{info['file']}: {len(data)} bytes on disk, manifest says {info['bytes']}")
-            if verify and hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise BundleError(f"{info['file']}: SHA-256 mismatch (corrupted or modified blob)")
-            blob_data[b] = memoryview(data)
+        if verify:
+            for b in range(len(self.manifest["blobs"])):
+                self.verify_blob(b)
+        current, mm, src = None, None, None
         for e in self.initializers:
+            if e["blob"] != current:          # initializers come blob by blob: map one blob at a time
+                if mm is not None:
+                    src.release()
+                    mm.close()
+                current = e["blob"]
+                with open(self.blob_path(current), "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                src = memoryview(mm)
             arr = np.empty(e["nbytes"], np.uint8)
             view = memoryview(arr)
-            src = blob_data[e["blob"]]
             for k, (off, length, n_sym, method, out_off) in enumerate(e["chunks"]):
                 chunk = bytes(src[off:off + length])
                 try:
@@ -312,6 +316,22 @@ class Bundle:
                     raise BundleError(f"{self.manifest['blobs'][e['blob']]['file']}: initializer {e['name']} chunk {k} "
                                       f"at byte offset {off}: header disagrees with the manifest chunk table")
             yield e, arr.view(np.dtype(e["dtype"])).reshape(e["shape"])
+        if mm is not None:
+            src.release()
+            mm.close()
+
+    def verify_blob(self, index: int) -> None:
+        """Size and SHA-256 of one blob against the manifest, read in 1 MiB pieces."""
+        info = self.manifest["blobs"][index]
+        h, size = hashlib.sha256(), 0
+        with open(self.blob_path(index), "rb") as f:
+            while piece := f.read(1 << 20):
+                h.update(piece)
+                size += len(piece)
+        if size != info["bytes"]:
+            raise BundleError(f"{info['file']}: {size} bytes on disk, manifest says {info['bytes']}")
+        if h.hexdigest() != info["sha256"]:
+            raise BundleError(f"{info['file']}: SHA-256 mismatch (corrupted or modified blob)")
 
 
 def _want(cond: bool, where: str, what: str):
