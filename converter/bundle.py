@@ -249,9 +249,17 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     }
     manifest["totals"]["bundle_bytes"] += len(_dump(manifest))  # close enough: the manifest counts itself
     manifest["totals"]["bits_per_weight_all_in"] = round(8 * manifest["totals"]["bundle_bytes"] / max(n_params, 1), 4)
+    manifest["integrity"] = {"sha256": manifest_digest(manifest)}
     (folder / MANIFEST).write_bytes(_dump(manifest))
     manifest["_build_seconds"] = time.perf_counter() - t0
     return manifest
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys, compact, without "integrity" and private keys): any
+    edit of the manifest that does not also recompute this is caught before a single field is trusted."""
+    body = {k: v for k, v in manifest.items() if k != "integrity" and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _dump(manifest: dict[str, Any]) -> bytes:
@@ -362,6 +370,12 @@ def load(path: str | Path) -> Bundle:
     _want(m.get("format") == FORMAT_NAME, f"{M}: format", f"expected {FORMAT_NAME!r}, got {m.get('format')!r}")
     _want(m.get("version") == FORMAT_VERSION, f"{M}: version",
           f"this reader supports version {FORMAT_VERSION}, got {m.get('version')!r}")
+    integrity = m.get("integrity")
+    _want(isinstance(integrity, dict) and isinstance(integrity.get("sha256"), str), f"{M}: integrity",
+          "missing the manifest checksum")
+    _want(integrity["sha256"] == manifest_digest(m), f"{M}: integrity.sha256",
+          "does not match the manifest's content (edited or corrupted manifest)")
+    _validate_schema(m)
     for key, typ in (("config", dict), ("graph", dict), ("tokenizer", dict), ("blobs", list), ("tensors", list),
                      ("initializers", list), ("scheme", str), ("embed_scheme", str)):
         _want(isinstance(m.get(key), typ), f"{M}: {key}", f"missing or not a {typ.__name__}")
@@ -391,6 +405,8 @@ def load(path: str | Path) -> Bundle:
         _want(isinstance(b.get("sha256"), str) and len(b["sha256"]) == 64, f"{where}.sha256", "not a SHA-256 hex")
         _check_file(path, b["file"], b, where)
     _validate_initializers(m, cfg)
+    _validate_tensors(m, cfg)
+    _validate_graph(path, m)
     return Bundle(path, m, cfg, m["initializers"])
 
 
@@ -413,7 +429,7 @@ def _validate_initializers(m: dict, cfg: LlamaConfig):
         where = f"{M}: initializer {e['name']}"
         _want(e["name"] not in seen, where, "duplicate name")
         seen.add(e["name"])
-        _want(e.get("dtype") in _DTYPES, f"{where}.dtype", f"expected one of {sorted(_DTYPES)}, got {e.get('dtype')!r}")
+        _want(isinstance(e.get("dtype"), str) and e["dtype"] in _DTYPES, f"{where}.dtype", f"expected one of {sorted(_DTYPES)}, got {e.get('dtype')!r}")
         shape = e.get("shape")
         _want(isinstance(shape, list) and 1 <= len(shape) <= 4, f"{where}.shape", "must be a list of 1-4 sizes")
         for d in shape:
@@ -442,3 +458,155 @@ def _validate_initializers(m: dict, cfg: LlamaConfig):
             _want(k == len(chunks) - 1 or n_sym % 4 == 0, f"{cw}.symbols", "inner chunks must hold a multiple of 4")
             expect_out += lzw.layout_nbytes(layout, n_sym)
         _want(expect_out == nbytes, f"{where}.chunks", f"decode to {expect_out} bytes, tensor needs {nbytes}")
+
+
+def _validate_tensors(m: dict, cfg: LlamaConfig):
+    """The tensor list is exactly the model the config describes, each tensor's scheme is registered and its
+    initializers exist; the totals add up."""
+    from .loaders import expected_shapes
+
+    M = MANIFEST
+    want = expected_shapes(cfg)
+    inits = {e["name"]: e for e in m["initializers"]}
+    names = []
+    for i, t in enumerate(m["tensors"]):
+        where = f"{M}: tensors[{i}]"
+        _want(isinstance(t, dict) and isinstance(t.get("name"), str), where, "needs a name")
+        name = t["name"]
+        _want(name in want, f"{M}: tensor {name!r:.80}", "is not part of a Llama model with this config")
+        _want(t.get("shape") == list(want[name]), f"{M}: tensor {name}.shape",
+              f"expected {list(want[name])}, got {t.get('shape')!r}")
+        _want(isinstance(t.get("scheme"), str), f"{M}: tensor {name}.scheme", "missing or not a string")
+        try:
+            get_scheme(t["scheme"])
+        except TinyQMoEError as e:
+            raise BundleError(f"{M}: tensor {name}.scheme: {e}") from None
+        ti = t.get("initializers")
+        _want(isinstance(ti, list) and ti and all(isinstance(x, str) and x in inits for x in ti),
+              f"{M}: tensor {name}.initializers", "must list initializers that exist")
+        names.append(name)
+    _want(names == list(want), f"{M}: tensors", "do not match the config's tensors (missing, extra or reordered)")
+    tot = m.get("totals")
+    _want(isinstance(tot, dict), f"{M}: totals", "missing")
+    _want(_int(tot.get("runtime_bytes"), f"{M}: totals.runtime_bytes") == sum(e["nbytes"] for e in m["initializers"]),
+          f"{M}: totals.runtime_bytes", "is not the sum of the initializers")
+    _want(_int(tot.get("blob_bytes"), f"{M}: totals.blob_bytes") == sum(b["bytes"] for b in m["blobs"]),
+          f"{M}: totals.blob_bytes", "is not the sum of the blobs")
+    _want(_int(tot.get("parameters"), f"{M}: totals.parameters") == sum(math.prod(s) for s in want.values()),
+          f"{M}: totals.parameters", "disagrees with the config")
+
+
+def _validate_graph(path: Path, m: dict):
+    """The graph's external initializers are exactly the manifest's, with the same dtypes and shapes."""
+    import onnx
+    from onnx import TensorProto
+
+    dtypes = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8",
+              TensorProto.UINT8: "uint8"}
+    try:
+        model = onnx.load_from_string((path / GRAPH).read_bytes())
+    except Exception as e:  # protobuf raises its own DecodeError family
+        raise BundleError(f"{GRAPH}: not a readable ONNX model ({type(e).__name__})") from None
+    graph = {t.name: (dtypes.get(t.data_type, str(t.data_type)), list(t.dims)) for t in model.graph.initializer
+             if t.data_location == TensorProto.EXTERNAL}
+    manifest = {e["name"]: (e["dtype"], e["shape"]) for e in m["initializers"]}
+    for name in sorted(set(graph) | set(manifest)):
+        _want(name in manifest, f"{MANIFEST}: initializers", f"the graph needs {name}, which is not listed")
+        _want(name in graph, f"{MANIFEST}: initializer {name}", "is not used by the graph")
+        _want(graph[name] == manifest[name], f"{MANIFEST}: initializer {name}",
+              f"is {manifest[name]} but the graph expects {graph[name]}")
+
+
+# ---- field-by-field schema: exact key sets, types and sane ranges (the checksum stops accidents; this stops lies)
+
+_TOP = {"format", "version", "codec", "name", "producer", "source", "scheme", "embed_scheme", "config", "graph",
+        "tokenizer", "blobs", "tensors", "initializers", "totals", "integrity"}
+_CONFIG = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+           "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+           "tie_word_embeddings", "head_dim", "bos_token_id", "eos_token_ids", "rope_freq_factors"}
+_TENSOR = {"name", "shape", "source_dtype", "scheme", "max_error", "rms_error", "initializers"}
+_INIT = {"name", "dtype", "shape", "nbytes", "alphabet", "layout", "bias", "blob", "entropy_bits", "stored_bytes",
+         "chunks"}
+_TOTALS = {"parameters", "float32_bytes", "runtime_bytes", "blob_bytes", "bundle_bytes", "bits_per_weight_blobs",
+           "bits_per_weight_all_in"}
+
+
+def _keys(obj, want: set, where: str):
+    _want(isinstance(obj, dict), where, "must be an object")
+    missing, extra = sorted(want - set(obj)), sorted(set(obj) - want)
+    _want(not missing, where, f"missing field(s) {', '.join(missing)}")
+    _want(not extra, where, f"unexpected field(s) {', '.join(map(str, extra))}")
+
+
+def _num(v, where: str, lo: float, hi: float) -> float:
+    _want(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi, where,
+          f"expected a number in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _str(v, where: str) -> str:
+    _want(isinstance(v, str) and 0 < len(v) <= 4096, where, f"expected a non-empty string, got {v!r:.60}")
+    return v
+
+
+def _validate_schema(m: dict):
+    M = MANIFEST
+    _keys(m, _TOP, M)
+    _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")
+    _want(m["codec"]["name"] == "qz" and m["codec"]["version"] == 1, f"{M}: codec", "expected qz version 1")
+    _int(m["codec"]["chunk_symbols"], f"{M}: codec.chunk_symbols", 4, 1 << 32)
+    _int(m["codec"]["max_code_bits"], f"{M}: codec.max_code_bits", lzw.MIN_CODE_BITS, lzw.MAX_CODE_BITS)
+    _str(m["name"], f"{M}: name")
+    _str(m["producer"], f"{M}: producer")
+    _keys(m["source"], {"file", "kind"}, f"{M}: source")
+    _str(m["source"]["file"], f"{M}: source.file")
+    _want(m["source"]["kind"] in ("hf", "gguf"), f"{M}: source.kind", f"expected hf or gguf, got {m['source']['kind']!r}")
+    c = m["config"]
+    _keys(c, _CONFIG, f"{M}: config")
+    for k in ("rms_norm_eps", "rope_theta"):
+        _num(c[k], f"{M}: config.{k}", 1e-12, 1e12)
+    _want(isinstance(c["tie_word_embeddings"], bool), f"{M}: config.tie_word_embeddings", "must be true or false")
+    vocab = _int(c["vocab_size"], f"{M}: config.vocab_size", 1, 1 << 24)
+    if c["bos_token_id"] is not None:
+        _int(c["bos_token_id"], f"{M}: config.bos_token_id", 0, vocab - 1)
+    _want(isinstance(c["eos_token_ids"], list), f"{M}: config.eos_token_ids", "must be a list")
+    for e in c["eos_token_ids"]:
+        _int(e, f"{M}: config.eos_token_ids", 0, vocab - 1)
+    if c["rope_scaling"] is not None:
+        rs = c["rope_scaling"]
+        _keys(rs, {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+              f"{M}: config.rope_scaling")
+        for k in ("factor", "low_freq_factor", "high_freq_factor"):
+            _num(rs[k], f"{M}: config.rope_scaling.{k}", 1e-6, 1e6)
+        _int(rs["original_max_position_embeddings"], f"{M}: config.rope_scaling.original_max_position_embeddings", 1)
+    if c["rope_freq_factors"] is not None:
+        _want(isinstance(c["rope_freq_factors"], list), f"{M}: config.rope_freq_factors", "must be a list")
+        for f in c["rope_freq_factors"]:
+            _num(f, f"{M}: config.rope_freq_factors", 1e-6, 1e6)
+    _keys(m["graph"], {"file", "bytes", "sha256"}, f"{M}: graph")
+    for name, info in (m["tokenizer"].items() if isinstance(m["tokenizer"], dict) else []):
+        _keys(info, {"bytes", "sha256"}, f"{M}: tokenizer.{name}")
+    for i, b in enumerate(m["blobs"] if isinstance(m["blobs"], list) else []):
+        _keys(b, {"file", "bytes", "sha256"}, f"{M}: blobs[{i}]")
+    for i, t in enumerate(m["tensors"] if isinstance(m["tensors"], list) else []):
+        w = f"{M}: tensors[{i}]"
+        _keys(t, _TENSOR, w)
+        _str(t["source_dtype"], f"{w}.source_dtype")
+        _num(t["max_error"], f"{w}.max_error", 0, 1e4)
+        _num(t["rms_error"], f"{w}.rms_error", 0, 1e4)
+    for i, e in enumerate(m["initializers"] if isinstance(m["initializers"], list) else []):
+        w = f"{M}: initializers[{i}]"
+        _keys(e, _INIT, w)
+        _num(e["entropy_bits"], f"{w}.entropy_bits", 0, 8)
+        chunks = e["chunks"] if isinstance(e["chunks"], list) else []
+        lengths = [c[1] if isinstance(c, list) and len(c) == 5 else None for c in chunks]
+        _want(all(isinstance(x, int) and not isinstance(x, bool) for x in lengths), f"{w}.chunks",
+              "every chunk must be [offset, length, symbols, method, out_offset] with integer length")
+        _want(e["stored_bytes"] == sum(lengths), f"{w}.stored_bytes", "is not the sum of its chunk lengths")
+    t = m["totals"]
+    _keys(t, _TOTALS, f"{M}: totals")
+    _want(_int(t["float32_bytes"], f"{M}: totals.float32_bytes") == 4 * _int(t["parameters"], f"{M}: totals.parameters"),
+          f"{M}: totals.float32_bytes", "is not 4 bytes per parameter")
+    _int(t["bundle_bytes"], f"{M}: totals.bundle_bytes", 1)
+    for k in ("bits_per_weight_blobs", "bits_per_weight_all_in"):
+        _num(t[k], f"{M}: totals.{k}", 0, 64)

@@ -239,18 +239,40 @@ def test_corrupted_blob_fails_with_named_error(tmp_path, tiny_bundles):
         list(b.decode_initializers())
 
 
+def _rewrite(dst, m):
+    """Write a manifest with a recomputed checksum, as a deliberate liar would, so the field checks are exercised."""
+    from converter.bundle import manifest_digest
+    m["integrity"] = {"sha256": manifest_digest(m)}
+    (dst / "manifest.json").write_text(json.dumps(m))
+
+
+def test_edited_manifest_fails_its_checksum(tmp_path, tiny_bundles):
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int8"), dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["name"] = "renamed"
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="integrity.sha256: does not match"):
+        load(dst)
+
+
 def test_lying_manifest_is_named(tmp_path, tiny_bundles):
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundles("int8"), dst)
     m = json.loads((dst / "manifest.json").read_text())
     m["initializers"][3]["shape"][0] += 1
-    (dst / "manifest.json").write_text(json.dumps(m))
+    _rewrite(dst, m)
     with pytest.raises(BundleError, match=r"initializer .*\.nbytes: disagrees"):
         load(dst)
     m["initializers"][3]["shape"][0] -= 1
     m["initializers"][3]["chunks"][0][0] = 10 ** 12
-    (dst / "manifest.json").write_text(json.dumps(m))
+    _rewrite(dst, m)
     with pytest.raises(BundleError, match="outside blob"):
+        load(dst)
+    m["initializers"][3]["chunks"][0][0] = 0
+    next(e for e in m["initializers"] if e["dtype"] == "int8")["dtype"] = "uint8"   # same size, wrong type
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match="the graph expects"):
         load(dst)
     (dst / "manifest.json").write_text("{ nope")
     with pytest.raises(BundleError, match="invalid JSON at byte offset 2"):
@@ -270,6 +292,6 @@ def test_chunk_header_is_checked_against_manifest(tmp_path, tiny_bundles):
     data[off + 4] = 17                                   # alphabet 17 instead of the manifest's
     blob.write_bytes(bytes(data))
     m["blobs"][e["blob"]]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
-    (dst / "manifest.json").write_text(json.dumps(m))
+    _rewrite(dst, m)
     with pytest.raises(BundleError, match=f"chunk 0 at byte offset {off}"):
         list(load(dst).decode_initializers())

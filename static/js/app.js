@@ -138,6 +138,15 @@ function memoryLine() {
   return heap ? `, JS heap ${mb(heap)}` : "";
 }
 
+/** Whole-page memory (JS + WASM heaps of all workers) where the browser offers it; it resolves after a GC, so the
+ * status line is updated when it arrives. */
+function reportPageMemory() {
+  if (!self.crossOriginIsolated || !performance.measureUserAgentSpecificMemory) return;
+  performance.measureUserAgentSpecificMemory().then((m) => {
+    if (!$("status").textContent.includes("page memory")) $("status").textContent += `, page memory ${mb(m.bytes)}`;
+  }).catch(() => {});
+}
+
 async function onSend(ev) {
   ev.preventDefault();
   const text = $("input").value.trim();
@@ -155,6 +164,7 @@ async function onSend(ev) {
     state.history.push({ role: "assistant", content: r.text });
     $("status").textContent = `prefill ${r.prefillTokS.toFixed(1)} tok/s, decode ${r.decodeTokS.toFixed(1)} tok/s, ` +
       `first token ${(r.firstTokenMs / 1000).toFixed(2)} s, ${r.tokens.length} tokens (${r.reason})${memoryLine()}`;
+    reportPageMemory();
   } catch (e) { showError(`generation failed: ${e.message}`); }
   finally { $("send-btn").disabled = false; $("stop-btn").disabled = true; }
 }

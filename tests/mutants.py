@@ -1,0 +1,100 @@
+"""Hostile variants of a valid bundle: each mutant is (label, {file name: new bytes, or None to delete it}).
+
+Byte-level mutants (bit flips, byte runs, truncation, extra bytes, missing files) hit every file; manifest-level
+mutants lie about fields (shapes, offsets, counts, scheme names, versions, huge/negative numbers, wrong types) and,
+half of the time, recompute the manifest checksum like a deliberate attacker would, so the field checks themselves
+are exercised and not only the checksum.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+from typing import Iterator
+
+# values no field of a valid manifest can hold where they land (wrong type, negative, huge, empty)
+LIES = [2 ** 63, -1, None, [], {}, 10 ** 30, -0.5]
+STRING_LIES = ["", "int3", "../etc/passwd"]
+NUMBER_LIES = ["7", True]
+# numeric fields whose every value is cross-checked (shapes, offsets, sizes, counts, codes): any change must be caught
+STRUCTURAL = {"shape", "chunks", "nbytes", "bytes", "alphabet", "layout", "bias", "blob", "version",
+              "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "head_dim", "parameters", "runtime_bytes", "blob_bytes", "stored_bytes", "chunk_symbols"}
+
+
+def _paths(obj, prefix=()):
+    """Every (path, value) leaf and container inside a JSON object."""
+    yield prefix, obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def _set(obj, path, value):
+    for p in path[:-1]:
+        obj = obj[p]
+    if value is _DELETE:
+        del obj[path[-1]]
+    else:
+        obj[path[-1]] = value
+
+
+_DELETE = object()
+
+
+def mutants(bundle: Path, n: int, seed: int = 0) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    from converter.bundle import manifest_digest
+
+    rng = random.Random(seed)
+    files = {p.name: p.read_bytes() for p in sorted(bundle.iterdir()) if p.is_file()}
+    manifest = json.loads(files["manifest.json"])
+    leaves = [(p, v) for p, v in _paths(manifest) if p and p[0] != "integrity"]
+    for i in range(n):
+        kind = i % 8
+        name = rng.choice(sorted(files))
+        data = files[name]
+        if kind == 0 and data:                                   # single bit flip
+            b = bytearray(data)
+            off = rng.randrange(len(b))
+            b[off] ^= 1 << rng.randrange(8)
+            yield f"{name}: bit flip at {off}", {name: bytes(b)}
+        elif kind == 1 and data:                                 # a run of random bytes
+            b = bytearray(data)
+            off = rng.randrange(len(b))
+            run = bytes(rng.randrange(256) for _ in range(rng.randint(2, 64)))
+            b[off:off + len(run)] = run
+            yield f"{name}: byte run at {off}", {name: bytes(b[:len(data)])}
+        elif kind == 2:                                          # truncation
+            cut = rng.randrange(len(data)) if data else 0
+            yield f"{name}: truncated to {cut}", {name: data[:cut]}
+        elif kind == 3:                                          # extra bytes
+            yield f"{name}: extra bytes", {name: data + bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))}
+        elif kind == 4:                                          # missing file
+            yield f"{name}: missing", {name: None}
+        else:                                                    # a manifest field lies
+            m = copy.deepcopy(manifest)
+            path, value = rng.choice(leaves)
+            resign = kind != 5
+            structural = any(p in STRUCTURAL for p in path if isinstance(p, str))
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and structural and rng.random() < 0.5:
+                new = value + rng.choice([-1, 1, 4, -4096, 2 ** 20])
+            elif isinstance(value, str) and path[-1] in ("scheme", "embed_scheme", "dtype", "file", "format", "name"):
+                new = rng.choice(LIES + STRING_LIES[1:] + [_DELETE]) if path[-1] != "name" or len(path) > 1 and \
+                    path[0] in ("tensors", "initializers") else rng.choice(LIES + [_DELETE])
+            elif numeric:
+                new = rng.choice(LIES + NUMBER_LIES + [_DELETE])
+            else:
+                new = rng.choice(LIES + [_DELETE])
+            if new is not _DELETE and new == value and type(new) is type(value):
+                new = "changed"
+            _set(m, path, new)
+            if resign:
+                m["integrity"] = {"sha256": manifest_digest(m)}
+            label = f"manifest {'/'.join(map(str, path))} = {new if new is not _DELETE else '<deleted>'!r:.40}" + \
+                    (" (checksum recomputed)" if resign else "")
+            yield label, {"manifest.json": json.dumps(m).encode()}

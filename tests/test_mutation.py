@@ -1,0 +1,60 @@
+"""Every mutant of a valid bundle is refused with a BundleError naming the file — zero crashes, zero hangs,
+zero loads that pass (smoke size here; `python tools/mutate.py --n 20000` is the long run)."""
+import shutil
+import time
+
+import pytest
+
+from converter.bundle import load
+from converter.errors import BundleError
+from mutants import mutants
+
+N = 1200
+
+
+def try_load(folder):
+    b = load(folder)
+    for _ in b.decode_initializers():
+        pass
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int8"])
+def test_every_mutant_is_refused(tmp_path, tiny_bundles, scheme):
+    src = tiny_bundles(scheme)
+    accepted, crashed, slow = [], [], []
+    work = tmp_path / "m"
+    files = [p.name for p in src.iterdir()]
+    for label, change in mutants(src, N // 2, seed=hash(scheme) % 1000):
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(src, work)
+        for name, data in change.items():
+            if data is None:
+                (work / name).unlink()
+            else:
+                (work / name).write_bytes(data)
+        t0 = time.perf_counter()
+        try:
+            try_load(work)
+            accepted.append(label)
+        except BundleError as e:
+            if not any(f in str(e) for f in files):
+                crashed.append(f"{label}: error does not name a file: {e}")
+        except Exception as e:  # noqa: BLE001 — exactly what this test hunts
+            crashed.append(f"{label}: {type(e).__name__}: {e}")
+        if time.perf_counter() - t0 > 5:
+            slow.append(label)
+    assert not crashed, crashed[:10]
+    assert not accepted, accepted[:10]
+    assert not slow, slow[:10]
+
+
+def test_cli_exit_code_2_on_a_broken_bundle(tmp_path, tiny_bundles):
+    import subprocess
+    import sys
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int8"), dst)
+    (dst / "weights-000.qzb").write_bytes(b"QZ" * 10)
+    r = subprocess.run([sys.executable, "-m", "converter", "run", str(dst), "--prompt", "hi"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "weights-000.qzb" in r.stderr and "Traceback" not in r.stderr, r.stderr
