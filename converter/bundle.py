@@ -404,6 +404,9 @@ def load(path: str | Path) -> Bundle:
         _int(b.get("bytes"), f"{where}.bytes")
         _want(isinstance(b.get("sha256"), str) and len(b["sha256"]) == 64, f"{where}.sha256", "not a SHA-256 hex")
         _check_file(path, b["file"], b, where)
+    listed = {MANIFEST, GRAPH, *m["tokenizer"], *(b["file"] for b in m["blobs"])}
+    unlisted = sorted(p.name for p in path.iterdir() if p.name not in listed)
+    _want(not unlisted, str(path), f"holds file(s) the manifest does not list: {', '.join(unlisted[:5])}")
     _validate_initializers(m, cfg)
     _validate_tensors(m, cfg)
     _validate_graph(path, m)
@@ -422,6 +425,7 @@ def _check_file(folder: Path, fname: str, info: dict, where: str, hash_it: bool 
 def _validate_initializers(m: dict, cfg: LlamaConfig):
     M = MANIFEST
     blob_sizes = [b["bytes"] for b in m["blobs"]]
+    step = m["codec"]["chunk_symbols"]
     seen = set()
     for i, e in enumerate(m["initializers"]):
         where = f"{M}: initializers[{i}]"
@@ -455,7 +459,8 @@ def _validate_initializers(m: dict, cfg: LlamaConfig):
                   f"expected {expect_out} (chunks must tile the tensor in order)")
             _want(off + length <= blob_sizes[blob], cw,
                   f"bytes [{off}, {off + length}) lie outside blob {blob} of {blob_sizes[blob]} bytes")
-            _want(k == len(chunks) - 1 or n_sym % 4 == 0, f"{cw}.symbols", "inner chunks must hold a multiple of 4")
+            _want(k == len(chunks) - 1 and n_sym <= step or n_sym == step, f"{cw}.symbols",
+                  f"every chunk but the last holds codec.chunk_symbols = {step} symbols")
             expect_out += lzw.layout_nbytes(layout, n_sym)
         _want(expect_out == nbytes, f"{where}.chunks", f"decode to {expect_out} bytes, tensor needs {nbytes}")
 
@@ -468,7 +473,7 @@ def _validate_tensors(m: dict, cfg: LlamaConfig):
     M = MANIFEST
     want = expected_shapes(cfg)
     inits = {e["name"]: e for e in m["initializers"]}
-    names = []
+    names, owned = [], []
     for i, t in enumerate(m["tensors"]):
         where = f"{M}: tensors[{i}]"
         _want(isinstance(t, dict) and isinstance(t.get("name"), str), where, "needs a name")
@@ -484,7 +489,12 @@ def _validate_tensors(m: dict, cfg: LlamaConfig):
         ti = t.get("initializers")
         _want(isinstance(ti, list) and ti and all(isinstance(x, str) and x in inits for x in ti),
               f"{M}: tensor {name}.initializers", "must list initializers that exist")
+        _want(all(x == name or x.startswith(name + ".") for x in ti), f"{M}: tensor {name}.initializers",
+              "lists an initializer of another tensor")
+        owned.extend(ti)
         names.append(name)
+    _want(sorted(owned) == sorted(inits), f"{M}: tensors",
+          "their initializer lists do not cover every initializer exactly once")
     _want(names == list(want), f"{M}: tensors", "do not match the config's tensors (missing, extra or reordered)")
     tot = m.get("totals")
     _want(isinstance(tot, dict), f"{M}: totals", "missing")
@@ -567,6 +577,14 @@ def _validate_schema(m: dict):
         _num(c[k], f"{M}: config.{k}", 1e-12, 1e12)
     _want(isinstance(c["tie_word_embeddings"], bool), f"{M}: config.tie_word_embeddings", "must be true or false")
     vocab = _int(c["vocab_size"], f"{M}: config.vocab_size", 1, 1 << 24)
+    # bounds far above any Llama (3.1-405B: 126 layers, hidden 16384, MLP 53248, 128 heads)
+    for k, hi in (("num_hidden_layers", 1024), ("hidden_size", 1 << 17), ("intermediate_size", 1 << 20),
+                  ("num_attention_heads", 1024), ("num_key_value_heads", 1024), ("head_dim", 4096),
+                  ("max_position_embeddings", 1 << 24)):
+        _int(c[k], f"{M}: config.{k}", 1, hi)
+    n_tensors = 2 + 9 * c["num_hidden_layers"] + (0 if c["tie_word_embeddings"] else 1)
+    _want(isinstance(m["tensors"], list) and len(m["tensors"]) == n_tensors, f"{M}: tensors",
+          f"a model of {c['num_hidden_layers']} layers has {n_tensors} tensors")
     if c["bos_token_id"] is not None:
         _int(c["bos_token_id"], f"{M}: config.bos_token_id", 0, vocab - 1)
     _want(isinstance(c["eos_token_ids"], list), f"{M}: config.eos_token_ids", "must be a list")
