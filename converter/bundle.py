@@ -12,6 +12,7 @@ bundle. `load` validates every field it reads and raises BundleError naming the 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -165,25 +166,27 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     if out.exists() and not opts.force:
         raise BundleError(f"{out}: already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # An advisory lock (released by the kernel even on kill -9) serialises builds into the same output: a second
+    # build refuses at once instead of racing. Stale temp folders of killed builds are dot-folders that nothing
+    # lists as bundles; the next build into the same output removes them.
+    lock_fd = os.open(out.parent / f".{out.name}.lock", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise BundleError(f"{out}: another build into this folder is running") from None
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    lock = out.parent / f".{out.name}.lock"
     try:
-        lock_fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"{out}: another build into this folder is running (lock file {lock}); "
-                          "remove the lock if that build is dead") from None
-    try:
-        os.write(lock_fd, str(os.getpid()).encode())
         manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
         return manifest
     finally:
-        os.close(lock_fd)
-        lock.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock_fd)   # the empty .lock file stays: unlinking it would let two builds lock different inodes
 
 
 def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph):

@@ -188,13 +188,13 @@ def test_refuses_to_overwrite_without_force(tmp_path, tiny_hf):
     with pytest.raises(BundleError, match="already exists"):
         _build(tiny_hf[0], tmp_path / "a", scheme="int8")
     _build(tiny_hf[0], tmp_path / "a", scheme="int8", force=True)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]    # no temp folders or locks left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".a.lock"]   # no temp folders left
 
 
 def test_failed_build_leaves_nothing(tmp_path, tiny_hf):
     with pytest.raises(Exception):
         _build(tiny_hf[0], tmp_path / "x", scheme="int4-g32", embed_scheme="int4-g1000")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".x.lock"]
 
 
 def test_manifest_describes_the_bundle(tiny_bundles):
@@ -295,3 +295,42 @@ def test_chunk_header_is_checked_against_manifest(tmp_path, tiny_bundles):
     _rewrite(dst, m)
     with pytest.raises(BundleError, match=f"chunk 0 at byte offset {off}"):
         list(load(dst).decode_initializers())
+
+
+def test_kill_9_leaves_nothing_that_looks_like_a_bundle(tmp_path, tiny_hf):
+    """A build killed mid-way leaves only dot-prefixed temp files; the next build succeeds and cleans them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = ("import sys, time; sys.path[:0] = [{root!r}]\n"
+            "from converter import bundle\n"
+            "orig = bundle._encode_initializer\n"
+            "def slow(*a, **k):\n    time.sleep(0.2); return orig(*a, **k)\n"
+            "bundle._encode_initializer = slow\n"
+            "from converter.loaders import open_checkpoint\n"
+            "bundle.write_bundle(open_checkpoint({src!r}), __import__('pathlib').Path({out!r}), "
+            "bundle.BuildOptions(scheme='int8', chunk_symbols=4096))\n")
+    root = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
+    p = subprocess.Popen([sys.executable, "-c", code.format(root=root, src=str(tiny_hf[0]), out=str(tmp_path / "b"))])
+    time.sleep(3)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "b").exists()
+    assert all(x.name.startswith(".") for x in tmp_path.iterdir())
+    _build(tiny_hf[0], tmp_path / "b", scheme="int8")               # lock released by the kernel
+    assert load(tmp_path / "b")
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".b.lock", "b"]
+
+
+def test_concurrent_build_into_same_output_refuses(tmp_path, tiny_hf):
+    import fcntl
+    import os
+    fd = os.open(tmp_path / ".b.lock", os.O_CREAT | os.O_WRONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(BundleError, match="another build into this folder is running"):
+            _build(tiny_hf[0], tmp_path / "b", scheme="int8")
+    finally:
+        os.close(fd)
