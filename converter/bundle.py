@@ -363,12 +363,15 @@ def load(path: str | Path) -> Bundle:
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing (not a bundle folder)")
     try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
+        text = mpath.read_text(encoding="utf-8")
+        m = json.loads(text)
     except UnicodeDecodeError as e:
         raise BundleError(f"{mpath}: not UTF-8 at byte offset {e.start}") from None
     except json.JSONDecodeError as e:
         raise BundleError(f"{mpath}: invalid JSON at byte offset {e.pos}: {e.msg}") from None
     M = MANIFEST
+    _want(text.endswith("}\n") or text.endswith("}"), M,
+          f"unexpected bytes after the closing brace at byte offset {len(text.rstrip()) }")
     _want(isinstance(m, dict), M, "top level must be an object")
     _want(m.get("format") == FORMAT_NAME, f"{M}: format", f"expected {FORMAT_NAME!r}, got {m.get('format')!r}")
     _want(m.get("version") == FORMAT_VERSION, f"{M}: version",
@@ -522,6 +525,7 @@ def _validate_graph(path: Path, m: dict):
         raise BundleError(f"{GRAPH}: not a readable ONNX model ({type(e).__name__})") from None
     graph = {t.name: (dtypes.get(t.data_type, str(t.data_type)), list(t.dims)) for t in model.graph.initializer
              if t.data_location == TensorProto.EXTERNAL}
+    _validate_graph_constants(model, LlamaConfig.from_dict(m["config"]))
     manifest = {e["name"]: (e["dtype"], e["shape"]) for e in m["initializers"]}
     for name in sorted(set(graph) | set(manifest)):
         _want(name in manifest, f"{MANIFEST}: initializers", f"the graph needs {name}, which is not listed")
@@ -590,7 +594,8 @@ def _validate_schema(m: dict):
           f"a model of {c['num_hidden_layers']} layers has {n_tensors} tensors")
     if c["bos_token_id"] is not None:
         _int(c["bos_token_id"], f"{M}: config.bos_token_id", 0, vocab - 1)
-    _want(isinstance(c["eos_token_ids"], list), f"{M}: config.eos_token_ids", "must be a list")
+    _want(isinstance(c["eos_token_ids"], list) and c["eos_token_ids"], f"{M}: config.eos_token_ids",
+          "must be a non-empty list (a chat model needs an end-of-sequence token)")
     for e in c["eos_token_ids"]:
         _int(e, f"{M}: config.eos_token_ids", 0, vocab - 1)
     if c["rope_scaling"] is not None:
@@ -601,7 +606,9 @@ def _validate_schema(m: dict):
             _num(rs[k], f"{M}: config.rope_scaling.{k}", 1e-6, 1e6)
         _int(rs["original_max_position_embeddings"], f"{M}: config.rope_scaling.original_max_position_embeddings", 1)
     if c["rope_freq_factors"] is not None:
-        _want(isinstance(c["rope_freq_factors"], list), f"{M}: config.rope_freq_factors", "must be a list")
+        _want(isinstance(c["rope_freq_factors"], list) and isinstance(c["head_dim"], int) and
+              len(c["rope_freq_factors"]) == c["head_dim"] // 2, f"{M}: config.rope_freq_factors",
+              "must be a list of head_dim / 2 factors")
         for f in c["rope_freq_factors"]:
             _num(f, f"{M}: config.rope_freq_factors", 1e-6, 1e6)
     _keys(m["graph"], {"file", "bytes", "sha256"}, f"{M}: graph")
@@ -631,3 +638,28 @@ def _validate_schema(m: dict):
     _int(t["bundle_bytes"], f"{M}: totals.bundle_bytes", 1)
     for k in ("bits_per_weight_blobs", "bits_per_weight_all_in"):
         _num(t[k], f"{M}: totals.{k}", 0, 64)
+
+
+def _validate_graph_constants(model, cfg: LlamaConfig):
+    """Config values the graph bakes in as constants (RoPE frequencies incl. llama3 scaling, RMSNorm epsilon) must
+    be the manifest's: a manifest that lies about them would describe a different model than the one that runs."""
+    from onnx import numpy_helper
+
+    from .config import rope_inv_freq
+
+    consts = {t.name: t for t in model.graph.initializer if t.data_location != 1}
+    nodes = {n.name: n for n in model.graph.node}
+
+    def const_of(node_name: str, index: int):
+        node = nodes.get(node_name)
+        _want(node is not None and len(node.input) > index and node.input[index] in consts, GRAPH,
+              f"node {node_name} is missing or has no constant input {index}")
+        return numpy_helper.to_array(consts[node.input[index]])
+
+    freqs = const_of("/model/rotary_emb/Freqs", 1)
+    want = np.asarray(rope_inv_freq(cfg), np.float32)
+    _want(freqs.shape == want.shape and np.array_equal(freqs, want), GRAPH,
+          "RoPE frequencies differ from the manifest config (rope_theta / rope_scaling / head_dim)")
+    eps = const_of("/model/norm/AddEps", 1)
+    _want(eps.shape == () and float(eps) == float(np.float32(cfg.rms_norm_eps)), GRAPH,
+          "RMSNorm epsilon differs from the manifest config")

@@ -67,6 +67,9 @@ class LlamaConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise FormatError(f"config: {name} must be a positive integer, got {v!r}")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise FormatError(f"config: rope_freq_factors has {len(self.rope_freq_factors)} values, "
+                              f"expected head_dim/2 = {self.head_dim // 2}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise FormatError(f"config: num_attention_heads={self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}")

@@ -141,6 +141,8 @@ class HFCheckpoint(Checkpoint):
 
         self.path = Path(path)
         self.config = LlamaConfig.from_hf_file(self.path / "config.json")
+        if not self.config.eos_token_ids:
+            self.config = self._eos_from_generation_config()
         files = self._shard_files()
         found: dict[str, SourceTensor] = {}
         for f in files:
@@ -154,6 +156,21 @@ class HFCheckpoint(Checkpoint):
         if self.config.tie_word_embeddings and "lm_head.weight" in found:
             found.pop("lm_head.weight")
         self.tensors = self._check_names_and_shapes(found)
+
+    def _eos_from_generation_config(self) -> LlamaConfig:
+        """Some config.json files leave eos_token_id to generation_config.json; a chat model needs one."""
+        import dataclasses
+        p = self.path / "generation_config.json"
+        eos = None
+        if p.exists():
+            try:
+                eos = json.loads(p.read_text(encoding="utf-8")).get("eos_token_id")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                raise FormatError(f"{p}: cannot read: {e}") from None
+        ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        if not ids:
+            raise FormatError(f"{self.path}: no eos_token_id in config.json or generation_config.json")
+        return dataclasses.replace(self.config, eos_token_ids=ids)
 
     def _shard_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"

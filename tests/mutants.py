@@ -67,7 +67,10 @@ def mutants(bundle: Path, n: int, seed: int = 0) -> Iterator[tuple[str, dict[str
             off = rng.randrange(len(b))
             run = bytes(rng.randrange(256) for _ in range(rng.randint(2, 64)))
             b[off:off + len(run)] = run
-            yield f"{name}: byte run at {off}", {name: bytes(b[:len(data)])}
+            b = b[:len(data)]
+            if bytes(b) == data:                                 # the run happened to equal what was there
+                b[off] ^= 0xFF
+            yield f"{name}: byte run at {off}", {name: bytes(b)}
         elif kind == 2:                                          # truncation
             cut = rng.randrange(len(data)) if data else 0
             yield f"{name}: truncated to {cut}", {name: data[:cut]}
@@ -83,9 +86,9 @@ def mutants(bundle: Path, n: int, seed: int = 0) -> Iterator[tuple[str, dict[str
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
             if numeric and structural and rng.random() < 0.5:
                 new = value + rng.choice([-1, 1, 4, -4096, 2 ** 20])
-            elif isinstance(value, str) and path[-1] in ("scheme", "embed_scheme", "dtype", "file", "format", "name"):
-                new = rng.choice(LIES + STRING_LIES[1:] + [_DELETE]) if path[-1] != "name" or len(path) > 1 and \
-                    path[0] in ("tensors", "initializers") else rng.choice(LIES + [_DELETE])
+            elif isinstance(value, str) and path[-1] in ("scheme", "embed_scheme", "dtype", "format", "kind") or \
+                    path[-1] in ("file", "name") and path[0] in ("graph", "blobs", "tensors", "initializers"):
+                new = rng.choice(LIES + STRING_LIES + [_DELETE])   # names that are cross-checked
             elif numeric:
                 new = rng.choice(LIES + NUMBER_LIES + [_DELETE])
             else:
