@@ -374,7 +374,7 @@ def load(path: str | Path) -> Bundle:
           f"unexpected bytes after the closing brace at byte offset {len(text.rstrip()) }")
     _want(isinstance(m, dict), M, "top level must be an object")
     _want(m.get("format") == FORMAT_NAME, f"{M}: format", f"expected {FORMAT_NAME!r}, got {m.get('format')!r}")
-    _want(m.get("version") == FORMAT_VERSION, f"{M}: version",
+    _want(type(m.get("version")) is int and m["version"] == FORMAT_VERSION, f"{M}: version",
           f"this reader supports version {FORMAT_VERSION}, got {m.get('version')!r}")
     integrity = m.get("integrity")
     _want(isinstance(integrity, dict) and isinstance(integrity.get("sha256"), str), f"{M}: integrity",
@@ -485,7 +485,8 @@ def _validate_tensors(m: dict, cfg: LlamaConfig):
         _want(isinstance(t, dict) and isinstance(t.get("name"), str), where, "needs a name")
         name = t["name"]
         _want(name in want, f"{M}: tensor {name!r:.80}", "is not part of a Llama model with this config")
-        _want(t.get("shape") == list(want[name]), f"{M}: tensor {name}.shape",
+        _want(isinstance(t.get("shape"), list) and all(type(d) is int for d in t["shape"]) and
+              t["shape"] == list(want[name]), f"{M}: tensor {name}.shape",
               f"expected {list(want[name])}, got {t.get('shape')!r}")
         _want(isinstance(t.get("scheme"), str), f"{M}: tensor {name}.scheme", "missing or not a string")
         try:
@@ -570,7 +571,8 @@ def _validate_schema(m: dict):
     M = MANIFEST
     _keys(m, _TOP, M)
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")
-    _want(m["codec"]["name"] == "qz" and m["codec"]["version"] == 1, f"{M}: codec", "expected qz version 1")
+    _want(m["codec"]["name"] == "qz" and type(m["codec"]["version"]) is int and m["codec"]["version"] == 1,
+          f"{M}: codec", "expected qz version 1")
     _int(m["codec"]["chunk_symbols"], f"{M}: codec.chunk_symbols", 4, 1 << 32)
     _int(m["codec"]["max_code_bits"], f"{M}: codec.max_code_bits", lzw.MIN_CODE_BITS, lzw.MAX_CODE_BITS)
     _str(m["name"], f"{M}: name")
@@ -630,7 +632,8 @@ def _validate_schema(m: dict):
         lengths = [c[1] if isinstance(c, list) and len(c) == 5 else None for c in chunks]
         _want(all(isinstance(x, int) and not isinstance(x, bool) for x in lengths), f"{w}.chunks",
               "every chunk must be [offset, length, symbols, method, out_offset] with integer length")
-        _want(e["stored_bytes"] == sum(lengths), f"{w}.stored_bytes", "is not the sum of its chunk lengths")
+        _want(type(e["stored_bytes"]) is int and e["stored_bytes"] == sum(lengths), f"{w}.stored_bytes",
+              "is not the sum of its chunk lengths")
     t = m["totals"]
     _keys(t, _TOTALS, f"{M}: totals")
     _want(_int(t["float32_bytes"], f"{M}: totals.float32_bytes") == 4 * _int(t["parameters"], f"{M}: totals.parameters"),
