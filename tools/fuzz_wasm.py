@@ -1,6 +1,6 @@
 """Fuzz the WASM build of the QZ decoder under atheris (coverage of the Python side, the wasm module as the target).
 
-    python tools/fuzz_wasm.py -max_total_time=600 -max_len=65536 [corpus_dir]
+    python tools/fuzz_wasm.py -max_total_time=600 -max_len=65536 [corpus_dir]   (default: a scratch copy of tests/golden)
 
 Every input is decoded by qz.wasm (through wasmtime) AND by the pure-Python reference; the two must agree on the
 output bytes or on the error code. Anything else — a trap in the wasm, another exception, a disagreement — is a
@@ -45,7 +45,14 @@ def test_one(data: bytes) -> None:
 def main():
     args = sys.argv
     if not any(not a.startswith("-") for a in args[1:]):
-        args = args + [str(ROOT / "tests" / "golden")]
+        # libFuzzer writes new inputs into the first corpus folder: seed a scratch copy, never tests/golden
+        import shutil
+        import tempfile
+        corpus = Path(tempfile.mkdtemp(prefix="qz-atheris-"))
+        for f in (ROOT / "tests" / "golden").glob("*.qz"):
+            shutil.copy(f, corpus)
+        print(f"corpus: {corpus}", file=sys.stderr)
+        args = args + [str(corpus)]
     atheris.Setup(args, test_one)
     atheris.Fuzz()
 
