@@ -8,8 +8,8 @@ Interface (onnxruntime-genai's convention):
     outputs  logits               float32 [batch, seq, vocab]
              present.{i}.key / .value           float32 [batch, kv_heads, past + seq, head_dim]
 
-Quantized weights stay quantized in the session: per-channel int8/ternary run through com.microsoft
-DynamicQuantizeMatMul, group schemes through com.microsoft MatMulNBits (layouts in layouts.py). Node names are
+Quantized weights stay quantized in the session: per-channel int8/ternary run through MatMulInteger with
+activations quantized per token (int8_linear), group schemes through com.microsoft MatMulNBits (layouts in layouts.py). Node names are
 hierarchical and deterministic: /model/layers.{i}/attn/q_proj/MatMul.
 """
 from __future__ import annotations
@@ -93,15 +93,31 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
         w = to_f32(g, g.weight(hf_name), f"{prefix}/weight")
         return g.op1("MatMul", [x, w], f"{prefix}/MatMul")
     if fam == "dqmm":
-        scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
-        return g.op1("DynamicQuantizeMatMul", [x, g.weight(hf_name + ".q"), scales], f"{prefix}/DynamicQuantizeMatMul",
-                     domain=MS_DOMAIN)
+        return int8_linear(g, x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"),
+                           prefix)
     bits, block = nbits_of(scheme)
     inputs = [x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")]
     if hf_name + ".zeros" in g.weights:
         inputs.append(g.weight(hf_name + ".zeros"))
     return g.op1("MatMulNBits", inputs, f"{prefix}/MatMulNBits", domain=MS_DOMAIN,
                  K=n_in, N=n_out, bits=bits, block_size=block, accuracy_level=0)
+
+
+# x [..,K] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s [..,1]      (one scale per row: per token)
+# x / s ─► Round ─► +128 ─► Cast(uint8) ─► MatMulInteger(·, W int8 [K,N], zero point 128) ─► Cast ─► × s ─► × w_scale[N]
+def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, prefix: str) -> str:
+    """int8 weights with activations quantized per row (token). onnxruntime's DynamicQuantizeMatMul uses one scale
+    for the whole call, so in a prefill the first token's activation outliers set the scale of every row (KL vs f32
+    0.60 on SmolLM2) and a row's result depends on its neighbours; per-row scales keep rows independent (decode ==
+    prefill) and use the same u8×s8 integer kernels, which have WebAssembly SIMD paths."""
+    p = f"{prefix}/quantize_x"
+    amax = g.op1("ReduceMax", [g.op1("Abs", [x], f"{p}/Abs"), g.const([-1], np.int64)], f"{p}/ReduceMax", keepdims=1)
+    sx = g.op1("Div", [g.op1("Max", [amax, g.const(1e-12)], f"{p}/Floor"), g.const(127.0)], f"{p}/Scale")
+    q = g.op1("Add", [g.op1("Round", [g.op1("Div", [x, sx], f"{p}/Div")], f"{p}/Round"), g.const(128.0)], f"{p}/Shift")
+    xq = g.op1("Cast", [q], f"{p}/Cast", to=TensorProto.UINT8)
+    acc = g.op1("MatMulInteger", [xq, w_q, g.const(128, np.uint8)], f"{prefix}/MatMulInteger")
+    y = g.op1("Cast", [acc], f"{prefix}/CastAcc", to=TensorProto.FLOAT)
+    return g.op1("Mul", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), w_scale], f"{prefix}/MulWScale")
 
 
 def _unpack_codes(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:

@@ -28,5 +28,4 @@ def test_chat_answer_mentions_paris(smollm2_int8):
     chat = open_chat_model(str(smollm2_int8))
     ids = chat.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     res = chat.generate(ids, SamplingConfig(max_new_tokens=32))
-    assert "Paris" in res.text, res.text
-    assert res.stop_reason == "eos"
+    assert res.text.startswith("The capital of France is Paris"), res.text

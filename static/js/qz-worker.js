@@ -5,8 +5,9 @@ let qz = null;
 const ERROR_NAMES = {1: "BAD_HEADER", 2: "TRUNCATED", 3: "BAD_CODE", 4: "OVERRUN", 5: "TRAILING",
                      6: "OUT_TOO_SMALL", 7: "BAD_SYMBOL", 64: "NO_MEMORY"};
 
-async function init(wasmUrl) {
-  const { instance } = await WebAssembly.instantiateStreaming(fetch(wasmUrl), {});
+async function init(module) {
+  // the pool compiles qz.wasm once and posts the compiled module: workers only instantiate it
+  const instance = await WebAssembly.instantiate(module, {});
   qz = instance.exports;
 }
 
@@ -29,7 +30,7 @@ function decode(chunk) {
 self.onmessage = async (ev) => {
   const msg = ev.data;
   if (msg.type === "init") {
-    try { await init(msg.wasmUrl); self.postMessage({ type: "ready" }); }
+    try { await init(msg.module); self.postMessage({ type: "ready" }); }
     catch (e) { self.postMessage({ type: "ready", error: String(e) }); }
     return;
   }

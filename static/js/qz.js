@@ -14,12 +14,13 @@ export class DecoderPool {
     this.workers = [];
     this.queue = [];       // pending {id, chunk, resolve, reject, where}
     this.inflight = new Map();
-    this.idle = [];
+    this.idle = [];        // one entry per free slot (two per worker)
     this.nextId = 1;
     this.decodeMs = 0;
   }
 
   async start() {
+    const module = await WebAssembly.compileStreaming(fetch(this.wasmUrl));   // once, shared by every worker
     const ready = [];
     for (let i = 0; i < this.size; i++) {
       const w = new Worker(new URL("./qz-worker.js", import.meta.url));
@@ -32,8 +33,9 @@ export class DecoderPool {
           }
         };
       }));
-      w.postMessage({ type: "init", wasmUrl: this.wasmUrl });
-      this.idle.push(w);
+      w.postMessage({ type: "init", module });
+      // two slots per worker: the next chunk is already queued in the worker when one finishes
+      this.idle.push(w, w);
     }
     await Promise.all(ready);
   }

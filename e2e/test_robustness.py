@@ -1,0 +1,89 @@
+"""The page under adverse conditions: no WebGPU adapter, a WebGPU session that fails, an interrupted download,
+a cache holding an older bundle version, storage that refuses writes. Each ends in a fallback or a clear message."""
+import shutil
+
+import pytest
+
+from conftest import CHROMIUM_FLAGS  # noqa: F401  (same flags as the other e2e tests)
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_ready(page, timeout=180_000):
+    page.wait_for_function("document.body.dataset.ready", timeout=timeout)
+    return page.evaluate("document.body.dataset.ready")
+
+
+def test_no_webgpu_adapter_falls_back_to_wasm(browser, server):
+    flags = [f for f in CHROMIUM_FLAGS if f != "--enable-unsafe-webgpu"] + ["--disable-webgpu"]
+    b = browser.browser_type.launch(executable_path=shutil.which("chromium"), args=flags, headless=True)
+    try:
+        page = b.new_page()
+        page.goto(f"{server}/?bundle=tiny-f32&ep=auto&autoload=1")
+        assert wait_ready(page) == "1", page.inner_text("#error")
+        badge = page.inner_text("#ep-badge")
+        assert badge.startswith("WASM") and ("no WebGPU" in badge or "has no WebGPU" in badge), badge
+    finally:
+        b.close()
+
+
+def test_failing_webgpu_session_falls_back_with_notice(page, server):
+    # an adapter that exists but cannot give onnxruntime a device: session creation on WebGPU must fail
+    page.add_init_script("""
+      if (navigator.gpu) {
+        const fake = { features: new Set(), limits: {}, info: {}, isFallbackAdapter: false,
+                       requestDevice: async () => { throw new Error('simulated: device lost'); },
+                       requestAdapterInfo: async () => ({}) };
+        navigator.gpu.requestAdapter = async () => fake;
+      }""")
+    page.goto(f"{server}/?bundle=tiny-f32&ep=auto&autoload=1")
+    assert wait_ready(page) == "1", page.inner_text("#error")
+    assert page.inner_text("#ep-badge").startswith("WASM")
+    assert "WebGPU session failed" in page.inner_text("#notice")
+    assert page.is_visible("#chat")
+
+
+def test_interrupted_download_shows_error(page, server, bundle_dir):
+    blob = (bundle_dir / "tiny-int8" / "weights-000.qzb").read_bytes()
+    page.route("**/tiny-int8/weights-000.qzb",
+               lambda route: route.fulfill(status=200, body=blob[: len(blob) // 2],
+                                           headers={"Content-Type": "application/octet-stream"}))
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1")
+    assert wait_ready(page) == "error"
+    err = page.inner_text("#error")
+    assert "weights-000.qzb" in err and "bytes" in err, err
+    assert page.is_hidden("#chat")
+
+
+def test_cache_with_older_version_is_not_used(page, server, bundle_dir, tmp_path):
+    from converter.bundle import BuildOptions, write_bundle
+    from converter.loaders import open_checkpoint
+    import tiny
+
+    name = "tiny-versioned"
+    src = tmp_path / "src"
+    tiny.write_hf(src, seed=1)
+    write_bundle(open_checkpoint(src), bundle_dir / name, BuildOptions(scheme="f32", chunk_symbols=4096, force=True))
+    page.goto(f"{server}/?bundle={name}&ep=wasm&autoload=1")
+    assert wait_ready(page) == "1"
+    first = page.evaluate("window.tinyqmoe.generate('the quick brown fox', {max_new_tokens: 8, raw: 'the quick brown fox'})")
+    # a new version of the bundle under the same name (different weights)
+    tiny.write_hf(src, seed=2)
+    write_bundle(open_checkpoint(src), bundle_dir / name, BuildOptions(scheme="f32", chunk_symbols=4096, force=True))
+    page.goto(f"{server}/?bundle={name}&ep=wasm&autoload=1")
+    assert wait_ready(page) == "1"
+    assert not page.inner_text("#progress-text").startswith("0.0 MB from network")
+    second = page.evaluate("window.tinyqmoe.generate('the quick brown fox', {max_new_tokens: 8, raw: 'the quick brown fox'})")
+    from test_page import cpu_tokens
+    assert second["tokens"] == cpu_tokens(bundle_dir / name, "the quick brown fox", 8)
+    assert second["tokens"] != first["tokens"]
+
+
+def test_storage_refusing_writes_still_loads(page, server):
+    page.add_init_script("""
+      const realOpen = caches.open.bind(caches);
+      caches.open = async (n) => { const c = await realOpen(n);
+        c.put = async () => { throw new DOMException('simulated quota', 'QuotaExceededError'); }; return c; };""")
+    page.goto(f"{server}/?bundle=tiny-f32&ep=wasm&autoload=1")
+    assert wait_ready(page) == "1", page.inner_text("#error")
+    assert page.is_visible("#chat")
