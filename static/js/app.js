@@ -55,7 +55,10 @@ async function load(name, wanted = "auto") {
     const ts = performance.now();
     let session;
     try {
-      session = await DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep);
+      const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep);
+      // a WebGPU device that never answers must not leave the page loading forever
+      session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
+        setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
     } catch (e) {
       if (ep !== "webgpu") throw e;
       notice(`WebGPU session failed (${e.message}); running on WASM instead.`);
