@@ -52,9 +52,11 @@ def _backend():
 
 
 def encode_chunk(symbols, alphabet: int, layout: int, bias: int = 0, max_code_bits: int = 16,
-                 reset_when_full: bool = True, method: int | None = None) -> bytes:
+                 reset_when_full: bool = True, method: int | None = None, *, version: int = lzw.VERSION,
+                 dictionary: int | None = None) -> bytes:
     """See converter.lzw.encode_chunk."""
-    return _backend().encode_chunk(symbols, alphabet, layout, bias, max_code_bits, reset_when_full, method)
+    return _backend().encode_chunk(symbols, alphabet, layout, bias, max_code_bits, reset_when_full, method,
+                                   version=version, dictionary=dictionary)
 
 
 def decode_chunk(chunk) -> bytes:

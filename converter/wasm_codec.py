@@ -16,9 +16,13 @@ from converter.errors import CodecError
 WASM_PATH = Path(__file__).resolve().parent.parent / "static/wasm/qz.wasm"
 
 NO_MEMORY = 64  # qz.c: scratch allocation failed (about this machine, not the chunk)
-ENC_RESET = 0x1
+ENC_RESET = 0x1  # qz_encode flags (see the ABI at the top of qz.c)
 ENC_FORCE_LZW = 0x100
 ENC_FORCE_PACKED = 0x200
+ENC_V2 = 0x400
+ENC_ADAPTIVE = 0x800
+ENC_PRIMED = 0x1000
+MODEL_MAX_SIZE = lzw.MODEL_FIXED_SIZE + 256 + 256  # the largest primed model block
 
 _lock = threading.Lock()
 _instance: "_QZ | None" = None
@@ -155,21 +159,27 @@ def decode_into(chunk, out) -> int:
 def encode_bound(n: int, layout: int, flags: int) -> int:
     """The out_cap qz_encode needs (mirrors qz_encode_bound in qz.c, without a call into wasm)."""
     packed = lzw.layout_nbytes(layout if layout in lzw.LAYOUTS else lzw.LAYOUT_U8, n)
-    return min(lzw.HEADER_SIZE + (4 * n + 8 if flags & ENC_FORCE_LZW else packed), 0xFFFF_FFFF)
+    return min(lzw.HEADER_SIZE + (4 * n + 8 + MODEL_MAX_SIZE if flags & ENC_FORCE_LZW else packed), 0xFFFF_FFFF)
 
 
 def encode_chunk(symbols, alphabet: int, layout: int, bias: int = 0, max_code_bits: int = 16,
-                 reset_when_full: bool = True, method: int | None = None) -> bytes:
+                 reset_when_full: bool = True, method: int | None = None, *, version: int = lzw.VERSION,
+                 dictionary: int | None = None) -> bytes:
     """Same as converter.lzw.encode_chunk (same bytes, same errors), computed in qz.wasm."""
     data = lzw.as_symbol_bytes(symbols)
     if method not in (None, lzw.METHOD_LZW, lzw.METHOD_PACKED):
         raise CodecError(lzw.BAD_HEADER, f"method {method} is not one of None, METHOD_PACKED, METHOD_LZW")
     if not (0 <= alphabet <= 0xFFFF and 0 <= layout <= 0xFF and 0 <= bias <= 0xFF and 0 <= max_code_bits <= 0xFF
-            and len(data) <= lzw.MAX_SYMBOLS):
-        # out of the ranges the u32 ABI can carry faithfully: let the reference produce its error
-        return lzw.encode_chunk(data, alphabet, layout, bias, max_code_bits, reset_when_full, method)
+            and len(data) <= lzw.MAX_SYMBOLS and version in lzw.VERSIONS
+            and dictionary in (None, lzw.DICT_ADAPTIVE, lzw.DICT_PRIMED)
+            and not (version == 1 and dictionary == lzw.DICT_PRIMED)):
+        # out of what the u32 ABI can carry faithfully: let the reference produce its error
+        return lzw.encode_chunk(data, alphabet, layout, bias, max_code_bits, reset_when_full, method,
+                                version=version, dictionary=dictionary)
     flags = (ENC_RESET if reset_when_full else 0) | {None: 0, lzw.METHOD_LZW: ENC_FORCE_LZW,
                                                      lzw.METHOD_PACKED: ENC_FORCE_PACKED}[method]
+    if version == 2:
+        flags |= ENC_V2 | {None: 0, lzw.DICT_ADAPTIVE: ENC_ADAPTIVE, lzw.DICT_PRIMED: ENC_PRIMED}[dictionary]
     qz = load()
     with _lock:
         sym_len = (len(data) + 15) & ~15

@@ -1,8 +1,9 @@
-"""The pure-Python reference of the QZ chunk format (converter/lzw.py) against docs/lzw-format.md."""
+"""The pure-Python reference of the QZ chunk format (converter/lzw.py, versions 1 and 2) against docs/lzw-format.md."""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -50,35 +51,43 @@ def roundtrip(symbols: bytes, alphabet: int, layout: int, bias: int = 0, **kw) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# (version, dictionary) choices of the encoder
+CODERS = [dict(), dict(version=1), dict(dictionary=lzw.DICT_PRIMED), dict(dictionary=lzw.DICT_ADAPTIVE)]
+
+
 @pytest.mark.parametrize("alphabet,layout,bias", KINDS)
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 8, 9, 33, 1000, 4097])
 def test_roundtrip_uniform_and_skewed(alphabet, layout, bias, n):
     rng = random.Random(n * 1000 + alphabet)
     roundtrip(bytes(rng.randrange(alphabet) for _ in range(n)), alphabet, layout, bias)
-    roundtrip(skewed(rng, n, alphabet, alphabet / 8), alphabet, layout, bias)
-    roundtrip(skewed(rng, n, alphabet, alphabet / 8), alphabet, layout, bias, method=lzw.METHOD_LZW)
+    for coder in CODERS:
+        roundtrip(skewed(rng, n, alphabet, alphabet / 8), alphabet, layout, bias, **coder)
+        roundtrip(skewed(rng, n, alphabet, alphabet / 8), alphabet, layout, bias, method=lzw.METHOD_LZW, **coder)
     roundtrip(skewed(rng, n, alphabet, alphabet / 8), alphabet, layout, bias, method=lzw.METHOD_PACKED)
 
 
 @pytest.mark.parametrize("max_code_bits", [9, 10, 12, 16])
 @pytest.mark.parametrize("reset_when_full", [True, False])
-def test_roundtrip_dictionary_full(max_code_bits, reset_when_full):
+@pytest.mark.parametrize("version", [1, 2])
+def test_roundtrip_dictionary_full(max_code_bits, reset_when_full, version):
     rng = random.Random(max_code_bits)
     for alphabet, layout, bias in [(256, lzw.LAYOUT_U8, 0), (16, lzw.LAYOUT_U4, 0), (3, lzw.LAYOUT_U2, 0)]:
         symbols = skewed(rng, 30_000, alphabet, alphabet / 5)
         chunk = roundtrip(symbols, alphabet, layout, bias, max_code_bits=max_code_bits,
-                          reset_when_full=reset_when_full, method=lzw.METHOD_LZW)
+                          reset_when_full=reset_when_full, method=lzw.METHOD_LZW, version=version,
+                          dictionary=lzw.DICT_ADAPTIVE)
         h = lzw.parse_header(chunk)
         assert h.max_code_bits == max_code_bits and h.reset_when_full == reset_when_full
+        assert h.version == version and h.dictionary == lzw.DICT_ADAPTIVE
 
 
 def test_reset_emits_clear_codes():
     """With max_code_bits 9 and A=256 the dictionary fills every 255 codes; the stream must hold CLEARs."""
     rng = random.Random(7)
     symbols = bytes(rng.randrange(256) for _ in range(3000))
-    reset = lzw.encode_chunk(symbols, 256, lzw.LAYOUT_U8, max_code_bits=9, method=lzw.METHOD_LZW)
+    reset = lzw.encode_chunk(symbols, 256, lzw.LAYOUT_U8, max_code_bits=9, method=lzw.METHOD_LZW, version=1)
     frozen = lzw.encode_chunk(symbols, 256, lzw.LAYOUT_U8, max_code_bits=9, reset_when_full=False,
-                              method=lzw.METHOD_LZW)
+                              method=lzw.METHOD_LZW, version=1)
     # every code is 9 bits wide here (bit_length(256) = 9 = max_code_bits): count the CLEARs directly
     codes = _codes_9bit(reset[16:])
     assert codes.count(256) >= 10
@@ -93,10 +102,13 @@ def _codes_9bit(payload: bytes) -> list[int]:
 
 def test_kwkwk_run():
     for n in (1, 2, 3, 6, 100, 5000):
-        chunk = roundtrip(b"\x02" * n, 3, lzw.LAYOUT_U2)
+        chunk = roundtrip(b"\x02" * n, 3, lzw.LAYOUT_U2, version=1)
         assert chunk[3] == lzw.METHOD_LZW
-    # a run of n symbols needs about sqrt(2n) codes
-    assert len(lzw.encode_chunk(bytes(100_000), 2, lzw.LAYOUT_U8)) < 16 + 500 * 2
+        roundtrip(b"\x02" * n, 3, lzw.LAYOUT_U2, dictionary=lzw.DICT_PRIMED)
+    # a run of n symbols needs about sqrt(2n) adaptive codes; version 2 picks the adaptive dictionary for it
+    for version in (1, 2):
+        chunk = lzw.encode_chunk(bytes(100_000), 2, lzw.LAYOUT_U8, version=version)
+        assert len(chunk) < 16 + 500 * 2 and lzw.parse_header(chunk).dictionary == lzw.DICT_ADAPTIVE
 
 
 def test_empty_and_single():
@@ -129,12 +141,15 @@ def test_decode_does_not_import_numpy():
     """The decoder must run under Pyodide without numpy: check in a fresh interpreter."""
     import subprocess
 
-    code = ("import sys; sys.modules['numpy'] = None\n"
+    code = ("import sys, hashlib; sys.modules['numpy'] = None\n"
             "from converter import lzw\n"
             "c = bytes.fromhex('515a0101030000010901000003000000') + bytes([1 | 4 << 2])\n"
-            "print(lzw.decode_chunk(c).hex())")
+            "print(lzw.decode_chunk(c).hex())\n"
+            "print(hashlib.sha256(lzw.decode_chunk(open('tests/golden/v2_u4_int4_odd.qz', 'rb').read())).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "000000"  # codes 1, 4 = "11" (KwKwK): three symbols 1, bias 1 -> bytes 0
+    first, second = out.stdout.split()
+    assert first == "000000"  # codes 1, 4 = "11" (KwKwK): three symbols 1, bias 1 -> bytes 0
+    assert second == next(v["sha256"] for v in golden_vectors() if v["name"] == "v2_u4_int4_odd")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,14 +158,110 @@ def test_decode_does_not_import_numpy():
 
 
 def test_header_bytes():
-    chunk = lzw.encode_chunk(b"\x01\x02\x01\x02", 3, lzw.LAYOUT_U8, bias=1, max_code_bits=12, method=lzw.METHOD_LZW)
+    chunk = lzw.encode_chunk(b"\x01\x02\x01\x02", 3, lzw.LAYOUT_U8, bias=1, max_code_bits=12, method=lzw.METHOD_LZW,
+                             version=1)
     assert chunk[:16] == bytes([ord("Q"), ord("Z"), 1, 1, 3, 0, 0, 1, 12, 1, 0, 0, 4, 0, 0, 0])
     h = lzw.parse_header(chunk)
     assert h == lzw.ChunkHeader(version=1, method=1, alphabet=3, layout=0, bias=1, max_code_bits=12, flags=1,
                                 n_symbols=4)
-    assert h.to_bytes() == chunk[:16] and h.output_nbytes == 4
+    assert h.to_bytes() == chunk[:16] and h.output_nbytes == 4 and h.header_size == 16
     with pytest.raises(Exception):
         h.n_symbols = 5  # frozen
+    # version 2, adaptive: the same, with the version byte 2 and dictionary byte 10 = 0
+    v2 = lzw.encode_chunk(b"\x01\x02\x01\x02", 3, lzw.LAYOUT_U8, bias=1, max_code_bits=12, method=lzw.METHOD_LZW,
+                          dictionary=lzw.DICT_ADAPTIVE)
+    assert v2[:16] == bytes([ord("Q"), ord("Z"), 2, 1, 3, 0, 0, 1, 12, 1, 0, 0, 4, 0, 0, 0]) and v2[16:] == chunk[16:]
+
+
+def test_primed_header_and_model_block():
+    symbols = bytes([0, 1, 1, 2, 1, 1, 0, 1] * 50)  # counts: 1 -> 250, 0 -> 100, 2 -> 50
+    chunk = lzw.encode_chunk(symbols, 3, lzw.LAYOUT_U8, bias=1, method=lzw.METHOD_LZW, dictionary=lzw.DICT_PRIMED)
+    h = lzw.parse_header(chunk)
+    m = h.model
+    assert (h.version, h.method, h.dictionary, h.flags) == (2, lzw.METHOD_LZW, lzw.DICT_PRIMED, 0)
+    assert chunk[10] == lzw.DICT_PRIMED and chunk[11] == 0 and 9 <= h.max_code_bits <= lzw.PRIMED_CODE_BITS
+    assert m.split_bits == 0 and m.classes == 3 and m.perm == bytes([1, 0, 2])
+    assert list(m.costs) == [lzw.class_cost(c, 400) for c in (250, 100, 50)] == [11, 32, 48]
+    assert chunk[16:24] == bytes([0, 0, 3, 0]) + m.threshold.to_bytes(2, "little") + m.extra.to_bytes(2, "little")
+    assert chunk[24:27] == m.perm and chunk[27:30] == m.costs and h.header_size == 30
+    assert h.to_bytes() == chunk[:30]
+    assert lzw.decode_chunk(chunk) == bytes((s - 1) % 256 for s in symbols)
+
+
+def test_log2_and_costs():
+    assert [lzw.log2_q16(x) for x in (1, 2, 4, 1 << 32)] == [0, 1 << 16, 2 << 16, 32 << 16]
+    for x in (3, 5, 7, 1000, 262_143, 0xFFFF_FFFF, (1 << 33) - 1):
+        assert abs(lzw.log2_q16(x) - math.log2(x) * 65536) < 2, x
+    assert lzw.class_cost(1, 2) == 16 and lzw.class_cost(1, 3) == 25  # round(16 * 1.585)
+    assert lzw.class_cost(5, 5) == 1  # clamped: probability 1 still costs 1/16 bit
+    assert lzw.class_cost(0, 5) == 255 and lzw.class_cost(1, 1 << 20) == 255  # 20 bits: clamped
+
+
+def test_primed_tree_example():
+    """The example drawn in converter/lzw.py and docs/lzw-format.md: M = 3, costs (8, 25, 25), T = 24."""
+    leaves, table = lzw._primed_tree([8, 25, 25], 24, 0, 9)
+    assert leaves == [b"\0\0\0\0", b"\0\0\0\1", b"\0\0\0\2", b"\0\0\1", b"\0\0\2", b"\0\1", b"\0\2",
+                      b"\1", b"\2"]
+    assert table[:3] == [1, ~7, ~8]  # root: class 0 -> node 1, classes 1 and 2 -> leaves 7 and 8
+    # E = 1: of the nodes of cost T + 1 = 25 ("1" and "2"), the first in preorder is expanded too
+    leaves, _ = lzw._primed_tree([8, 25, 25], 24, 1, 9)
+    assert leaves[7:] == [b"\1\0", b"\1\1", b"\1\2", b"\2"]
+    assert len(lzw._primed_tree([8, 25, 25], 24, 2, 9)[0]) == 13
+    with pytest.raises(CodecError, match="extra 3"):
+        lzw._primed_tree([8, 25, 25], 24, 3, 9)
+    with pytest.raises(CodecError, match="more than 2\\*\\*9 leaves"):
+        lzw._primed_tree([1, 1], 200, 0, 9)
+
+
+def _leaves(costs, t, e, width):
+    try:
+        return len(lzw._primed_tree(costs, t, e, width)[0])
+    except CodecError:
+        return None
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_choose_threshold_is_the_largest(seed):
+    """T is the largest threshold whose tree fits 2**width leaves; E the largest count of extra expansions."""
+    rng = random.Random(seed)
+    m = rng.choice([2, 3, 4, 8, 16])
+    costs = sorted(rng.randrange(1 if seed % 3 == 0 else 4, 120) for _ in range(m))  # seed % 3 == 0: the cap binds
+    width = rng.choice([9, 10, 12])
+    t, e = lzw._choose_threshold(costs, width)
+    assert _leaves(costs, t, e, width) is not None
+    assert _leaves(costs, t, e + 1, width) is None  # too many leaves, or not that many nodes of cost T + 1
+    if t < lzw.MAX_THRESHOLD:
+        assert _leaves(costs, t + 1, 0, width) is None
+
+
+def test_primed_split_candidates():
+    assert lzw.primed_split_candidates(256) == [2, 3, 4, 5, 6, 7]
+    assert lzw.primed_split_candidates(16) == [0, 1, 2, 3]
+    assert lzw.primed_split_candidates(4) == [0, 1]
+    assert lzw.primed_split_candidates(3) == [0] and lzw.primed_split_candidates(255) == [0]
+
+
+def test_primed_last_phrase_is_cut():
+    """The tree parse of "0000 0" ends inside a phrase: the code of the first leaf below it is sent, and the decoder
+    drops what passes n_symbols."""
+    symbols = bytes([0] * 7)
+    model = lzw.PrimedModel(0, 2, 20, 0, bytes([0, 1]), bytes([5, 40]))  # "0000" is a leaf (cost 20 <= T: depth 4)
+    leaves, table = lzw._primed_tree(model.costs, model.threshold, model.extra, 9)
+    codes = lzw._primed_parse(symbols, table, 2)
+    assert [leaves[c] for c in codes][-1] == b"\0\0\0\0\0"  # 5 symbols sent, 3 of them used
+    chunk = lzw.ChunkHeader(2, 1, 2, lzw.LAYOUT_U8, 0, 9, 0, 7, lzw.DICT_PRIMED, model).to_bytes() \
+        + lzw._write_fields(codes, 9)
+    assert lzw.decode_chunk(chunk) == symbols
+
+
+def test_version_2_is_never_larger_than_version_1_or_packed():
+    rng = random.Random(4)
+    for alphabet, layout, bias in KINDS:
+        for sigma in (0.2, 1.0, alphabet / 8, alphabet):
+            symbols = skewed(rng, 3000, alphabet, sigma)
+            v2 = lzw.encode_chunk(symbols, alphabet, layout, bias)
+            v1 = lzw.encode_chunk(symbols, alphabet, layout, bias, version=1)
+            assert len(v2) <= len(v1) <= lzw.HEADER_SIZE + lzw.layout_nbytes(layout, len(symbols))
 
 
 def test_code_widths_and_bit_order():
@@ -159,7 +270,7 @@ def test_code_widths_and_bit_order():
     assert lzw.code_width(256, 0, 9) == 9 and lzw.code_width(256, 10_000, 9) == 9
     assert lzw.code_width(16, 70_000, 16) == 16
     # symbols 1 2 1 2 1: codes 1 (2 bits), 2 (3 bits), 4 = "12" (3 bits), 1 (3 bits)
-    chunk = lzw.encode_chunk(b"\x01\x02\x01\x02\x01", 3, lzw.LAYOUT_U8, method=lzw.METHOD_LZW)
+    chunk = lzw.encode_chunk(b"\x01\x02\x01\x02\x01", 3, lzw.LAYOUT_U8, method=lzw.METHOD_LZW, version=1)
     bits = 1 | 2 << 2 | 4 << 5 | 1 << 8
     assert chunk[16:] == bits.to_bytes(2, "little")
 
@@ -175,7 +286,9 @@ def test_layout_packing():
     dict(alphabet=1, layout=0), dict(alphabet=257, layout=0), dict(alphabet=17, layout=1), dict(alphabet=5, layout=2),
     dict(alphabet=4, layout=3), dict(alphabet=4, layout=1, bias=1), dict(alphabet=4, layout=0, bias=256),
     dict(alphabet=4, layout=0, max_code_bits=8), dict(alphabet=4, layout=0, max_code_bits=17),
-    dict(alphabet=4, layout=0, method=2),
+    dict(alphabet=4, layout=0, method=2), dict(alphabet=4, layout=0, version=3),
+    dict(alphabet=4, layout=0, dictionary=2), dict(alphabet=4, layout=0, version=1, dictionary=lzw.DICT_PRIMED),
+    dict(alphabet=4, layout=0, dictionary=lzw.DICT_PRIMED, max_code_bits=17),
 ])
 def test_encode_rejects_bad_parameters(kwargs):
     with pytest.raises(CodecError) as e:
@@ -197,6 +310,15 @@ def test_decode_into_checks_size():
         lzw.decode_into(chunk, bytearray(2))
     assert e.value.name == "OUT_TOO_SMALL"
     assert lzw.decode_into(chunk, bytearray(3)) == 3
+    # a primed chunk whose tree breaks the rules: OUT_TOO_SMALL comes first (the tree is built while decoding)
+    bad_tree = (GOLDEN / "v2_tree_too_big.qz").read_bytes()
+    size = lzw.parse_header(bad_tree).output_nbytes
+    with pytest.raises(CodecError) as e:
+        lzw.decode_into(bad_tree, bytearray(size - 1))
+    assert e.value.name == "OUT_TOO_SMALL"
+    with pytest.raises(CodecError) as e:
+        lzw.decode_into(bad_tree, bytearray(size))
+    assert e.value.name == "BAD_HEADER"
 
 
 def test_error_names_agree_with_errors_module():

@@ -18,7 +18,9 @@ def test_bundle_size_and_layout(smollm2_int8):
     m = load(smollm2_int8).manifest
     t = m["totals"]
     assert t["parameters"] == 134_515_008
-    assert 7.9 < t["bits_per_weight_all_in"] < 8.6           # int8 codes + scales + graph + tokenizer
+    # int8 codes under QZ v2 (primed dictionary) land near their order-0 entropy (~7.13 bits), not at 8 (packed):
+    # codes + scales + graph + tokenizer measured 7.40 bits/weight all-in
+    assert 7.2 < t["bits_per_weight_all_in"] < 7.6
 
 
 def test_chat_answer_mentions_paris(smollm2_int8):

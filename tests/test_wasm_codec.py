@@ -1,4 +1,4 @@
-"""static/wasm/qz.wasm (through converter/wasm_codec.py) against the reference converter/lzw.py."""
+"""static/wasm/qz.wasm (through converter/wasm_codec.py) against the reference converter/lzw.py (versions 1 and 2)."""
 from __future__ import annotations
 
 import hashlib
@@ -98,9 +98,11 @@ def test_decode_into():
 
 def test_encode_bound_matches_wasm():
     qz = wasm_codec.load()
+    v2 = wasm_codec.ENC_V2
     for n in (0, 1, 7, 1000, 262_144, 0x3FFF_FFFF, 0xFFFF_FFFF):
         for layout in (0, 1, 2, 7):
-            for flags in (0, wasm_codec.ENC_RESET, wasm_codec.ENC_FORCE_LZW, wasm_codec.ENC_FORCE_PACKED):
+            for flags in (0, wasm_codec.ENC_RESET, wasm_codec.ENC_FORCE_LZW, wasm_codec.ENC_FORCE_PACKED, v2,
+                          v2 | wasm_codec.ENC_FORCE_LZW, v2 | wasm_codec.ENC_PRIMED | wasm_codec.ENC_FORCE_LZW):
                 with wasm_codec._lock:
                     got = qz.call(qz.encode_bound, n, layout, flags) & 0xFFFF_FFFF
                 assert wasm_codec.encode_bound(n, layout, flags) == got, (n, layout, flags)
@@ -111,6 +113,9 @@ def test_huge_declared_output_is_refused():
     chunk = lzw.ChunkHeader(1, lzw.METHOD_LZW, 256, lzw.LAYOUT_U8, 0, 16, 1, 0xFFFF_FFFF).to_bytes() + b"\x01"
     assert result(wasm_codec.decode_chunk, chunk)[0] == "OUT_TOO_SMALL"
     assert result(lzw.decode_chunk, chunk)[0] == "TRUNCATED"  # the reference has no such limit
+    primed = (GOLDEN / "v2_u4_int4_odd.qz").read_bytes()
+    huge = primed[:12] + (0xFFFF_FFFF).to_bytes(4, "little") + primed[16:]
+    assert result(wasm_codec.decode_chunk, huge)[0] == "OUT_TOO_SMALL"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,43 +123,73 @@ def test_huge_declared_output_is_refused():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# (version, dictionary) choices of the encoder
+CODERS = [dict(), dict(version=1), dict(dictionary=lzw.DICT_PRIMED), dict(dictionary=lzw.DICT_ADAPTIVE)]
+
+
 def encode_cases():
+    """Every alphabet/layout pairing and size with every code-width setting; the method and the coder vary
+    (the version-2 default, forced methods and dictionaries, version 1), each seen with every pairing."""
     rng = random.Random(11)
     cases = []
+    methods = [(None, {}), (lzw.METHOD_LZW, {}), (lzw.METHOD_PACKED, {})] + \
+        [(m, c) for m in (None, lzw.METHOD_LZW) for c in CODERS[1:]]
     for alphabet, layout, bias in [(256, 0, 0), (3, 0, 1), (16, 0, 8), (16, 1, 0), (3, 1, 0), (4, 2, 0), (3, 2, 0),
-                                   (2, 2, 0)]:
+                                   (2, 2, 0), (5, 0, 0), (255, 0, 3), (6, 1, 0)]:
         for n in (0, 1, 2, 5, 7, 100, 3001):
-            sigma = alphabet / rng.choice([3, 8, 30])
+            sigma = alphabet / rng.choice([3, 8, 30, 100])
             mid = alphabet // 2
             symbols = bytes(min(alphabet - 1, max(0, mid + round(rng.gauss(0, sigma)))) for _ in range(n))
-            for mcb, reset in ((16, True), (9, True), (9, False), (12, True)):
-                for method in (None, lzw.METHOD_LZW, lzw.METHOD_PACKED):
-                    cases.append((symbols, alphabet, layout, bias, mcb, reset, method))
+            for mcb, reset in ((16, True), (9, True), (9, False), (12, True), (10, True)):
+                for method, coder in rng.sample(methods, 3):
+                    cases.append(((symbols, alphabet, layout, bias, mcb, reset, method), coder))
     return cases
 
 
 def test_wasm_encode_equals_reference():
-    for args in encode_cases():
-        ref = lzw.encode_chunk(*args)
-        assert wasm_codec.encode_chunk(*args) == ref, args[1:]
+    for args, coder in encode_cases():
+        ref = lzw.encode_chunk(*args, **coder)
+        assert wasm_codec.encode_chunk(*args, **coder) == ref, (args[1:], coder)
         assert wasm_codec.decode_chunk(ref) == lzw.decode_chunk(ref)
 
 
 def test_wasm_encode_long_streams():
     """Many dictionary resets / a long frozen dictionary, and the packed fallback decision near the tie."""
     rng = np.random.default_rng(5)
-    for alphabet, layout, sigma in [(16, lzw.LAYOUT_U4, 2.2), (256, lzw.LAYOUT_U8, 20.0), (3, lzw.LAYOUT_U2, 0.6)]:
+    for alphabet, layout, sigma in [(16, lzw.LAYOUT_U4, 2.2), (256, lzw.LAYOUT_U8, 20.0), (3, lzw.LAYOUT_U2, 0.6),
+                                    (4, lzw.LAYOUT_U2, 0.7)]:
         q = np.clip(np.rint(rng.normal(0, sigma, 200_000)) + alphabet // 2, 0, alphabet - 1).astype(np.uint8)
-        for mcb, reset in ((16, True), (16, False), (10, True)):
-            ref = lzw.encode_chunk(q, alphabet, layout, max_code_bits=mcb, reset_when_full=reset)
-            assert wasm_codec.encode_chunk(q, alphabet, layout, max_code_bits=mcb, reset_when_full=reset) == ref
+        for mcb, reset, version in ((16, True, 1), (16, False, 1), (10, True, 1), (16, True, 2), (10, False, 2)):
+            ref = lzw.encode_chunk(q, alphabet, layout, max_code_bits=mcb, reset_when_full=reset, version=version)
+            assert wasm_codec.encode_chunk(q, alphabet, layout, max_code_bits=mcb, reset_when_full=reset,
+                                           version=version) == ref
             assert wasm_codec.decode_chunk(ref) == lzw.pack_symbols(q.tobytes(), layout)
+
+
+def test_primed_tree_cache_gives_the_same_results():
+    """qz.c keeps the last primed tree for the next chunk: chunks that share it, chunks that do not, adaptive chunks
+    (which overwrite the entry table) and damaged chunks, in any order, decode exactly as the reference."""
+    rng = np.random.default_rng(9)
+    q = np.clip(np.rint(rng.normal(0, 2.0, 60_000)) + 8, 0, 15).astype(np.uint8)
+    parts = [q[i:i + 20_000] for i in range(0, q.size, 20_000)]
+    chunks = [lzw.encode_chunk(p, 16, lzw.LAYOUT_U4, dictionary=lzw.DICT_PRIMED) for p in parts]
+    same_model = chunks[0][:lzw.parse_header(chunks[0]).header_size] + chunks[1][lzw.parse_header(chunks[1]).header_size:]
+    chunks += [lzw.encode_chunk(parts[0], 16, lzw.LAYOUT_U4, method=lzw.METHOD_LZW, dictionary=lzw.DICT_ADAPTIVE),
+               same_model, chunks[0][:-5], chunks[0] + b"\0"]
+    chunks += [(GOLDEN / f"{name}.qz").read_bytes() for name in ("v2_width14_k2", "v2_u4_k1", "v2_tree_too_big")]
+    order = random.Random(3)
+    for _ in range(3):
+        for chunk in order.sample(chunks, len(chunks)) * 2:
+            assert result(wasm_codec.decode_chunk, chunk) == result(lzw.decode_chunk, chunk)
 
 
 def test_wasm_encode_errors_match_reference():
     bad = [((b"\x00\x03", 3, 2), {}), ((b"\x00\x01", 1, 0), {}), ((b"\x00", 17, 1), {}), ((b"\x00", 4, 1), {"bias": 2}),
            ((b"\x00", 4, 0), {"max_code_bits": 8}), ((b"\x00", 4, 0), {"max_code_bits": 17}),
-           ((b"\x00", 4, 7), {}), ((b"\x00", 4, 0), {"bias": 300})]
+           ((b"\x00", 4, 7), {}), ((b"\x00", 4, 0), {"bias": 300}), ((b"\x00", 4, 0), {"version": 3}),
+           ((b"\x00", 4, 0), {"dictionary": 5}), ((b"\x00", 4, 0), {"version": 1, "dictionary": lzw.DICT_PRIMED}),
+           ((b"\x00\x04", 4, 2), {"dictionary": lzw.DICT_PRIMED}),
+           ((b"\x00", 4, 0), {"dictionary": lzw.DICT_PRIMED, "max_code_bits": 8})]
     for args, kw in bad:
         with pytest.raises(CodecError) as ref:
             lzw.encode_chunk(*args, **kw)
@@ -194,7 +229,7 @@ def test_mutation_fuzz_decoders_agree():
     chunks = [(GOLDEN / v["file"]).read_bytes() for v in seeds]
     rng = random.Random(2024)
     outcomes = {}
-    for i in range(600):
+    for i in range(900):
         chunk = mutate(rng, chunks[i % len(chunks)])
         if len(chunk) >= 16 and int.from_bytes(chunk[12:16], "little") > 1 << 20:
             continue  # keep allocations small (a flipped top bit of n_symbols)

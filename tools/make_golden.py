@@ -1,4 +1,4 @@
-"""Write the QZ golden vectors: tests/golden/*.qz and tests/golden/index.json.
+"""Write the QZ golden vectors (versions 1 and 2): tests/golden/*.qz and tests/golden/index.json.
 
     python tools/make_golden.py                # rewrite tests/golden/
     python tools/make_golden.py --out /tmp/g   # elsewhere (the tests check the committed files are what this makes)
@@ -6,14 +6,16 @@
 Every implementation (converter/lzw.py, static/wasm/qz.c through wasmtime, the JS decoder) must decode each file
 to the expected result. index.json:
 
-    {"format": "QZ chunk v1 (docs/lzw-format.md)",
+    {"format": "QZ chunk v1 and v2 (docs/lzw-format.md)",
      "vectors": [{"name": ..., "file": "<name>.qz", "what": "<one line>",
                   "expect": "ok", "length": <output bytes>, "sha256": "<hex of the output bytes>"}
                  or {..., "expect": "<error name, e.g. BAD_CODE>", "code": <error code>}]}
 
 The inputs come from a tiny fixed PRNG (splitmix64) so the files never change with a Python or numpy version.
-Valid chunks come from the reference encoder; invalid ones are valid chunks with one defect, or LZW code streams
-written by hand below. Each expectation is checked against the reference decoder before anything is written.
+Valid chunks come from the reference encoder (or, for a primed chunk with a chosen split or width, from its model
+and tree functions); invalid ones are valid chunks with one defect, or code streams written by hand below. The
+version-1 vectors are the ones version 1 shipped with, byte for byte. Each expectation is checked against the
+reference decoder before anything is written.
 """
 from __future__ import annotations
 
@@ -99,11 +101,32 @@ def ternary_symbols(seed: int, n: int, p_zero: float) -> bytes:
 
 def header(method: int, alphabet: int, layout: int, n: int, bias: int = 0, mcb: int = 16, flags: int = 1,
            version: int = 1, magic: bytes = b"QZ", reserved: int = 0) -> bytes:
-    """A raw header, any field allowed (for the invalid vectors). Packed chunks get mcb = flags = 0."""
+    """A raw header, any field allowed (for the invalid vectors). Packed chunks get mcb = flags = 0.
+    `reserved` is bytes 10-11 (version 2: byte 10 is the dictionary)."""
     if method == lzw.METHOD_PACKED:
         mcb, flags = 0, 0
     return (magic + bytes([version, method]) + alphabet.to_bytes(2, "little") + bytes([layout, bias, mcb, flags])
             + reserved.to_bytes(2, "little") + n.to_bytes(4, "little"))
+
+
+def primed_chunk(symbols: bytes, alphabet: int, layout: int, bias: int = 0, split_bits: int = 0, width: int = 12,
+                 model: lzw.PrimedModel | None = None, codes: list[int] | None = None) -> bytes:
+    """A version-2 primed chunk with a chosen split and width (the encoder would choose its own), or with a
+    given model and code list (for hand-made defects)."""
+    if model is None:
+        counts, perm = lzw._rank_symbols(symbols, alphabet)
+        model = lzw.fit_model(counts, perm, split_bits, width)
+    rank_of = bytearray(256)
+    for r, s in enumerate(model.perm):
+        rank_of[s] = r
+    ranks = symbols.translate(bytes(rank_of))
+    k = model.split_bits
+    if codes is None:
+        _, table = lzw._primed_tree(model.costs, model.threshold, model.extra, width)
+        codes = lzw._primed_parse(ranks.translate(bytes((r >> k) & 0xFF for r in range(256))), table, model.classes)
+    low = lzw._write_fields((r & ((1 << k) - 1) for r in ranks), k) if k else b""
+    h = lzw.ChunkHeader(2, lzw.METHOD_LZW, alphabet, layout, bias, width, 0, len(symbols), lzw.DICT_PRIMED, model)
+    return h.to_bytes() + low + lzw._write_fields(codes, width)
 
 
 def code_stream(codes: list[int], alphabet: int, mcb: int = 16, pad: int = 0) -> bytes:
@@ -145,7 +168,12 @@ class Vector:
 
 
 def encode(symbols: bytes, alphabet: int, layout: int, **kw) -> bytes:
-    return lzw.encode_chunk(symbols, alphabet, layout, **kw)
+    """Version 1 (the vectors version 1 shipped with)."""
+    return lzw.encode_chunk(symbols, alphabet, layout, version=1, **kw)
+
+
+def encode2(symbols: bytes, alphabet: int, layout: int, **kw) -> bytes:
+    return lzw.encode_chunk(symbols, alphabet, layout, version=2, **kw)
 
 
 def valid_vectors() -> list[Vector]:
@@ -223,7 +251,7 @@ def invalid_vectors() -> list[Vector]:
     packed = encode(uniform_symbols(21, 101, 16), 16, U4, method=PACKED)  # odd n: a padding nibble
     v = [
         Vector("bad_magic", "magic 'QX'", with_byte(good, 1, ord("X")), "BAD_HEADER"),
-        Vector("bad_version", "version 2", with_byte(good, 2, 2), "BAD_HEADER"),
+        Vector("bad_version", "version 3 (1 and 2 exist)", with_byte(good, 2, 3), "BAD_HEADER"),
         Vector("bad_method", "method 2", with_byte(good, 3, 2), "BAD_HEADER"),
         Vector("truncated_header", "10 bytes: shorter than the header", good[:10], "BAD_HEADER"),
         Vector("empty_input", "0 bytes", b"", "BAD_HEADER"),
@@ -278,6 +306,168 @@ def invalid_vectors() -> list[Vector]:
     return v
 
 
+def _primed(chunk: bytes) -> lzw.ChunkHeader:
+    """The header of a chunk that must be a version-2 primed chunk (a vector-building invariant)."""
+    h = lzw.parse_header(chunk)
+    if not (h.version == 2 and h.primed):
+        raise AssertionError(f"expected a primed chunk, got version {h.version} method {h.method} / {h.dictionary}")
+    return h
+
+
+def _last_phrase_cut(chunk: bytes) -> bool:
+    """True if the last code of a primed chunk decodes past n_symbols (its tail is dropped)."""
+    h = _primed(chunk)
+    leaves, _ = lzw._primed_tree(h.model.costs, h.model.threshold, h.model.extra, h.max_code_bits)
+    payload = chunk[h.header_size + (h.n_symbols * h.model.split_bits + 7) // 8:]
+    reader, total = lzw._BitReader(payload), 0
+    while total < h.n_symbols:
+        total += len(leaves[reader.read(h.max_code_bits)])
+    return total > h.n_symbols
+
+
+def valid_vectors_v2() -> list[Vector]:
+    U8, U4, U2 = lzw.LAYOUT_U8, lzw.LAYOUT_U4, lzw.LAYOUT_U2
+    LZW, PACKED = lzw.METHOD_LZW, lzw.METHOD_PACKED
+    v = []
+
+    def add(name, what, chunk, method=LZW, split_bits=None, width=None):
+        if method == LZW:
+            h = _primed(chunk)
+            if split_bits is not None and h.model.split_bits != split_bits:
+                raise AssertionError(f"{name}: split_bits {h.model.split_bits}, wanted {split_bits}")
+            if width is not None and h.max_code_bits != width:
+                raise AssertionError(f"{name}: width {h.max_code_bits}, wanted {width}")
+        v.append(Vector(name, what, chunk, "ok", method))
+
+    s = int8_symbols(31, 3000, sigma=20.0)
+    add("v2_u8_int8", "int8 weights (sigma 20), A=256: primed, the encoder splits off raw rank bits",
+        encode2(s, 256, U8))
+    s = ternary_symbols(32, 5003, p_zero=0.4)
+    add("v2_u8_ternary_bias1", "ternary as int8 bytes (A=3, bias 1): no split, the tree decodes straight to "
+        "output bytes", encode2(s, 3, U8, bias=1), split_bits=0)
+    s = gauss_symbols(33, 4001, 16, sigma=2.5)
+    add("v2_u4_int4_odd", "int4 weights, A=16, u4, odd n: split rank bits, 16-lane combine + tail",
+        encode2(s, 16, U4))
+    s = gauss_symbols(34, 4003, 4, sigma=0.8)
+    add("v2_u2_int2", "int2 weights, A=4, u2, n % 4 == 3", encode2(s, 4, U2))
+    s = ternary_symbols(35, 4001, p_zero=0.5)
+    add("v2_u2_ternary", "ternary in crumbs, A=3, u2, n % 4 == 1", encode2(s, 3, U2), split_bits=0)
+    s = gauss_symbols(36, 3000, 16, sigma=2.0)
+    add("v2_u8_a16_bias8", "int4 values as int8 bytes: A=16, u8, bias 8", encode2(s, 16, U8, bias=8))
+    s = ternary_symbols(37, 3001, p_zero=0.6)
+    add("v2_u4_a3_odd", "ternary in nibbles, A=3, u4, odd n", encode2(s, 3, U4))
+    s = ternary_symbols(38, 4002, p_zero=0.2)
+    add("v2_u2_binary", "binary, A=2, u2, n % 4 == 2", encode2(bytes(x & 1 for x in s), 2, U2))
+    primed = dict(method=LZW, dictionary=lzw.DICT_PRIMED)
+    add("v2_single", "one symbol, A=16, u4, primed forced", encode2(b"\x05", 16, U4, **primed))
+    add("v2_empty_primed", "n = 0, primed forced: model block, no payload", encode2(b"", 256, U8, **primed))
+    add("v2_run_depth_cap", "one symbol 5000 times (A=16), primed forced: a class of cost 1, strings capped at 64",
+        encode2(bytes([9]) * 5000, 16, U4, **primed))
+    s = ternary_symbols(39, 20000, p_zero=0.97)
+    add("v2_sparse_ternary", "mostly-zero ternary (20000 symbols, u2), primed forced: long phrases",
+        encode2(s, 3, U2, dictionary=lzw.DICT_PRIMED))
+    run = encode2(bytes([9]) * 5000, 16, U4)
+    if lzw.parse_header(run).dictionary != lzw.DICT_ADAPTIVE:
+        raise AssertionError("a run should be smaller with the adaptive dictionary")
+    v.append(Vector("v2_auto_adaptive_run", "one symbol 5000 times, auto: the adaptive dictionary is smaller than "
+                    "the primed one (phrases of at most 64)", run, "ok", LZW))
+    s = gauss_symbols(40, 3000, 16, sigma=1.2)
+    add("v2_width9", "max_code_bits 9: 9-bit codes", encode2(s, 16, U4, max_code_bits=9), width=9)
+    s = int8_symbols(41, 2500, sigma=6.0)
+    add("v2_u8_k0_a256", "A=256 without a split (k = 0, up to 256 classes), made from the model functions",
+        primed_chunk(s, 256, U8, split_bits=0, width=12), split_bits=0, width=12)
+    s = int8_symbols(42, 2500, sigma=25.0)
+    add("v2_u8_k7", "A=256, k = 7: two classes of 128 ranks, 7 raw bits per symbol",
+        primed_chunk(s, 256, U8, split_bits=7, width=10), split_bits=7, width=10)
+    s = gauss_symbols(43, 3001, 16, sigma=2.0)
+    add("v2_u4_k1", "A=16, k = 1 (8 classes), u4", primed_chunk(s, 16, U4, split_bits=1, width=11),
+        split_bits=1, width=11)
+    add("v2_u4_k3", "A=16, k = 3 (2 classes), u4", primed_chunk(s, 16, U4, split_bits=3, width=12),
+        split_bits=3, width=12)
+    s = gauss_symbols(44, 6000, 16, sigma=2.0)
+    add("v2_width14_k2", "a 14-bit tree (wider than the encoder writes: the decoder's scratch arena), k = 2",
+        primed_chunk(s, 16, U4, split_bits=2, width=14), split_bits=2, width=14)
+    s = ternary_symbols(45, 3000, p_zero=0.5)
+    add("v2_width16_u8", "a 16-bit tree (65536 leaves), ternary as bytes", primed_chunk(s, 3, U8, bias=1, width=16),
+        width=16)
+    s = uniform_symbols(46, 2000, 256)
+    add("v2_packed_fallback", "uniform random bytes: the primed chunk is larger, so auto stores packed "
+        "(version 2 header)", encode2(s, 256, U8), method=PACKED)
+    s = gauss_symbols(47, 3000, 16, sigma=2.0)
+    v.append(Vector("v2_adaptive_lzw", "version 2 with the adaptive (v1 LZW) dictionary, dictionary byte 0",
+                    encode2(s, 16, U4, method=LZW, dictionary=lzw.DICT_ADAPTIVE), "ok", LZW))
+    cut = [x for x in v if x.method == LZW and lzw.parse_header(x.chunk).primed and _last_phrase_cut(x.chunk)]
+    if not cut:
+        raise AssertionError("no primed vector ends with a phrase cut short by n_symbols")
+    return v
+
+
+def invalid_vectors_v2() -> list[Vector]:
+    U4, U8 = lzw.LAYOUT_U4, lzw.LAYOUT_U8
+    LZW = lzw.METHOD_LZW
+    s = gauss_symbols(50, 600, 16, sigma=2.0)
+    good = primed_chunk(s, 16, U4, split_bits=2, width=10)  # model block at 16..16+8+16+M
+    h = _primed(good)
+    m = h.model
+    model_at = lzw.HEADER_SIZE
+    perm_at, costs_at = model_at + lzw.MODEL_FIXED_SIZE, model_at + lzw.MODEL_FIXED_SIZE + 16
+    low_len = (h.n_symbols * m.split_bits + 7) // 8
+    v = [
+        Vector("v2_bad_dictionary", "dictionary byte 2", with_byte(good, 10, 2), "BAD_HEADER"),
+        Vector("v2_reserved_11", "version 2, reserved byte 11 = 1", with_byte(good, 11, 1), "BAD_HEADER"),
+        Vector("v1_dictionary_byte", "version 1 with byte 10 = 1 (reserved in version 1)",
+               with_byte(encode(s, 16, U4), 10, 1), "BAD_HEADER"),
+        Vector("v2_version_3", "version 3", with_byte(good, 2, 3), "BAD_HEADER"),
+        Vector("v2_primed_flags", "primed chunk with flags 1", with_byte(good, 9, 1), "BAD_HEADER"),
+        Vector("v2_primed_width_8", "primed code width 8", with_byte(good, 8, 8), "BAD_HEADER"),
+        Vector("v2_primed_width_17", "primed code width 17", with_byte(good, 8, 17), "BAD_HEADER"),
+        Vector("v2_packed_dictionary", "packed chunk with dictionary 1",
+               with_byte(encode2(s, 16, U4, method=lzw.METHOD_PACKED), 10, 1), "BAD_HEADER"),
+        Vector("v2_model_cut", "chunk ends inside the model's fixed part", good[:model_at + 5], "BAD_HEADER"),
+        Vector("v2_model_cut_costs", "chunk ends inside the class costs", good[:costs_at + 1], "BAD_HEADER"),
+        Vector("v2_model_reserved", "model reserved byte (offset 17) = 1", with_byte(good, 17, 1), "BAD_HEADER"),
+        Vector("v2_split_8", "split_bits 8", with_byte(good, 16, 8), "BAD_HEADER"),
+        Vector("v2_split_not_dividing", "A=3 with split_bits 1 (2 does not divide 3)",
+               with_byte(primed_chunk(ternary_symbols(51, 300, 0.5), 3, U8, bias=1, width=9), 16, 1), "BAD_HEADER"),
+        Vector("v2_classes_1", "classes 1", with_byte(good, 18, 1), "BAD_HEADER"),
+        Vector("v2_classes_too_many", "classes 5 with A=16, k=2 (at most 4)", with_byte(good, 18, 5), "BAD_HEADER"),
+        Vector("v2_perm_duplicate", "rank table lists a symbol twice", with_byte(good, perm_at + 1, good[perm_at]),
+               "BAD_HEADER"),
+        Vector("v2_perm_out_of_range", "rank table holds symbol 16 (A=16)", with_byte(good, perm_at + 3, 16),
+               "BAD_HEADER"),
+        Vector("v2_cost_zero", "a class cost of 0", with_byte(good, costs_at, 0), "BAD_HEADER"),
+    ]
+    big_t = good[:20] + (m.threshold + 40).to_bytes(2, "little") + good[22:]
+    v.append(Vector("v2_tree_too_big", "threshold raised: the tree has more than 2**10 leaves (found while "
+                    "building it)", big_t, "BAD_HEADER"))
+    extra_at = model_at + 6
+    big_e = good[:extra_at] + (m.extra + 200).to_bytes(2, "little") + good[extra_at + 2:]
+    v.append(Vector("v2_extra_too_big", "extra larger than the number of cost T+1 nodes", big_e, "BAD_HEADER"))
+    # a model whose tree has fewer leaves than 2**width (three classes: leaves are odd), then the top code
+    t = ternary_symbols(52, 400, p_zero=0.5)
+    counts, perm = lzw._rank_symbols(t, 3)
+    m3 = lzw.fit_model(counts, perm, 0, 9)
+    leaves, _ = lzw._primed_tree(m3.costs, m3.threshold, m3.extra, 9)
+    if len(leaves) >= 1 << 9:
+        raise AssertionError("v2_bad_code needs a tree with unused codes")
+    v.append(Vector("v2_bad_code", f"code 511 with {len(leaves)} leaves", primed_chunk(
+        t[:3], 3, U8, bias=1, width=9, model=m3, codes=[511]), "BAD_CODE"))
+    v.append(Vector("v2_low_truncated", "payload shorter than the raw rank bits", good[:h.header_size + low_len - 1],
+                    "TRUNCATED"))
+    odd = primed_chunk(s[:599], 16, U4, split_bits=3, width=10)  # 599 * 3 bits: 3 padding bits in the raw section
+    ho = _primed(odd)
+    last_low = ho.header_size + (599 * 3 + 7) // 8 - 1
+    v.append(Vector("v2_low_padding", "nonzero padding bits after the raw rank bits",
+                    with_byte(odd, last_low, odd[last_low] | 0x80), "TRAILING"))
+    v.append(Vector("v2_codes_truncated", "code section missing its last 2 bytes", good[:-2], "TRUNCATED"))
+    v.append(Vector("v2_trailing_byte", "one zero byte after the last code", good + b"\0", "TRAILING"))
+    v.append(Vector("v2_trailing_bits", "nonzero unused bits after the last code",
+                    good[:-1] + bytes([good[-1] | 0x80]), "TRAILING"))
+    v.append(Vector("v2_n0_with_payload", "primed, n = 0, one payload byte",
+                    encode2(b"", 16, U4, method=LZW, dictionary=lzw.DICT_PRIMED) + b"\0", "TRAILING"))
+    return v
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,11 +498,11 @@ def make_index(vectors: list[Vector]) -> dict:
         else:
             entry["code"] = lzw.ERROR_CODES[vec.expect]
         entries.append(entry)
-    return {"format": "QZ chunk v1 (docs/lzw-format.md)", "vectors": entries}
+    return {"format": "QZ chunk v1 and v2 (docs/lzw-format.md)", "vectors": entries}
 
 
 def write_golden(out_dir: Path) -> dict:
-    vectors = valid_vectors() + invalid_vectors()
+    vectors = valid_vectors() + invalid_vectors() + valid_vectors_v2() + invalid_vectors_v2()
     index = make_index(vectors)
     total = sum(len(v.chunk) for v in vectors)
     if total > MAX_TOTAL_BYTES:

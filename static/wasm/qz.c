@@ -1,4 +1,4 @@
-/* qz.c — the QZ chunk codec (docs/lzw-format.md, version 1) in freestanding C.
+/* qz.c — the QZ chunk codec (docs/lzw-format.md, versions 1 and 2) in freestanding C.
  *
  * One source, two builds (tools/build_wasm.py):
  *   wasm32:  zig cc --target=wasm32-freestanding -O3 -msimd128 -mbulk-memory -nostdlib  ->  static/wasm/qz.wasm
@@ -13,26 +13,32 @@
  *                                fails. Growing detaches JS ArrayBuffers: re-read memory.buffer after a call.
  *   void qz_reset_heap(void)     Forget every allocation (the usual pattern: reset, alloc in, alloc out, call).
  *   i32 qz_decoded_size(const u8 *in, u32 in_len)
- *                                Validates the header; returns the output byte count (layout bytes for
- *                                n_symbols), or -error code.
+ *                                Validates the header (and a primed chunk's model block); returns the output byte
+ *                                count (layout bytes for n_symbols), or -error code.
  *   i32 qz_decode(const u8 *in, u32 in_len, u8 *out, u32 out_cap)
- *                                Decodes one chunk; returns the bytes written (>= 0) or -error code.
- *                                On error the contents of out are unspecified.
+ *                                Decodes one chunk (version 1 or 2); returns the bytes written (>= 0) or -error
+ *                                code. On error the contents of out are unspecified.
  *   u32 qz_encode_bound(u32 n, u32 layout, u32 flags)
  *                                An out_cap that is always enough for qz_encode with these arguments.
  *   i32 qz_encode(const u8 *sym, u32 n, u32 alphabet, u32 layout, u32 bias, u32 max_code_bits, u32 flags,
  *                 u8 *out, u32 out_cap)
- *                                Encodes n symbols (one per byte) into one chunk (header + payload); returns the
- *                                chunk length or -error code (BAD_HEADER bad parameters, BAD_SYMBOL a symbol
- *                                >= alphabet, OUT_TOO_SMALL out_cap too small).
- *                                flags: bit 0 (QZ_ENC_RESET) = reset-when-full; QZ_ENC_FORCE_LZW (0x100) or
- *                                QZ_ENC_FORCE_PACKED (0x200) force a method, neither = LZW unless its payload is
- *                                larger than the packed one (the same choice as converter/lzw.py).
+ *                                Encodes n symbols (one per byte) into one chunk; returns the chunk length or
+ *                                -error code (BAD_HEADER bad parameters, BAD_SYMBOL a symbol >= alphabet,
+ *                                OUT_TOO_SMALL out_cap too small). flags:
+ *                                  QZ_ENC_RESET (0x1)          adaptive LZW: reset-when-full
+ *                                  QZ_ENC_FORCE_LZW (0x100)    dictionary codes even if larger than packed
+ *                                  QZ_ENC_FORCE_PACKED (0x200) packed
+ *                                  QZ_ENC_V2 (0x400)           write version 2 (else version 1: adaptive only)
+ *                                  QZ_ENC_ADAPTIVE (0x800)     version 2: only the adaptive LZW dictionary
+ *                                  QZ_ENC_PRIMED (0x1000)      version 2: only the primed dictionary
+ *                                Version 2 without either: the smaller of the two (primed on a tie). Neither FORCE
+ *                                flag: dictionary codes unless that chunk is larger than the packed one — the same
+ *                                choices, byte for byte, as converter/lzw.py.
  *
  * Error codes are those of the spec (1 BAD_HEADER .. 7 BAD_SYMBOL), plus QZ_NO_MEMORY (64): a decode could not get
  * its scratch memory. That one is about this machine, not the chunk; callers raise an out-of-memory error.
  * Outputs larger than 2^31 - 1 bytes cannot be reported in an i32 and are refused with OUT_TOO_SMALL.
- * The codec keeps its dictionary in static memory: it is not reentrant (wasm instances are single-threaded).
+ * The codec keeps its dictionaries in static memory: it is not reentrant (wasm instances are single-threaded).
  */
 
 /* ============================================================================================================= */
@@ -52,6 +58,9 @@ typedef __SIZE_TYPE__ usize;
 
 #define QZ_API __attribute__((visibility("default")))
 #define QZ_INLINE static inline __attribute__((always_inline))
+/* Hot loops kept in functions of their own: wasmtime (Cranelift) compiles them better than when inlined into their
+ * caller (measured: the primed decode 0-18% faster). */
+#define QZ_HOT_LOOP static __attribute__((noinline))
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
@@ -68,9 +77,16 @@ enum {
 };
 
 enum { METHOD_PACKED = 0, METHOD_LZW = 1 };
+enum { DICT_ADAPTIVE = 0, DICT_PRIMED = 1 };
 enum { LAYOUT_U8 = 0, LAYOUT_U4 = 1, LAYOUT_U2 = 2 };
 enum { HEADER_SIZE = 16, MIN_CODE_BITS = 9, MAX_CODE_BITS = 16, MAX_CODES = 1 << MAX_CODE_BITS };
-enum { QZ_ENC_RESET = 0x1, QZ_ENC_FORCE_LZW = 0x100, QZ_ENC_FORCE_PACKED = 0x200 };
+enum { QZ_ENC_RESET = 0x1, QZ_ENC_FORCE_LZW = 0x100, QZ_ENC_FORCE_PACKED = 0x200, QZ_ENC_V2 = 0x400,
+       QZ_ENC_ADAPTIVE = 0x800, QZ_ENC_PRIMED = 0x1000 };
+/* Primed dictionary: model block = 8 fixed bytes + perm[A] + costs[M]; strings of at most MAX_PHRASE classes.
+ * The encoder uses codes of at most PRIMED_CODE_BITS (an encoder policy, as in converter/lzw.py). */
+enum { MODEL_FIXED_SIZE = 8, MAX_SPLIT_BITS = 7, MAX_PHRASE = 64, MAX_THRESHOLD = 0xFFFF };
+enum { PRIMED_CODE_BITS = 12, PRIMED_WIDTH_TRIES = 3, PRIMED_MAX_CLASSES = 64 };
+enum { MODEL_MAX_SIZE = MODEL_FIXED_SIZE + 256 + 256 };
 
 /* Slack after the scratch symbols: the match copier moves 16 bytes at a time and may write up to 15 bytes past
  * the end of a string (later strings overwrite them). */
@@ -88,6 +104,21 @@ QZ_INLINE void storev(u8 *p, v16u8 v) { __builtin_memcpy(p, &v, 16); }
 /* One 16-byte load, then one store: the ranges may overlap (memcpy(dst, src, 16) would be undefined then). */
 QZ_INLINE void copy16(u8 *dst, const u8 *src) { storev(dst, loadv(src)); }
 QZ_INLINE u32 bit_length(u32 x) { return x ? 32u - (u32)__builtin_clz(x) : 0u; }
+
+/* lookup16(table, idx): byte i = table[idx[i]] for idx[i] < 16 — wasm i8x16.swizzle, or gcc's generic shuffle
+ * (pshufb with SSSE3). Other compilers (clang natively: the fuzz build) take the scalar paths. */
+#if defined(__wasm__)
+typedef signed char v16i8 __attribute__((vector_size(16)));
+#define HAVE_LOOKUP16 1
+QZ_INLINE v16u8 lookup16(v16u8 table, v16u8 idx) {
+    return (v16u8)__builtin_wasm_swizzle_i8x16((v16i8)table, (v16i8)idx);
+}
+#elif defined(__GNUC__) && !defined(__clang__)
+#define HAVE_LOOKUP16 1
+QZ_INLINE v16u8 lookup16(v16u8 table, v16u8 idx) { return __builtin_shuffle(table, idx); }
+#else
+#define HAVE_LOOKUP16 0
+#endif
 
 /* ============================================================================================================= */
 /* Memory: a bump heap on wasm (grown with memory.grow), malloc natively                                         */
@@ -141,14 +172,24 @@ static void scratch_put(u8 *p) { free(p); }
 /* ============================================================================================================= */
 
 typedef struct {
+    u32 version;        /* 1 or 2 */
     u32 method;         /* METHOD_PACKED / METHOD_LZW */
     u32 alphabet;       /* A, 2..256 */
     u32 layout;         /* LAYOUT_U8 / U4 / U2 */
     u32 bias;           /* layout u8 only: output byte = (symbol - bias) mod 256 */
-    u32 max_code_bits;  /* LZW: 9..16; packed: 0 */
-    u32 flags;          /* LZW: bit 0 = reset-when-full; packed: 0 */
+    u32 max_code_bits;  /* adaptive: 9..16, the widest code; primed: 9..16, every code; packed: 0 */
+    u32 flags;          /* adaptive: bit 0 = reset-when-full; primed and packed: 0 */
+    u32 dictionary;     /* method 1 of version 2: DICT_ADAPTIVE / DICT_PRIMED; otherwise 0 */
     u32 n_symbols;
     u64 out_bytes;      /* derived: layout bytes for n_symbols */
+    u32 header_size;    /* derived: 16, plus the model block of a primed chunk */
+    /* primed model block (offsets 16..): split_bits, reserved, classes u16, threshold u16, extra u16, perm, costs */
+    u32 split_bits;     /* k: raw low bits of each frequency rank */
+    u32 classes;        /* M: classes the tree parses, 2..A >> k */
+    u32 threshold;      /* T */
+    u32 extra;          /* E */
+    const u8 *perm;     /* A bytes (inside the chunk): perm[rank] = symbol */
+    const u8 *costs;    /* M bytes (inside the chunk): class costs in 1/16 bit, 1..255 */
 } qz_header;
 
 static u32 symbols_per_byte(u32 layout) { return layout == LAYOUT_U8 ? 1u : layout == LAYOUT_U4 ? 2u : 4u; }
@@ -159,37 +200,82 @@ static u64 layout_nbytes(u32 layout, u32 n) {
     return ((u64)n + per - 1u) / per;
 }
 
-/* The rules of the spec's header table, shared by decoder and encoder. */
+/* The rules of the spec's header table, shared by decoder and encoder (the model block is checked apart). */
 static int header_ok(const qz_header *h) {
+    if (h->version != 1 && h->version != 2) return 0;
     if (h->method != METHOD_PACKED && h->method != METHOD_LZW) return 0;
     if (h->layout > LAYOUT_U2) return 0;
     if (h->alphabet < 2 || h->alphabet > max_alphabet(h->layout)) return 0;
     if (h->bias > 255 || (h->layout != LAYOUT_U8 && h->bias != 0)) return 0;
-    if (h->method == METHOD_PACKED) return h->max_code_bits == 0 && h->flags == 0;
+    if (h->method == METHOD_PACKED) return h->max_code_bits == 0 && h->flags == 0 && h->dictionary == 0;
     if (h->max_code_bits < MIN_CODE_BITS || h->max_code_bits > MAX_CODE_BITS) return 0;
-    if ((1u << h->max_code_bits) <= h->alphabet + 1u) return 0;
-    return (h->flags & ~1u) == 0;
+    if (h->dictionary == DICT_ADAPTIVE) return (1u << h->max_code_bits) > h->alphabet + 1u && (h->flags & ~1u) == 0;
+    return h->dictionary == DICT_PRIMED && h->version == 2 && h->flags == 0;
 }
+
+/* The static rules of a primed model block (the tree-size rules are checked while building the tree). */
+static int model_ok(const qz_header *h) {
+    const u32 a = h->alphabet, k = h->split_bits;
+    if (k > MAX_SPLIT_BITS || (a & ((1u << k) - 1u)) != 0) return 0;
+    if (h->classes < 2 || h->classes > (a >> k)) return 0;
+    u32 seen[8] = {0, 0, 0, 0, 0, 0, 0, 0};  /* perm must be a permutation of 0..A-1 */
+    for (u32 r = 0; r < a; r++) {
+        u32 s = h->perm[r];
+        if (s >= a || (seen[s >> 5] >> (s & 31) & 1u)) return 0;
+        seen[s >> 5] |= 1u << (s & 31);
+    }
+    for (u32 c = 0; c < h->classes; c++) if (h->costs[c] == 0) return 0;  /* costs are 1..255 */
+    return 1;
+}
+
+static u32 get16(const u8 *p) { return (u32)p[0] | (u32)p[1] << 8; }
 
 static int parse_header(const u8 *in, u32 in_len, qz_header *h) {
     if (in_len < HEADER_SIZE) return 0;
-    if (in[0] != 'Q' || in[1] != 'Z' || in[2] != 1 || in[10] != 0 || in[11] != 0) return 0;
+    if (in[0] != 'Q' || in[1] != 'Z') return 0;
+    h->version = in[2];
+    if (h->version == 1) {
+        if (in[10] != 0 || in[11] != 0) return 0;
+        h->dictionary = DICT_ADAPTIVE;
+    } else if (h->version == 2) {
+        if (in[11] != 0) return 0;
+        h->dictionary = in[10];
+    } else {
+        return 0;
+    }
     h->method = in[3];
-    h->alphabet = (u32)in[4] | (u32)in[5] << 8;
+    h->alphabet = get16(in + 4);
     h->layout = in[6];
     h->bias = in[7];
     h->max_code_bits = in[8];
     h->flags = in[9];
     h->n_symbols = (u32)in[12] | (u32)in[13] << 8 | (u32)in[14] << 16 | (u32)in[15] << 24;
     h->out_bytes = layout_nbytes(h->layout, h->n_symbols);
-    return header_ok(h);
+    h->header_size = HEADER_SIZE;
+    if (!header_ok(h)) return 0;
+    if (h->method == METHOD_LZW && h->dictionary == DICT_PRIMED) {
+        if (in_len < HEADER_SIZE + MODEL_FIXED_SIZE) return 0;
+        const u8 *m = in + HEADER_SIZE;
+        if (m[1] != 0) return 0;
+        h->split_bits = m[0];
+        h->classes = get16(m + 2);
+        h->threshold = get16(m + 4);
+        h->extra = get16(m + 6);
+        u32 size = HEADER_SIZE + MODEL_FIXED_SIZE + h->alphabet + h->classes;
+        if (in_len < size) return 0;
+        h->perm = m + MODEL_FIXED_SIZE;
+        h->costs = h->perm + h->alphabet;
+        h->header_size = size;
+        if (!model_ok(h)) return 0;
+    }
+    return 1;
 }
 
 static void write_header(u8 *out, const qz_header *h) {
-    out[0] = 'Q'; out[1] = 'Z'; out[2] = 1; out[3] = (u8)h->method;
+    out[0] = 'Q'; out[1] = 'Z'; out[2] = (u8)h->version; out[3] = (u8)h->method;
     out[4] = (u8)h->alphabet; out[5] = (u8)(h->alphabet >> 8);
     out[6] = (u8)h->layout; out[7] = (u8)h->bias; out[8] = (u8)h->max_code_bits; out[9] = (u8)h->flags;
-    out[10] = 0; out[11] = 0;
+    out[10] = (u8)h->dictionary; out[11] = 0;
     for (int i = 0; i < 4; i++) out[12 + i] = (u8)(h->n_symbols >> (8 * i));
 }
 
@@ -240,7 +326,7 @@ QZ_INLINE v16u8 pack64_u2(const u8 *sym) {
     return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
 }
 
-static void pack_symbols(const u8 *sym, u32 n, u32 layout, u8 *out) {
+QZ_HOT_LOOP void pack_symbols(const u8 *sym, u32 n, u32 layout, u8 *out) {
     u32 i = 0;
     if (layout == LAYOUT_U4) {
         for (; i + 32 <= n; i += 32) storev(out + i / 2, pack32_u4(loadv(sym + i), loadv(sym + i + 16)));
@@ -420,6 +506,303 @@ static int lzw_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *buf, 
 }
 
 /* ============================================================================================================= */
+/* Method 1, primed dictionary: decoder                                                                          */
+/* ============================================================================================================= */
+
+/* The dictionary is the leaf set of a Tunstall tree over the classes 0..M-1 (docs/lzw-format.md, "Primed
+ * dictionary"): the root is expanded, and so is every node (the children of an expanded node are visited in class
+ * order) shorter than MAX_PHRASE whose cost, the sum of its classes' costs, is <= T, or is T + 1 while fewer than E
+ * such nodes were expanded before it in depth-first preorder. Leaves are numbered in preorder; leaf i is code i.
+ *
+ * Each leaf's string is written once into an arena (already in output form: the output byte of each class when
+ * k = 0, class << k when k > 0), and table[code] = (pointer, length): a code is decoded by one copy, as in the
+ * adaptive decoder. Codes from the leaf count up to 2^width - 1 get a length no buffer can hold (BAD_CODE on the
+ * careful path). */
+enum { BAD_LEN = 0x40000000 };
+
+/* Copy a dictionary string (<= MAX_PHRASE bytes): two 16-byte moves whatever its length, more only past 32 bytes
+ * (rare), so a short string costs no branch on its length. Reads and writes up to PHRASE_SLACK bytes past the
+ * string: src and dst need that much room (later strings overwrite the junk). */
+enum { PHRASE_SLACK = 32 };
+QZ_INLINE void copy_phrase(u8 *dst, const u8 *src, u32 len) {
+    copy16(dst, src);
+    copy16(dst + 16, src + 16);
+    for (u32 i = 32; UNLIKELY(i < len); i += 16) copy16(dst + i, src + i);
+}
+
+/* Build the leaves into table[0 .. 2^width) and arena (at least 2^width * MAX_PHRASE + PHRASE_SLACK bytes); return the
+ * leaf count, or 0 when the tree breaks a rule (more than 2^width leaves, or fewer than E nodes of cost T + 1 to
+ * expand). */
+QZ_HOT_LOOP u32 primed_build(const qz_header *h, const u8 *byte_of_class, qz_entry *table, u8 *arena) {
+    const u32 m = h->classes, t = h->threshold, e = h->extra, limit = 1u << h->max_code_bits;
+    u32 cost[MAX_PHRASE];      /* cost of the node at each depth of the current path */
+    u32 next[MAX_PHRASE];      /* next class to visit below it */
+    u8 path[MAX_PHRASE + PHRASE_SLACK];
+    __builtin_memset(path, 0, sizeof path);
+    u32 depth = 0, leaves = 0, extra_used = 0, used = 0;
+    cost[0] = 0;
+    next[0] = 0;
+    for (;;) {
+        if (next[depth] == m) {  /* all children done: back to the parent */
+            if (depth == 0) break;
+            depth--;
+            continue;
+        }
+        u32 c = next[depth]++;
+        u32 child = cost[depth] + h->costs[c];
+        path[depth] = byte_of_class[c];
+        if (depth + 1 < MAX_PHRASE && (child <= t || (child == t + 1 && extra_used < e))) {
+            extra_used += child == t + 1;
+            depth++;
+            cost[depth] = child;
+            next[depth] = 0;
+        } else {
+            if (leaves == limit) return 0;
+            copy_phrase(arena + used, path, depth + 1);
+            table[leaves].src = arena + used;
+            table[leaves].len = depth + 1;
+            used += depth + 1;
+            leaves++;
+        }
+    }
+    if (extra_used != e) return 0;
+    for (u32 code = leaves; code < limit; code++) table[code].len = BAD_LEN;
+    return leaves;
+}
+
+/* Decode the code section into buf: n classes (or output bytes), writing at most `limit` bytes of buf (n for the
+ * caller's output, n + PHRASE_SLACK for scratch). The last phrase may pass n: its tail is dropped. Returns QZ_OK or
+ * an error code. Fast loop: while 8 payload bytes remain, refill to >= 56 bits and take up to 3 codes (<= 16 bits
+ * each) that fit with PHRASE_SLACK bytes of room; anything else goes to the careful path for one code. */
+QZ_HOT_LOOP int primed_codes(const u8 *payload, u32 plen, u32 width, const qz_entry *table, u32 leaves, u8 *buf, u32 n,
+                        u32 limit) {
+    const u8 *p = payload, *end = payload + plen;
+    const u32 mask = (1u << width) - 1u;
+    u64 bitbuf = 0;
+    u32 bitcnt = 0, pos = 0;
+    while (pos < n) {
+        while (end - p >= 8) {
+            bitbuf |= load64(p) << bitcnt;  /* branchless refill to 56..63 bits */
+            p += (63u - bitcnt) >> 3;
+            bitcnt |= 56u;
+            const qz_entry *e0 = &table[(u32)bitbuf & mask];
+            if (UNLIKELY(e0->len + PHRASE_SLACK > limit - pos)) break;  /* bad code, or near the end */
+            bitbuf >>= width; bitcnt -= width;
+            copy_phrase(buf + pos, e0->src, e0->len); pos += e0->len;
+            const qz_entry *e1 = &table[(u32)bitbuf & mask];
+            if (UNLIKELY(e1->len + PHRASE_SLACK > limit - pos)) break;
+            bitbuf >>= width; bitcnt -= width;
+            copy_phrase(buf + pos, e1->src, e1->len); pos += e1->len;
+            const qz_entry *e2 = &table[(u32)bitbuf & mask];
+            if (UNLIKELY(e2->len + PHRASE_SLACK > limit - pos)) break;
+            bitbuf >>= width; bitcnt -= width;
+            copy_phrase(buf + pos, e2->src, e2->len); pos += e2->len;
+        }
+        if (pos >= n) break;
+
+        /* ---- careful path: one code ---- */
+        if (bitcnt < width) {
+            while (bitcnt <= 56u && p < end) { bitbuf |= (u64)*p++ << bitcnt; bitcnt += 8u; }
+            if (bitcnt < width) return QZ_TRUNCATED;
+        }
+        u32 code = (u32)bitbuf & mask;
+        bitbuf >>= width;
+        bitcnt -= width;
+        if (code >= leaves) return QZ_BAD_CODE;
+        const u8 *src = table[code].src;
+        u32 len = table[code].len, take = len < n - pos ? len : n - pos;
+        if (take + PHRASE_SLACK <= limit - pos) {
+            copy_phrase(buf + pos, src, take);
+        } else {
+            for (u32 i = 0; i < take; i++) buf[pos + i] = src[i];
+        }
+        pos += take;
+    }
+    /* End of stream: the payload ends in the byte holding the last bit read; its unread bits are 0. */
+    u64 bits = (u64)(p - payload) * 8u - bitcnt;
+    u64 used = (bits + 7u) / 8u;
+    if (used != plen) return QZ_TRAILING;
+    if ((bits & 7u) && (payload[used - 1] >> (bits & 7u)) != 0) return QZ_TRAILING;
+    return QZ_OK;
+}
+
+#if HAVE_LOOKUP16
+/* 16 symbols at a time, for alphabets <= 16: their k-bit fields are 2k bytes; bit j of lane i is bit k*i + j of
+ * them: pick byte (k*i + j) >> 3 into the lane, test bit (k*i + j) & 7, OR 1 << j into the rank; then the
+ * rank -> output table is one lookup. k is a constant in each instance, so the selectors stay in registers.
+ * Returns the symbols done (a multiple of 16). */
+QZ_INLINE u32 combine16(const u8 *cls, u32 n, const u8 *low, u32 low_len, const u32 k, const u8 *table, u8 *dst) {
+    u8 sel[3][16], bit[3][16];
+    for (u32 j = 0; j < 3; j++) {
+        for (u32 lane = 0; lane < 16; lane++) {
+            sel[j][lane] = (u8)((k * lane + j) >> 3);
+            bit[j][lane] = (u8)(1u << ((k * lane + j) & 7u));
+        }
+    }
+    const v16u8 tv = loadv(table), zero = {0};
+    const v16u8 s0 = loadv(sel[0]), s1 = loadv(sel[1]), s2 = loadv(sel[2]);
+    const v16u8 b0 = loadv(bit[0]), b1 = loadv(bit[1]), b2 = loadv(bit[2]);
+    u32 i = 0;
+    for (; i + 16 <= n && (u64)(i >> 4) * 2u * k + 16u <= low_len; i += 16) {
+        const v16u8 bytes = loadv(low + (i >> 4) * 2u * k);
+        v16u8 rank = loadv(cls + i);
+        rank |= (v16u8)((lookup16(bytes, s0) & b0) != zero) & (u8)1;
+        if (k > 1) rank |= (v16u8)((lookup16(bytes, s1) & b1) != zero) & (u8)2;
+        if (k > 2) rank |= (v16u8)((lookup16(bytes, s2) & b2) != zero) & (u8)4;
+        storev(dst + i, lookup16(tv, rank));
+    }
+    return i;
+}
+#endif
+
+/* 8 symbols at a time, k a constant in each instance: their k-bit fields are exactly k bytes. Returns the symbols
+ * done (a multiple of 8). map is the caller's 256-byte table (a local copy, so stores to dst cannot alias it). */
+QZ_INLINE u32 combine8(const u8 *cls, u32 n, const u8 *low, u32 low_len, const u32 k, const u8 *map, u8 *dst) {
+    const u32 mask = (1u << k) - 1u;
+    u32 i = 0;
+    for (; i + 8 <= n && (u64)(i >> 3) * k + 8u <= low_len; i += 8) {
+        u64 v = load64(low + (i >> 3) * k);
+        for (u32 j = 0; j < 8; j++) dst[i + j] = map[cls[i + j] | ((u32)(v >> (j * k)) & mask)];
+    }
+    return i;
+}
+
+/* dst[i] = map[cls[i] | low_i], where cls[i] already holds class << k and low_i is bits [i*k, i*k + k) of `low`
+ * (LSB first). dst may be cls. */
+QZ_HOT_LOOP void primed_combine(const u8 *cls, u32 n, const u8 *low, u32 low_len, u32 k, const u8 *map, u32 map_len,
+                           u8 *dst) {
+    const u32 mask = (1u << k) - 1u;
+    u8 table[256];
+    for (u32 r = 0; r < 256; r++) table[r] = r < map_len ? map[r] : 0;
+    u32 i = 0;
+#if HAVE_LOOKUP16
+    if (map_len <= 16) {  /* then k <= 3 (2^k divides A <= 16, and A >> k >= 2) */
+        if (k == 1) i = combine16(cls, n, low, low_len, 1, table, dst);
+        else if (k == 2) i = combine16(cls, n, low, low_len, 2, table, dst);
+        else if (k == 3) i = combine16(cls, n, low, low_len, 3, table, dst);
+    }
+#endif
+    /* the rest 8 at a time (all of it when there is no 16-lane path); i is a multiple of 16 here */
+    const u32 at = i, off = at / 8 * k;
+    const u8 *c8 = cls + at, *l8 = low + off;
+    u8 *d8 = dst + at;
+    switch (k) {  /* one instance per k: constant shifts */
+        case 1: i += combine8(c8, n - at, l8, low_len - off, 1, table, d8); break;
+        case 2: i += combine8(c8, n - at, l8, low_len - off, 2, table, d8); break;
+        case 3: i += combine8(c8, n - at, l8, low_len - off, 3, table, d8); break;
+        case 4: i += combine8(c8, n - at, l8, low_len - off, 4, table, d8); break;
+        case 5: i += combine8(c8, n - at, l8, low_len - off, 5, table, d8); break;
+        case 6: i += combine8(c8, n - at, l8, low_len - off, 6, table, d8); break;
+        default: i += combine8(c8, n - at, l8, low_len - off, 7, table, d8); break;
+    }
+    for (; i < n; i++) {
+        u64 bitpos = (u64)i * k;
+        u32 byte = (u32)(bitpos >> 3), v = low[byte];
+        if (byte + 1 < low_len) v |= (u32)low[byte + 1] << 8;
+        dst[i] = table[cls[i] | ((v >> (bitpos & 7u)) & mask)];
+    }
+}
+
+/* The last TREE_CACHE trees built, kept for later chunks: the tree depends only on (width, k, M, T, E, costs) and
+ * what the arena holds per class, and the chunks of a model share few of those (4 entries hit on 2 chunks in 3 for
+ * SmolLM2 int4 and int2). Trees up to PRIMED_CODE_BITS wide (all that the encoder writes) are cached, least
+ * recently used first out; wider ones are built into the shared ent[] and a scratch arena. */
+enum { TREE_CACHE = 4 };
+typedef struct {
+    u32 valid, used;  /* used: the cache clock when last used */
+    u32 width, k, classes, threshold, extra, leaves;
+    u8 costs[256], byte_of_class[256];
+    qz_entry table[1u << PRIMED_CODE_BITS];
+    u8 arena[(1u << PRIMED_CODE_BITS) * MAX_PHRASE + PHRASE_SLACK];
+} cached_tree;
+static cached_tree tree_cache[TREE_CACHE];
+static u32 tree_clock;
+
+static int same_tree(const cached_tree *t, const qz_header *h, const u8 *byte_of_class) {
+    if (!t->valid || t->width != h->max_code_bits || t->k != h->split_bits || t->classes != h->classes ||
+        t->threshold != h->threshold || t->extra != h->extra)
+        return 0;
+    for (u32 c = 0; c < h->classes; c++) {
+        if (t->costs[c] != h->costs[c] || t->byte_of_class[c] != byte_of_class[c]) return 0;
+    }
+    return 1;
+}
+
+/* The cached tree of this model, building it (into the least recently used entry) if needed; 0 if the tree
+ * breaks a rule. */
+static cached_tree *cached_primed_tree(const qz_header *h, const u8 *byte_of_class) {
+    cached_tree *victim = &tree_cache[0];
+    for (u32 i = 0; i < TREE_CACHE; i++) {
+        cached_tree *t = &tree_cache[i];
+        if (same_tree(t, h, byte_of_class)) {
+            t->used = ++tree_clock;
+            return t;
+        }
+        if (!t->valid || (victim->valid && t->used < victim->used)) victim = t;
+    }
+    victim->valid = 0;
+    u32 leaves = primed_build(h, byte_of_class, victim->table, victim->arena);
+    if (!leaves) return 0;
+    victim->width = h->max_code_bits; victim->k = h->split_bits; victim->classes = h->classes;
+    victim->threshold = h->threshold; victim->extra = h->extra; victim->leaves = leaves;
+    for (u32 c = 0; c < h->classes; c++) {
+        victim->costs[c] = h->costs[c];
+        victim->byte_of_class[c] = byte_of_class[c];
+    }
+    victim->valid = 1;
+    victim->used = ++tree_clock;
+    return victim;
+}
+
+static int primed_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *out) {
+    const u32 n = h->n_symbols, k = h->split_bits, width = h->max_code_bits;
+    u8 map[256];            /* rank -> output byte (layout u8) or symbol (u4 / u2) */
+    u8 byte_of_class[256];  /* what the arena holds for a class: its output byte (k = 0), or class << k */
+    for (u32 r = 0; r < h->alphabet; r++) map[r] = h->layout == LAYOUT_U8 ? (u8)(h->perm[r] - h->bias) : h->perm[r];
+    for (u32 c = 0; c < h->classes; c++) byte_of_class[c] = k ? (u8)(c << k) : map[c];
+
+    u8 *arena = 0;  /* scratch arena of a wide tree (freed below), else 0 */
+    const qz_entry *table;
+    u32 leaves;
+    if (width <= PRIMED_CODE_BITS) {
+        cached_tree *t = cached_primed_tree(h, byte_of_class);
+        if (!t) return QZ_BAD_HEADER;
+        table = t->table;
+        leaves = t->leaves;
+    } else {
+        arena = scratch_get((1u << width) * MAX_PHRASE + PHRASE_SLACK);
+        if (!arena) return QZ_NO_MEMORY;
+        leaves = primed_build(h, byte_of_class, ent, arena);
+        if (!leaves) { scratch_put(arena); return QZ_BAD_HEADER; }
+        table = ent;
+    }
+
+    /* the raw low bits come first: length, then zero padding */
+    u64 low_bits = (u64)n * k;
+    u32 low_len = (u32)((low_bits + 7u) / 8u);
+    int err = QZ_OK;
+    if (plen < low_len) err = QZ_TRUNCATED;
+    else if ((low_bits & 7u) && (payload[low_len - 1] >> (low_bits & 7u)) != 0) err = QZ_TRAILING;
+
+    int direct = k == 0 && h->layout == LAYOUT_U8;  /* the arena already holds output bytes: decode in place */
+    u8 *scratch = 0;  /* the class / symbol buffer when not direct */
+    if (!err && !direct) {
+        scratch = n <= 0xFFFFFFFFu - PHRASE_SLACK ? scratch_get(n + PHRASE_SLACK) : 0;
+        if (!scratch) err = QZ_NO_MEMORY;
+    }
+    if (!err) err = primed_codes(payload + low_len, plen - low_len, width, table, leaves, direct ? out : scratch, n,
+                                 direct ? n : n + PHRASE_SLACK);
+    if (err == QZ_OK && !direct) {
+        u8 *sym = h->layout == LAYOUT_U8 ? out : scratch;  /* u8: straight to the output; u4/u2: symbols, pack */
+        if (k) primed_combine(scratch, n, payload, low_len, k, map, h->alphabet, sym);
+        if (h->layout != LAYOUT_U8) pack_symbols(scratch, n, h->layout, out);
+    }
+    if (scratch) scratch_put(scratch);
+    if (arena) scratch_put(arena);
+    return err;
+}
+
+/* ============================================================================================================= */
 /* Decode API                                                                                                    */
 /* ============================================================================================================= */
 
@@ -434,20 +817,24 @@ QZ_API i32 qz_decode(const u8 *in, u32 in_len, u8 *out, u32 out_cap) {
     qz_header h;
     if (!parse_header(in, in_len, &h)) return -QZ_BAD_HEADER;
     if (h.out_bytes > 0x7FFFFFFFu || h.out_bytes > out_cap) return -QZ_OUT_TOO_SMALL;
-    const u8 *payload = in + HEADER_SIZE;
-    u32 plen = in_len - HEADER_SIZE;
+    const u8 *payload = in + h.header_size;
+    u32 plen = in_len - h.header_size;
     if (h.method == METHOD_PACKED) return decode_packed(&h, payload, plen, out);
 
     int err;
-    if (h.layout == LAYOUT_U8) {  /* output bytes are the (biased) symbols: decode in place */
-        err = lzw_decode(&h, payload, plen, out, h.n_symbols);
+    if (h.dictionary == DICT_PRIMED) {
+        err = primed_decode(&h, payload, plen, out);
     } else {
-        if (h.n_symbols > 0xFFFFFFFFu - COPY_SLACK) return -QZ_NO_MEMORY;
-        u8 *sym = scratch_get(h.n_symbols + COPY_SLACK);
-        if (!sym) return -QZ_NO_MEMORY;
-        err = lzw_decode(&h, payload, plen, sym, h.n_symbols + COPY_SLACK);
-        if (err == QZ_OK) pack_symbols(sym, h.n_symbols, h.layout, out);
-        scratch_put(sym);
+        if (h.layout == LAYOUT_U8) {  /* output bytes are the (biased) symbols: decode in place */
+            err = lzw_decode(&h, payload, plen, out, h.n_symbols);
+        } else {
+            if (h.n_symbols > 0xFFFFFFFFu - COPY_SLACK) return -QZ_NO_MEMORY;
+            u8 *sym = scratch_get(h.n_symbols + COPY_SLACK);
+            if (!sym) return -QZ_NO_MEMORY;
+            err = lzw_decode(&h, payload, plen, sym, h.n_symbols + COPY_SLACK);
+            if (err == QZ_OK) pack_symbols(sym, h.n_symbols, h.layout, out);
+            scratch_put(sym);
+        }
     }
     return err ? -err : (i32)h.out_bytes;
 }
@@ -543,29 +930,320 @@ static i32 lzw_encode(const u8 *sym, u32 n, u32 a, u32 mcb, int reset, bit_write
 }
 
 /* ============================================================================================================= */
+/* Method 1, primed dictionary: encoder                                                                          */
+/* ============================================================================================================= */
+
+/* Exactly the choices of converter/lzw.py (_primed_encode): rank the symbols, and for each candidate
+ * (split_bits k, width w) fit the model, build the tree, count the codes of the greedy parse; keep the smallest
+ * chunk (the first on ties), then write it. Widths are at most PRIMED_CODE_BITS, so the tables below are small. */
+enum { ENC_MAX_LEAVES = 1 << PRIMED_CODE_BITS, LEAF = 0x80000000u };
+
+/* A transition table: table[row + c] for an internal node whose row is `row` (= preorder number * M) is the row of
+ * child c, or LEAF | code. At most 2 * leaves entries (M >= 2), plus one row. One table per candidate evaluated
+ * together (MAX_CANDIDATES: the split_bits 0..7, or the widths); enc_table is the one written with. */
+enum { TABLE_SIZE = 2 * ENC_MAX_LEAVES + 256, MAX_CANDIDATES = MAX_SPLIT_BITS + 1 };
+static u32 cand_tables[MAX_CANDIDATES][TABLE_SIZE];
+static u32 enc_table[TABLE_SIZE];
+/* The chunk being encoded: symbol counts, perm (symbols by decreasing count) and each symbol's rank. */
+static u32 counts[256];
+static u8 perm[256], rank_of[256];
+/* choose_threshold: N(b), the strings of cost <= b. b stays below 256 * (PRIMED_CODE_BITS + 1): with M >= 2 classes
+ * of cost <= 255, N(b) >= 2^floor(b / 255), which passes 2^PRIMED_CODE_BITS before that. */
+static u32 n_at[256 * (PRIMED_CODE_BITS + 1) + 2];
+
+/* floor(log2(x) * 2^16) for 1 <= x < 2^33, bit for bit as converter/lzw.py log2_q16 (repeated squaring). */
+static u32 log2_q16(u64 x) {
+    u32 e = 63u - (u32)__builtin_clzll(x);
+    u64 m = e <= 31 ? x << (31 - e) : x >> (e - 31);  /* m / 2^31 in [1, 2) */
+    u32 frac = 0;
+    for (int i = 0; i < 16; i++) {
+        m = (m * m) >> 31;
+        frac <<= 1;
+        if (m >= (1ull << 32)) { m >>= 1; frac |= 1u; }
+    }
+    return e << 16 | frac;
+}
+
+/* round(16 * log2(total / count)) clamped to 1..255; 255 for a class that never occurs. */
+static u32 class_cost(u64 count, u64 total) {
+    if (count == 0) return 255;
+    i32 c = ((i32)log2_q16(total) - (i32)log2_q16(count) + (1 << 11)) >> 12;
+    return c < 1 ? 1u : c > 255 ? 255u : (u32)c;
+}
+
+/* Leaves (and nodes of cost T + 1 that could be expanded) of the tree with extra = 0; 0 past `limit` leaves. */
+static int tree_size(const u8 *costs, u32 m, u32 t, u32 limit, u32 *leaves_out, u32 *eligible_out) {
+    u32 cost[MAX_PHRASE], next[MAX_PHRASE];
+    u32 depth = 0, leaves = 0, eligible = 0;
+    cost[0] = 0;
+    next[0] = 0;
+    for (;;) {
+        if (next[depth] == m) {
+            if (depth == 0) break;
+            depth--;
+            continue;
+        }
+        u32 child = cost[depth] + costs[next[depth]++];
+        if (depth + 1 < MAX_PHRASE && child <= t) {
+            depth++;
+            cost[depth] = child;
+            next[depth] = 0;
+        } else {
+            leaves++;
+            eligible += depth + 1 < MAX_PHRASE && child == t + 1;
+            if (leaves > limit) return 0;
+        }
+    }
+    *leaves_out = leaves;
+    *eligible_out = eligible;
+    return 1;
+}
+
+/* The largest T whose tree (E = 0) has at most 2^width leaves, then the largest E (converter/lzw.py
+ * _choose_threshold: the recurrence N(b) = 1 + sum_c N(b - cost_c) while the depth cap cannot matter, else a
+ * binary search counting trees). */
+static void choose_threshold(const u8 *costs, u32 m, u32 width, u32 *t_out, u32 *e_out) {
+    const u32 limit = 1u << width;
+    u32 b = 0, cmin = 255;
+    u64 nb;
+    for (u32 c = 0; c < m; c++) if (costs[c] < cmin) cmin = costs[c];
+    for (;;) {
+        nb = 1;
+        for (u32 c = 0; c < m; c++) if (costs[c] <= b) nb += n_at[b - costs[c]];
+        if (1u + (u64)(m - 1) * nb > limit || b > MAX_THRESHOLD) break;
+        n_at[b++] = (u32)nb;  /* N(b) <= limit, and b < limit (N(b) > b): fits */
+    }
+    u32 t = b - 1, leaves, eligible;
+    if ((u64)MAX_PHRASE * cmin > (u64)t + 1u) {
+        leaves = 1u + (m - 1) * n_at[t];
+        eligible = (u32)(nb - n_at[t]);
+    } else {
+        if (tree_size(costs, m, MAX_THRESHOLD, limit, &leaves, &eligible)) {
+            t = MAX_THRESHOLD;
+        } else {
+            u32 lo = t, hi = MAX_THRESHOLD;  /* lo fits (the cap only removes leaves), hi does not */
+            while (hi - lo > 1) {
+                u32 mid = lo + (hi - lo) / 2;
+                if (tree_size(costs, m, mid, limit, &leaves, &eligible)) lo = mid; else hi = mid;
+            }
+            t = lo;
+        }
+        tree_size(costs, m, t, limit, &leaves, &eligible);
+    }
+    u32 room = (limit - leaves) / (m - 1);
+    *t_out = t;
+    *e_out = eligible < room ? eligible : room;
+}
+
+/* Build a transition table (see enc_table) for (costs, T, E), in the same preorder as primed_build. */
+static void enc_build(u32 *table, const u8 *costs, u32 m, u32 t, u32 e) {
+    u32 cost[MAX_PHRASE], next[MAX_PHRASE], row[MAX_PHRASE];
+    u32 depth = 0, leaves = 0, rows = 1, extra_used = 0;
+    cost[0] = 0; next[0] = 0; row[0] = 0;
+    for (;;) {
+        if (next[depth] == m) {
+            if (depth == 0) break;
+            depth--;
+            continue;
+        }
+        u32 c = next[depth]++;
+        u32 child = cost[depth] + costs[c];
+        if (depth + 1 < MAX_PHRASE && (child <= t || (child == t + 1 && extra_used < e))) {
+            extra_used += child == t + 1;
+            table[row[depth] + c] = rows * m;
+            depth++;
+            cost[depth] = child; next[depth] = 0; row[depth] = rows * m;
+            rows++;
+        } else {
+            table[row[depth] + c] = LEAF | leaves++;
+        }
+    }
+}
+
+/* Greedy parse with enc_table, writing the codes. A phrase cut short by the end is sent as the first leaf below
+ * its node (following class 0). */
+static void enc_write_codes(const u8 *sym, u32 n, const u8 *cls_of, bit_writer *w, u32 width) {
+    u32 row = 0;
+    for (u32 i = 0; i < n; i++) {
+        u32 r = enc_table[row + cls_of[sym[i]]];
+        if (r & LEAF) {
+            put_code(w, r & ~LEAF, width);
+            row = 0;
+        } else {
+            row = r;
+        }
+    }
+    if (row) {
+        u32 r = row;
+        while (!(r & LEAF)) r = enc_table[r];
+        put_code(w, r & ~LEAF, width);
+    }
+}
+
+/* The code counts of `count` candidates at once: the same greedy parse as enc_write_codes, over cand_tables[j]
+ * with classes rank >> shift[j]. Each walk is a chain of dependent loads; walking them side by side lets the
+ * processor overlap the chains. Branch-free: a leaf resets the row to 0 (the root). */
+static void enc_count_codes(const u8 *sym, u32 n, u32 count, const u8 *shift, u32 *codes) {
+    u32 row[MAX_CANDIDATES] = {0}, got[MAX_CANDIDATES] = {0};
+    for (u32 i = 0; i < n; i++) {
+        u32 rank = rank_of[sym[i]];
+        for (u32 j = 0; j < count; j++) {
+            u32 r = cand_tables[j][row[j] + (rank >> shift[j])];
+            got[j] += r >> 31;
+            row[j] = r & ((r >> 31) - 1u);
+        }
+    }
+    for (u32 j = 0; j < count; j++) codes[j] = got[j] + (row[j] != 0);
+}
+
+typedef struct {
+    u32 k, width, classes, t, e;
+    u8 costs[256];
+    u64 size;  /* the whole chunk */
+} primed_choice;
+
+
+/* Fit the model of (k, width) to counts/perm and build its tree into `table`; the size is filled in later. */
+static void primed_fit(u32 n, u32 a, u32 k, u32 width, primed_choice *ch, u32 *table) {
+    u64 class_counts[256];
+    u32 g = 1u << k, mfull = a >> k, nonzero = 0;
+    for (u32 j = 0; j < mfull; j++) {
+        u64 s = 0;
+        for (u32 i = 0; i < g; i++) s += counts[perm[j * g + i]];
+        class_counts[j] = s;
+        nonzero += s != 0;
+    }
+    ch->k = k;
+    ch->width = width;
+    ch->classes = nonzero > 2 ? nonzero : 2;
+    for (u32 c = 0; c < ch->classes; c++) ch->costs[c] = (u8)class_cost(class_counts[c], n);
+    choose_threshold(ch->costs, ch->classes, width, &ch->t, &ch->e);
+    enc_build(table, ch->costs, ch->classes, ch->t, ch->e);
+}
+
+/* Fill in the sizes of cand[0..count) (their trees are in cand_tables) from one shared pass over the symbols. */
+static void primed_sizes(const u8 *sym, u32 n, u32 a, primed_choice *cand, u32 count) {
+    u8 shift[MAX_CANDIDATES];
+    u32 codes[MAX_CANDIDATES];
+    for (u32 j = 0; j < count; j++) shift[j] = (u8)cand[j].k;
+    enc_count_codes(sym, n, count, shift, codes);
+    for (u32 j = 0; j < count; j++) {
+        cand[j].size = HEADER_SIZE + MODEL_FIXED_SIZE + a + cand[j].classes + ((u64)n * cand[j].k + 7u) / 8u
+                       + ((u64)codes[j] * cand[j].width + 7u) / 8u;
+    }
+}
+
+/* Choose and return the size of the best primed chunk (converter/lzw.py _primed_encode); fills *best. */
+static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, primed_choice *best) {
+    for (u32 s = 0; s < 256; s++) counts[s] = 0;
+    for (u32 i = 0; i < n; i++) counts[sym[i]]++;
+    /* perm: symbols by decreasing count, ties by symbol value (insertion sort, A <= 256) */
+    for (u32 s = 0; s < a; s++) {
+        u32 j = s;
+        while (j > 0 && counts[perm[j - 1]] < counts[s]) { perm[j] = perm[j - 1]; j--; }
+        perm[j] = (u8)s;
+    }
+    for (u32 r = 0; r < a; r++) rank_of[perm[r]] = (u8)r;
+    for (u32 s = a; s < 256; s++) rank_of[s] = 0;
+
+    /* every split at the widest width, then the best split at narrower widths; the first of equal sizes wins */
+    const u32 top = max_code_bits < PRIMED_CODE_BITS ? max_code_bits : PRIMED_CODE_BITS;
+    primed_choice cand[MAX_CANDIDATES];
+    u32 count = 0;
+    for (u32 k = 0; k <= MAX_SPLIT_BITS; k++) {
+        if ((a & ((1u << k) - 1u)) || (a >> k) < 2 || (a >> k) > PRIMED_MAX_CLASSES) continue;
+        primed_fit(n, a, k, top, &cand[count], cand_tables[count]);
+        count++;
+    }
+    if (count == 0) {  /* no split fits PRIMED_MAX_CLASSES: k = 0 */
+        primed_fit(n, a, 0, top, &cand[0], cand_tables[0]);
+        count = 1;
+    }
+    primed_sizes(sym, n, a, cand, count);
+    *best = cand[0];
+    for (u32 j = 1; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+
+    count = 0;
+    for (u32 width = top - 1; width + PRIMED_WIDTH_TRIES >= top && width >= MIN_CODE_BITS; width--) {
+        primed_fit(n, a, best->k, width, &cand[count], cand_tables[count]);
+        count++;
+    }
+    if (count) primed_sizes(sym, n, a, cand, count);
+    for (u32 j = 0; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+    return best->size;
+}
+
+/* Write the chunk of `best` (its size was checked against the capacity). */
+static u32 primed_write(const u8 *sym, u32 n, const qz_header *h, const primed_choice *best, u8 *out) {
+    qz_header hh = *h;
+    hh.max_code_bits = best->width;
+    write_header(out, &hh);
+    u8 *m = out + HEADER_SIZE;
+    m[0] = (u8)best->k; m[1] = 0;
+    m[2] = (u8)best->classes; m[3] = (u8)(best->classes >> 8);
+    m[4] = (u8)best->t; m[5] = (u8)(best->t >> 8);
+    m[6] = (u8)best->e; m[7] = (u8)(best->e >> 8);
+    for (u32 r = 0; r < h->alphabet; r++) m[MODEL_FIXED_SIZE + r] = perm[r];
+    for (u32 c = 0; c < best->classes; c++) m[MODEL_FIXED_SIZE + h->alphabet + c] = best->costs[c];
+    u32 at = HEADER_SIZE + MODEL_FIXED_SIZE + h->alphabet + best->classes;
+    u32 room = (u32)best->size - at;
+    bit_writer w = {out + at, room, room, 0, 0, 0, 0};
+    if (best->k) {
+        const u32 mask = (1u << best->k) - 1u;
+        for (u32 i = 0; i < n; i++) put_code(&w, rank_of[sym[i]] & mask, best->k);
+        finish_bits(&w);
+    }
+    u32 low_len = w.len;
+    bit_writer wc = {out + at + low_len, room - low_len, room - low_len, 0, 0, 0, 0};
+    enc_build(enc_table, best->costs, best->classes, best->t, best->e);
+    u8 cls_of[256];
+    for (u32 s = 0; s < 256; s++) cls_of[s] = (u8)(rank_of[s] >> best->k);
+    enc_write_codes(sym, n, cls_of, &wc, best->width);
+    finish_bits(&wc);
+    return at + low_len + wc.len;
+}
+
+/* ============================================================================================================= */
 /* Encode API                                                                                                    */
 /* ============================================================================================================= */
 
 QZ_API u32 qz_encode_bound(u32 n, u32 layout, u32 flags) {
     u64 packed = layout_nbytes(layout > LAYOUT_U2 ? LAYOUT_U8 : layout, n);
-    /* forced LZW: at most one 16-bit code and one 16-bit CLEAR per symbol, +8 for the last flush */
-    u64 bound = (flags & QZ_ENC_FORCE_LZW) ? (u64)n * 4u + 8u : packed;
+    /* forced dictionary codes: adaptive, at most one 16-bit code and one 16-bit CLEAR per symbol, +8 for the last
+     * flush; primed, a model block, at most 7 raw bits and one 12-bit code per symbol (less than that) */
+    u64 bound = (flags & QZ_ENC_FORCE_LZW) ? (u64)n * 4u + 8u + MODEL_MAX_SIZE : packed;
     bound += HEADER_SIZE;
     return bound > 0xFFFFFFFFu ? 0xFFFFFFFFu : (u32)bound;
 }
 
 QZ_API i32 qz_encode(const u8 *sym, u32 n, u32 alphabet, u32 layout, u32 bias, u32 max_code_bits, u32 flags,
                      u8 *out, u32 out_cap) {
-    if (flags & ~(u32)(QZ_ENC_RESET | QZ_ENC_FORCE_LZW | QZ_ENC_FORCE_PACKED)) return -QZ_BAD_HEADER;
+    const u32 known = QZ_ENC_RESET | QZ_ENC_FORCE_LZW | QZ_ENC_FORCE_PACKED | QZ_ENC_V2 | QZ_ENC_ADAPTIVE |
+                      QZ_ENC_PRIMED;
+    if (flags & ~known) return -QZ_BAD_HEADER;
     if ((flags & QZ_ENC_FORCE_LZW) && (flags & QZ_ENC_FORCE_PACKED)) return -QZ_BAD_HEADER;
-    int try_lzw = !(flags & QZ_ENC_FORCE_PACKED), auto_method = !(flags & (QZ_ENC_FORCE_LZW | QZ_ENC_FORCE_PACKED));
-    qz_header h;
-    h.method = try_lzw ? METHOD_LZW : METHOD_PACKED;
+    if ((flags & QZ_ENC_ADAPTIVE) && (flags & QZ_ENC_PRIMED)) return -QZ_BAD_HEADER;
+    if (!(flags & QZ_ENC_V2) && (flags & QZ_ENC_PRIMED)) return -QZ_BAD_HEADER;  /* version 1 has no primed */
+    const int try_lzw = !(flags & QZ_ENC_FORCE_PACKED);
+    const int auto_method = !(flags & (QZ_ENC_FORCE_LZW | QZ_ENC_FORCE_PACKED));
+    const int v2 = (flags & QZ_ENC_V2) != 0;
+    const int try_primed = try_lzw && v2 && !(flags & QZ_ENC_ADAPTIVE);
+    const int try_adaptive = try_lzw && !(flags & QZ_ENC_PRIMED);
+    qz_header h;  /* checked once per dictionary that will be tried */
+    h.version = v2 ? 2u : 1u;
     h.alphabet = alphabet; h.layout = layout; h.bias = bias;
-    h.max_code_bits = try_lzw ? max_code_bits : 0;
-    h.flags = try_lzw ? (flags & QZ_ENC_RESET) : 0;
     h.n_symbols = n;
+    h.method = METHOD_PACKED; h.max_code_bits = 0; h.flags = 0; h.dictionary = DICT_ADAPTIVE;
     if (!header_ok(&h)) return -QZ_BAD_HEADER;
+    h.method = METHOD_LZW; h.max_code_bits = max_code_bits;
+    if (try_adaptive) {
+        h.flags = flags & QZ_ENC_RESET;
+        if (!header_ok(&h)) return -QZ_BAD_HEADER;
+    }
+    if (try_primed) {
+        h.flags = 0; h.dictionary = DICT_PRIMED;
+        if (!header_ok(&h)) return -QZ_BAD_HEADER;
+    }
     h.out_bytes = layout_nbytes(layout, n);
 
     u8 any_bad = 0;
@@ -573,22 +1251,41 @@ QZ_API i32 qz_encode(const u8 *sym, u32 n, u32 alphabet, u32 layout, u32 bias, u
     if (any_bad) return -QZ_BAD_SYMBOL;
     if (out_cap < HEADER_SIZE) return -QZ_OUT_TOO_SMALL;
 
-    u32 cap = out_cap - HEADER_SIZE;
-    u64 packed = h.out_bytes;
-    if (try_lzw) {
-        bit_writer w = {out + HEADER_SIZE, cap, cap, 0, 0, 0, 0};
-        /* put_code flushes 4 bytes at a time: leave room so a flush never passes cap */
-        w.stop_at = auto_method && packed + 3u < cap ? (u32)packed + 3u : cap;
-        i32 len = lzw_encode(sym, n, alphabet, max_code_bits, flags & QZ_ENC_RESET, &w);
-        if (len >= 0 && (!auto_method || (u64)len <= packed)) {
-            write_header(out, &h);
-            return HEADER_SIZE + len;
+    const u32 cap = out_cap - HEADER_SIZE;
+    const u64 packed = h.out_bytes;
+    /* the best chunk so far: its size; compared with `<`, so the earlier of equal sizes stays */
+    u64 best = try_lzw ? (u64)-1 : 0;
+    primed_choice choice;
+    if (try_primed) best = primed_choose(sym, n, alphabet, max_code_bits, &choice);
+    int adaptive_won = 0;
+    i32 adaptive_len = 0;
+    if (try_adaptive) {
+        /* written straight to out; stop as soon as it cannot beat `best` (or packed, in auto mode, or the
+         * capacity). put_code flushes 4 bytes at a time: 3 bytes of headroom so the flush past a limit happens. */
+        u64 limit = cap;
+        if (best != (u64)-1 && best - HEADER_SIZE - 1u < limit) limit = best - HEADER_SIZE - 1u;  /* must be < best */
+        if (auto_method && packed < limit) limit = packed;
+        u32 stop = limit + 3u < cap ? (u32)limit + 3u : cap;
+        bit_writer w = {out + HEADER_SIZE, cap, stop, 0, 0, 0, 0};
+        adaptive_len = lzw_encode(sym, n, alphabet, max_code_bits, flags & QZ_ENC_RESET, &w);
+        if (adaptive_len >= 0 && (u64)adaptive_len <= limit) {
+            adaptive_won = 1;
+            best = HEADER_SIZE + (u64)adaptive_len;
         }
-        if (!auto_method) return -QZ_OUT_TOO_SMALL;
-        /* auto: LZW would be larger than packed (or was cut off past packed + 3, so certainly larger) */
     }
+    if (try_lzw && (!auto_method || best <= HEADER_SIZE + packed)) {
+        if (best == (u64)-1) return -QZ_OUT_TOO_SMALL;  /* forced adaptive that did not fit the capacity */
+        if (adaptive_won) {
+            h.dictionary = DICT_ADAPTIVE; h.flags = flags & QZ_ENC_RESET;
+            write_header(out, &h);
+            return (i32)best;
+        }
+        if (best > out_cap) return -QZ_OUT_TOO_SMALL;
+        return (i32)primed_write(sym, n, &h, &choice, out);
+    }
+    /* packed: forced, or auto with every dictionary chunk larger than the packed one */
     if (packed > cap) return -QZ_OUT_TOO_SMALL;
-    h.method = METHOD_PACKED; h.max_code_bits = 0; h.flags = 0;
+    h.method = METHOD_PACKED; h.max_code_bits = 0; h.flags = 0; h.dictionary = DICT_ADAPTIVE;
     write_header(out, &h);
     u8 *o = out + HEADER_SIZE;
     if (layout == LAYOUT_U8) {
