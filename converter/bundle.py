@@ -56,6 +56,7 @@ class BuildOptions:
     max_code_bits: int = 16
     force: bool = False
     name: str | None = None
+    calibration: Any = None                  # calibrate.CalibrationOptions: GPTQ / clip search / mixed precision
 
     def resolved_embed_scheme(self) -> str:
         if self.embed_scheme:
@@ -144,11 +145,12 @@ def _encode_initializer(init: Initializer, blobs: _BlobWriter, opts: BuildOption
             "stored_bytes": sum(c[1] for c in chunks), "chunks": chunks}
 
 
-def _tensor_initializers(name: str, w: np.ndarray, scheme: str) -> tuple[list[Initializer], dict[str, Any]]:
-    """Quantize one HF tensor and lay it out; norms (1-D) stay float32."""
+def _tensor_initializers(name: str, w: np.ndarray, scheme: str, q=None) -> tuple[list[Initializer], dict[str, Any]]:
+    """Quantize one HF tensor (or take `q`, already quantized by calibration) and lay it out; norms stay float32."""
     if w.ndim == 1:
         return [byte_stream(name, w.astype(np.float32))], {"scheme": "f32", "max_error": 0.0, "rms_error": 0.0}
-    q = quantize_rows(get_scheme(scheme), w)
+    q = q or quantize_rows(get_scheme(scheme), w)
+    scheme = q.scheme
     return linear_initializers(name, q), {"scheme": scheme, "max_error": q.max_error, "rms_error": q.rms_error}
 
 
@@ -178,18 +180,24 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    calib = None
     try:
-        manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph)
+        if opts.calibration is not None:      # GPTQ & co. need activations: quantize first, layer by layer
+            from .calibrate import calibrate
+            calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress)
+        manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph, calib)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if calib is not None:
+            calib.close()
         os.close(lock_fd)   # the empty .lock file stays: unlinking it would let two builds lock different inodes
 
 
-def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph):
+def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None):
     cfg: LlamaConfig = checkpoint.config
     t0 = time.perf_counter()
     blobs = _BlobWriter(folder, opts.blob_bytes)
@@ -197,6 +205,7 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     float_bytes = 0
     n_params = 0
     names = list(checkpoint.tensors)
+    tensor_schemes = {}                       # tensors whose scheme differs from the build's (mixed precision)
     for i, name in enumerate(names):
         if progress:
             progress(name, i, len(names))
@@ -204,7 +213,9 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         float_bytes += w.size * 4
         n_params += w.size
         scheme = embed_scheme if name in ("model.embed_tokens.weight", "lm_head.weight") else opts.scheme
-        inits, info = _tensor_initializers(name, w, scheme)
+        inits, info = _tensor_initializers(name, w, scheme, calib.get(name) if calib and name in calib else None)
+        if w.ndim == 2 and info["scheme"] != scheme:
+            tensor_schemes[name] = info["scheme"]
         del w
         entries = [_encode_initializer(init, blobs, opts) for init in inits]
         initializers.extend(entries)
@@ -216,7 +227,7 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         progress("model.onnx", len(names), len(names))
 
     graph_bytes = export_graph(cfg, {e["name"]: (e["dtype"], tuple(e["shape"])) for e in initializers},
-                               opts.scheme, embed_scheme)
+                               opts.scheme, embed_scheme, tensor_schemes)
     (folder / GRAPH).write_bytes(graph_bytes)
 
     tok_entries = {}
@@ -250,6 +261,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
             "bits_per_weight_blobs": round(8 * stored / max(quantized_params, 1), 4),
         },
     }
+    if calib is not None:
+        manifest["calibration"] = calib.record
     manifest["totals"]["bundle_bytes"] += len(_dump(manifest))  # close enough: the manifest counts itself
     manifest["totals"]["bits_per_weight_all_in"] = round(8 * manifest["totals"]["bundle_bytes"] / max(n_params, 1), 4)
     manifest["integrity"] = {"sha256": manifest_digest(manifest)}
@@ -569,7 +582,9 @@ def _str(v, where: str) -> str:
 
 def _validate_schema(m: dict):
     M = MANIFEST
-    _keys(m, _TOP, M)
+    _keys(m, _TOP | ({"calibration"} & set(m)), M)
+    if "calibration" in m:
+        _validate_calibration(m["calibration"])
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")
     _want(m["codec"]["name"] == "qz" and type(m["codec"]["version"]) is int and m["codec"]["version"] == 1,
           f"{M}: codec", "expected qz version 1")
@@ -641,6 +656,26 @@ def _validate_schema(m: dict):
     _int(t["bundle_bytes"], f"{M}: totals.bundle_bytes", 1)
     for k in ("bits_per_weight_blobs", "bits_per_weight_all_in"):
         _num(t[k], f"{M}: totals.{k}", 0, 64)
+
+
+def _validate_calibration(c):
+    """Informational (how the codes were chosen), but still typed: method, sizes and the mixed-precision record."""
+    from .calibrate import METHODS
+
+    w = f"{MANIFEST}: calibration"
+    _want(isinstance(c, dict) and c.get("method") in METHODS, f"{w}.method", f"expected one of {', '.join(METHODS)}")
+    for k in ("sequences", "seq_len", "block"):
+        _int(c.get(k), f"{w}.{k}", 1, 1 << 24)
+    _num(c.get("damp"), f"{w}.damp", 0, 1)
+    _want(len(json.dumps(c)) < 1 << 16, w, "is too large")
+    if "mixed" in c:
+        mixed = c["mixed"]
+        _want(isinstance(mixed, dict) and isinstance(mixed.get("promoted"), list) and
+              all(isinstance(x, str) for x in mixed["promoted"]), f"{w}.mixed", "needs a list of promoted tensors")
+        try:
+            get_scheme(_str(mixed.get("high"), f"{w}.mixed.high"))
+        except TinyQMoEError as e:
+            raise BundleError(f"{w}.mixed.high: {e}") from None
 
 
 def _validate_graph_constants(model, cfg: LlamaConfig):

@@ -52,7 +52,8 @@ def cmd_build(args) -> int:
     for scheme in schemes:
         out = Path(args.out) if args.out else Path(args.bundles) / f"{default_name}-{scheme}"
         opts = BuildOptions(scheme=scheme, embed_scheme=args.embed_scheme, force=args.force,
-                            chunk_symbols=args.chunk_symbols, name=f"{default_name}-{scheme}")
+                            chunk_symbols=args.chunk_symbols, name=f"{default_name}-{scheme}",
+                            calibration=_calibration_options(args))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task(scheme, total=len(ck.tensors) + 1)
@@ -77,7 +78,25 @@ def cmd_build(args) -> int:
             share.add_row(s, f"{params:,}", _mb(stored), f"{100 * stored / max(t['blob_bytes'], 1):.1f}%",
                           f"{8 * stored / max(params, 1):.3f}")
         console.print(share)
+        if "calibration" in m:
+            c = m["calibration"]
+            console.print(f"calibrated: {c['method']} on {c['text']['tokens']} tokens of {c['text']['corpus']}; "
+                          f"relative output error mean {c['mean_output_error']:.5f}, max {c['max_output_error']:.5f}"
+                          + (f"; {len(c['mixed']['promoted'])} tensors promoted to {c['mixed']['high']} "
+                             f"({c['mixed']['nominal_bits']:.3f} nominal bits/weight)" if "mixed" in c else ""))
     return 0
+
+
+def _calibration_options(args):
+    """CalibrationOptions from --calibrate / --mixed (None when neither is given)."""
+    if args.calibrate is None and args.mixed is None:
+        return None
+    from .calibrate import CalibrationOptions
+    seq_len = min(256, args.calib_tokens)
+    return CalibrationOptions(method=args.calibrate or "rtn", sequences=max(1, args.calib_tokens // seq_len),
+                              seq_len=seq_len, mixed=args.mixed,
+                              mixed_high=SCHEME_ALIASES.get(args.mixed_high, args.mixed_high),
+                              embedding="calibrated" if args.calib_embedding else "rtn")
 
 
 def _per_scheme(m: dict) -> dict[str, tuple[int, int]]:
@@ -267,6 +286,16 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("--bundles", default="bundles", help="parent folder for default outputs")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")
     b.add_argument("--chunk-symbols", type=int, default=1 << 18, help="symbols per independently decodable chunk")
+    b.add_argument("--calibrate", nargs="?", const="gptq", default=None, choices=("rtn", "clip", "gptq", "gptq+clip"),
+                   help="calibrated quantization on a slice of pydoc_data.topics: gptq (default), clip (per-group "
+                        "clip search), gptq+clip")
+    b.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (windows of 256)")
+    b.add_argument("--calib-embedding", action="store_true",
+                   help="also calibrate the embedding / lm_head (Hessian of the final hidden states)")
+    b.add_argument("--mixed", type=float, default=None, metavar="BITS",
+                   help="mixed precision: promote the most sensitive linear tensors to --mixed-high until the "
+                        "average nominal bits/weight of the decoder's linear layers reaches BITS")
+    b.add_argument("--mixed-high", default="int8-g32", help="scheme of promoted tensors (default int8-g32)")
     b.set_defaults(func=cmd_build)
 
     i = sub.add_parser("inspect", help="per-tensor table of a bundle")

@@ -39,8 +39,9 @@ def kv_names(i: int) -> tuple[str, str, str, str]:
 class GraphBuilder:
     """Collects nodes and constants; names every node and value from a hierarchical prefix."""
 
-    def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]]):
+    def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]], tensor_schemes: dict[str, str] | None = None):
         self.weights = weights            # initializer name -> (dtype, shape), all external
+        self.tensor_schemes = tensor_schemes or {}   # HF tensor -> scheme, where it differs (mixed precision)
         self.nodes: list[onnx.NodeProto] = []
         self.consts: list[onnx.TensorProto] = []
         self._const_cache: dict[tuple, str] = {}
@@ -88,6 +89,7 @@ def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float, prefix: str) -> s
 
 def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out: int, prefix: str) -> str:
     """y = x @ W^T for the HF weight `hf_name` (out=n_out, in=n_in), in its scheme's op family."""
+    scheme = g.tensor_schemes.get(hf_name, scheme)
     fam = family(scheme)
     if fam in ("f32", "f16"):
         w = to_f32(g, g.weight(hf_name), f"{prefix}/weight")
@@ -268,8 +270,8 @@ def mlp(g: GraphBuilder, x: str, i: int, cfg: LlamaConfig, scheme: str) -> str:
 
 
 def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]]], scheme: str,
-                 embed_scheme: str) -> onnx.ModelProto:
-    g = GraphBuilder(weights)
+                 embed_scheme: str, tensor_schemes: dict[str, str] | None = None) -> onnx.ModelProto:
+    g = GraphBuilder(weights, tensor_schemes)
     B, S, T, P = "batch", "seq", "total_seq", "past_seq"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
@@ -312,9 +314,10 @@ def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]
     return model
 
 
-def export_graph(cfg: LlamaConfig, weights, scheme: str, embed_scheme: str) -> bytes:
+def export_graph(cfg: LlamaConfig, weights, scheme: str, embed_scheme: str,
+                 tensor_schemes: dict[str, str] | None = None) -> bytes:
     """Serialized graph; checked with onnx.checker (external data is not read)."""
-    model = export_model(cfg, weights, scheme, embed_scheme)
+    model = export_model(cfg, weights, scheme, embed_scheme, tensor_schemes)
     check_graph(model)
     return model.SerializeToString()
 
