@@ -148,9 +148,10 @@ class Native:
         self.lib = lib
 
     def encode(self, sym: np.ndarray, s: Stream) -> bytes:
-        cap = self.lib.qz_encode_bound(len(sym), s.layout, wasm_codec.ENC_RESET)
+        flags = wasm_codec.ENC_RESET | wasm_codec.ENC_V2  # what codec.encode_chunk writes by default
+        cap = self.lib.qz_encode_bound(len(sym), s.layout, flags)
         out = np.empty(cap, np.uint8)
-        n = self.lib.qz_encode(sym.ctypes.data, len(sym), s.alphabet, s.layout, s.bias, 16, wasm_codec.ENC_RESET,
+        n = self.lib.qz_encode(sym.ctypes.data, len(sym), s.alphabet, s.layout, s.bias, 16, flags,
                                out.ctypes.data, cap)
         assert n > 0, n
         return out[:n].tobytes()
