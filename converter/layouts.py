@@ -6,7 +6,7 @@ This is the one table that ties a scheme to its runtime layout. Two op families 
            Used by per-channel int8 and ternary (codes -1/0/+1 as int8).
   "nbits"  com.microsoft MatMulNBits: B uint8 (out, n_blocks, block_bytes) = codes of each row, packed low bits
            first, per-block scales (out * n_blocks) and packed integer zero points. Used by the group schemes;
-           GGUF Q4_1 (q4_1) stores f16 block minimums (".mins") instead, run as float zero points -m/d.
+           GGUF Q4_1 (q4_1) stores f16 block minimums (".mins") instead (onnx_export.offset_linear).
 
 and the float schemes use plain MatMul ("f32": B float32 (in, out); "f16": float16 + Cast).
 

@@ -98,24 +98,70 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
         return int8_linear(g, x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"),
                            prefix)
     bits, block = nbits_of(scheme)
-    inputs = [x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")]
+    q, scales = g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
+    if bits == 8:
+        return nbits8_linear(g, x, q, scales, n_in, n_out, block, prefix)
     if hf_name + ".mins" in g.weights:
-        inputs[2:] = offset_zero_points(g, inputs[2], to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins"), prefix)
-    elif hf_name + ".zeros" in g.weights:
-        inputs.append(g.weight(hf_name + ".zeros"))
-    return g.op1("MatMulNBits", inputs, f"{prefix}/MatMulNBits", domain=MS_DOMAIN,
-                 K=n_in, N=n_out, bits=bits, block_size=block, accuracy_level=0)
+        return offset_linear(g, x, q, scales, to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins"), n_in, n_out,
+                             block, prefix)
+    zeros = [g.weight(hf_name + ".zeros")] if hf_name + ".zeros" in g.weights else []
+    return matmul_nbits(g, [x, q, scales] + zeros, n_in, n_out, bits, block, f"{prefix}/MatMulNBits")
 
 
-# d ─► Equal(0) ─► Where(·, 1, d) = s ──────────────────► scales
-#                        m ─► Div(m, s) ─► Neg = zp ─────► float zero points   (initializers only: folded once)
-def offset_zero_points(g: GraphBuilder, d: str, m: str, prefix: str) -> list[str]:
-    """GGUF Q4_1 blocks w = d*q + m as MatMulNBits' (q - zp) * s with float zero points: s = d, zp = -m/d.
-    A block with d = 0 is m everywhere (its codes are 0): s = 1, zp = -m gives exactly that."""
-    zero = g.op1("Equal", [d, g.const(0.0)], f"{prefix}/offsets/IsZero")
-    s = g.op1("Where", [zero, g.const(1.0), d], f"{prefix}/offsets/Scale")
-    zp = g.op1("Neg", [g.op1("Div", [m, s], f"{prefix}/offsets/Div")], f"{prefix}/offsets/ZeroPoint")
-    return [s, zp]
+def matmul_nbits(g: GraphBuilder, inputs: list[str], n_in: int, n_out: int, bits: int, block: int, name: str) -> str:
+    return g.op1("MatMulNBits", inputs, name, domain=MS_DOMAIN, K=n_in, N=n_out, bits=bits, block_size=block,
+                 accuracy_level=0)
+
+
+def constant_zero_points(g: GraphBuilder, n_out: int, n_blocks: int, value: int, prefix: str) -> str:
+    """Packed 4-bit zero points, all `value`: onnxruntime folds it at session creation, so its fast kernels see a
+    constant uint8 input (with float zero points, or none, MatMulNBits takes a path 20-40× slower here)."""
+    shape = g.const([n_out * ((n_blocks + 1) // 2)], np.int64)
+    fill = helper.make_tensor("value", TensorProto.UINT8, [1], [value | (value << 4)])
+    return g.op1("ConstantOfShape", [shape], f"{prefix}/ZeroPoints{value}", value=fill)
+
+
+# x [B,S,K] ─► MatMulNBits(q, d, zero points 0) ─────────────────────────────────────────┐
+#  └► Reshape [B,S,K/32,32] ─► ReduceSum(-1) ─► MatMul(m^T [K/32, N]) ──────────────── Add ─► y      (w = d*q + m)
+def offset_linear(g: GraphBuilder, x: str, q: str, d: str, m: str, n_in: int, n_out: int, block: int,
+                  prefix: str) -> str:
+    """GGUF Q4_1 blocks, w = d*q + m (f16 d and m per block): x @ w^T = MatMulNBits(q, d, zero point 0) + the
+    block sums of x times m. Exact for every block, d = 0 included; both halves run on fast kernels."""
+    nb = n_in // block
+    scaled = matmul_nbits(g, [x, q, d, constant_zero_points(g, n_out, nb, 0, prefix)], n_in, n_out, 4, block,
+                          f"{prefix}/MatMulNBits")
+    sums = g.op1("ReduceSum", [g.op1("Reshape", [x, g.const([0, 0, nb, block], np.int64)], f"{prefix}/Blocks"),
+                               g.const([-1], np.int64)], f"{prefix}/BlockSums", keepdims=0)       # [B,S,K/32]
+    m_t = g.op1("Transpose", [g.op1("Reshape", [m, g.const([n_out, nb], np.int64)], f"{prefix}/MinsTable")],
+                f"{prefix}/MinsT", perm=[1, 0])                                                # [K/32, N]
+    return g.op1("Add", [scaled, g.op1("MatMul", [sums, m_t], f"{prefix}/Offsets")], f"{prefix}/Add")
+
+
+# codes u8 [N,K/32,32] = q + 128 ─► BitShift(>> 4) = hi ─► pairs ─► MatMulNBits(x, ·, 16·d, zero points 8) ──┐
+#                                └► BitwiseAnd(15) = lo ─► pairs ─► MatMulNBits(x, ·, d, zero points 0) ─── Add ─► y
+def nbits8_linear(g: GraphBuilder, x: str, codes: str, d: str, n_in: int, n_out: int, block: int,
+                  prefix: str) -> str:
+    """8-bit groups (int8-g32, GGUF Q8_0) as two 4-bit halves: d*(q) = 16d*(hi - 8) + d*lo with q + 128 = 16*hi + lo.
+    Exact; onnxruntime's 8-bit MatMulNBits (accuracy level 0) is ~20× slower than two 4-bit ones (the lm_head:
+    390 vs 19 ms per token here). The split is computed from the stored codes when the session is created."""
+    nb = n_in // block
+    four = g.const(4, np.uint8)
+
+    def pack(nibbles: str, tag: str) -> str:                      # [N,nb,32] -> [N,nb,16], element 2j low
+        pairs = g.op1("Reshape", [nibbles, g.const([n_out, nb, block // 2, 2], np.int64)], f"{prefix}/{tag}/Pairs")
+        even, odd = g.op("Split", [pairs], f"{prefix}/{tag}/Split", n_out=2, axis=-1, num_outputs=2)
+        high = g.op1("BitShift", [odd, four], f"{prefix}/{tag}/ShiftOdd", direction="LEFT")
+        packed = g.op1("BitwiseOr", [even, high], f"{prefix}/{tag}/Pack")
+        return g.op1("Squeeze", [packed, g.const([-1], np.int64)], f"{prefix}/{tag}/Squeeze")
+
+    hi = pack(g.op1("BitShift", [codes, four], f"{prefix}/high/Shift", direction="RIGHT"), "high")
+    lo = pack(g.op1("BitwiseAnd", [codes, g.const(15, np.uint8)], f"{prefix}/low/Mask"), "low")
+    d16 = g.op1("Mul", [d, g.const(16.0)], f"{prefix}/high/Scale")
+    y_hi = matmul_nbits(g, [x, hi, d16, constant_zero_points(g, n_out, nb, 8, f"{prefix}/high")], n_in, n_out, 4,
+                        block, f"{prefix}/high/MatMulNBits")
+    y_lo = matmul_nbits(g, [x, lo, d, constant_zero_points(g, n_out, nb, 0, f"{prefix}/low")], n_in, n_out, 4,
+                        block, f"{prefix}/low/MatMulNBits")
+    return g.op1("Add", [y_hi, y_lo], f"{prefix}/Add")
 
 
 # x [..,K] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s [..,1]      (one scale per row: per token)

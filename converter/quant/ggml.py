@@ -107,10 +107,7 @@ def dequantize(q: Quantized) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 def from_blocks(raw: np.ndarray, ggml_type: str, shape: tuple[int, int], where: str = "tensor") -> Quantized:
-    """GGUF tensor bytes (rows, row_bytes) uint8 -> the matching scheme's Quantized, codes and scales unchanged.
-
-    One exception, which changes no weight: a Q4_1 block with d = 0 decodes to m everywhere whatever its codes
-    say; its codes are set to 0 (llama.cpp writes 0 there anyway), so the graph can run it as (q - zp) * 1."""
+    """GGUF tensor bytes (rows, row_bytes) uint8 -> the matching scheme's Quantized, codes and scales unchanged."""
     if ggml_type not in BLOCK_BYTES:
         raise QuantError(f"{where}: GGUF type {ggml_type} has no passthrough (supported: {', '.join(BLOCK_BYTES)})")
     rows, cols = shape
@@ -133,7 +130,6 @@ def from_blocks(raw: np.ndarray, ggml_type: str, shape: tuple[int, int], where: 
     m = b[..., 2:4].copy().view(np.float16)[..., 0]
     if not np.isfinite(m).all():
         raise QuantError(f"{where}: a Q4_1 block minimum is NaN or Inf")
-    codes = np.where((d == 0)[..., None], np.uint8(0), codes)
     return Quantized(name, shape, codes.reshape(rows, cols), d, group=BLOCK, mins=m)
 
 
