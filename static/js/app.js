@@ -1,5 +1,6 @@
 // The page: wires the bundle list, the loading pipeline, the session and the Pyodide runtime to the chat UI.
 // Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt, opts)} (used by e2e/).
+// URL options: ?bundle=NAME&ep=auto|webgpu|wasm&autoload=1&graph=auto|fp16|fp32&workers=N
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
 import { chooseProvider, DecoderSession } from "./ort-session.js";
@@ -51,11 +52,18 @@ async function load(name, wanted = "auto") {
     stage("download", bundle.timings.downloadMs);
     stage("decode (after download)", bundle.timings.decodeAfterDownloadMs);
     $("progress-text").textContent = `${mb(bundle.stats.networkBytes)} from network, ${mb(bundle.stats.cachedBytes)} from cache`;
-    let { ep, why } = await chooseProvider(wanted);
+    let { ep, why, f16 } = await chooseProvider(wanted);
     const ts = performance.now();
     let session;
     try {
-      const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep);
+      // shader-f16 adapters run the float16 graph (same weights); everything else the float32 one.
+      // ?graph=fp16 / fp32 overrides the choice (tests run the float16 graph on the WASM EP this way)
+      const graphPref = params.get("graph") || "auto";
+      const wantFp16 = graphPref === "fp16" || (graphPref === "auto" && ep === "webgpu" && f16);
+      const graphFp16 = wantFp16 ? await bundle.fetchGraphFp16() : null;
+      if (wantFp16) why += graphFp16 ? ", float16 graph" : " (bundle has no float16 graph: float32)";
+      const create = DecoderSession.create(graphFp16 || bundle.graph, bundle.externalData, bundle.manifest.config, ep,
+                                           0, { float16: !!graphFp16 });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
