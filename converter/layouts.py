@@ -5,7 +5,8 @@ This is the one table that ties a scheme to its runtime layout. Two op families 
   "dqmm"   com.microsoft DynamicQuantizeMatMul: B int8 (in, out) = transposed codes, per-output-channel scale.
            Used by per-channel int8 and ternary (codes -1/0/+1 as int8).
   "nbits"  com.microsoft MatMulNBits: B uint8 (out, n_blocks, block_bytes) = codes of each row, packed low bits
-           first, per-block scales (out * n_blocks) and packed integer zero points. Used by the group schemes.
+           first, per-block scales (out * n_blocks) and packed integer zero points. Used by the group schemes;
+           GGUF Q4_1 (q4_1) stores f16 block minimums (".mins") instead, run as float zero points -m/d.
 
 and the float schemes use plain MatMul ("f32": B float32 (in, out); "f16": float16 + Cast).
 
@@ -90,11 +91,15 @@ def linear_initializers(prefix: str, q: Quantized) -> list[Initializer]:
         codes = q.symbols
         layout = LAYOUT_U4 if bits == 4 else LAYOUT_U2
         zeros = q.zeros if q.zeros is not None else np.full((rows, n_blocks), 1, np.uint8)  # ternary-g: zp 1
+        if q.mins is not None:
+            zeros = None                                            # q4_1: float offsets instead (".mins")
     out = [Initializer(prefix + ".q", "uint8", (rows, n_blocks, group * bits // 8), codes.reshape(-1),
                        256 if scheme.alphabet == 256 else scheme.alphabet, layout),
            byte_stream(prefix + ".scales", q.scales.reshape(rows * n_blocks))]                # f16 (out*n_blocks,)
     if zeros is not None:
         out.append(byte_stream(prefix + ".zeros", _pack_zeros(zeros, bits).reshape(-1)))
+    if q.mins is not None:
+        out.append(byte_stream(prefix + ".mins", q.mins.astype(np.float16).reshape(rows * n_blocks)))  # f16
     return out
 
 

@@ -9,6 +9,7 @@ model up front and then pull one tensor at a time: peak memory scales with the l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import struct
@@ -82,7 +83,7 @@ def _map_name(table: dict[str, str], name: str) -> str | None:
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """Where a tensor's bytes live, plus what the GGUF passthrough of a later issue needs."""
+    """Where a tensor's bytes live, and in which type (the GGUF passthrough keys on it)."""
     name: str              # HF name
     source_name: str       # name inside the file
     file: Path
@@ -99,6 +100,11 @@ class Checkpoint:
 
     def load(self, name: str) -> np.ndarray:  # float32, HF layout
         raise NotImplementedError
+
+    def load_blocks(self, name: str, scheme: str):
+        """The tensor's own quantized blocks as a `quant.Quantized` of `scheme` when the file stores it in exactly
+        that format (GGUF Q4_0/Q4_1/Q8_0 for q4_0/q4_1/q8_0: the passthrough), else None."""
+        return None
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.tensors:
@@ -348,6 +354,23 @@ class GGUFCheckpoint(Checkpoint):
         _check_finite(a, st)
         return a
 
+    def load_blocks(self, name: str, scheme: str):
+        from .quant.ggml import SCHEME_OF_TYPE, from_blocks
+        st = self.tensors[name]
+        if len(st.shape) != 2 or SCHEME_OF_TYPE.get(st.dtype) != scheme:
+            return None
+        q = from_blocks(np.asarray(self._gguf_tensors[st.source_name].data), st.dtype, st.shape,
+                        f"{self.path}: tensor {st.source_name}")
+        heads = {"self_attn.q_proj.weight": self.config.num_attention_heads,
+                 "self_attn.k_proj.weight": self.config.num_key_value_heads}
+        n_head = next((n for suffix, n in heads.items() if name.endswith(suffix)), None)
+        if n_head is None:
+            return q
+        # q/k: the same row permutation as `load`; a block lies inside one row, so blocks move whole
+        rows = lambda a: None if a is None else np.ascontiguousarray(unpermute_gguf_qk(a, n_head))  # noqa: E731
+        return dataclasses.replace(q, symbols=rows(q.symbols), scales=rows(q.scales), zeros=rows(q.zeros),
+                                   mins=rows(q.mins))
+
     def tokenizer_files(self) -> dict[str, bytes]:
         from .gguf_tokenizer import tokenizer_json_from_gguf
         tok, tok_cfg = tokenizer_json_from_gguf(self.reader)
@@ -379,6 +402,32 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if magic == b"GGUF":
         return GGUFCheckpoint(p)
     raise FormatError(f"{p}: not a GGUF file (magic {magic!r}) and not a Hugging Face folder")
+
+
+SOURCE = "source"   # the scheme name that means "keep each tensor in the format the checkpoint stores it in"
+_SOURCE_SCHEMES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "F32": "f32", "F16": "f16", "BF16": "f32"}
+
+
+def source_schemes(ck: Checkpoint) -> tuple[str, str]:
+    """(scheme of the linear layers, scheme of the embedding) that keep a checkpoint's tensors as stored: GGUF
+    Q4_0/Q4_1/Q8_0 blocks pass through unchanged, floats stay floats (bf16 widens to f32 exactly). SmolLM2's
+    Q4_1 GGUF gives ("q4_1", "q8_0"). The linear layers must share one type (a bundle has one linear scheme)."""
+    embed = "model.embed_tokens.weight"
+    linear = {n: t for n, t in ck.tensors.items() if len(t.shape) == 2 and n not in (embed, "lm_head.weight")}
+    for t in (*linear.values(), ck.tensors[embed]):
+        if t.dtype not in _SOURCE_SCHEMES:
+            raise FormatError(f"{t.file}: tensor {t.source_name} is {t.dtype}; --scheme {SOURCE} keeps only "
+                              f"{', '.join(_SOURCE_SCHEMES)} tensors as stored")
+    first = next(iter(linear.values()))
+    for t in linear.values():
+        if _SOURCE_SCHEMES[t.dtype] != _SOURCE_SCHEMES[first.dtype]:
+            raise FormatError(f"{t.file}: tensor {t.source_name} is {t.dtype} but {first.source_name} is "
+                              f"{first.dtype}; --scheme {SOURCE} needs one type for every linear layer")
+    head = ck.tensors.get("lm_head.weight")
+    if head is not None and _SOURCE_SCHEMES.get(head.dtype) != _SOURCE_SCHEMES[ck.tensors[embed].dtype]:
+        raise FormatError(f"{head.file}: tensor {head.source_name} is {head.dtype} but the embedding is "
+                          f"{ck.tensors[embed].dtype}; --scheme {SOURCE} needs them alike (one embedding scheme)")
+    return _SOURCE_SCHEMES[first.dtype], _SOURCE_SCHEMES[ck.tensors[embed].dtype]
 
 
 def default_model_path() -> Path:

@@ -120,10 +120,23 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
                            prefix)
     bits, block = nbits_of(scheme)
     inputs = [x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")]
-    if hf_name + ".zeros" in g.weights:
+    if hf_name + ".mins" in g.weights:
+        inputs[2:] = offset_zero_points(g, inputs[2], to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins"), prefix)
+    elif hf_name + ".zeros" in g.weights:
         inputs.append(g.weight(hf_name + ".zeros"))
     return g.op1("MatMulNBits", inputs, f"{prefix}/MatMulNBits", domain=MS_DOMAIN,
                  K=n_in, N=n_out, bits=bits, block_size=block, accuracy_level=0)
+
+
+# d ─► Equal(0) ─► Where(·, 1, d) = s ──────────────────► scales
+#                        m ─► Div(m, s) ─► Neg = zp ─────► float zero points   (initializers only: folded once)
+def offset_zero_points(g: GraphBuilder, d: str, m: str, prefix: str) -> list[str]:
+    """GGUF Q4_1 blocks w = d*q + m as MatMulNBits' (q - zp) * s with float zero points: s = d, zp = -m/d.
+    A block with d = 0 is m everywhere (its codes are 0): s = 1, zp = -m gives exactly that."""
+    zero = g.op1("Equal", [d, g.const(0.0)], f"{prefix}/offsets/IsZero")
+    s = g.op1("Where", [zero, g.const(1.0), d], f"{prefix}/offsets/Scale")
+    zp = g.op1("Neg", [g.op1("Div", [m, s], f"{prefix}/offsets/Div")], f"{prefix}/offsets/ZeroPoint")
+    return [s, zp]
 
 
 # x [..,K] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s [..,1]      (one scale per row: per token)
@@ -196,6 +209,14 @@ def embedding(g: GraphBuilder, ids: str, cfg: LlamaConfig, scheme: str, prefix: 
     scales = g.op1("Reshape", [to_f32(g, g.weight(name + ".scales"), f"{prefix}/scales"),
                                g.const([V, nb], np.int64)], f"{prefix}/ScalesTable")
     scale = g.op1("Gather", [scales, ids], f"{prefix}/GatherScale", axis=0)                 # [B,S,nb]
+    if name + ".mins" in g.weights:                               # q4_1: w = d*q + m
+        mins = g.op1("Reshape", [to_f32(g, g.weight(name + ".mins"), f"{prefix}/mins"), g.const([V, nb], np.int64)],
+                     f"{prefix}/MinsTable")
+        m = g.op1("Unsqueeze", [g.op1("Gather", [mins, ids], f"{prefix}/GatherMins", axis=0), g.const([-1], np.int64)],
+                  f"{prefix}/UnsqueezeMins")                                                # [B,S,nb,1]
+        d = g.op1("Unsqueeze", [scale, g.const([-1], np.int64)], f"{prefix}/UnsqueezeScale")
+        w = g.op1("Add", [g.op1("Mul", [d, codes], f"{prefix}/MulScale"), m], f"{prefix}/Dequantize")
+        return g.op1("Reshape", [w, g.const([0, 0, H], np.int64)], f"{prefix}/Reshape")
     if name + ".zeros" in g.weights:
         nz = g.weights[name + ".zeros"][1][0] // V
         ztab = g.op1("Reshape", [g.weight(name + ".zeros"), g.const([V, nz], np.int64)], f"{prefix}/ZerosTable")

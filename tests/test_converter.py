@@ -134,7 +134,8 @@ def test_truncated_gguf_is_named(tmp_path, tiny_hf):
 
 BOUNDS = {"f32": 0, "f16": 1e-3, "int8": 0.5 / 127, "int8-g32": 0.5 / 127, "int4-g32": 0.5 / 15 * 1.01,
           "int4-g64": 0.5 / 15 * 1.01, "int4-g128": 0.5 / 15 * 1.01, "int2-g32": 0.5 / 3 * 1.01,
-          "int2-g64": 0.5 / 3 * 1.01}
+          "int2-g64": 0.5 / 3 * 1.01, "q8_0": 0.5 / 127, "q4_1": 0.5 / 15 * 1.01,
+          "q4_0": 1 / 8 / 4 * 1.01}   # q4_0: d = max / -8, so the opposite extreme clips by up to one step
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))

@@ -193,7 +193,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], cfg: dict = TINY, tie
     tok, tok_cfg = tiny_tokenizer(cfg["vocab_size"])
     id_to_tok = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("gpt2")            # the tiny tokenizer pre-tokenizes with the GPT-2 regex
     w.add_token_list([t for t, _ in id_to_tok])
     w.add_token_types([3 if t in SPECIALS else 1 for t, _ in id_to_tok])
     w.add_token_merges(tok["model"]["merges"])

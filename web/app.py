@@ -7,6 +7,7 @@ the bundles, every response crossOriginIsolated.
     GET  /bundles/{name}/{file}     the files of one bundle folder
     GET  /vendor/ort/{path}         node_modules/onnxruntime-web/dist
     GET  /vendor/pyodide/{path}     node_modules/pyodide
+    GET  /vendor/wllama/{path}      node_modules/@wllama/wllama/esm (llama.cpp in WASM; only the bench page uses it)
     GET  /py/{file}.py              converter/runtime/*.py, so Pyodide runs the same source as CPython
 
 Files are served by our own small endpoint rather than StaticFiles, because we need all of these at once and want
@@ -405,6 +406,8 @@ def create_app(bundle_dir: Path, static_dir: Path | None = None, node_modules: P
         Route("/vendor/ort/{path:path}",
               file_endpoint(node_modules / "onnxruntime-web" / "dist", VENDOR_CACHE), methods=METHODS),
         Route("/vendor/pyodide/{path:path}", file_endpoint(node_modules / "pyodide", VENDOR_CACHE), methods=METHODS),
+        Route("/vendor/wllama/{path:path}",
+              file_endpoint(node_modules / "@wllama" / "wllama" / "esm", VENDOR_CACHE), methods=METHODS),
         Route("/py/{path:path}", file_endpoint(RUNTIME_DIR, NO_CACHE, _is_runtime_source), methods=METHODS),
     ]
     return _IsolatedStarlette(routes=routes)

@@ -10,7 +10,8 @@ the error of what ships). Groups run along the input dimension (cols): a group i
 one output row. `group=0` means one group per row (per output channel).
 
 Names: "f32", "f16", "int8" (per channel), "int8-g32", "int4-g32|g64|g128", "int2-g32|g64", "ternary",
-"ternary-g64". The registry maps each name to a `Scheme`.
+"ternary-g64", and llama.cpp's GGUF block formats "q8_0", "q4_0", "q4_1" (ggml.py). The registry maps each name
+to a `Scheme`.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Quantized:
     max_error: float = 0.0             # max |w - w_hat|
     rms_error: float = 0.0             # sqrt(mean((w - w_hat)^2))
     extra: dict = field(default_factory=dict)
+    mins: np.ndarray | None = None     # float16 (rows, n_groups) additive offsets: GGUF Q4_1's w = d*q + m
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def errors(w: np.ndarray, w_hat: np.ndarray, block_rows: int = 1024) -> tuple[fl
     return mx, float(np.sqrt(sq / w.size))
 
 
-from . import floats, int8, int4, int2, ternary  # noqa: E402,F401  (registers the schemes)
+from . import floats, int8, int4, int2, ternary, ggml  # noqa: E402,F401  (registers the schemes)
 
 
 def quantize_rows(scheme: Scheme, w: np.ndarray, block_rows: int = 2048) -> Quantized:
@@ -113,4 +115,4 @@ def quantize_rows(scheme: Scheme, w: np.ndarray, block_rows: int = 2048) -> Quan
     sq = sum(p.rms_error ** 2 * p.symbols.shape[0] for p in parts)
     return Quantized(first.scheme, tuple(w.shape), cat([p.symbols for p in parts]), cat([p.scales for p in parts]),
                      cat([p.zeros for p in parts]), group=first.group, max_error=max(p.max_error for p in parts),
-                     rms_error=float(np.sqrt(sq / w.shape[0])), extra=first.extra)
+                     rms_error=float(np.sqrt(sq / w.shape[0])), extra=first.extra, mins=cat([p.mins for p in parts]))

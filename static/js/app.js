@@ -1,6 +1,9 @@
 // The page: wires the bundle list, the loading pipeline, the session and the Pyodide runtime to the chat UI.
-// Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt, opts)} (used by e2e/).
-// URL options: ?bundle=NAME&ep=auto|webgpu|wasm&autoload=1&graph=auto|fp16|fp32&workers=N
+// Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt, opts)} (used by e2e/ and bench/).
+// URL parameters: bundle, ep, autoload, workers (decoder pool size), threads (onnxruntime-web wasm threads),
+// kv (cpu: WebGPU KV cache round-trips through the CPU), yield (frame: wait for a frame between tokens) — the last
+// two bring back the behaviour before the bench's fixes, for A/B runs), graph (auto | fp16 | fp32: which graph runs;
+// auto = model.fp16.onnx on a WebGPU adapter with shader-f16, else model.onnx).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
 import { chooseProvider, DecoderSession } from "./ort-session.js";
@@ -8,7 +11,9 @@ import { PyRuntime } from "./py-runtime.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const state = { session: null, manifest: null, history: [], stopRequested: false, busy: false };
+const state = { session: null, manifest: null, history: [], stopRequested: false, busy: false, loadTimings: null };
+const threads = Number(params.get("threads")) || 0;   // 0: onnxruntime-web's default (ort-session.js)
+const sessionOpts = { kvOnDevice: params.get("kv") !== "cpu" };   // WebGPU only; ?kv=cpu for the old behaviour
 const pyReady = PyRuntime.start();            // Pyodide starts while the user picks and downloads a bundle
 pyReady.catch((e) => showError(`Python runtime failed to start: ${e.message}`));
 
@@ -63,7 +68,7 @@ async function load(name, wanted = "auto") {
       const graphFp16 = wantFp16 ? await bundle.fetchGraphFp16() : null;
       if (wantFp16) why += graphFp16 ? ", float16 graph" : " (bundle has no float16 graph: float32)";
       const create = DecoderSession.create(graphFp16 || bundle.graph, bundle.externalData, bundle.manifest.config, ep,
-                                           0, { float16: !!graphFp16 });
+                                           threads, { ...sessionOpts, float16: !!graphFp16 });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
@@ -71,21 +76,25 @@ async function load(name, wanted = "auto") {
       if (ep !== "webgpu") throw e;
       notice(`WebGPU session failed (${e.message}); running on WASM instead.`);
       ep = "wasm"; why = "WebGPU session creation failed";
-      session = await DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep);
+      session = await DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep, threads, sessionOpts);
     }
     bundle.externalData.length = 0;            // onnxruntime owns the weights now: drop our copies
-    stage("session", performance.now() - ts);
+    const sessionMs = performance.now() - ts;
+    stage("session", sessionMs);
     const tp = performance.now();
     const py = await pyReady;
     py.setup(bundle.tokenizer, bundle.manifest);
     stage(`python (started in ${(py.startMs / 1000).toFixed(1)} s)`, performance.now() - tp);
     stage("total", performance.now() - t0);
+    // all times in ms; *At are performance.now() values, i.e. ms since navigation started
+    state.loadTimings = { ...bundle.timings, loadStartAt: t0, sessionMs, pythonWaitMs: performance.now() - tp,
+                          pyStartMs: py.startMs, readyAt: performance.now(), threads };
     $("ep-badge").textContent = `${ep.toUpperCase()} — ${why}`;
     $("ep-badge").className = `badge ${ep}`;
     Object.assign(state, { session, manifest: bundle.manifest, py, ep, history: [] });
     $("chat").hidden = false;
     document.body.dataset.ready = "1";
-    return { ep, why, timings: bundle.timings };
+    return { ep, why, timings: state.loadTimings };
   } catch (e) {
     pool.terminate();
     showError(e.message || String(e));
@@ -104,36 +113,52 @@ async function generate(messages, sampling, onText = () => {}, raw = null) {
   let ids = py.start(messages, sampling, raw);
   const promptLen = ids.length;
   const tokens = [];
-  let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0;
+  let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0, pushMs = 0, yieldMs = 0, firstTokenAt = 0;
+  let prefillSession = null;
   const t0 = performance.now();
   while (ids) {
     if (state.stopRequested) { const tail = py.cancel(); text += tail; onText(tail); reason = "cancelled"; break; }
     const ts = performance.now();
     const cand = await session.forward(ids);
     const dt = performance.now() - ts;
-    if (steps++ === 0) prefillMs = dt; else decodeMs += dt;
+    if (steps++ === 0) { prefillMs = dt; prefillSession = session.takeProfile(); } else decodeMs += dt;
+    const tpush = performance.now();
     const r = py.push(cand);
+    if (steps === 1) firstTokenAt = performance.now(); else pushMs += performance.now() - tpush;
     tokens.push(...r.tokens.filter(() => !r.done || r.reason !== "eos"));
     if (r.text) { text += r.text; onText(r.text); }
     ids = r.next; reason = r.reason;
+    const tyield = performance.now();
     await yieldToPage();     // the wasm EP runs on this thread: let the page paint tokens and see the Stop click
+    if (steps > 1) yieldMs += performance.now() - tyield;
   }
   state.busy = false;
   const firstTokenMs = prefillMs;
   return { tokens, text, reason, promptTokens: promptLen, prefillTokS: promptLen / (prefillMs / 1000),
-           decodeTokS: steps > 1 ? (steps - 1) / (decodeMs / 1000) : 0, firstTokenMs, totalMs: performance.now() - t0 };
+           decodeTokS: steps > 1 ? (steps - 1) / (decodeMs / 1000) : 0, firstTokenMs, totalMs: performance.now() - t0,
+           // where the time went (bench/): forward = session.forward (ort-session.js splits it: prefillSession for
+           // the first call, session for the decode steps), push = Pyodide, yield = yieldToPage; decode steps only
+           profile: { startAt: t0, firstTokenAt, steps, prefillMs, decodeMs, pushMs, yieldMs, prefillSession,
+                      session: session.takeProfile() } };
 }
 
-/** Give the page a turn between tokens (the wasm EP and Pyodide both run on this thread): at most every 30 ms,
- * wait for the next frame so streamed text is painted and a Stop click is seen. Hidden tabs get no frames, so
- * there a plain macrotask is enough. */
+/** Give the page a turn between tokens (the wasm EP and Pyodide both run on this thread), so that streamed text
+ * is painted and a Stop click is seen. One macrotask through a MessageChannel is enough: the browser renders and
+ * dispatches input between tasks whenever a frame is due, and unlike waiting for the next frame (?yield=frame,
+ * the old way) it costs ~0.1 ms instead of up to a frame (16 ms) per token (bench/: "Speed and memory"). */
+const yieldChannel = new MessageChannel();
+const yieldWaiters = [];
+yieldChannel.port1.onmessage = () => yieldWaiters.shift()();
 let lastYield = 0;
 function yieldToPage() {
-  const now = performance.now();
-  if (now - lastYield < 30) return Promise.resolve();
-  lastYield = now;
-  if (document.hidden) return new Promise((resolve) => setTimeout(resolve, 0));
-  return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+  if (params.get("yield") === "frame") {
+    const now = performance.now();
+    if (now - lastYield < 30) return Promise.resolve();
+    lastYield = now;
+    if (document.hidden) return new Promise((resolve) => setTimeout(resolve, 0));
+    return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+  }
+  return new Promise((resolve) => { yieldWaiters.push(resolve); yieldChannel.port2.postMessage(0); });
 }
 
 function addMessage(role, text) {
@@ -197,7 +222,8 @@ window.tinyqmoe = {
   pyReady,
   generate: (prompt, opts = {}) => generate([{ role: "user", content: prompt }],
                                             { max_new_tokens: opts.max_new_tokens ?? 16, temperature: opts.temperature ?? 0,
-                                              top_k: opts.top_k ?? 0, top_p: opts.top_p ?? 1, seed: opts.seed ?? 0 },
+                                              top_k: opts.top_k ?? 0, top_p: opts.top_p ?? 1, seed: opts.seed ?? 0,
+                                              ignore_eos: opts.ignore_eos ?? false },
                                             undefined, opts.raw ?? null),
   stop: () => { state.stopRequested = true; },
   state,

@@ -25,23 +25,40 @@ export class DecoderSession {
    * @param {{path: string, data: Uint8Array}[]} externalData decoded initializers
    * @param {object} config the manifest's LlamaConfig dict
    * @param {string} ep "webgpu" | "wasm"
-   * @param {number} threads
-   * @param {{float16?: boolean}} opts float16: the graph is model.fp16.onnx (float16 KV cache)
+   * @param {number} threads wasm threads, 0 = all cores (up to 4) when crossOriginIsolated
+   * @param {{kvOnDevice?: boolean, float16?: boolean}} opts kvOnDevice: on WebGPU, keep present.* in GPU buffers
+   *   and feed them back as the next past (no download + upload of the whole cache per token); float16: the graph
+   *   is model.fp16.onnx (float16 KV cache)
    */
   static async create(graph, externalData, config, ep, threads = 0, opts = {}) {
     ort.env.wasm.numThreads = threads || (self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
-    const session = await ort.InferenceSession.create(graph, {
-      executionProviders: [ep], externalData, graphOptimizationLevel: "all",
-    });
-    return new DecoderSession(session, config, ep, !!opts.float16);
+    const kvOnDevice = ep === "webgpu" && !!opts.kvOnDevice;
+    const options = { executionProviders: [ep], externalData, graphOptimizationLevel: "all" };
+    if (kvOnDevice) {
+      options.preferredOutputLocation = {};
+      for (let i = 0; i < config.num_hidden_layers; i++) {
+        for (const kind of ["key", "value"]) options.preferredOutputLocation[`present.${i}.${kind}`] = "gpu-buffer";
+      }
+    }
+    const session = await ort.InferenceSession.create(graph, options);
+    return new DecoderSession(session, config, ep, kvOnDevice, !!opts.float16);
   }
 
-  constructor(session, config, ep, float16 = false) {
+  constructor(session, config, ep, kvOnDevice = false, float16 = false) {
     this.session = session;
     this.config = config;
     this.ep = ep;
+    this.kvOnDevice = kvOnDevice;
     this.float16 = float16;
+    this.profile = newProfile();
     this.reset();
+  }
+
+  /** Summed ms per part of forward() since the last call (bench/ reads it), then starts a new sum. */
+  takeProfile() {
+    const p = this.profile;
+    this.profile = newProfile();
+    return p;
   }
 
   reset() {
@@ -60,6 +77,7 @@ export class DecoderSession {
 
   /** @param {number[]} ids new tokens after the cache @returns {Promise<{ids: Int32Array, values: Float32Array}>} */
   async forward(ids) {
+    const p = this.profile, t0 = performance.now();
     const S = ids.length, T = this.length + S;
     const feeds = {
       input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, S]),
@@ -67,7 +85,9 @@ export class DecoderSession {
       position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: S }, (_, j) => BigInt(this.length + j)), [1, S]),
       ...this.past,
     };
+    const t1 = performance.now();
     const out = await this.session.run(feeds);
+    const t2 = performance.now();
     for (let i = 0; i < this.config.num_hidden_layers; i++) {
       for (const kind of ["key", "value"]) {
         const old = this.past[`past_key_values.${i}.${kind}`];
@@ -78,13 +98,19 @@ export class DecoderSession {
     this.length = T;
     const logits = out.logits;
     const V = this.config.vocab_size;
+    const t3 = performance.now();
     const data = /** @type {Float32Array} */ (await logits.getData());
     const last = data.subarray((S - 1) * V, S * V);
+    const t4 = performance.now();
     const top = topK(last, TOP_CANDIDATES);
     if (logits.dispose) logits.dispose();
+    const t5 = performance.now();
+    p.calls++; p.feedsMs += t1 - t0; p.runMs += t2 - t1; p.kvMs += t3 - t2; p.logitsMs += t4 - t3; p.topkMs += t5 - t4;
     return top;
   }
 }
+
+function newProfile() { return { calls: 0, feedsMs: 0, runMs: 0, kvMs: 0, logitsMs: 0, topkMs: 0 }; }
 
 /** The k largest values, by (value desc, index asc) — the same order as the Python reference. */
 export function topK(values, k) {

@@ -26,7 +26,7 @@ def start(messages_json, sampling_json, raw):
     cfg = SamplingConfig(max_new_tokens=int(s.get("max_new_tokens", 128)), temperature=float(s.get("temperature", 0)),
                          top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 1.0)), seed=int(s.get("seed", 0)))
     ids = _chat.prompt_ids(raw=raw) if raw is not None else _chat.prompt_ids(json.loads(messages_json))
-    _gen = Generation(_chat.tokenizer, ids, _chat.eos_ids, cfg)
+    _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg)   # bench: fixed length
     return _gen.first_input()
 
 def push(cand_ids, cand_values):
