@@ -38,6 +38,7 @@ FORMAT_NAME = "tiny-qmoe-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
+GRAPH_FP16 = "model.fp16.onnx"  # the same graph with float16 activations and KV cache (WebGPU with shader-f16)
 DEFAULT_CHUNK_SYMBOLS = 1 << 18        # 262,144 symbols: big enough for LZW to learn, small enough to parallelise
 DEFAULT_BLOB_BYTES = 64 << 20          # split blobs so downloads can run in parallel and caches stay happy
 MAX_INITIALIZER_BYTES = (2 << 30) - 1  # browsers cap one ArrayBuffer at 2 GB
@@ -58,6 +59,7 @@ class BuildOptions:
     force: bool = False
     name: str | None = None
     calibration: Any = None                  # calibrate.CalibrationOptions: GPTQ / clip search / mixed precision
+    fp16_graph: bool = True                  # also write model.fp16.onnx (same weights, float16 activations)
 
     def resolved_embed_scheme(self) -> str:
         if self.embed_scheme:
@@ -255,9 +257,15 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     if progress:
         progress("model.onnx", len(names), len(names))
 
-    graph_bytes = export_graph(cfg, {e["name"]: (e["dtype"], tuple(e["shape"])) for e in initializers},
-                               opts.scheme, embed_scheme, tensor_schemes)
+    weight_types = {e["name"]: (e["dtype"], tuple(e["shape"])) for e in initializers}
+    graph_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes)
     (folder / GRAPH).write_bytes(graph_bytes)
+    graphs = {"graph": {"file": GRAPH, "bytes": len(graph_bytes), "sha256": hashlib.sha256(graph_bytes).hexdigest()}}
+    if opts.fp16_graph:
+        fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
+        (folder / GRAPH_FP16).write_bytes(fp16_bytes)
+        graphs["graph_fp16"] = {"file": GRAPH_FP16, "bytes": len(fp16_bytes),
+                                "sha256": hashlib.sha256(fp16_bytes).hexdigest()}
 
     tok_entries = {}
     for fname, data in sorted(checkpoint.tokenizer_files().items()):
@@ -276,7 +284,7 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         "scheme": opts.scheme,
         "embed_scheme": embed_scheme,
         "config": cfg.to_dict(),
-        "graph": {"file": GRAPH, "bytes": len(graph_bytes), "sha256": hashlib.sha256(graph_bytes).hexdigest()},
+        **graphs,
         "tokenizer": tok_entries,
         "blobs": blobs.blobs,
         "tensors": tensors,
@@ -286,7 +294,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
             "float32_bytes": float_bytes,
             "runtime_bytes": sum(e["nbytes"] for e in initializers),
             "blob_bytes": stored,
-            "bundle_bytes": stored + len(graph_bytes) + sum(v["bytes"] for v in tok_entries.values()),
+            "bundle_bytes": stored + sum(g["bytes"] for g in graphs.values()) +
+            sum(v["bytes"] for v in tok_entries.values()),
             "bits_per_weight_blobs": round(8 * stored / max(quantized_params, 1), 4),
         },
     }
@@ -328,8 +337,13 @@ class Bundle:
     def blob_path(self, index: int) -> Path:
         return self.path / self.manifest["blobs"][index]["file"]
 
-    def graph_bytes(self) -> bytes:
-        return (self.path / GRAPH).read_bytes()
+    def graph_bytes(self, float16: bool = False) -> bytes:
+        """model.onnx, or with float16=True the float16 variant (BundleError if the bundle has none)."""
+        if not float16:
+            return (self.path / GRAPH).read_bytes()
+        if "graph_fp16" not in self.manifest:
+            raise BundleError(f"{self.path}: bundle has no float16 graph (built with fp16_graph off, or before it)")
+        return (self.path / GRAPH_FP16).read_bytes()
 
     def tokenizer_json(self) -> dict:
         return json.loads((self.path / "tokenizer.json").read_text(encoding="utf-8"))
@@ -452,12 +466,18 @@ def load(path: str | Path) -> Bundle:
         _int(b.get("bytes"), f"{where}.bytes")
         _want(isinstance(b.get("sha256"), str) and len(b["sha256"]) == 64, f"{where}.sha256", "not a SHA-256 hex")
         _check_file(path, b["file"], b, where)
-    listed = {MANIFEST, GRAPH, *m["tokenizer"], *(b["file"] for b in m["blobs"])}
+    if "graph_fp16" in m:
+        _want(m["graph_fp16"].get("file") == GRAPH_FP16, f"{M}: graph_fp16.file", f"expected {GRAPH_FP16!r}")
+        _check_file(path, GRAPH_FP16, m["graph_fp16"], f"{M}: graph_fp16")
+    listed = {MANIFEST, GRAPH, *m["tokenizer"], *(b["file"] for b in m["blobs"])} | \
+        ({GRAPH_FP16} if "graph_fp16" in m else set())
     unlisted = sorted(p.name for p in path.iterdir() if p.name not in listed)
     _want(not unlisted, str(path), f"holds file(s) the manifest does not list: {', '.join(unlisted[:5])}")
     _validate_initializers(m, cfg)
     _validate_tensors(m, cfg)
-    _validate_graph(path, m)
+    _validate_graph(path, m, GRAPH)
+    if "graph_fp16" in m:
+        _validate_graph(path, m, GRAPH_FP16)
     return Bundle(path, m, cfg, m["initializers"])
 
 
@@ -466,7 +486,7 @@ def _check_file(folder: Path, fname: str, info: dict, where: str, hash_it: bool 
     _want(p.is_file(), where, f"file {fname} is missing")
     size = _int(info.get("bytes"), f"{where}.bytes")
     _want(p.stat().st_size == size, fname, f"{p.stat().st_size} bytes on disk, manifest says {size}")
-    if hash_it or fname == GRAPH:
+    if hash_it or fname in (GRAPH, GRAPH_FP16):
         _want(hashlib.sha256(p.read_bytes()).hexdigest() == info.get("sha256"), fname, "SHA-256 mismatch")
 
 
@@ -555,7 +575,7 @@ def _validate_tensors(m: dict, cfg: LlamaConfig):
           f"{M}: totals.parameters", "disagrees with the config")
 
 
-def _validate_graph(path: Path, m: dict):
+def _validate_graph(path: Path, m: dict, fname: str):
     """The graph's external initializers are exactly the manifest's, with the same dtypes and shapes."""
     import onnx
     from onnx import TensorProto
@@ -563,18 +583,18 @@ def _validate_graph(path: Path, m: dict):
     dtypes = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8",
               TensorProto.UINT8: "uint8"}
     try:
-        model = onnx.load_from_string((path / GRAPH).read_bytes())
+        model = onnx.load_from_string((path / fname).read_bytes())
     except Exception as e:  # protobuf raises its own DecodeError family
-        raise BundleError(f"{GRAPH}: not a readable ONNX model ({type(e).__name__})") from None
+        raise BundleError(f"{fname}: not a readable ONNX model ({type(e).__name__})") from None
     graph = {t.name: (dtypes.get(t.data_type, str(t.data_type)), list(t.dims)) for t in model.graph.initializer
              if t.data_location == TensorProto.EXTERNAL}
-    _validate_graph_constants(model, LlamaConfig.from_dict(m["config"]))
+    _validate_graph_constants(model, LlamaConfig.from_dict(m["config"]), fname)
     manifest = {e["name"]: (e["dtype"], e["shape"]) for e in m["initializers"]}
     for name in sorted(set(graph) | set(manifest)):
-        _want(name in manifest, f"{MANIFEST}: initializers", f"the graph needs {name}, which is not listed")
-        _want(name in graph, f"{MANIFEST}: initializer {name}", "is not used by the graph")
+        _want(name in manifest, f"{MANIFEST}: initializers", f"{fname} needs {name}, which is not listed")
+        _want(name in graph, f"{MANIFEST}: initializer {name}", f"is not used by {fname}")
         _want(graph[name] == manifest[name], f"{MANIFEST}: initializer {name}",
-              f"is {manifest[name]} but the graph expects {graph[name]}")
+              f"is {manifest[name]} but {fname} expects {graph[name]}")
 
 
 # ---- field-by-field schema: exact key sets, types and sane ranges (the checksum stops accidents; this stops lies)
@@ -611,7 +631,9 @@ def _str(v, where: str) -> str:
 
 def _validate_schema(m: dict):
     M = MANIFEST
-    _keys(m, _TOP | ({"calibration"} & set(m)), M)
+    _keys(m, _TOP | ({"calibration", "graph_fp16"} & set(m)), M)
+    if "graph_fp16" in m:
+        _keys(m["graph_fp16"], {"file", "bytes", "sha256"}, f"{M}: graph_fp16")
     if "calibration" in m:
         _validate_calibration(m["calibration"])
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")
@@ -707,7 +729,7 @@ def _validate_calibration(c):
             raise BundleError(f"{w}.mixed.high: {e}") from None
 
 
-def _validate_graph_constants(model, cfg: LlamaConfig):
+def _validate_graph_constants(model, cfg: LlamaConfig, fname: str = GRAPH):
     """Config values the graph bakes in as constants (RoPE frequencies incl. llama3 scaling, RMSNorm epsilon) must
     be the manifest's: a manifest that lies about them would describe a different model than the one that runs."""
     from onnx import numpy_helper
@@ -719,14 +741,14 @@ def _validate_graph_constants(model, cfg: LlamaConfig):
 
     def const_of(node_name: str, index: int):
         node = nodes.get(node_name)
-        _want(node is not None and len(node.input) > index and node.input[index] in consts, GRAPH,
+        _want(node is not None and len(node.input) > index and node.input[index] in consts, fname,
               f"node {node_name} is missing or has no constant input {index}")
         return numpy_helper.to_array(consts[node.input[index]])
 
     freqs = const_of("/model/rotary_emb/Freqs", 1)
     want = np.asarray(rope_inv_freq(cfg), np.float32)
-    _want(freqs.shape == want.shape and np.array_equal(freqs, want), GRAPH,
+    _want(freqs.shape == want.shape and np.array_equal(freqs, want), fname,
           "RoPE frequencies differ from the manifest config (rope_theta / rope_scaling / head_dim)")
     eps = const_of("/model/norm/AddEps", 1)
-    _want(eps.shape == () and float(eps) == float(np.float32(cfg.rms_norm_eps)), GRAPH,
+    _want(eps.shape == () and float(eps) == float(np.float32(cfg.rms_norm_eps)), fname,
           "RMSNorm epsilon differs from the manifest config")

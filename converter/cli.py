@@ -153,8 +153,8 @@ def cmd_inspect(args) -> int:
 # run / chat
 # ---------------------------------------------------------------------------------------------------------------
 
-def open_chat_model(path: str, threads: int = 1):
-    """Bundle -> ChatModel over an onnxruntime CPU session (the reference path)."""
+def open_chat_model(path: str, threads: int = 1, float16: bool = False):
+    """Bundle -> ChatModel over an onnxruntime CPU session (the reference path; float16: the bundle's fp16 graph)."""
     from .bundle import load
     from .ort_session import OrtDecoder
     from .runtime.chat import ChatModel
@@ -163,7 +163,8 @@ def open_chat_model(path: str, threads: int = 1):
     gen_cfg = None
     if (b.path / "generation_config.json").exists():
         gen_cfg = json.loads((b.path / "generation_config.json").read_text(encoding="utf-8"))
-    return ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], OrtDecoder(b, threads), gen_cfg)
+    return ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], OrtDecoder(b, threads, float16=float16),
+                     gen_cfg)
 
 
 def _sampling(args):
@@ -180,7 +181,7 @@ def _stats(res) -> str:
 
 def cmd_run(args) -> int:
     t0 = time.perf_counter()
-    chat = open_chat_model(args.bundle, args.threads)
+    chat = open_chat_model(args.bundle, args.threads, args.fp16)
     load_s = time.perf_counter() - t0
     if args.raw or not chat.has_template:
         ids = chat.prompt_ids(raw=args.prompt)
@@ -200,7 +201,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    chat = open_chat_model(args.bundle, args.threads)
+    chat = open_chat_model(args.bundle, args.threads, args.fp16)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("Chat with the model. Empty line or Ctrl-D quits; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
@@ -322,6 +323,8 @@ def configure_parser() -> argparse.ArgumentParser:
         r.add_argument("--seed", type=int, default=0)
         r.add_argument("--stop", action="append", help="stop string (repeatable)")
         r.add_argument("--threads", type=int, default=1)
+        r.add_argument("--fp16", action="store_true",
+                       help="run the bundle's float16 graph (model.fp16.onnx; meant for GPUs with shader-f16)")
         r.set_defaults(func=func)
 
     e = sub.add_parser("eval", help="quality of bundles against a float baseline (KL, perplexity, MMLU, ARC)")

@@ -8,6 +8,11 @@ Interface (onnxruntime-genai's convention):
     outputs  logits               float32 [batch, seq, vocab]
              present.{i}.key / .value           float32 [batch, kv_heads, past + seq, head_dim]
 
+The float16 variant (export_model(..., float16=True), for WebGPU adapters with `shader-f16`) has the same
+initializers and interface except that the KV cache is float16; activations are float16, while RoPE tables and
+RMSNorm are computed in float32 (positions beyond 2048 and squared activations do not fit float16) and logits
+are returned as float32.
+
 Quantized weights stay quantized in the session: per-channel int8/ternary run through MatMulInteger with
 activations quantized per token (int8_linear), group schemes through com.microsoft MatMulNBits (layouts in layouts.py). Node names are
 hierarchical and deterministic: /model/layers.{i}/attn/q_proj/MatMul.
@@ -26,6 +31,7 @@ from .layouts import family, nbits_of
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 NEG_INF = -1e9  # finite mask value: a fully masked (padding) row softmaxes to uniform instead of NaN
+NEG_INF_F16 = -3e4  # the same in float16 (max 65504), with room for the scores it is added to
 
 _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8,
                 "uint8": TensorProto.UINT8}
@@ -39,9 +45,13 @@ def kv_names(i: int) -> tuple[str, str, str, str]:
 class GraphBuilder:
     """Collects nodes and constants; names every node and value from a hierarchical prefix."""
 
-    def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]], tensor_schemes: dict[str, str] | None = None):
+    def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]], tensor_schemes: dict[str, str] | None = None,
+                 float16: bool = False):
         self.weights = weights            # initializer name -> (dtype, shape), all external
         self.tensor_schemes = tensor_schemes or {}   # HF tensor -> scheme, where it differs (mixed precision)
+        # activation float type: float32, or float16 for the shader-f16 variant
+        self.ft = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT
+        self.np_ft = np.float16 if float16 else np.float32
         self.nodes: list[onnx.NodeProto] = []
         self.consts: list[onnx.TensorProto] = []
         self._const_cache: dict[tuple, str] = {}
@@ -54,8 +64,9 @@ class GraphBuilder:
     def op1(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, name, 1, domain, **attrs)[0]
 
-    def const(self, value, dtype=np.float32) -> str:
-        arr = np.asarray(value, dtype=dtype)
+    def const(self, value, dtype=None) -> str:
+        """A constant initializer; float constants default to the activation type."""
+        arr = np.asarray(value, dtype=self.np_ft if dtype is None else dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._const_cache:
             name = f"/const/{len(self._const_cache)}"
@@ -74,17 +85,27 @@ class GraphBuilder:
 # ---------------------------------------------------------------------------------------------------------------
 
 def to_f32(g: GraphBuilder, name: str, prefix: str) -> str:
-    """f16 initializers (scales, f16 weights) are cast once; onnxruntime folds the Cast at session creation."""
-    return g.op1("Cast", [name], f"{prefix}/Cast", to=TensorProto.FLOAT) if g.weights[name][0] == "float16" else name
+    """A float initializer (scales, f16/f32 weights, norms) in the activation type: cast once where the types
+    differ; onnxruntime folds the Cast at session creation."""
+    stored = TensorProto.FLOAT16 if g.weights[name][0] == "float16" else TensorProto.FLOAT
+    return name if stored == g.ft else g.op1("Cast", [name], f"{prefix}/Cast", to=g.ft)
+
+
+def cast(g: GraphBuilder, x: str, to: int, name: str) -> str:
+    return g.op1("Cast", [x], name, to=to)
 
 
 # x ──► Mul(x, x) ─► ReduceMean(-1) ─► Add(eps) ─► Sqrt ─► Reciprocal ─► Mul(x, ·) ─► Mul(weight) ──► y
+# (in float32 always: the float16 graph casts x up first and the normalized x back down)
 def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float, prefix: str) -> str:
+    half = g.ft == TensorProto.FLOAT16
+    x = cast(g, x, TensorProto.FLOAT, f"{prefix}/CastUp") if half else x
     sq = g.op1("Mul", [x, x], f"{prefix}/Pow")
     mean = g.op1("ReduceMean", [sq, g.const([-1], np.int64)], f"{prefix}/ReduceMean", keepdims=1)
-    std = g.op1("Sqrt", [g.op1("Add", [mean, g.const(eps)], f"{prefix}/AddEps")], f"{prefix}/Sqrt")
+    std = g.op1("Sqrt", [g.op1("Add", [mean, g.const(eps, np.float32)], f"{prefix}/AddEps")], f"{prefix}/Sqrt")
     normed = g.op1("Mul", [x, g.op1("Reciprocal", [std], f"{prefix}/Reciprocal")], f"{prefix}/Normalize")
-    return g.op1("Mul", [normed, g.weight(weight)], f"{prefix}/MulWeight")
+    normed = cast(g, normed, TensorProto.FLOAT16, f"{prefix}/CastDown") if half else normed
+    return g.op1("Mul", [normed, to_f32(g, g.weight(weight), f"{prefix}/weight")], f"{prefix}/MulWeight")
 
 
 def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out: int, prefix: str) -> str:
@@ -171,20 +192,28 @@ def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, prefix: str) ->
     for the whole call, so in a prefill the first token's activation outliers set the scale of every row (KL vs f32
     0.60 on SmolLM2) and a row's result depends on its neighbours; per-row scales keep rows independent (decode ==
     prefill) and use the same u8×s8 integer kernels, which have WebAssembly SIMD paths."""
+    if g.ft != TensorProto.FLOAT:
+        # float16 graph: quantize and rescale in float32 (the int32 accumulator reaches ~16129 * K, far past
+        # float16's 65504, and the activation scale can fall below its smallest normal number)
+        x = cast(g, x, TensorProto.FLOAT, f"{prefix}/CastUp")
+        w_scale = cast(g, w_scale, TensorProto.FLOAT, f"{prefix}/scales/CastUp")  # float16 scales, exactly
     p = f"{prefix}/quantize_x"
+    f32 = np.float32
     amax = g.op1("ReduceMax", [g.op1("Abs", [x], f"{p}/Abs"), g.const([-1], np.int64)], f"{p}/ReduceMax", keepdims=1)
-    sx = g.op1("Div", [g.op1("Max", [amax, g.const(1e-12)], f"{p}/Floor"), g.const(127.0)], f"{p}/Scale")
-    q = g.op1("Add", [g.op1("Round", [g.op1("Div", [x, sx], f"{p}/Div")], f"{p}/Round"), g.const(128.0)], f"{p}/Shift")
+    sx = g.op1("Div", [g.op1("Max", [amax, g.const(1e-12, f32)], f"{p}/Floor"), g.const(127.0, f32)], f"{p}/Scale")
+    q = g.op1("Add", [g.op1("Round", [g.op1("Div", [x, sx], f"{p}/Div")], f"{p}/Round"), g.const(128.0, f32)],
+              f"{p}/Shift")
     xq = g.op1("Cast", [q], f"{p}/Cast", to=TensorProto.UINT8)
     acc = g.op1("MatMulInteger", [xq, w_q, g.const(128, np.uint8)], f"{prefix}/MatMulInteger")
     y = g.op1("Cast", [acc], f"{prefix}/CastAcc", to=TensorProto.FLOAT)
-    return g.op1("Mul", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), w_scale], f"{prefix}/MulWScale")
+    y = g.op1("Mul", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), w_scale], f"{prefix}/MulWScale")
+    return y if g.ft == TensorProto.FLOAT else cast(g, y, g.ft, f"{prefix}/CastDown")
 
 
 def _unpack_codes(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
     """uint8 [..., nbytes] of `bits`-bit codes packed low first -> float32 [..., nbytes * 8/bits] (float ops only,
     so every execution provider runs it)."""
-    x = g.op1("Cast", [packed], f"{prefix}/CastPacked", to=TensorProto.FLOAT)
+    x = g.op1("Cast", [packed], f"{prefix}/CastPacked", to=g.ft)
     if bits == 8:
         return x
     per, base = 8 // bits, float(1 << bits)
@@ -209,11 +238,12 @@ def embedding(g: GraphBuilder, ids: str, cfg: LlamaConfig, scheme: str, prefix: 
     if fam in ("f32", "f16"):                                     # table stored (H, V): gather columns
         cols = g.op1("Gather", [g.weight(name), ids], f"{prefix}/Gather", axis=1)            # [H,B,S]
         rows = g.op1("Transpose", [cols], f"{prefix}/Transpose", perm=[1, 2, 0])           # [B,S,H]
-        return g.op1("Cast", [rows], f"{prefix}/Cast", to=TensorProto.FLOAT) if fam == "f16" else rows
+        stored = TensorProto.FLOAT16 if fam == "f16" else TensorProto.FLOAT
+        return cast(g, rows, g.ft, f"{prefix}/Cast") if stored != g.ft else rows
     if fam == "dqmm":                                             # int8 (H, V) + per-token scale [V]
         cols = g.op1("Gather", [g.weight(name + ".q"), ids], f"{prefix}/Gather", axis=1)     # [H,B,S] int8
         rows = g.op1("Transpose", [cols], f"{prefix}/Transpose", perm=[1, 2, 0])
-        rows = g.op1("Cast", [rows], f"{prefix}/Cast", to=TensorProto.FLOAT)
+        rows = g.op1("Cast", [rows], f"{prefix}/Cast", to=g.ft)
         scale = g.op1("Gather", [to_f32(g, g.weight(name + ".scales"), f"{prefix}/scales"), ids],
                       f"{prefix}/GatherScale", axis=0)                                     # [B,S]
         scale = g.op1("Unsqueeze", [scale, g.const([-1], np.int64)], f"{prefix}/UnsqueezeScale")
@@ -249,15 +279,19 @@ def embedding(g: GraphBuilder, ids: str, cfg: LlamaConfig, scheme: str, prefix: 
 
 
 # position_ids [B,S] ─► Cast ─► ⊗ inv_freq [hd/2] ─► Concat(f, f) ─► Cos, Sin ─► Unsqueeze(1) ─► [B,1,S,hd]
+# (angles in float32 in both graphs; the float16 graph casts only cos and sin)
 def rope_tables(g: GraphBuilder, position_ids: str, cfg: LlamaConfig) -> tuple[str, str]:
     p = "/model/rotary_emb"
     pos = g.op1("Unsqueeze", [g.op1("Cast", [position_ids], f"{p}/Cast", to=TensorProto.FLOAT),
                               g.const([-1], np.int64)], f"{p}/Unsqueeze")                   # [B,S,1]
-    freqs = g.op1("Mul", [pos, g.const(rope_inv_freq(cfg))], f"{p}/Freqs")                  # [B,S,hd/2]
+    freqs = g.op1("Mul", [pos, g.const(rope_inv_freq(cfg), np.float32)], f"{p}/Freqs")      # [B,S,hd/2]
     emb = g.op1("Concat", [freqs, freqs], f"{p}/Concat", axis=-1)                           # [B,S,hd]
     one = g.const([1], np.int64)
-    cos = g.op1("Unsqueeze", [g.op1("Cos", [emb], f"{p}/Cos"), one], f"{p}/UnsqueezeCos")   # [B,1,S,hd]
-    sin = g.op1("Unsqueeze", [g.op1("Sin", [emb], f"{p}/Sin"), one], f"{p}/UnsqueezeSin")
+    cos, sin = g.op1("Cos", [emb], f"{p}/Cos"), g.op1("Sin", [emb], f"{p}/Sin")
+    if g.ft != TensorProto.FLOAT:
+        cos, sin = cast(g, cos, g.ft, f"{p}/CastCos"), cast(g, sin, g.ft, f"{p}/CastSin")
+    cos = g.op1("Unsqueeze", [cos, one], f"{p}/UnsqueezeCos")                               # [B,1,S,hd]
+    sin = g.op1("Unsqueeze", [sin, one], f"{p}/UnsqueezeSin")
     return cos, sin
 
 
@@ -284,7 +318,8 @@ def attention_bias(g: GraphBuilder, input_ids: str, attention_mask: str) -> str:
     pad = g.op1("Cast", [attention_mask], f"{p}/CastMask", to=TensorProto.BOOL)             # [B,T]
     pad = g.op1("Unsqueeze", [pad, i64([1, 2, 3])], f"{p}/UnsqueezeMask")                   # [B,1,1,1,T]
     visible = g.op1("And", [causal, pad], f"{p}/Visible")                                   # [B,1,1,S,T]
-    return g.op1("Where", [visible, g.const(0.0), g.const(NEG_INF)], f"{p}/Bias")
+    neg = NEG_INF_F16 if g.ft == TensorProto.FLOAT16 else NEG_INF
+    return g.op1("Where", [visible, g.const(0.0), g.const(neg)], f"{p}/Bias")
 
 
 #  x ─► q_proj ─► [B,S,nh,hd] ─► Transpose ─► RoPE ─────────────────────────┐
@@ -337,8 +372,9 @@ def mlp(g: GraphBuilder, x: str, i: int, cfg: LlamaConfig, scheme: str) -> str:
 
 
 def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]]], scheme: str,
-                 embed_scheme: str, tensor_schemes: dict[str, str] | None = None) -> onnx.ModelProto:
-    g = GraphBuilder(weights, tensor_schemes)
+                 embed_scheme: str, tensor_schemes: dict[str, str] | None = None,
+                 float16: bool = False) -> onnx.ModelProto:
+    g = GraphBuilder(weights, tensor_schemes, float16)
     B, S, T, P = "batch", "seq", "total_seq", "past_seq"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
@@ -347,10 +383,10 @@ def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]
     kvshape = lambda n: [B, cfg.num_key_value_heads, n, cfg.head_dim]  # noqa: E731
     for i in range(cfg.num_hidden_layers):
         pk, pv, ck, cv = kv_names(i)
-        inputs += [helper.make_tensor_value_info(pk, TensorProto.FLOAT, kvshape(P)),
-                   helper.make_tensor_value_info(pv, TensorProto.FLOAT, kvshape(P))]
-        outputs += [helper.make_tensor_value_info(ck, TensorProto.FLOAT, kvshape(T)),
-                    helper.make_tensor_value_info(cv, TensorProto.FLOAT, kvshape(T))]
+        inputs += [helper.make_tensor_value_info(pk, g.ft, kvshape(P)),
+                   helper.make_tensor_value_info(pv, g.ft, kvshape(P))]
+        outputs += [helper.make_tensor_value_info(ck, g.ft, kvshape(T)),
+                    helper.make_tensor_value_info(cv, g.ft, kvshape(T))]
 
     x = embedding(g, "input_ids", cfg, embed_scheme, "/model/embed_tokens")
     cos, sin = rope_tables(g, "position_ids", cfg)
@@ -365,7 +401,10 @@ def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]
     x = rms_norm(g, x, "model.norm.weight", cfg.rms_norm_eps, "/model/norm")
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     logits = linear(g, x, head, embed_scheme, cfg.hidden_size, cfg.vocab_size, "/lm_head")
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Identity"))
+    if g.ft == TensorProto.FLOAT:
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Identity"))
+    else:
+        g.nodes.append(helper.make_node("Cast", [logits], ["logits"], name="/lm_head/Cast", to=TensorProto.FLOAT))
 
     initializers = list(g.consts)
     for name, (dtype, shape) in weights.items():
@@ -382,9 +421,9 @@ def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]
 
 
 def export_graph(cfg: LlamaConfig, weights, scheme: str, embed_scheme: str,
-                 tensor_schemes: dict[str, str] | None = None) -> bytes:
+                 tensor_schemes: dict[str, str] | None = None, float16: bool = False) -> bytes:
     """Serialized graph; checked with onnx.checker (external data is not read)."""
-    model = export_model(cfg, weights, scheme, embed_scheme, tensor_schemes)
+    model = export_model(cfg, weights, scheme, embed_scheme, tensor_schemes, float16)
     check_graph(model)
     return model.SerializeToString()
 

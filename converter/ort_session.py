@@ -14,7 +14,7 @@ from .runtime.generate import TOP_CANDIDATES
 PROVIDERS = {"cpu": "CPUExecutionProvider"}
 
 
-def create_session(bundle: Bundle, threads: int = 1, verify: bool = True):
+def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -27,7 +27,7 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True):
         values.append(ort.OrtValue.ortvalue_from_numpy(arr))
         keep.append(arr)
     so.add_external_initializers(names, values)
-    sess = ort.InferenceSession(bundle.graph_bytes(), so, providers=[PROVIDERS["cpu"]])
+    sess = ort.InferenceSession(bundle.graph_bytes(float16), so, providers=[PROVIDERS["cpu"]])
     # onnxruntime has copied (or pre-packed) what it needs once the session exists; the decoded buffers can go
     del keep, values
     return sess
@@ -39,14 +39,15 @@ class OrtDecoder:
     Holds the KV cache between calls; `forward_full` returns all positions' logits (evaluation uses it).
     """
 
-    def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True):
+    def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False):
         self.config = bundle.config
-        self.session = create_session(bundle, threads, verify)
+        self.session = create_session(bundle, threads, verify, float16)
+        self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16
         self.reset()
 
     def reset(self, batch: int = 1) -> None:
         c = self.config
-        empty = np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), np.float32)
+        empty = np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), self.kv_dtype)
         self.past = {n: empty for i in range(c.num_hidden_layers) for n in kv_names(i)[:2]}
         self.mask = np.zeros((batch, 0), np.int64)
 

@@ -113,3 +113,35 @@ def test_corrupted_blob_shows_error_not_chat(page, server, bundle_dir):
     err = page.inner_text("#error")
     assert "weights-000.qzb" in err and ("SHA-256" in err or "chunk" in err), err
     assert page.is_hidden("#chat")
+
+
+def cpu_tokens_fp16(bundle_path, prompt, n):
+    from converter.cli import open_chat_model
+    from converter.runtime.generate import SamplingConfig
+
+    chat = open_chat_model(str(bundle_path), float16=True)
+    return chat.generate(chat.prompt_ids(raw=prompt), SamplingConfig(max_new_tokens=n)).token_ids
+
+
+def test_fp16_graph_in_the_page_equals_cpu_fp16_reference(page, server, bundle_dir):
+    """SwiftShader has no shader-f16, so the float16 graph is run on the WASM EP (?graph=fp16): the page fetches
+    model.fp16.onnx, feeds a float16 KV cache and gives the same greedy tokens as the CPU reference on that graph."""
+    fetched = []
+    page.on("request", lambda r: fetched.append(r.url))
+    page.goto(f"{server}/?bundle=tiny-f32&ep=wasm&graph=fp16&autoload=1")
+    page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+    assert page.evaluate("document.body.dataset.ready") == "1", page.inner_text("#error")
+    assert "float16 graph" in page.inner_text("#ep-badge")
+    assert any(u.endswith("/tiny-f32/model.fp16.onnx") for u in fetched)
+    got = page_tokens(page, PROMPT, 12)["tokens"]
+    assert got == cpu_tokens_fp16(bundle_dir / "tiny-f32", PROMPT, 12)
+
+
+def test_adapter_without_shader_f16_uses_the_float32_graph(page, server):
+    """The default choice on this machine's WebGPU (SwiftShader, no shader-f16): float32 graph, never the fp16 one."""
+    fetched = []
+    page.on("request", lambda r: fetched.append(r.url))
+    open_loaded(page, server, "tiny-int4", "webgpu")
+    badge = page.inner_text("#ep-badge")
+    assert badge.startswith("WEBGPU") and "without shader-f16" in badge, badge
+    assert not any(u.endswith("model.fp16.onnx") for u in fetched)

@@ -273,7 +273,7 @@ def test_lying_manifest_is_named(tmp_path, tiny_bundles):
     m["initializers"][3]["chunks"][0][0] = 0
     next(e for e in m["initializers"] if e["dtype"] == "int8")["dtype"] = "uint8"   # same size, wrong type
     _rewrite(dst, m)
-    with pytest.raises(BundleError, match="the graph expects"):
+    with pytest.raises(BundleError, match="but model.onnx expects"):
         load(dst)
     (dst / "manifest.json").write_text("{ nope")
     with pytest.raises(BundleError, match="invalid JSON at byte offset 2"):

@@ -88,3 +88,60 @@ def test_graph_passes_checker_and_names_are_hierarchical(tiny_bundles):
     assert "/model/layers.0/attn/q_proj/MatMulNBits" in names
     assert [i.name for i in model.graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert "present.1.value" in [o.name for o in model.graph.output]
+
+
+# ---- the float16 variant (model.fp16.onnx): same weights, float16 activations and KV cache -----------------------
+
+@pytest.mark.parametrize("scheme,tol", [("f32", 1e-2), ("int4-g32", 1e-2), ("int2-g64", 1e-2),
+                                        ("int8", 5e-2), ("ternary", 5e-2)])
+def test_fp16_graph_follows_the_fp32_graph(tiny_bundles, scheme, tol):
+    """Same initializers, float16 KV cache, float32 logits within float16 rounding of the float32 graph, and the
+    same greedy choices wherever the float32 graph has no near-tie. (int8/ternary quantize activations per token:
+    a float16 rounding that moves an activation across a code boundary moves it by a whole code, hence the
+    looser bound, as between onnxruntime's CPU and wasm kernels.)"""
+    bundle = load(tiny_bundles(scheme))
+    model = onnx.load_from_string(bundle.graph_bytes(float16=True))
+    check_graph(model)
+    f32_inits = {t.name: (t.data_type, list(t.dims)) for t in onnx.load_from_string(bundle.graph_bytes()).graph.initializer
+                 if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert {t.name: (t.data_type, list(t.dims)) for t in model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL} == f32_inits
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert types["past_key_values.0.key"] == types["present.1.value"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT
+
+    want = OrtDecoder(bundle).forward_full(IDS)
+    dec = OrtDecoder(bundle, float16=True)
+    got = dec.forward_full(IDS)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert _rel(got, want) < tol, scheme
+    top2 = np.sort(want, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05 * np.abs(want).max()    # positions whose argmax is not a near-tie
+    assert (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
+def test_fp16_graph_cached_decode_and_padding(tiny_bundles):
+    """The float16 cache fed back step by step equals the prefill; a fully masked (padding) row stays finite."""
+    dec = OrtDecoder(load(tiny_bundles("f32")), float16=True)
+    full = dec.forward_full(IDS)
+    dec.reset()
+    steps = [dec.run(np.asarray([IDS[:4]]))[0, -1]]
+    for t in IDS[4:]:
+        steps.append(dec.run(np.asarray([[t]]))[0, -1])
+    assert dec.past["past_key_values.0.key"].dtype == np.float16
+    assert _rel(np.stack(steps), full[3:]) < 1e-2
+    dec.reset(batch=2)
+    out = dec.run(np.asarray([IDS[:4], [0, 0, 0, 0]]), np.asarray([[1, 1, 1, 1], [0, 0, 0, 0]]))
+    assert np.isfinite(out).all()
+
+
+def test_bundle_without_fp16_graph_says_so(tiny_hf, tmp_path):
+    from converter.bundle import BuildOptions, BundleError, write_bundle
+
+    folder, _ = tiny_hf
+    out = tmp_path / "no-fp16"
+    write_bundle(open_checkpoint(folder), out, BuildOptions(scheme="int8", fp16_graph=False))
+    b = load(out)
+    assert not (out / "model.fp16.onnx").exists() and "graph_fp16" not in b.manifest
+    with pytest.raises(BundleError, match="no float16 graph"):
+        b.graph_bytes(float16=True)

@@ -2,7 +2,8 @@
 // Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt, opts)} (used by e2e/ and bench/).
 // URL parameters: bundle, ep, autoload, workers (decoder pool size), threads (onnxruntime-web wasm threads),
 // kv (cpu: WebGPU KV cache round-trips through the CPU), yield (frame: wait for a frame between tokens) — the last
-// two bring back the behaviour before the bench's fixes, for A/B runs.
+// two bring back the behaviour before the bench's fixes, for A/B runs), graph (auto | fp16 | fp32: which graph runs;
+// auto = model.fp16.onnx on a WebGPU adapter with shader-f16, else model.onnx).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
 import { chooseProvider, DecoderSession } from "./ort-session.js";
@@ -56,11 +57,18 @@ async function load(name, wanted = "auto") {
     stage("download", bundle.timings.downloadMs);
     stage("decode (after download)", bundle.timings.decodeAfterDownloadMs);
     $("progress-text").textContent = `${mb(bundle.stats.networkBytes)} from network, ${mb(bundle.stats.cachedBytes)} from cache`;
-    let { ep, why } = await chooseProvider(wanted);
+    let { ep, why, f16 } = await chooseProvider(wanted);
     const ts = performance.now();
     let session;
     try {
-      const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep, threads, sessionOpts);
+      // shader-f16 adapters run the float16 graph (same weights); everything else the float32 one.
+      // ?graph=fp16 / fp32 overrides the choice (tests run the float16 graph on the WASM EP this way)
+      const graphPref = params.get("graph") || "auto";
+      const wantFp16 = graphPref === "fp16" || (graphPref === "auto" && ep === "webgpu" && f16);
+      const graphFp16 = wantFp16 ? await bundle.fetchGraphFp16() : null;
+      if (wantFp16) why += graphFp16 ? ", float16 graph" : " (bundle has no float16 graph: float32)";
+      const create = DecoderSession.create(graphFp16 || bundle.graph, bundle.externalData, bundle.manifest.config, ep,
+                                           threads, { ...sessionOpts, float16: !!graphFp16 });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;

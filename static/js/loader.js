@@ -121,8 +121,15 @@ export async function loadBundle(base, pool, progress) {
     tok[name] = new TextDecoder().decode(bytes);
   }
   t.end = performance.now();
+  /** The float16 graph (model.fp16.onnx), fetched only when a WebGPU adapter with shader-f16 will run it. */
+  const fetchGraphFp16 = async () => {
+    if (!m.graph_fp16) return null;
+    const bytes = await fetchFile(base + m.graph_fp16.file, m.graph_fp16, () => {}, stats);
+    if (await sha256Hex(bytes) !== m.graph_fp16.sha256) throw new BundleError(`${m.graph_fp16.file}: SHA-256 mismatch`);
+    return bytes;
+  };
   return {
-    manifest: m, manifestText, graph: graphBytes, tokenizer: tok,
+    manifest: m, manifestText, graph: graphBytes, fetchGraphFp16, tokenizer: tok,
     externalData: m.initializers.map((e) => ({ path: e.name, data: outputs.get(e.name) })),
     timings: { downloadMs: t.downloaded - t.start, decodeMs: t.decoded - (t.decodeStart ?? t.decoded),
                decodeAfterDownloadMs: t.decoded - t.downloaded, totalMs: t.end - t.start,

@@ -15,7 +15,8 @@ export async function chooseProvider(wanted = "auto") {
   let adapter = null;
   try { adapter = await navigator.gpu.requestAdapter(); } catch (e) { /* reported below */ }
   if (!adapter) return { ep: "wasm", why: "no WebGPU adapter" };
-  return { ep: "webgpu", why: adapter.features.has("shader-f16") ? "WebGPU adapter (shader-f16)" : "WebGPU adapter (fp32)" };
+  const f16 = adapter.features.has("shader-f16");
+  return { ep: "webgpu", f16, why: f16 ? "WebGPU adapter with shader-f16" : "WebGPU adapter without shader-f16: float32 graph" };
 }
 
 export class DecoderSession {
@@ -25,8 +26,9 @@ export class DecoderSession {
    * @param {object} config the manifest's LlamaConfig dict
    * @param {string} ep "webgpu" | "wasm"
    * @param {number} threads wasm threads, 0 = all cores (up to 4) when crossOriginIsolated
-   * @param {{kvOnDevice?: boolean}} opts kvOnDevice: on WebGPU, keep present.* in GPU buffers and feed them back
-   *   as the next past (no download + upload of the whole cache per token)
+   * @param {{kvOnDevice?: boolean, float16?: boolean}} opts kvOnDevice: on WebGPU, keep present.* in GPU buffers
+   *   and feed them back as the next past (no download + upload of the whole cache per token); float16: the graph
+   *   is model.fp16.onnx (float16 KV cache)
    */
   static async create(graph, externalData, config, ep, threads = 0, opts = {}) {
     ort.env.wasm.numThreads = threads || (self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
@@ -39,14 +41,15 @@ export class DecoderSession {
       }
     }
     const session = await ort.InferenceSession.create(graph, options);
-    return new DecoderSession(session, config, ep, kvOnDevice);
+    return new DecoderSession(session, config, ep, kvOnDevice, !!opts.float16);
   }
 
-  constructor(session, config, ep, kvOnDevice = false) {
+  constructor(session, config, ep, kvOnDevice = false, float16 = false) {
     this.session = session;
     this.config = config;
     this.ep = ep;
     this.kvOnDevice = kvOnDevice;
+    this.float16 = float16;
     this.profile = newProfile();
     this.reset();
   }
@@ -64,8 +67,9 @@ export class DecoderSession {
     this.past = {};
     for (let i = 0; i < c.num_hidden_layers; i++) {
       for (const kind of ["key", "value"]) {
-        this.past[`past_key_values.${i}.${kind}`] =
-          new ort.Tensor("float32", new Float32Array(0), [1, c.num_key_value_heads, 0, c.head_dim]);
+        this.past[`past_key_values.${i}.${kind}`] = this.float16
+          ? new ort.Tensor("float16", new Uint16Array(0), [1, c.num_key_value_heads, 0, c.head_dim])
+          : new ort.Tensor("float32", new Float32Array(0), [1, c.num_key_value_heads, 0, c.head_dim]);
       }
     }
     this.length = 0;
