@@ -148,6 +148,8 @@ def test_source_bundle_logits_match_dequantized_gguf(tmp_path, linear_type, embe
     dec.reset()                                                   # the cached path agrees too
     steps = [dec.run(np.asarray([IDS[:5]]))[0, -1]] + [dec.run(np.asarray([[t]]))[0, -1] for t in IDS[5:]]
     assert float(np.abs(np.stack(steps) - want[4:]).max() / np.abs(want).max()) < 2e-6
+    half = OrtDecoder(load(tmp_path / "b"), float16=True).forward_full(IDS)   # the float16 graph of the same blocks
+    assert float(np.abs(half - want).max() / np.abs(want).max()) < 1e-2
 
 
 def test_matching_scheme_passes_through_and_others_requantize(tmp_path):
