@@ -1,8 +1,8 @@
 """Calibrated quantization: GPTQ-style error compensation, per-group clip search and mixed precision, in numpy.
 
 The model is run layer by layer on a calibration text (default: the tail of Python's `pydoc_data.topics`, which the
-perplexity task of `converter eval` reads from the start, so the two slices are disjoint for any --limit up to
-CALIB_DISJOINT_PPL_CHUNKS chunks of 512 tokens):
+perplexity task of `converter eval` reads from the start; with SmolLM2's tokenizer the calibration text starts at
+character 405,141 = token 98,250, so the two are disjoint for `eval --tasks ppl --limit` up to 190 chunks of 512):
 
     hidden X (n_tok, H) ─► RMSNorm ─► h ──► q/k/v (H_qkv = hᵀh) ─► attention ─► ctx ──► o (H_o = ctxᵀctx) ─► + X
     X ─► RMSNorm ─► h2 ──► gate/up (H_mlp = h2ᵀh2) ─► silu(g)·u = a ──► down (H_down = aᵀa) ─► + X
@@ -44,7 +44,6 @@ from .errors import QuantError
 from .quant import Quantized, Scheme, errors, get_scheme
 
 METHODS = ("rtn", "clip", "gptq", "gptq+clip")
-CALIB_DISJOINT_PPL_CHUNKS = 150          # ppl chunks (ctx 512) that stay clear of the default calibration slice
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
@@ -57,7 +56,9 @@ class CalibrationOptions:
     method: str = "gptq"                 # one of METHODS
     sequences: int = 16                  # calibration windows ...
     seq_len: int = 256                   # ... of this many tokens each (16 × 256 = 4,096 tokens)
-    damp: float = 0.01                   # GPTQ dampening: H += damp · mean(diag H) · I
+    damp: float = 0.1                    # GPTQ dampening: H += damp · mean(diag H) · I. GPTQ's usual 0.01 overfits
+                                         # 4k tokens of Python docs: on held-out English the layer errors of
+                                         # SmolLM2 layer 2 were 0.1: q 12 %, o 14 %, down 16 % lower than at 0.01
     block: int = 128                     # GPTQ lazy-update block (columns); a multiple of the group size
     clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
     embedding: str = "rtn"               # "rtn" or "calibrated": quantize the (tied) embedding / lm_head with
@@ -217,7 +218,7 @@ def inverse_hessian_factor(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.n
     return np.linalg.cholesky(hinv).T, dead
 
 
-def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.01, block: int = 128,
+def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.1, block: int = 128,
                   clip_grid: tuple[float, ...] | None = None, row_block: int = 4096) -> Quantized:
     """GPTQ on the scheme's grid. Rows are independent given H, so large weights go in row blocks (bounded
     temporaries for a 49k-row lm_head). Columns run in order; a group's scale/zero point is chosen from the

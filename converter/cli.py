@@ -94,7 +94,7 @@ def _calibration_options(args):
     from .calibrate import CalibrationOptions
     seq_len = min(256, args.calib_tokens)
     return CalibrationOptions(method=args.calibrate or "rtn", sequences=max(1, args.calib_tokens // seq_len),
-                              seq_len=seq_len, mixed=args.mixed,
+                              seq_len=seq_len, mixed=args.mixed, damp=args.calib_damp,
                               mixed_high=SCHEME_ALIASES.get(args.mixed_high, args.mixed_high),
                               embedding="calibrated" if args.calib_embedding else "rtn")
 
@@ -296,6 +296,7 @@ def configure_parser() -> argparse.ArgumentParser:
                    help="calibrated quantization on a slice of pydoc_data.topics: gptq (default), clip (per-group "
                         "clip search), gptq+clip")
     b.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (windows of 256)")
+    b.add_argument("--calib-damp", type=float, default=0.1, help="GPTQ dampening, fraction of mean diag(H)")
     b.add_argument("--calib-embedding", action="store_true",
                    help="also calibrate the embedding / lm_head (Hessian of the final hidden states)")
     b.add_argument("--mixed", type=float, default=None, metavar="BITS",
