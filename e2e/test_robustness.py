@@ -1,6 +1,7 @@
 """The page under adverse conditions: no WebGPU adapter, an interrupted download, a cache holding an older bundle
 version, storage that refuses writes. Each ends in a fallback or a clear message.
 
+A device lost after loading (idle or mid-reply) is covered by e2e/test_device_loss.py.
 Not covered: a WebGPU device that fails during session creation. Simulating it (an adapter whose requestDevice
 throws) left onnxruntime-web 1.30's WebGPU initialisation spinning at 100% CPU on the page's thread, so neither the
 page's 60 s guard nor the fallback could run; it needs a fix on that side before a test can pass."""

@@ -6,7 +6,7 @@
 // auto = model.fp16.onnx on a WebGPU adapter with shader-f16, else model.onnx).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
-import { chooseProvider, DecoderSession } from "./ort-session.js";
+import { chooseProvider, DecoderSession, webgpuDevice } from "./ort-session.js";
 import { PyRuntime } from "./py-runtime.js";
 
 const $ = (id) => document.getElementById(id);
@@ -41,8 +41,10 @@ async function listBundles() {
   return list;
 }
 
-async function load(name, wanted = "auto") {
-  $("error").hidden = true; $("notice").hidden = true; $("stages").innerHTML = "";
+async function load(name, wanted = "auto", keepNotice = false) {
+  $("error").hidden = true; $("stages").innerHTML = "";
+  if (!keepNotice) $("notice").hidden = true;
+  document.body.dataset.ready = "";
   $("load-btn").disabled = true;
   const t0 = performance.now();
   const pool = new DecoderPool(Number(params.get("workers")) || navigator.hardwareConcurrency || 2);
@@ -91,7 +93,8 @@ async function load(name, wanted = "auto") {
                           pyStartMs: py.startMs, readyAt: performance.now(), threads };
     $("ep-badge").textContent = `${ep.toUpperCase()} — ${why}`;
     $("ep-badge").className = `badge ${ep}`;
-    Object.assign(state, { session, manifest: bundle.manifest, py, ep, history: [] });
+    Object.assign(state, { session, manifest: bundle.manifest, py, ep, name, history: [], busy: false });
+    if (ep === "webgpu") watchDevice(name, session);
     $("chat").hidden = false;
     document.body.dataset.ready = "1";
     return { ep, why, timings: state.loadTimings };
@@ -103,6 +106,30 @@ async function load(name, wanted = "auto") {
   } finally {
     $("load-btn").disabled = false;
   }
+}
+
+/** A WebGPU device can be lost at any time (driver reset, GPU process crash, out of memory, another tab): then
+ * the session cannot run again, so the model is reloaded on WASM — from the browser cache, no network — with a
+ * notice saying why. */
+async function watchDevice(name, session) {
+  const device = await webgpuDevice();
+  if (!device) return;
+  device.lost.then((info) => {
+    if (state.session !== session) return;                 // a later load replaced this session
+    gpuFailed(`WebGPU device lost (${info.reason || "unknown"}${info.message ? `: ${info.message}` : ""})`);
+  });
+}
+
+let gpuFallback = null;
+function gpuFailed(why) {
+  if (gpuFallback) return gpuFallback;
+  state.stopRequested = true;
+  const name = state.name;
+  state.session = null;
+  $("chat").hidden = true;
+  notice(`${why}; reloading the model on WASM from the browser cache.`);
+  gpuFallback = load(name, "wasm", true).finally(() => { gpuFallback = null; });
+  return gpuFallback;
 }
 
 /** Generate a reply; streams into `onText`. Returns the tokens and timings. */
@@ -201,7 +228,10 @@ async function onSend(ev) {
     $("status").textContent = `prefill ${r.prefillTokS.toFixed(1)} tok/s, decode ${r.decodeTokS.toFixed(1)} tok/s, ` +
       `first token ${(r.firstTokenMs / 1000).toFixed(2)} s, ${r.tokens.length} tokens (${r.reason})${memoryLine()}`;
     reportPageMemory();
-  } catch (e) { showError(`generation failed: ${e.message}`); }
+  } catch (e) {
+    if (state.ep === "webgpu") gpuFailed(`WebGPU failed during generation (${e.message})`).catch(() => {});
+    else showError(`generation failed: ${e.message}`);
+  }
   finally { $("send-btn").disabled = false; $("stop-btn").disabled = true; }
 }
 
@@ -226,5 +256,7 @@ window.tinyqmoe = {
                                               ignore_eos: opts.ignore_eos ?? false },
                                             undefined, opts.raw ?? null),
   stop: () => { state.stopRequested = true; },
+  /** Destroys the WebGPU device the session runs on (e2e: what a lost device does to the page). */
+  loseDevice: async () => { const d = state.ep === "webgpu" ? await webgpuDevice() : null; if (d) d.destroy(); return !!d; },
   state,
 };

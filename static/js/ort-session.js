@@ -19,6 +19,12 @@ export async function chooseProvider(wanted = "auto") {
   return { ep: "webgpu", f16, why: f16 ? "WebGPU adapter with shader-f16" : "WebGPU adapter without shader-f16: float32 graph" };
 }
 
+/** The GPUDevice the WebGPU EP runs on — call only once a WebGPU session exists (before, onnxruntime-web would
+ * create one). null when there is none. */
+export async function webgpuDevice() {
+  try { return (await ort.env.webgpu.device) || null; } catch { return null; }
+}
+
 export class DecoderSession {
   /**
    * @param {Uint8Array} graph model.onnx bytes
