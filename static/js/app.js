@@ -198,7 +198,14 @@ function addMessage(role, text) {
 
 function memoryLine() {
   const heap = performance.memory ? performance.memory.usedJSHeapSize : 0;
-  return heap ? `, JS heap ${mb(heap)}` : "";
+  let line = heap ? `, JS heap ${mb(heap)}` : "";
+  if (state.ep === "webgpu" && state.manifest && state.session) {
+    // GPU buffers we know of: the weights (uploaded once) and the KV cache of the current conversation
+    const c = state.manifest.config, kvBytes = state.session.float16 ? 2 : 4;
+    const kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * state.session.length * kvBytes;
+    line += `, GPU buffers ≥ ${mb(state.manifest.totals.runtime_bytes + kv)} (weights + KV cache)`;
+  }
+  return line;
 }
 
 /** Whole-page memory (JS + WASM heaps of all workers) where the browser offers it; it resolves after a GC, so the
