@@ -177,12 +177,16 @@ def targets(s: dict, ws) -> dict:
     out = {"wasm_vs_ortcpu": [], "vs_wllama": [], "lzw_ttft": [], "memory": [], "fixes": []}
     for sch in ws.schemes:
         for t in threads:
+            if f"page-wasm/{sch}/t{t}" not in keys:
+                continue
             for what in ("decode_tok_s", "prefill_tok_s"):
                 r = _ratio(_med(s, f"page-wasm/{sch}/t{t}", what), _med(s, f"ortcpu/{sch}/t{t}", what))
                 out["wasm_vs_ortcpu"].append({"scheme": sch, "threads": t, "metric": what, "ratio": r,
                                               "target": TARGET_WASM_VS_ORT,
                                               "met": r is not None and r >= TARGET_WASM_VS_ORT})
         for t in threads:
+            if f"page-wasm/{sch}/t{t}" not in keys:
+                continue
             for what in ("decode_tok_s", "prefill_tok_s"):
                 r = _ratio(_med(s, f"page-wasm/{sch}/t{t}", what), _med(s, f"wllama/wasm/t{t}", what))
                 out["vs_wllama"].append({"scheme": sch, "wllama": ws.gguf_type, "threads": t, "metric": what,
@@ -191,6 +195,8 @@ def targets(s: dict, ws) -> dict:
         name = f"{ws.model}-{sch}"
         weights = s["weights_bytes"][name] / MIB
         for key in dict.fromkeys((f"page-wasm/{sch}/t1", f"page-wasm/{sch}/t{t_all}")):
+            if key not in keys:
+                continue
             ua = _med(s, key, "memory", "ua_memory_mib")
             above = _med(s, key, "memory", "peak_above_idle_mib")
             out["memory"].append({"config": key, "weights_mib": weights, "ua_memory_ratio": _ratio(ua, weights),
@@ -212,7 +218,7 @@ def targets(s: dict, ws) -> dict:
                                  "metric": "e2e_decode_tok_s", "before": before, "after": after,
                                  "speedup": after / before})
     for sch, packed in ws.packed.items():
-        lzw_key = next((k for k in (f"page-wasm/{sch}/t{t_all}", f"page-wasm/{sch}/t1")
+        lzw_key = next((k for k in (f"page-wasm/{sch}/t1", f"page-wasm/{sch}/t{t_all}")
                         if k in keys and "warm" in s["configs"][k]), None)
         for phase in ("cold", "warm"):
             a = _med(s, lzw_key, phase, "ttft_ms") if lzw_key else None
