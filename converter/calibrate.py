@@ -75,6 +75,8 @@ class CalibrationOptions:
         for s in (scheme, self.mixed_high) if self.mixed is not None else (scheme,):
             if get_scheme(s).alphabet == 0:
                 raise QuantError(f"scheme {s} is a float scheme: there is nothing to calibrate")
+            if not s.startswith(("int", "ternary")):      # the GGUF block schemes keep their own arithmetic
+                raise QuantError(f"calibration supports the int*/ternary* schemes, not {s}")
         if self.sequences < 1 or self.seq_len < 2:
             raise QuantError("calibration needs at least one sequence of two tokens")
         if not 0 < self.damp < 1:
@@ -471,7 +473,7 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
         if opts.embedding == "calibrated":
             head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
             es = get_scheme(embed_scheme)
-            if es.alphabet:
+            if es.alphabet and es.name.startswith(("int", "ternary")):   # else: the plain path quantizes it
                 if progress:
                     progress("calibrate: lm_head", cfg.num_hidden_layers, cfg.num_hidden_layers + 1)
                 w = checkpoint.load(head)
