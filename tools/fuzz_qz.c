@@ -6,9 +6,9 @@
  *   1. as a chunk: qz_decode into a heap buffer of exactly the declared output size (ASan catches any write past
  *      it, or any read past the input). A chunk that decodes is unpacked to symbols, re-encoded with the same
  *      parameters and decoded again: the output must not change.
- *   2. as symbols: bytes 0..3 choose alphabet, layout, bias, max_code_bits, flags and method; the rest (mod the
- *      alphabet) is encoded, decoded, and must come back unchanged. Forced LZW and forced packed must also
- *      decode to the same bytes as the automatic choice.
+ *   2. as symbols: bytes 0..3 choose alphabet, layout, bias, max_code_bits, flags, format version / dictionary
+ *      and method; the rest (mod the alphabet) is encoded, decoded, and must come back unchanged. Forced LZW and
+ *      forced packed must also decode to the same bytes as the automatic choice.
  * Any mismatch aborts (a crash for libFuzzer).
  */
 #include <stdint.h>
@@ -86,7 +86,9 @@ static void fuzz_encode(const u8 *data, u32 size) {
     u32 bias = layout == LAYOUT_U8 ? data[1] : 0;
     u32 mcb = 9 + (data[2] & 7);
     if ((1u << mcb) <= a + 1) mcb = 16;
-    u32 flags = data[3] & 1u;
+    /* bits 2..3 of byte 3: version 1, or version 2 with the encoder's choice / adaptive only / primed only */
+    static const u32 versions[4] = {0, QZ_ENC_V2, QZ_ENC_V2 | QZ_ENC_ADAPTIVE, QZ_ENC_V2 | QZ_ENC_PRIMED};
+    u32 flags = (data[3] & 1u) | versions[data[3] >> 2 & 3];
     u32 n = size - 4;
     u8 *sym = malloc(n ? n : 1);
     int skew = data[3] >> 1 & 1;  /* half the inputs: small symbols, so LZW finds strings */
