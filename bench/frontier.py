@@ -88,7 +88,9 @@ class FloatModel:
         for name, a in self._arrays:
             yield {"name": name}, a
 
-    def graph_bytes(self) -> bytes:
+    def graph_bytes(self, float16: bool = False) -> bytes:
+        if float16:
+            raise ValueError("FloatModel has only the float32 graph")
         return self._graph
 
 
@@ -238,7 +240,10 @@ def main(argv=None) -> int:
     for path in paths:
         b = load(path)
         m = b.manifest
-        label = f"{m['scheme']} + {m['embed_scheme']} embedding" + (" (calibrated)" if "calibration" in m else "")
+        label = f"{m['scheme']} + {m['embed_scheme']} embedding"
+        if "calibration" in m:
+            c = m["calibration"]
+            label += f" ({c['method']}" + (f", mixed → {c['mixed']['high']}" if "mixed" in c else "") + ")"
         label = f"source: {label}" if path.name.startswith("smollm2-source") else label
         if ("ours", label) in done and path not in built:
             points.append(done[("ours", label)])
@@ -308,16 +313,17 @@ def plot(report: dict, path: Path) -> None:
         pts = [p for p in report["points"] if p["kind"] == kind]
         ax.scatter([p["bpw"] for p in pts], [max(p["kl"], floor) for p in pts], marker=marker, color=color,
                    label=name, zorder=3)
-        for p in pts:
-            ax.annotate(p["label"].replace(" embedding", " emb"), (p["bpw"], max(p["kl"], floor)), fontsize=6,
-                        xytext=(4, 2), textcoords="offset points", color=color)
+        for i, p in enumerate(sorted(pts, key=lambda p: p["bpw"])):   # alternate label sides against overlap
+            ax.annotate(p["label"].replace(" embedding", " emb").replace("source: ", ""),
+                        (p["bpw"], max(p["kl"], floor)), fontsize=6, color=color, textcoords="offset points",
+                        xytext=(4, 4 if (i + (kind == "ours")) % 2 else -9))
     for i, (bpw, kl, what) in enumerate(TARGETS):             # a target is met by a point below and left of it
         ax.scatter([bpw], [max(kl, floor)], marker="*", s=140, color="tab:green", zorder=4,
                    label="issue 6 targets" if i == 0 else None)
-        ax.annotate(what, (bpw, max(kl, floor)), fontsize=7, xytext=(6, -10), textcoords="offset points",
-                    color="tab:green")
+        ax.annotate(what, (bpw, max(kl, floor)), fontsize=7, xytext=(-8, 4), textcoords="offset points",
+                    color="tab:green", ha="right")
     ax.set_yscale("log")
-    ax.set_ylim(floor / 2, 10)
+    ax.set_ylim(floor / 2, 100)
     ax.set_xlabel("bits per weight, all-in (every byte of the bundle / GGUF file, embedding included)")
     ax.set_ylabel("KL(f32 ‖ model), nats per token (KL = 0 drawn at 1e-5)")
     ax.set_title(f"SmolLM2-135M-Instruct: quality per bit ({report['kl_positions']} positions)")
