@@ -292,9 +292,10 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("--bundles", default="bundles", help="parent folder for default outputs")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")
     b.add_argument("--chunk-symbols", type=int, default=1 << 18, help="symbols per independently decodable chunk")
-    b.add_argument("--calibrate", nargs="?", const="gptq", default=None, choices=("rtn", "clip", "gptq", "gptq+clip"),
-                   help="calibrated quantization on a slice of pydoc_data.topics: gptq (default), clip (per-group "
-                        "clip search), gptq+clip")
+    b.add_argument("--calibrate", nargs="?", const="gptq+clip", default=None,
+                   choices=("rtn", "clip", "gptq", "gptq+clip"),
+                   help="calibrated quantization on a slice of pydoc_data.topics: gptq+clip (default: GPTQ with a "
+                        "per-group clip search; best KL per bit on SmolLM2, docs/quality.md), gptq, clip")
     b.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (windows of 256)")
     b.add_argument("--calib-damp", type=float, default=0.1, help="GPTQ dampening, fraction of mean diag(H)")
     b.add_argument("--calib-embedding", action="store_true",

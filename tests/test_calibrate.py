@@ -206,4 +206,4 @@ def test_cli_calibrate_flag(tmp_path, tiny_hf):
     assert main(["build", str(tiny_hf[0]), "--scheme", "int4", "--calibrate", "--calib-tokens", "256",
                  "--out", str(tmp_path / "c")]) == 0
     c = load(tmp_path / "c").manifest["calibration"]
-    assert c["method"] == "gptq" and c["text"]["tokens"] == 256 and c["text"]["corpus"] == "pydoc_data.topics"
+    assert c["method"] == "gptq+clip" and c["text"]["tokens"] == 256 and c["text"]["corpus"] == "pydoc_data.topics"
