@@ -119,7 +119,8 @@ def report_again(path: Path, args, console, out: Path) -> int:
     path.write_text(json.dumps(doc, indent=1, default=float))
     report.print_tables(console, doc)
     pngs = report.plot_all(doc, out)
-    console.print(f"rewrote {path} and {', '.join(p.name for p in pngs)}")
+    (out / "bench.md").write_text(report.markdown(doc))
+    console.print(f"rewrote {path}, {out / 'bench.md'} and {', '.join(p.name for p in pngs)}")
     return 0
 
 
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     report.print_tables(console, doc)
     pngs = report.plot_all(doc, out, prefix="quick-" if args.quick else "")
+    (out / name.replace(".json", ".md")).write_text(report.markdown(doc))
     console.print(f"wrote {out / name} and {', '.join(p.name for p in pngs)}")
     return 0
 

@@ -114,7 +114,7 @@ def _kind(pid: int) -> str | None:
     """'browser' | 'renderer' | 'gpu' | 'utility' for Chromium processes; None for anything else."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
+            args = f.read().replace(b"\0", b" ").split()   # Chromium rewrites its title: one space-joined string
     except OSError:
         return None
     if not args or b"chrom" not in os.path.basename(args[0]):

@@ -470,3 +470,75 @@ def plot_profile(doc: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown (the README's tables are pasted from bench/results/bench.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+def markdown(doc: dict) -> str:
+    s = doc["summary"]
+    cfg = s["configs"]
+    meta = doc["meta"]
+    rounds = meta.get("rounds_done", meta["reps"])
+    lines = [f"Token speed — {meta['model']}, prompt {meta.get('prompt_tokens_target') or '?'} tokens, "
+             f"{meta['new_tokens']} greedy tokens (WebGPU: {meta.get('webgpu_new_tokens')}), median (min–max) of "
+             f"{rounds} interleaved rounds:", "",
+             "| configuration | runs on | prefill tok/s | decode tok/s | decode incl. page loop tok/s |",
+             "|---|---|---|---|---|"]
+    for k in sorted(cfg):
+        if k.startswith("load/"):
+            continue
+        m = cfg[k]
+        on = m.get("ep") or ("cpu" if k.startswith(("ortcpu", "llamacpp")) else "wasm" if "wasm" in k else "webgpu")
+        lines.append(f"| {k} | {on} | {fmt(m.get('prefill_tok_s'))} | {fmt(m.get('decode_tok_s'), 2)} | "
+                     f"{fmt(m.get('e2e_decode_tok_s'), 2)} |")
+    cols = ("page_start_ms", "download_ms", "decode_after_download_ms", "verify_rest_ms", "session_ms",
+            "python_wait_ms", "first_token_ms", "ttft_ms")
+    lines += ["", "Load, seconds from navigation (1 thread):", "",
+              "| bundle | phase | " + " | ".join(c.removesuffix("_ms").replace("_", " ") for c in cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    for k in sorted(cfg):
+        for ph in ("cold", "warm"):
+            if ph in cfg[k] and "warm" in cfg[k]:
+                lines.append(f"| {k} | {ph} | " + " | ".join(fmt(cfg[k][ph][c], 2, 1e-3) for c in cols) + " |")
+    lines += ["", "Memory, MiB:", "",
+              "| configuration | Chromium PSS peak | peak above idle browser | page (UA memory API) | Pyodide heap "
+              "| ORT CPU peak RSS |", "|---|---|---|---|---|---|"]
+    for k in sorted(cfg):
+        m = cfg[k]
+        if k.startswith(("ortcpu/", "llamacpp/")):
+            lines.append(f"| {k} | – | – | – | – | {fmt(m['peak_rss_mib'], 0)} |")
+        elif "memory" in m:
+            mm = m["memory"]
+            lines.append(f"| {k} | {fmt(mm.get('peak_pss_mib'), 0)} | {fmt(mm.get('peak_above_idle_mib'), 0)} | "
+                         f"{fmt(mm.get('ua_memory_mib'), 0)} | {fmt(mm.get('pyodide_heap_mib'), 0)} | – |")
+    parts = ("run", "feeds", "kv", "logits", "topk", "python", "yield")
+    lines += ["", "The page's decode step, ms per token:", "",
+              "| configuration | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    for k in sorted(cfg):
+        if "per_token_ms" in cfg[k]:
+            lines.append(f"| {k} | " + " | ".join(fmt(cfg[k]["per_token_ms"][p], 2) for p in parts) + " |")
+    tg = s["targets"]
+    lines += ["", "Targets:", "", "| target | configuration | ratio | met |", "|---|---|---|---|"]
+    yes = lambda ok: "**yes**" if ok else "no"  # noqa: E731
+    for r in tg["wasm_vs_ortcpu"]:
+        lines.append(f"| page WASM ≥ {r['target']}× ORT CPU | {r['scheme']}, {r['threads']} thread(s), "
+                     f"{r['metric'].removesuffix('_tok_s')} | {_r(r['ratio'])} | {yes(r['met'])} |")
+    for r in tg["vs_wllama"]:
+        tier = "same tier" if r["same_tier"] else "not the same tier"
+        lines.append(f"| page ≥ {r['target']}× wllama | {r['scheme']} vs {r['wllama']} ({tier}), {r['threads']} "
+                     f"thread(s), {r['metric'].removesuffix('_tok_s')} | {_r(r['ratio'])} | {yes(r['met'])} |")
+    for r in tg["lzw_ttft"]:
+        added = "–" if r["added"] is None else f"{100 * r['added']:+.0f}%"
+        lines.append(f"| LZW adds ≤ {100 * r['target']:.0f}% to TTFT | {r['scheme']} {r['phase']} | {added} | "
+                     f"{yes(r['met'])} |")
+    for r in tg["memory"]:
+        ratio = r.get("ua_memory_ratio", r.get("peak_rss_ratio"))
+        extra = (f" (Chromium PSS above idle: {_r(r['peak_above_idle_ratio'])}×)"
+                 if "peak_above_idle_ratio" in r else " (peak RSS)")
+        lines.append(f"| memory ≤ {r['target']}× weights | {r['config']}{extra} | {_r(ratio)} | {yes(r['met'])} |")
+    for r in tg["fixes"]:
+        lines.append(f"| fix: {r['fix']} | {r['scheme']} {r['metric']}: {r['before']:.2f} → {r['after']:.2f} | "
+                     f"{_r(r['speedup'])}× | |")
+    return "\n".join(lines) + "\n"
