@@ -55,6 +55,9 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.consts: list[onnx.TensorProto] = []
         self._const_cache: dict[tuple, str] = {}
+        # activation -> (uint8 codes, per-row scale) of int8_linear: q/k/v and gate/up read the same input, so it
+        # is quantized once for all of them (7 -> 4 quantizations per layer, the same numbers)
+        self.quantized_x: dict[str, tuple[str, str]] = {}
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outs = [f"{name}/output_{j}" for j in range(n_out)]
@@ -187,6 +190,7 @@ def nbits8_linear(g: GraphBuilder, x: str, codes: str, d: str, n_in: int, n_out:
 
 # x [..,K] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s [..,1]      (one scale per row: per token)
 # x / s ─► Round ─► +128 ─► Cast(uint8) ─► MatMulInteger(·, W int8 [K,N], zero point 128) ─► Cast ─► × s ─► × w_scale[N]
+# (the first linear reading x builds the quantize_x nodes; later linears on the same x reuse them)
 def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, prefix: str) -> str:
     """int8 weights with activations quantized per row (token). onnxruntime's DynamicQuantizeMatMul uses one scale
     for the whole call, so in a prefill the first token's activation outliers set the scale of every row (KL vs f32
@@ -195,19 +199,26 @@ def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, prefix: str) ->
     if g.ft != TensorProto.FLOAT:
         # float16 graph: quantize and rescale in float32 (the int32 accumulator reaches ~16129 * K, far past
         # float16's 65504, and the activation scale can fall below its smallest normal number)
-        x = cast(g, x, TensorProto.FLOAT, f"{prefix}/CastUp")
         w_scale = cast(g, w_scale, TensorProto.FLOAT, f"{prefix}/scales/CastUp")  # float16 scales, exactly
-    p = f"{prefix}/quantize_x"
+    if x not in g.quantized_x:
+        g.quantized_x[x] = quantize_rows(g, x, f"{prefix}/quantize_x")
+    xq, sx = g.quantized_x[x]
+    acc = g.op1("MatMulInteger", [xq, w_q, g.const(128, np.uint8)], f"{prefix}/MatMulInteger")
+    y = g.op1("Cast", [acc], f"{prefix}/CastAcc", to=TensorProto.FLOAT)
+    y = g.op1("Mul", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), w_scale], f"{prefix}/MulWScale")
+    return y if g.ft == TensorProto.FLOAT else cast(g, y, g.ft, f"{prefix}/CastDown")
+
+
+def quantize_rows(g: GraphBuilder, x: str, p: str) -> tuple[str, str]:
+    """(uint8 codes with zero point 128, float32 scale per row) of the activation x, in float32 in both graphs."""
+    if g.ft != TensorProto.FLOAT:
+        x = cast(g, x, TensorProto.FLOAT, f"{p}/CastUp")
     f32 = np.float32
     amax = g.op1("ReduceMax", [g.op1("Abs", [x], f"{p}/Abs"), g.const([-1], np.int64)], f"{p}/ReduceMax", keepdims=1)
     sx = g.op1("Div", [g.op1("Max", [amax, g.const(1e-12, f32)], f"{p}/Floor"), g.const(127.0, f32)], f"{p}/Scale")
     q = g.op1("Add", [g.op1("Round", [g.op1("Div", [x, sx], f"{p}/Div")], f"{p}/Round"), g.const(128.0, f32)],
               f"{p}/Shift")
-    xq = g.op1("Cast", [q], f"{p}/Cast", to=TensorProto.UINT8)
-    acc = g.op1("MatMulInteger", [xq, w_q, g.const(128, np.uint8)], f"{prefix}/MatMulInteger")
-    y = g.op1("Cast", [acc], f"{prefix}/CastAcc", to=TensorProto.FLOAT)
-    y = g.op1("Mul", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), w_scale], f"{prefix}/MulWScale")
-    return y if g.ft == TensorProto.FLOAT else cast(g, y, g.ft, f"{prefix}/CastDown")
+    return g.op1("Cast", [q], f"{p}/Cast", to=TensorProto.UINT8), sx
 
 
 def _unpack_codes(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
