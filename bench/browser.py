@@ -1,5 +1,6 @@
 """(b)–(d) in Chromium: the page on the WASM EP and on WebGPU, and wllama, each in a freshly launched Debian
-Chromium driven by Playwright (the e2e flags; never `playwright install`), against the real dev server.
+Chromium driven by Playwright (the e2e flags; never Playwright's own browser download), against the real dev
+server.
 
 A fresh browser per measurement: a cold load is really cold (HTTP cache, Cache API, V8 code cache, GPU
 process), and the process tree we sample for memory holds that measurement alone.
