@@ -19,6 +19,7 @@ import json
 import math
 import mmap
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -60,6 +61,9 @@ class BuildOptions:
     name: str | None = None
     calibration: Any = None                  # calibrate.CalibrationOptions: GPTQ / clip search / mixed precision
     fp16_graph: bool = True                  # also write model.fp16.onnx (same weights, float16 activations)
+    byte_planes: bool = True                 # store float byte streams as byte planes where that codes smaller
+    compress_files_from: int = 1 << 16       # graphs and tokenizer files this big or bigger are stored as QZ chunks
+                                             # when that saves 10%
 
     def resolved_embed_scheme(self) -> str:
         if self.embed_scheme:
@@ -117,19 +121,45 @@ class _BlobWriter:
             self._f = None
 
 
+def byte_planes(init: Initializer) -> int:
+    """How many byte planes a float byte stream is stored in: its item size (2 for float16, 4 for float32) when
+    splitting the bytes by position lowers the order-0 entropy by at least 1%, else 1 (stored as is).
+
+    A float's bytes are nothing alike — float16's high byte (sign, exponent, top mantissa bits) takes a few dozen
+    values, its low byte nearly all 256 — and an order-0 coder sees their mixture. Stored as planes (byte 0 of
+    every element, then byte 1, ...), each chunk holds one kind of byte. Only whole chunks move; the loader puts
+    each chunk's bytes back at stride `planes` when it places them, so no decoder changes and no second pass.
+    """
+    itemsize = np.dtype(init.dtype).itemsize
+    if init.layout != lzw.LAYOUT_U8 or init.alphabet != 256 or init.bias or itemsize == 1 \
+            or init.dtype not in ("float16", "float32") or init.symbols.size < 64 * itemsize:
+        return 1
+    whole = entropy_bits(init.symbols, 256)
+    split = np.mean([entropy_bits(init.symbols[p::itemsize], 256) for p in range(itemsize)])
+    return itemsize if split < 0.99 * whole else 1
+
+
 def _encode_initializer(init: Initializer, blobs: _BlobWriter, opts: BuildOptions) -> dict[str, Any]:
-    """Cut the initializer's symbol stream into chunks, encode each, append to the blob, return its manifest entry."""
+    """Cut the initializer's symbol stream into chunks, encode each, append to the blob, return its manifest entry.
+
+    With byte planes (see `byte_planes`) the stream is stored plane after plane, and no chunk spans two planes;
+    a chunk's out_offset is then its offset in that stored order."""
     if init.nbytes > MAX_INITIALIZER_BYTES:
         raise BundleError(f"initializer {init.name}: {init.nbytes} bytes exceeds the 2 GB browser buffer limit")
+    planes = byte_planes(init) if opts.byte_planes else 1
     sym = init.symbols
+    if planes > 1:
+        sym = np.ascontiguousarray(sym.reshape(-1, planes).T).reshape(-1)
     step = opts.chunk_symbols
     # worst case size: packed bytes + headers; used only to keep the initializer in one blob when possible
-    blobs.start_initializer(lzw.layout_nbytes(init.layout, sym.size) + lzw.HEADER_SIZE * (sym.size // step + 1))
+    blobs.start_initializer(lzw.layout_nbytes(init.layout, sym.size) + lzw.HEADER_SIZE * (sym.size // step + planes))
     chunks = []
     blob_index = None
     out_off = 0
-    for start in range(0, max(sym.size, 1), step):
-        part = sym[start:start + step]
+    plane_len = sym.size // planes
+    starts = [s for p in range(planes) for s in range(p * plane_len, max((p + 1) * plane_len, 1), step)]
+    for start in starts:
+        part = sym[start:min(start + step, (start // plane_len + 1) * plane_len if plane_len else start + step)]
         data = codec.encode_chunk(part, init.alphabet, init.layout, init.bias, max_code_bits=opts.max_code_bits)
         b, off = blobs.append(data)
         if blob_index is None:
@@ -142,10 +172,91 @@ def _encode_initializer(init: Initializer, blobs: _BlobWriter, opts: BuildOption
         out_off += n_out
     if out_off != init.nbytes:
         raise BundleError(f"initializer {init.name}: chunks decode to {out_off} bytes, tensor needs {init.nbytes}")
-    return {"name": init.name, "dtype": init.dtype, "shape": list(init.shape), "nbytes": init.nbytes,
-            "alphabet": init.alphabet, "layout": init.layout, "bias": init.bias, "blob": blob_index,
-            "entropy_bits": round(entropy_bits(sym, max(init.alphabet, 1)), 5),
-            "stored_bytes": sum(c[1] for c in chunks), "chunks": chunks}
+    entropy = (np.mean([entropy_bits(sym[p * plane_len:(p + 1) * plane_len], 256) for p in range(planes)])
+               if planes > 1 else entropy_bits(sym, max(init.alphabet, 1)))
+    entry = {"name": init.name, "dtype": init.dtype, "shape": list(init.shape), "nbytes": init.nbytes,
+             "alphabet": init.alphabet, "layout": init.layout, "bias": init.bias, "blob": blob_index,
+             "entropy_bits": round(float(entropy), 5),
+             "stored_bytes": sum(c[1] for c in chunks), "chunks": chunks}
+    if planes > 1:
+        entry["planes"] = planes
+    return entry
+
+
+def _write_file(folder: Path, fname: str, data: bytes, opts: BuildOptions) -> dict[str, Any]:
+    """Write one graph or tokenizer file, as is or — when it is big and LZW saves at least 10% — as `fname.qz`: QZ chunks of
+    its bytes (alphabet 256), concatenated, with their table in the manifest entry under "qz". "bytes" and "sha256"
+    always describe the file itself, so a reader checks what it decoded."""
+    info: dict[str, Any] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if len(data) >= opts.compress_files_from:
+        sym = np.frombuffer(data, np.uint8)
+        parts, chunks, off = [], [], 0
+        for start in range(0, sym.size, opts.chunk_symbols):
+            part = sym[start:start + opts.chunk_symbols]
+            c = codec.encode_chunk(part, 256, lzw.LAYOUT_U8, 0, max_code_bits=opts.max_code_bits)
+            chunks.append([off, len(c), int(part.size), METHOD_NAMES[c[3]], start])
+            parts.append(c)
+            off += len(c)
+        if off <= 0.9 * len(data):
+            (folder / (fname + ".qz")).write_bytes(b"".join(parts))
+            info["qz"] = {"file": fname + ".qz", "bytes": off, "chunks": chunks}
+            return info
+    (folder / fname).write_bytes(data)
+    return info
+
+
+def _read_file(folder: Path, fname: str, info: dict, step: int) -> bytes:
+    """A graph's or tokenizer file's bytes, decoded from its .qz chunks when it has them; size and SHA-256 checked."""
+    if "qz" not in info:
+        data = (folder / fname).read_bytes()
+    else:
+        q = info["qz"]
+        src = (folder / q["file"]).read_bytes()
+        _want(len(src) == q["bytes"], q["file"], f"{len(src)} bytes on disk, manifest says {q['bytes']}")
+        out = bytearray(info["bytes"])
+        view = memoryview(out)
+        for k, (off, length, n_sym, method, out_off) in enumerate(q["chunks"]):
+            where = f"{q['file']}: chunk {k} at byte offset {off}"
+            try:
+                n_out = codec.decode_into(src[off:off + length], view[out_off:out_off + n_sym])
+            except CodecError as err:
+                raise BundleError(f"{where}: {err}") from None
+            hdr = lzw.parse_header(src[off:off + length])
+            _want(n_out == n_sym and hdr.alphabet == 256 and hdr.layout == lzw.LAYOUT_U8 and hdr.bias == 0 and
+                  METHOD_NAMES[hdr.method] == method, where, "header disagrees with the manifest chunk table")
+        view.release()
+        data = bytes(out)
+    where = fname if "qz" not in info else f"{info['qz']['file']} (decoded: {fname})"
+    _want(len(data) == info["bytes"], where, f"{len(data)} bytes, manifest says {info['bytes']}")
+    _want(hashlib.sha256(data).hexdigest() == info.get("sha256"), where, "SHA-256 mismatch")
+    return data
+
+
+def _validate_qz_file(fname: str, info: dict, step: int, where: str):
+    """The "qz" table of a compressed graph or tokenizer file: its name, and chunks that tile the file in order."""
+    w = f"{where}.qz"
+    step = _int(step, f"{MANIFEST}: codec.chunk_symbols", 4, 1 << 32)
+    q = info["qz"]
+    _keys(q, {"file", "bytes", "chunks"}, w)
+    _want(q["file"] == fname + ".qz", f"{w}.file", f"expected {fname + '.qz'!r}")
+    size = _int(q["bytes"], f"{w}.bytes", lzw.HEADER_SIZE)
+    total = _int(info.get("bytes"), f"{where}.bytes", 1)
+    chunks = q["chunks"]
+    _want(isinstance(chunks, list) and chunks, f"{w}.chunks", "must be a non-empty list")
+    expect_out, expect_off = 0, 0
+    for k, c in enumerate(chunks):
+        cw = f"{w}.chunks[{k}]"
+        _want(isinstance(c, list) and len(c) == 5, cw, "must be [offset, length, symbols, method, out_offset]")
+        _want(_int(c[0], f"{cw}.offset") == expect_off, f"{cw}.offset", f"expected {expect_off} (chunks in order)")
+        expect_off += _int(c[1], f"{cw}.length", lzw.HEADER_SIZE)
+        n_sym = _int(c[2], f"{cw}.symbols", 1, step)
+        _want(c[3] in ("lzw", "packed"), f"{cw}.method", f"expected lzw or packed, got {c[3]!r}")
+        _want(_int(c[4], f"{cw}.out_offset") == expect_out, f"{cw}.out_offset", f"expected {expect_out}")
+        _want(k == len(chunks) - 1 or n_sym == step, f"{cw}.symbols",
+              f"every chunk but the last holds codec.chunk_symbols = {step} symbols")
+        expect_out += n_sym
+    _want(expect_off == size, f"{w}.chunks", f"cover {expect_off} bytes, the file has {size}")
+    _want(expect_out == total, f"{w}.chunks", f"decode to {expect_out} bytes, the file has {total}")
 
 
 def _tensor_initializers(name: str, w: np.ndarray, scheme: str, q=None) -> tuple[list[Initializer], dict[str, Any]]:
@@ -259,18 +370,13 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
 
     weight_types = {e["name"]: (e["dtype"], tuple(e["shape"])) for e in initializers}
     graph_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes)
-    (folder / GRAPH).write_bytes(graph_bytes)
-    graphs = {"graph": {"file": GRAPH, "bytes": len(graph_bytes), "sha256": hashlib.sha256(graph_bytes).hexdigest()}}
+    graphs = {"graph": {"file": GRAPH, **_write_file(folder, GRAPH, graph_bytes, opts)}}
     if opts.fp16_graph:
         fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
-        (folder / GRAPH_FP16).write_bytes(fp16_bytes)
-        graphs["graph_fp16"] = {"file": GRAPH_FP16, "bytes": len(fp16_bytes),
-                                "sha256": hashlib.sha256(fp16_bytes).hexdigest()}
+        graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts)}
 
-    tok_entries = {}
-    for fname, data in sorted(checkpoint.tokenizer_files().items()):
-        (folder / fname).write_bytes(data)
-        tok_entries[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    tok_entries = {fname: _write_file(folder, fname, data, opts)
+                   for fname, data in sorted(checkpoint.tokenizer_files().items())}
 
     stored = sum(b["bytes"] for b in blobs.blobs)
     quantized_params = sum(t_n for t_n in (int(np.prod(t["shape"])) for t in tensors))
@@ -294,8 +400,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
             "float32_bytes": float_bytes,
             "runtime_bytes": sum(e["nbytes"] for e in initializers),
             "blob_bytes": stored,
-            "bundle_bytes": stored + sum(g["bytes"] for g in graphs.values()) +
-            sum(v["bytes"] for v in tok_entries.values()),
+            "bundle_bytes": stored + sum(g["qz"]["bytes"] if "qz" in g else g["bytes"] for g in graphs.values()) +
+            sum(v["qz"]["bytes"] if "qz" in v else v["bytes"] for v in tok_entries.values()),   # bytes on disk
             "bits_per_weight_blobs": round(8 * stored / max(quantized_params, 1), 4),
         },
     }
@@ -316,8 +422,15 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+_SCALAR_LIST = re.compile(r"\[\n\s*([^\[\]{}]*?)\n\s*\]")
+
+
 def _dump(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps({k: v for k, v in manifest.items() if not k.startswith("_")}, indent=1) + "\n").encode()
+    """Indented JSON, but every list of plain values (a chunk, a shape) on one line: chunk tables are most of a
+    manifest, and one line per number tripled its size."""
+    text = json.dumps({k: v for k, v in manifest.items() if not k.startswith("_")}, indent=1)
+    text = _SCALAR_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+    return (text + "\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,17 +453,22 @@ class Bundle:
     def graph_bytes(self, float16: bool = False) -> bytes:
         """model.onnx, or with float16=True the float16 variant (BundleError if the bundle has none)."""
         if not float16:
-            return (self.path / GRAPH).read_bytes()
+            return _read_file(self.path, GRAPH, self.manifest["graph"], self.manifest["codec"]["chunk_symbols"])
         if "graph_fp16" not in self.manifest:
             raise BundleError(f"{self.path}: bundle has no float16 graph (built with fp16_graph off, or before it)")
-        return (self.path / GRAPH_FP16).read_bytes()
+        return _read_file(self.path, GRAPH_FP16, self.manifest["graph_fp16"], self.manifest["codec"]["chunk_symbols"])
+
+    def tokenizer_file(self, fname: str) -> bytes:
+        """A tokenizer file's bytes (decoded when the bundle stores it as QZ chunks, `fname.qz`)."""
+        return _read_file(self.path, fname, self.manifest["tokenizer"][fname], self.manifest["codec"]["chunk_symbols"])
 
     def tokenizer_json(self) -> dict:
-        return json.loads((self.path / "tokenizer.json").read_text(encoding="utf-8"))
+        return json.loads(self.tokenizer_file("tokenizer.json").decode("utf-8"))
 
     def tokenizer_config(self) -> dict:
-        p = self.path / "tokenizer_config.json"
-        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+        if "tokenizer_config.json" not in self.manifest["tokenizer"]:
+            return {}
+        return json.loads(self.tokenizer_file("tokenizer_config.json").decode("utf-8"))
 
     def decode_initializers(self, verify: bool = True):
         """Yield (entry, numpy array) for every initializer, decoding chunks straight into the array's buffer."""
@@ -367,8 +485,10 @@ class Bundle:
                 with open(self.blob_path(current), "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 src = memoryview(mm)
+            planes = e.get("planes", 1)
             arr = np.empty(e["nbytes"], np.uint8)
-            view = memoryview(arr)
+            stored = arr if planes == 1 else np.empty(e["nbytes"], np.uint8)   # planes: decoded in stored order
+            view = memoryview(stored)
             for k, (off, length, n_sym, method, out_off) in enumerate(e["chunks"]):
                 chunk = bytes(src[off:off + length])
                 try:
@@ -382,6 +502,9 @@ class Bundle:
                         n_out != lzw.layout_nbytes(e["layout"], n_sym):
                     raise BundleError(f"{self.manifest['blobs'][e['blob']]['file']}: initializer {e['name']} chunk {k} "
                                       f"at byte offset {off}: header disagrees with the manifest chunk table")
+            if planes > 1:                    # plane p holds byte p of every element
+                arr.reshape(-1, planes)[:] = stored.reshape(planes, -1).T
+                del stored
             yield e, arr.view(np.dtype(e["dtype"])).reshape(e["shape"])
         if mm is not None:
             src.release()
@@ -453,11 +576,12 @@ def load(path: str | Path) -> Bundle:
     # files listed must exist with the listed sizes
     g = m["graph"]
     _want(g.get("file") == GRAPH, f"{M}: graph.file", f"expected {GRAPH!r}")
-    _check_file(path, GRAPH, g, f"{M}: graph")
+    step = m["codec"]["chunk_symbols"] if isinstance(m.get("codec"), dict) else None
+    _check_stored(path, GRAPH, g, f"{M}: graph", step)
     for fname, info in m["tokenizer"].items():
         _want(fname in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"),
               f"{M}: tokenizer", f"unexpected file name {fname!r}")
-        _check_file(path, fname, info, f"{M}: tokenizer.{fname}", hash_it=True)
+        _check_stored(path, fname, info, f"{M}: tokenizer.{fname}", step)
     _want("tokenizer.json" in m["tokenizer"], f"{M}: tokenizer", "tokenizer.json is not listed")
     for i, b in enumerate(m["blobs"]):
         where = f"{M}: blobs[{i}]"
@@ -468,9 +592,12 @@ def load(path: str | Path) -> Bundle:
         _check_file(path, b["file"], b, where)
     if "graph_fp16" in m:
         _want(m["graph_fp16"].get("file") == GRAPH_FP16, f"{M}: graph_fp16.file", f"expected {GRAPH_FP16!r}")
-        _check_file(path, GRAPH_FP16, m["graph_fp16"], f"{M}: graph_fp16")
-    listed = {MANIFEST, GRAPH, *m["tokenizer"], *(b["file"] for b in m["blobs"])} | \
-        ({GRAPH_FP16} if "graph_fp16" in m else set())
+        _check_stored(path, GRAPH_FP16, m["graph_fp16"], f"{M}: graph_fp16", step)
+    def on_disk(fname, info):
+        return info["qz"]["file"] if "qz" in info else fname
+    listed = {MANIFEST, on_disk(GRAPH, m["graph"]), *(on_disk(f, i) for f, i in m["tokenizer"].items()),
+              *(b["file"] for b in m["blobs"])} | \
+        ({on_disk(GRAPH_FP16, m["graph_fp16"])} if "graph_fp16" in m else set())
     unlisted = sorted(p.name for p in path.iterdir() if p.name not in listed)
     _want(not unlisted, str(path), f"holds file(s) the manifest does not list: {', '.join(unlisted[:5])}")
     _validate_initializers(m, cfg)
@@ -479,6 +606,17 @@ def load(path: str | Path) -> Bundle:
     if "graph_fp16" in m:
         _validate_graph(path, m, GRAPH_FP16)
     return Bundle(path, m, cfg, m["initializers"])
+
+
+def _check_stored(folder: Path, fname: str, info: dict, where: str, step):
+    """A graph or tokenizer file as the manifest lists it: plain (size + SHA-256), or as QZ chunks (the table, the
+    .qz file's size, then decoded: size + SHA-256 of what it decodes to)."""
+    if isinstance(info, dict) and "qz" in info:
+        _validate_qz_file(fname, info, step, where)
+        _check_file(folder, info["qz"]["file"], info["qz"], f"{where}.qz")
+        _read_file(folder, fname, info, step)
+    else:
+        _check_file(folder, fname, info, where, hash_it=True)
 
 
 def _check_file(folder: Path, fname: str, info: dict, where: str, hash_it: bool = False):
@@ -513,6 +651,13 @@ def _validate_initializers(m: dict, cfg: LlamaConfig):
         _int(e.get("bias"), f"{where}.bias", 0, 255)
         blob = _int(e.get("blob"), f"{where}.blob", 0, len(blob_sizes) - 1) if blob_sizes else \
             _want(False, f"{where}.blob", "bundle has no blobs")
+        planes = 1
+        if "planes" in e:
+            planes = _int(e["planes"], f"{where}.planes", 2, 4)
+            _want(planes == _DTYPES[e["dtype"]] and e["dtype"] in ("float16", "float32") and layout == lzw.LAYOUT_U8
+                  and alphabet == 256 and e["bias"] == 0, f"{where}.planes",
+                  "byte planes are for float16/float32 byte streams (alphabet 256, layout 0, bias 0), one per byte")
+        plane_len = nbytes // planes
         chunks = e.get("chunks")
         _want(isinstance(chunks, list) and chunks, f"{where}.chunks", "must be a non-empty list")
         expect_out = 0
@@ -527,8 +672,15 @@ def _validate_initializers(m: dict, cfg: LlamaConfig):
                   f"expected {expect_out} (chunks must tile the tensor in order)")
             _want(off + length <= blob_sizes[blob], cw,
                   f"bytes [{off}, {off + length}) lie outside blob {blob} of {blob_sizes[blob]} bytes")
-            _want(k == len(chunks) - 1 and n_sym <= step or n_sym == step, f"{cw}.symbols",
-                  f"every chunk but the last holds codec.chunk_symbols = {step} symbols")
+            if planes == 1:
+                _want(k == len(chunks) - 1 and n_sym <= step or n_sym == step, f"{cw}.symbols",
+                      f"every chunk but the last holds codec.chunk_symbols = {step} symbols")
+            else:                             # chunks tile each byte plane; none crosses into the next plane
+                plane_end = (expect_out // plane_len + 1) * plane_len
+                _want(expect_out + n_sym == plane_end and n_sym <= step or
+                      expect_out + n_sym < plane_end and n_sym == step, f"{cw}.symbols",
+                      f"every chunk but the last of each of the {planes} byte planes holds codec.chunk_symbols = "
+                      f"{step} symbols, and no chunk crosses a plane boundary")
             expect_out += lzw.layout_nbytes(layout, n_sym)
         _want(expect_out == nbytes, f"{where}.chunks", f"decode to {expect_out} bytes, tensor needs {nbytes}")
 
@@ -583,7 +735,8 @@ def _validate_graph(path: Path, m: dict, fname: str):
     dtypes = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8",
               TensorProto.UINT8: "uint8"}
     try:
-        model = onnx.load_from_string((path / fname).read_bytes())
+        model = onnx.load_from_string(_read_file(path, fname, m["graph" if fname == GRAPH else "graph_fp16"],
+                                                 m["codec"]["chunk_symbols"]))
     except Exception as e:  # protobuf raises its own DecodeError family
         raise BundleError(f"{fname}: not a readable ONNX model ({type(e).__name__})") from None
     graph = {t.name: (dtypes.get(t.data_type, str(t.data_type)), list(t.dims)) for t in model.graph.initializer
@@ -607,6 +760,7 @@ _CONFIG = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_v
 _TENSOR = {"name", "shape", "source_dtype", "scheme", "max_error", "rms_error", "initializers"}
 _INIT = {"name", "dtype", "shape", "nbytes", "alphabet", "layout", "bias", "blob", "entropy_bits", "stored_bytes",
          "chunks"}
+_INIT_OPTIONAL = {"planes"}
 _TOTALS = {"parameters", "float32_bytes", "runtime_bytes", "blob_bytes", "bundle_bytes", "bits_per_weight_blobs",
            "bits_per_weight_all_in"}
 
@@ -633,7 +787,7 @@ def _validate_schema(m: dict):
     M = MANIFEST
     _keys(m, _TOP | ({"calibration", "graph_fp16"} & set(m)), M)
     if "graph_fp16" in m:
-        _keys(m["graph_fp16"], {"file", "bytes", "sha256"}, f"{M}: graph_fp16")
+        _keys(m["graph_fp16"], {"file", "bytes", "sha256"} | ({"qz"} & set(m["graph_fp16"])), f"{M}: graph_fp16")
     if "calibration" in m:
         _validate_calibration(m["calibration"])
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")
@@ -679,9 +833,10 @@ def _validate_schema(m: dict):
               "must be a list of head_dim / 2 factors")
         for f in c["rope_freq_factors"]:
             _num(f, f"{M}: config.rope_freq_factors", 1e-6, 1e6)
-    _keys(m["graph"], {"file", "bytes", "sha256"}, f"{M}: graph")
+    _keys(m["graph"], {"file", "bytes", "sha256"} | ({"qz"} & set(m["graph"] if isinstance(m["graph"], dict) else ())),
+          f"{M}: graph")
     for name, info in (m["tokenizer"].items() if isinstance(m["tokenizer"], dict) else []):
-        _keys(info, {"bytes", "sha256"}, f"{M}: tokenizer.{name}")
+        _keys(info, {"bytes", "sha256"} | ({"qz"} & set(info if isinstance(info, dict) else ())), f"{M}: tokenizer.{name}")
     for i, b in enumerate(m["blobs"] if isinstance(m["blobs"], list) else []):
         _keys(b, {"file", "bytes", "sha256"}, f"{M}: blobs[{i}]")
     for i, t in enumerate(m["tensors"] if isinstance(m["tensors"], list) else []):
@@ -692,7 +847,7 @@ def _validate_schema(m: dict):
         _num(t["rms_error"], f"{w}.rms_error", 0, 1e4)
     for i, e in enumerate(m["initializers"] if isinstance(m["initializers"], list) else []):
         w = f"{M}: initializers[{i}]"
-        _keys(e, _INIT, w)
+        _keys(e, _INIT | (_INIT_OPTIONAL & set(e if isinstance(e, dict) else ())), w)
         _num(e["entropy_bits"], f"{w}.entropy_bits", 0, 8)
         chunks = e["chunks"] if isinstance(e["chunks"], list) else []
         lengths = [c[1] if isinstance(c, list) and len(c) == 5 else None for c in chunks]

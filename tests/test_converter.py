@@ -335,3 +335,97 @@ def test_concurrent_build_into_same_output_refuses(tmp_path, tiny_hf):
             _build(tiny_hf[0], tmp_path / "b", scheme="int8")
     finally:
         os.close(fd)
+
+
+# ---- byte planes and QZ-stored tokenizer files -----------------------------------------------------------------
+
+def _build_int4(tmp_path, tiny_hf, name, **kw):
+    out = tmp_path / name
+    write_bundle(open_checkpoint(tiny_hf[0]), out, BuildOptions(scheme="int4-g32", embed_scheme="int8-g32",
+                                                                chunk_symbols=256, **kw))
+    return out
+
+
+def test_byte_planes_decode_to_the_same_tensors(tmp_path, tiny_hf):
+    """float16 scales stored plane by plane (chunks never cross a plane) decode to exactly the unsplit bytes."""
+    planar, plain = _build_int4(tmp_path, tiny_hf, "planar"), _build_int4(tmp_path, tiny_hf, "plain", byte_planes=False)
+    m = json.loads((planar / "manifest.json").read_text())
+    split = [e for e in m["initializers"] if e.get("planes")]
+    assert any(e["dtype"] == "float16" for e in split)
+    assert all(e["planes"] == {"float16": 2, "float32": 4}[e["dtype"]] for e in split)
+    assert any(len(e["chunks"]) > 2 for e in split)          # several chunks per plane: the tiling is exercised
+    assert not any("planes" in e for e in json.loads((plain / "manifest.json").read_text())["initializers"])
+    a = {e["name"]: arr for e, arr in load(planar).decode_initializers()}
+    b = {e["name"]: arr for e, arr in load(plain).decode_initializers()}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), k
+
+
+def test_byte_plane_rules_are_enforced(tmp_path, tiny_hf):
+    src = _build_int4(tmp_path, tiny_hf, "planar")
+    base = json.loads((src / "manifest.json").read_text())
+    i = next(i for i, e in enumerate(base["initializers"]) if e.get("planes"))
+    for n, (edit, msg) in enumerate(((lambda e: e.update(planes=4), r"\.planes: byte planes are for"),
+                      (lambda e: e.update(planes=1), r"\.planes: expected an integer in \[2, 4\]"),
+                      (lambda e: e.update(dtype="uint8", shape=[e["nbytes"]]), r"\.planes: byte planes are for"))):
+        dst = tmp_path / f"b{n}"
+        shutil.copytree(src, dst)
+        m = json.loads(json.dumps(base))
+        edit(m["initializers"][i])
+        _rewrite(dst, m)
+        with pytest.raises(BundleError, match=msg):
+            load(dst)
+
+
+def test_chunk_crossing_a_plane_is_refused(tmp_path, tiny_hf):
+    src = _build_int4(tmp_path, tiny_hf, "planar")
+    m = json.loads((src / "manifest.json").read_text())
+    # a plane whose length is not a multiple of the chunk size ends in a short chunk; read as one unsplit stream,
+    # that short chunk sits in the middle and the tiling check refuses it
+    e = next(e for e in m["initializers"] if e.get("planes") and (e["nbytes"] // e["planes"]) % 256)
+    e.pop("planes")
+    dst = tmp_path / "b"
+    shutil.copytree(src, dst)
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match=r"symbols: every chunk but the last holds"):
+        load(dst)
+
+
+def test_tokenizer_stored_as_qz_reads_back_exactly(tmp_path, tiny_hf):
+    qz = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0)
+    raw = _build_int4(tmp_path, tiny_hf, "raw")
+    m = json.loads((qz / "manifest.json").read_text())
+    info = m["tokenizer"]["tokenizer.json"]
+    assert info["qz"]["file"] == "tokenizer.json.qz" and (qz / "tokenizer.json.qz").is_file()
+    assert not (qz / "tokenizer.json").exists() and info["qz"]["bytes"] < 0.9 * info["bytes"]
+    assert len(info["qz"]["chunks"]) > 1
+    a, b = load(qz), load(raw)
+    assert a.tokenizer_file("tokenizer.json") == (raw / "tokenizer.json").read_bytes()
+    assert a.tokenizer_json() == b.tokenizer_json() and a.tokenizer_config() == b.tokenizer_config()
+
+
+def test_damaged_qz_tokenizer_is_named(tmp_path, tiny_hf):
+    src = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0)
+    m = json.loads((src / "manifest.json").read_text())
+    chunks = m["tokenizer"]["tokenizer.json"]["qz"]["chunks"]
+    dst = tmp_path / "flip"
+    shutil.copytree(src, dst)
+    data = bytearray((dst / "tokenizer.json.qz").read_bytes())
+    off = chunks[1][0]
+    data[off + 20] ^= 0x5A                            # inside chunk 1's codes
+    (dst / "tokenizer.json.qz").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"tokenizer.json(\.qz: chunk 1 at byte offset \d+|: SHA-256 mismatch)"):
+        load(dst)
+    dst = tmp_path / "lie"
+    shutil.copytree(src, dst)
+    m2 = json.loads(json.dumps(m))
+    m2["tokenizer"]["tokenizer.json"]["qz"]["chunks"][1][4] += 1
+    _rewrite(dst, m2)
+    with pytest.raises(BundleError, match=r"tokenizer.tokenizer.json.qz.chunks\[1\].out_offset: expected"):
+        load(dst)
+    dst = tmp_path / "both"
+    shutil.copytree(src, dst)
+    (dst / "tokenizer.json").write_bytes(b"{}")
+    with pytest.raises(BundleError, match="does not list: tokenizer.json"):
+        load(dst)

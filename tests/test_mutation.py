@@ -19,13 +19,25 @@ def try_load(folder):
         pass
 
 
-@pytest.mark.parametrize("scheme", ["int4-g32", "int8"])
-def test_every_mutant_is_refused(tmp_path, tiny_bundles, scheme):
-    src = tiny_bundles(scheme)
+@pytest.fixture(scope="module")
+def qz_files_bundle(tmp_path_factory, tiny_hf):
+    """int8 with its graphs and tokenizer files stored as QZ chunks (real bundles do that from 64 KiB up)."""
+    from converter.bundle import BuildOptions, write_bundle
+    from converter.loaders import open_checkpoint
+    out = tmp_path_factory.mktemp("qzfiles") / "int8-qz"
+    write_bundle(open_checkpoint(tiny_hf[0]), out, BuildOptions(scheme="int8", chunk_symbols=4096, compress_files_from=0))
+    return out
+
+
+@pytest.mark.parametrize("scheme,n", [("int4-g32", N // 2), ("int8", N // 2), ("int8-qz-files", N // 4)])
+def test_every_mutant_is_refused(tmp_path, tiny_bundles, qz_files_bundle, scheme, n):
+    src = qz_files_bundle if scheme == "int8-qz-files" else tiny_bundles(scheme)
+    if scheme == "int8-qz-files":
+        assert {"model.onnx.qz", "tokenizer.json.qz"} <= {p.name for p in src.iterdir()}
     accepted, crashed, slow = [], [], []
     work = tmp_path / "m"
     files = [p.name for p in src.iterdir()]
-    for label, change in mutants(src, N // 2, seed=zlib.crc32(scheme.encode())):
+    for label, change in mutants(src, n, seed=zlib.crc32(scheme.encode())):
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(src, work)

@@ -56,6 +56,22 @@ async function fetchFile(url, expect, onBytes, stats) {
  * @param {import("./qz.js").DecoderPool} pool
  * @param {(p: {stage: string, done: number, total: number}) => void} progress
  */
+/** A graph or tokenizer file stored as QZ chunks (manifest "qz": file, bytes, chunk table): fetched (or read from the cache
+ * under the decoded file's SHA-256) and decoded in the worker pool like the weights. */
+async function fetchQzFile(base, name, info, pool, stats) {
+  const q = info.qz;
+  const src = await fetchFile(base + q.file, { bytes: q.bytes, sha256: info.sha256 }, () => {}, stats);
+  const out = new Uint8Array(info.bytes);
+  await Promise.all(q.chunks.map(async ([off, len, nSym, , outOff], k) => {
+    const where = `${q.file}: chunk ${k} at byte offset ${off}`;
+    if (off + len > src.length || outOff + nSym > out.length) throw new BundleError(`${where}: outside the file`);
+    const dec = await pool.decode(src.slice(off, off + len).buffer, where);
+    if (dec.length !== nSym) throw new BundleError(`${where}: decoded ${dec.length} bytes, manifest says ${nSym}`);
+    out.set(dec, outOff);
+  }));
+  return out;
+}
+
 export async function loadBundle(base, pool, progress) {
   const t = { start: performance.now() };
   const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [] };
@@ -75,6 +91,14 @@ export async function loadBundle(base, pool, progress) {
   try { m = JSON.parse(manifestText); } catch (e) { throw new BundleError(`manifest.json: invalid JSON (${e.message})`); }
   if (m.format !== "tiny-qmoe-bundle" || m.version !== 1) throw new BundleError(`manifest.json: format ${m.format} v${m.version} is not supported`);
 
+  // A chunk's bytes go to its out_offset; a float tensor stored as byte planes (manifest "planes": its item size,
+  // plane p = byte p of every element) has them put back at that stride — the copy happens anyway.
+  const place = (dst, out, outOff, e) => {
+    const P = e.planes ?? 1;
+    if (P === 1) { dst.set(out, outOff); return; }
+    const planeLen = e.nbytes / P, p = Math.floor(outOff / planeLen);
+    for (let i = 0, j = (outOff - p * planeLen) * P + p; i < out.length; i++, j += P) dst[j] = out[i];
+  };
   // one output buffer per initializer; chunks grouped by blob
   const outputs = new Map();
   const byBlob = m.blobs.map(() => []);
@@ -83,7 +107,7 @@ export async function loadBundle(base, pool, progress) {
     e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
   }
   for (const list of byBlob) list.sort((a, b) => a.off - b.off);
-  const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + m.graph.bytes;
+  const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + (m.graph.qz ? m.graph.qz.bytes : m.graph.bytes);
   let received = 0;
   const decodes = [];
   t.decodeStart = null;
@@ -101,13 +125,14 @@ export async function loadBundle(base, pool, progress) {
         decodes.push(pool.decode(data.slice(c.off, c.off + c.len).buffer, where).then((out) => {
           const expectLen = (c.k + 1 < c.init.chunks.length ? c.init.chunks[c.k + 1][4] : c.init.nbytes) - c.outOff;
           if (out.length !== expectLen) throw new BundleError(`${where}: decoded ${out.length} bytes, manifest says ${expectLen}`);
-          outputs.get(c.init.name).set(out, c.outOff);
+          place(outputs.get(c.init.name), out, c.outOff, c.init);
         }));
       }
     }, stats);
     if (await sha256Hex(buf) !== b.sha256) throw new BundleError(`${b.file}: SHA-256 mismatch (corrupted download or cache)`);
   });
-  const graph = fetchFile(base + m.graph.file, m.graph, (data, got) => {}, stats);
+  const graph = m.graph.qz ? fetchQzFile(base, m.graph.file, m.graph, pool, stats)
+                           : fetchFile(base + m.graph.file, m.graph, (data, got) => {}, stats);
   await Promise.all(blobs);
   t.downloaded = performance.now();
   await Promise.all(decodes);
@@ -116,7 +141,7 @@ export async function loadBundle(base, pool, progress) {
   if (await sha256Hex(graphBytes) !== m.graph.sha256) throw new BundleError(`${m.graph.file}: SHA-256 mismatch`);
   const tok = {};
   for (const [name, info] of Object.entries(m.tokenizer)) {
-    const bytes = await fetchFile(base + name, info, () => {}, stats);
+    const bytes = info.qz ? await fetchQzFile(base, name, info, pool, stats) : await fetchFile(base + name, info, () => {}, stats);
     if (await sha256Hex(bytes) !== info.sha256) throw new BundleError(`${name}: SHA-256 mismatch`);
     tok[name] = new TextDecoder().decode(bytes);
   }
@@ -124,7 +149,8 @@ export async function loadBundle(base, pool, progress) {
   /** The float16 graph (model.fp16.onnx), fetched only when a WebGPU adapter with shader-f16 will run it. */
   const fetchGraphFp16 = async () => {
     if (!m.graph_fp16) return null;
-    const bytes = await fetchFile(base + m.graph_fp16.file, m.graph_fp16, () => {}, stats);
+    const g = m.graph_fp16;
+    const bytes = g.qz ? await fetchQzFile(base, g.file, g, pool, stats) : await fetchFile(base + g.file, g, () => {}, stats);
     if (await sha256Hex(bytes) !== m.graph_fp16.sha256) throw new BundleError(`${m.graph_fp16.file}: SHA-256 mismatch`);
     return bytes;
   };
