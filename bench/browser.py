@@ -209,7 +209,7 @@ def _wait_ready(page, timeout_ms: int) -> None:
 
 def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_tokens: int,
              kv: str | None = None, yield_mode: str | None = None, warm: bool = True,
-             timeout_ms: int = 600_000) -> dict:
+             timeout_ms: int = 600_000, extra: dict | None = None) -> dict:
     """Cold load (fresh browser) -> generate `new_tokens` -> memory -> reload (warm: Cache API + HTTP cache) ->
     first token again. Returns the page's own timings plus the memory timeline of the Chromium processes."""
     from playwright.sync_api import sync_playwright
@@ -221,6 +221,7 @@ def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_t
         q["kv"] = kv
     if yield_mode:
         q["yield"] = yield_mode
+    q.update(extra or {})                       # any other page parameter, e.g. {"ort": "webgpu"}
     url = f"{server}/?{urlencode(q)}"
     gen_js = ("([p, n]) => window.tinyqmoe.generate(p, {raw: p, max_new_tokens: n, ignore_eos: true})"
               ".then(r => ({...r, ep: window.tinyqmoe.state.ep}))")
@@ -245,6 +246,7 @@ def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_t
             mem.mark("generated")
             result["generate"] = g
             result["ep"] = g.pop("ep")
+            result["ort_build"] = page.evaluate("window.tinyqmoe.state.ortBuild")
             result["page_memory"] = page.evaluate(PAGE_MEMORY_JS)
             result["threads"] = threads or min(4, result["page_memory"]["hardwareConcurrency"] or 1)
             if warm:

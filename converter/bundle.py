@@ -904,6 +904,12 @@ def _validate_graph_constants(model, cfg: LlamaConfig, fname: str = GRAPH):
     want = np.asarray(rope_inv_freq(cfg), np.float32)
     _want(freqs.shape == want.shape and np.array_equal(freqs, want), fname,
           "RoPE frequencies differ from the manifest config (rope_theta / rope_scaling / head_dim)")
-    eps = const_of("/model/norm/AddEps", 1)
-    _want(eps.shape == () and float(eps) == float(np.float32(cfg.rms_norm_eps)), fname,
-          "RMSNorm epsilon differs from the manifest config")
+    fused = nodes.get("/model/norm")           # float32 graphs: SkipSimplifiedLayerNormalization, eps an attribute
+    if fused is not None and fused.op_type == "SkipSimplifiedLayerNormalization":
+        from onnx import helper
+        eps = [helper.get_attribute_value(a) for a in fused.attribute if a.name == "epsilon"]
+        ok = len(eps) == 1 and float(np.float32(eps[0])) == float(np.float32(cfg.rms_norm_eps))
+    else:
+        eps = const_of("/model/norm/AddEps", 1)
+        ok = eps.shape == () and float(eps) == float(np.float32(cfg.rms_norm_eps))
+    _want(ok, fname, "RMSNorm epsilon differs from the manifest config")

@@ -23,8 +23,8 @@ def cpu_tokens(bundle_path, prompt, n, raw=True, **sampling):
     return chat.generate(ids, SamplingConfig(max_new_tokens=n, **sampling)).token_ids
 
 
-def open_loaded(page, server, name, ep="wasm", timeout=180_000):
-    page.goto(f"{server}/?bundle={name}&ep={ep}&autoload=1")
+def open_loaded(page, server, name, ep="wasm", timeout=180_000, extra=""):
+    page.goto(f"{server}/?bundle={name}&ep={ep}&autoload=1{extra}")
     page.wait_for_function("document.body.dataset.ready", timeout=timeout)
     if page.evaluate("document.body.dataset.ready") != "1":
         raise AssertionError(page.inner_text("#error") + "\n" + "\n".join(page.console_messages[-20:]))
@@ -59,13 +59,23 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
         assert sampled == cpu_tokens(bundle_dir / name, PROMPT, 24, **SAMPLED)
         assert len(set(sampled)) > 3                    # a real sequence, not one repeated token
     assert "WASM" in page.inner_text("#ep-badge")
+    assert page.evaluate("window.tinyqmoe.state.ortBuild") == "wasm"      # the plain build runs the WASM EP
 
 
-def test_webgpu_tokens_equal_cpu_reference(page, server, bundle_dir):
-    open_loaded(page, server, "tiny-int4", "webgpu")
+def test_wasm_ep_on_the_webgpu_build_equals_cpu_reference(page, server, bundle_dir):
+    """?ort=webgpu: the WASM EP inside the JSEP build (the page's only build before) still gives the same tokens."""
+    open_loaded(page, server, "tiny-int8", "wasm", extra="&ort=webgpu")
+    assert page.evaluate("window.tinyqmoe.state.ortBuild") == "webgpu"
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 12)
+
+
+@pytest.mark.parametrize("name", ["tiny-int4", "tiny-int8"])
+def test_webgpu_tokens_equal_cpu_reference(page, server, bundle_dir, name):
+    open_loaded(page, server, name, "webgpu")
     badge = page.inner_text("#ep-badge")
+    assert "WEBGPU" in badge, badge
     got = page_tokens(page, PROMPT, 12)["tokens"]
-    want = cpu_tokens(bundle_dir / "tiny-int4", PROMPT, 12)
+    want = cpu_tokens(bundle_dir / name, PROMPT, 12)
     # SwiftShader accumulates in a different order: allow a late near-tie flip, never an early one
     assert got[:8] == want[:8], (badge, got, want)
 

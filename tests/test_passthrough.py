@@ -138,16 +138,18 @@ def test_source_bundle_keeps_every_block_bit_for_bit(tmp_path, linear_type, embe
 @pytest.mark.parametrize("linear_type,embed_type", [("Q4_1", "Q8_0"), ("Q4_0", "Q4_0"), ("Q8_0", "Q4_1")])
 def test_source_bundle_logits_match_dequantized_gguf(tmp_path, linear_type, embed_type):
     """onnxruntime on the passthrough bundle vs the numpy forward (float64) of the GGUF's dequantized floats: only
-    float rounding apart (Q4_1 runs as float zero points -m/d, which rounds once more than d*q + m)."""
+    float rounding apart (Q4_1 runs as float zero points -m/d, which rounds once more than d*q + m; the fused
+    RMSNorm and RoPE kernels sum in their own order). 1e-5 of the largest logit is float32 rounding; a wrong scale,
+    minimum or block order is off by percents."""
     ck = open_checkpoint(_write_quantized_gguf(tmp_path / "m.gguf", linear_type, embed_type))
     write_bundle(ck, tmp_path / "b", BuildOptions(scheme="source", chunk_symbols=4096))
     want = reference.forward(ck.config, {n: ck.load(n) for n in ck.tensors}, IDS)
     dec = OrtDecoder(load(tmp_path / "b"))
     got = dec.forward_full(IDS)
-    assert float(np.abs(got - want).max() / np.abs(want).max()) < 2e-6
+    assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-5
     dec.reset()                                                   # the cached path agrees too
     steps = [dec.run(np.asarray([IDS[:5]]))[0, -1]] + [dec.run(np.asarray([[t]]))[0, -1] for t in IDS[5:]]
-    assert float(np.abs(np.stack(steps) - want[4:]).max() / np.abs(want).max()) < 2e-6
+    assert float(np.abs(np.stack(steps) - want[4:]).max() / np.abs(want).max()) < 1e-5
     half = OrtDecoder(load(tmp_path / "b"), float16=True).forward_full(IDS)   # the float16 graph of the same blocks
     assert float(np.abs(half - want).max() / np.abs(want).max()) < 1e-2
 

@@ -13,7 +13,9 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const state = { session: null, manifest: null, history: [], stopRequested: false, busy: false, loadTimings: null };
 const threads = Number(params.get("threads")) || 0;   // 0: onnxruntime-web's default (ort-session.js)
-const sessionOpts = { kvOnDevice: params.get("kv") !== "cpu" };   // WebGPU only; ?kv=cpu for the old behaviour
+// kvOnDevice: WebGPU only, ?kv=cpu for the old behaviour; build: which onnxruntime-web build runs the WASM EP,
+// ?ort=webgpu for the JSEP build the WebGPU EP needs (the old behaviour), default the plain wasm build
+const sessionOpts = { kvOnDevice: params.get("kv") !== "cpu", build: params.get("ort") || "auto" };
 const pyReady = PyRuntime.start();            // Pyodide starts while the user picks and downloads a bundle
 pyReady.catch((e) => showError(`Python runtime failed to start: ${e.message}`));
 
@@ -70,7 +72,8 @@ async function load(name, wanted = "auto", keepNotice = false) {
       const graphFp16 = wantFp16 ? await bundle.fetchGraphFp16() : null;
       if (wantFp16) why += graphFp16 ? ", float16 graph" : " (bundle has no float16 graph: float32)";
       const create = DecoderSession.create(graphFp16 || bundle.graph, bundle.externalData, bundle.manifest.config, ep,
-                                           threads, { ...sessionOpts, float16: !!graphFp16 });
+                                           threads, { ...sessionOpts, float16: !!graphFp16,
+                                                      build: ep === "webgpu" ? "webgpu" : sessionOpts.build });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
@@ -93,7 +96,8 @@ async function load(name, wanted = "auto", keepNotice = false) {
                           pyStartMs: py.startMs, readyAt: performance.now(), threads };
     $("ep-badge").textContent = `${ep.toUpperCase()} — ${why}`;
     $("ep-badge").className = `badge ${ep}`;
-    Object.assign(state, { session, manifest: bundle.manifest, py, ep, name, history: [], busy: false });
+    Object.assign(state, { session, manifest: bundle.manifest, py, ep, ortBuild: session.build, name, history: [],
+                           busy: false });
     if (ep === "webgpu") watchDevice(name, session);
     $("chat").hidden = false;
     document.body.dataset.ready = "1";
@@ -226,6 +230,7 @@ async function onSend(ev) {
   addMessage("user", text);
   const div = addMessage("assistant", "");
   $("send-btn").disabled = true; $("stop-btn").disabled = false;
+  const session = state.session;
   try {
     const r = await generate(state.history, {
       temperature: Number($("temperature").value), top_p: Number($("top-p").value),
@@ -236,6 +241,8 @@ async function onSend(ev) {
       `first token ${(r.firstTokenMs / 1000).toFixed(2)} s, ${r.tokens.length} tokens (${r.reason})${memoryLine()}`;
     reportPageMemory();
   } catch (e) {
+    // a session replaced meanwhile (device lost: gpuFailed already reloads, or has reloaded, on WASM) is not news
+    if (state.session !== session) return;
     if (state.ep === "webgpu") gpuFailed(`WebGPU failed during generation (${e.message})`).catch(() => {});
     else showError(`generation failed: ${e.message}`);
   }

@@ -1,10 +1,25 @@
 // The only module that imports onnxruntime-web. Creates the decoder session (WebGPU when an adapter exists,
 // else WASM) and implements the runtime's session interface: forward(ids) -> top-k candidates of the last
 // position, keeping the KV cache between calls.
-import * as ort from "/vendor/ort/ort.webgpu.min.mjs";
+// Two builds of onnxruntime-web: "webgpu" (ort.webgpu.min.mjs: WebGPU EP + WASM EP, a wasm binary with the JSEP
+// glue) and "wasm" (ort.wasm.min.mjs: the plain SIMD + threads binary, CPU only). A session on the WASM EP uses the
+// plain build unless ?ort=webgpu asks otherwise (measured side by side: README "The page"). Each build is imported
+// once, on first use; a session and the tensors fed to it come from the same build.
+const ORT_BUILDS = { webgpu: "/vendor/ort/ort.webgpu.min.mjs", wasm: "/vendor/ort/ort.wasm.min.mjs" };
+const ortBuilds = {};
 
-ort.env.wasm.wasmPaths = "/vendor/ort/";
-ort.env.logLevel = "error";
+/** The onnxruntime-web module of a build ("webgpu" | "wasm"), imported and configured on first use. */
+export async function ortBuild(build) {
+  if (!ORT_BUILDS[build]) throw new Error(`unknown onnxruntime-web build ${build}`);
+  if (!ortBuilds[build]) {
+    ortBuilds[build] = import(ORT_BUILDS[build]).then((ort) => {
+      ort.env.wasm.wasmPaths = "/vendor/ort/";
+      ort.env.logLevel = "error";
+      return ort;
+    });
+  }
+  return ortBuilds[build];
+}
 
 export const TOP_CANDIDATES = 256;   // must equal converter/runtime/generate.py TOP_CANDIDATES
 
@@ -22,7 +37,8 @@ export async function chooseProvider(wanted = "auto") {
 /** The GPUDevice the WebGPU EP runs on — call only once a WebGPU session exists (before, onnxruntime-web would
  * create one). null when there is none. */
 export async function webgpuDevice() {
-  try { return (await ort.env.webgpu.device) || null; } catch { return null; }
+  if (!ortBuilds.webgpu) return null;
+  try { return (await (await ortBuilds.webgpu).env.webgpu.device) || null; } catch { return null; }
 }
 
 export class DecoderSession {
@@ -32,11 +48,15 @@ export class DecoderSession {
    * @param {object} config the manifest's LlamaConfig dict
    * @param {string} ep "webgpu" | "wasm"
    * @param {number} threads wasm threads, 0 = all cores (up to 4) when crossOriginIsolated
-   * @param {{kvOnDevice?: boolean, float16?: boolean}} opts kvOnDevice: on WebGPU, keep present.* in GPU buffers
-   *   and feed them back as the next past (no download + upload of the whole cache per token); float16: the graph
-   *   is model.fp16.onnx (float16 KV cache)
+   * @param {{kvOnDevice?: boolean, float16?: boolean, build?: string}} opts kvOnDevice: on WebGPU, keep present.*
+   *   in GPU buffers and feed them back as the next past (no download + upload of the whole cache per token);
+   *   float16: the graph is model.fp16.onnx (float16 KV cache); build: onnxruntime-web build, "auto" (default:
+   *   "webgpu" for the WebGPU EP, "wasm" for the WASM EP), "webgpu" or "wasm"
    */
   static async create(graph, externalData, config, ep, threads = 0, opts = {}) {
+    const build = !opts.build || opts.build === "auto" ? (ep === "webgpu" ? "webgpu" : "wasm") : opts.build;
+    if (ep === "webgpu" && build !== "webgpu") throw new Error(`the ${build} build of onnxruntime-web has no WebGPU EP`);
+    const ort = await ortBuild(build);
     ort.env.wasm.numThreads = threads || (self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
     const kvOnDevice = ep === "webgpu" && !!opts.kvOnDevice;
     const options = { executionProviders: [ep], externalData, graphOptimizationLevel: "all" };
@@ -47,10 +67,12 @@ export class DecoderSession {
       }
     }
     const session = await ort.InferenceSession.create(graph, options);
-    return new DecoderSession(session, config, ep, kvOnDevice, !!opts.float16);
+    return new DecoderSession(ort, session, config, ep, kvOnDevice, !!opts.float16, build);
   }
 
-  constructor(session, config, ep, kvOnDevice = false, float16 = false) {
+  constructor(ort, session, config, ep, kvOnDevice = false, float16 = false, build = "webgpu") {
+    this.ort = ort;
+    this.build = build;
     this.session = session;
     this.config = config;
     this.ep = ep;
@@ -74,8 +96,8 @@ export class DecoderSession {
     for (let i = 0; i < c.num_hidden_layers; i++) {
       for (const kind of ["key", "value"]) {
         this.past[`past_key_values.${i}.${kind}`] = this.float16
-          ? new ort.Tensor("float16", new Uint16Array(0), [1, c.num_key_value_heads, 0, c.head_dim])
-          : new ort.Tensor("float32", new Float32Array(0), [1, c.num_key_value_heads, 0, c.head_dim]);
+          ? new this.ort.Tensor("float16", new Uint16Array(0), [1, c.num_key_value_heads, 0, c.head_dim])
+          : new this.ort.Tensor("float32", new Float32Array(0), [1, c.num_key_value_heads, 0, c.head_dim]);
       }
     }
     this.length = 0;
@@ -85,6 +107,7 @@ export class DecoderSession {
   async forward(ids) {
     const p = this.profile, t0 = performance.now();
     const S = ids.length, T = this.length + S;
+    const ort = this.ort;
     const feeds = {
       input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, S]),
       attention_mask: new ort.Tensor("int64", new BigInt64Array(T).fill(1n), [1, T]),
