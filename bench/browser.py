@@ -182,7 +182,7 @@ PAGE_MEMORY_JS = """async () => {
   const out = { crossOriginIsolated: self.crossOriginIsolated, hardwareConcurrency: navigator.hardwareConcurrency };
   if (performance.memory) out.jsHeapUsed = performance.memory.usedJSHeapSize;
   const py = window.tinyqmoe && window.tinyqmoe.state.py;
-  if (py) out.pyodideHeap = py.py._module.HEAPU8.length;
+  if (py) out.pyodideHeap = await py.heapBytes();
   if (self.crossOriginIsolated && performance.measureUserAgentSpecificMemory) {
     try {
       const m = await Promise.race([performance.measureUserAgentSpecificMemory(),

@@ -69,6 +69,14 @@ def test_wasm_ep_on_the_webgpu_build_equals_cpu_reference(page, server, bundle_d
     assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 12)
 
 
+def test_python_in_a_worker_equals_cpu_reference(page, server, bundle_dir):
+    """?py=worker: the same runtime in Pyodide in a worker, every call a message — tokens and sampling unchanged."""
+    open_loaded(page, server, "tiny-f32", "wasm", extra="&py=worker")
+    assert page.evaluate("window.tinyqmoe.state.py.where") == "worker"
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-f32", PROMPT, 12)
+    assert page_tokens(page, PROMPT, 16, **SAMPLED)["tokens"] == cpu_tokens(bundle_dir / "tiny-f32", PROMPT, 16, **SAMPLED)
+
+
 @pytest.mark.parametrize("name", ["tiny-int4", "tiny-int8"])
 def test_webgpu_tokens_equal_cpu_reference(page, server, bundle_dir, name):
     open_loaded(page, server, name, "webgpu")

@@ -16,7 +16,11 @@ const threads = Number(params.get("threads")) || 0;   // 0: onnxruntime-web's de
 // kvOnDevice: WebGPU only, ?kv=cpu for the old behaviour; build: which onnxruntime-web build runs the WASM EP,
 // ?ort=webgpu for the JSEP build the WebGPU EP needs (the old behaviour), default the plain wasm build
 const sessionOpts = { kvOnDevice: params.get("kv") !== "cpu", build: params.get("ort") || "auto" };
-const pyReady = PyRuntime.start();            // Pyodide starts while the user picks and downloads a bundle
+const workers = () => Number(params.get("workers")) || navigator.hardwareConcurrency || 2;
+// Pyodide starts while the user picks and downloads a bundle, on this thread; ?py=worker runs it in a worker
+// (measured on this 2-core machine: no faster to ready cold, slower warm — Pyodide's start then competes with the
+// decoder pool and onnxruntime-web for the same two cores; README "Changes landed")
+const pyReady = PyRuntime.start(params.get("py") === "worker" ? "worker" : "main");
 pyReady.catch((e) => showError(`Python runtime failed to start: ${e.message}`));
 
 function showError(msg) { $("error").textContent = msg; $("error").hidden = false; }
@@ -49,9 +53,10 @@ async function load(name, wanted = "auto", keepNotice = false) {
   document.body.dataset.ready = "";
   $("load-btn").disabled = true;
   const t0 = performance.now();
-  const pool = new DecoderPool(Number(params.get("workers")) || navigator.hardwareConcurrency || 2);
+  const pool = new DecoderPool(workers());
   try {
     await pool.start();
+    const poolReadyAt = performance.now();
     const bundle = await loadBundle(`/bundles/${encodeURIComponent(name)}/`, pool, (p) => {
       $("progress").value = p.done / p.total;
       $("progress-text").textContent = `${p.stage}: ${mb(p.done)} / ${mb(p.total)} (${(100 * p.done / p.total).toFixed(0)}%)`;
@@ -63,6 +68,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
     $("progress-text").textContent = `${mb(bundle.stats.networkBytes)} from network, ${mb(bundle.stats.cachedBytes)} from cache`;
     let { ep, why, f16 } = await chooseProvider(wanted);
     const ts = performance.now();
+    const bundleDoneAt = ts;
     let session;
     try {
       // shader-f16 adapters run the float16 graph (same weights); everything else the float32 one.
@@ -88,11 +94,11 @@ async function load(name, wanted = "auto", keepNotice = false) {
     stage("session", sessionMs);
     const tp = performance.now();
     const py = await pyReady;
-    py.setup(bundle.tokenizer, bundle.manifest);
+    await py.setup(bundle.tokenizer, bundle.manifest);
     stage(`python (started in ${(py.startMs / 1000).toFixed(1)} s)`, performance.now() - tp);
     stage("total", performance.now() - t0);
     // all times in ms; *At are performance.now() values, i.e. ms since navigation started
-    state.loadTimings = { ...bundle.timings, loadStartAt: t0, sessionMs, pythonWaitMs: performance.now() - tp,
+    state.loadTimings = { ...bundle.timings, loadStartAt: t0, poolReadyAt, bundleDoneAt, sessionMs, pythonWaitMs: performance.now() - tp,
                           pyStartMs: py.startMs, readyAt: performance.now(), threads };
     $("ep-badge").textContent = `${ep.toUpperCase()} — ${why}`;
     $("ep-badge").className = `badge ${ep}`;
@@ -141,20 +147,20 @@ async function generate(messages, sampling, onText = () => {}, raw = null) {
   const { session, py } = state;
   state.stopRequested = false; state.busy = true;
   session.reset();
-  let ids = py.start(messages, sampling, raw);
+  let ids = await py.start(messages, sampling, raw);
   const promptLen = ids.length;
   const tokens = [];
   let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0, pushMs = 0, yieldMs = 0, firstTokenAt = 0;
   let prefillSession = null;
   const t0 = performance.now();
   while (ids) {
-    if (state.stopRequested) { const tail = py.cancel(); text += tail; onText(tail); reason = "cancelled"; break; }
+    if (state.stopRequested) { const tail = await py.cancel(); text += tail; onText(tail); reason = "cancelled"; break; }
     const ts = performance.now();
     const cand = await session.forward(ids);
     const dt = performance.now() - ts;
     if (steps++ === 0) { prefillMs = dt; prefillSession = session.takeProfile(); } else decodeMs += dt;
     const tpush = performance.now();
-    const r = py.push(cand);
+    const r = await py.push(cand);
     if (steps === 1) firstTokenAt = performance.now(); else pushMs += performance.now() - tpush;
     tokens.push(...r.tokens.filter(() => !r.done || r.reason !== "eos"));
     if (r.text) { text += r.text; onText(r.text); }

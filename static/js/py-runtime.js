@@ -1,81 +1,59 @@
-// Pyodide running the project's own pure-Python runtime (converter/runtime/*.py, served by /py/ from the package:
-// the same files the CPU reference path imports). JavaScript drives the loop; Python tokenizes, renders the chat
-// template, samples and detokenizes.
-import { loadPyodide } from "/vendor/pyodide/pyodide.mjs";
-
-const RUNTIME_FILES = ["__init__.py", "tokenizer.py", "chat_template.py", "generate.py", "chat.py"];
-
-const GLUE = `
-import json
-from converter.runtime.chat import ChatModel
-from converter.runtime.generate import Generation, SamplingConfig
-
-_chat = None
-_gen = None
-
-def setup(tok_json, tok_cfg, model_cfg, gen_cfg):
-    global _chat
-    _chat = ChatModel(json.loads(tok_json), json.loads(tok_cfg or "{}"), json.loads(model_cfg), None,
-                      json.loads(gen_cfg) if gen_cfg else None)
-    return _chat.has_template
-
-def start(messages_json, sampling_json, raw):
-    global _gen
-    s = json.loads(sampling_json)
-    raw = raw if isinstance(raw, str) else None          # JS null arrives as pyodide's JsNull, not None
-    cfg = SamplingConfig(max_new_tokens=int(s.get("max_new_tokens", 128)), temperature=float(s.get("temperature", 0)),
-                         top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 1.0)), seed=int(s.get("seed", 0)))
-    ids = _chat.prompt_ids(raw=raw) if raw is not None else _chat.prompt_ids(json.loads(messages_json))
-    _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg)   # bench: fixed length
-    return _gen.first_input()
-
-def push(cand_ids, cand_values):
-    nxt = _gen.push(list(cand_ids.to_py()), list(cand_values.to_py()))
-    r = _gen.result
-    return json.dumps({"next": nxt, "text": _gen.take_text(), "done": _gen.done, "reason": r.stop_reason,
-                       "tokens": r.token_ids[-1:] if r.token_ids else []})
-
-def cancel():
-    _gen.cancel()
-    return _gen.take_text()
-`;
+// The page's handle on the Python runtime (py-glue.js): Pyodide on the main thread (default), or in a worker
+// (py-worker.js, ?py=worker), where its start-up does not hold the main thread while the bundle downloads and
+// onnxruntime-web creates its session — worth it on a device with cores to spare (not on this 2-core machine).
+// Every call is async either way.
+import { startPython, pythonCalls } from "./py-glue.js";
 
 export class PyRuntime {
-  static async start() {
-    const t0 = performance.now();
-    const py = await loadPyodide({ indexURL: "/vendor/pyodide/" });
-    py.FS.mkdirTree("/home/pyodide/converter/runtime");
-    py.FS.writeFile("/home/pyodide/converter/__init__.py", "");
-    await Promise.all(RUNTIME_FILES.map(async (f) => {
-      const res = await fetch(`/py/${f}`);
-      if (!res.ok) throw new Error(`/py/${f}: HTTP ${res.status}`);
-      py.FS.writeFile(`/home/pyodide/converter/runtime/${f}`, await res.text());
-    }));
-    py.runPython(`import sys\nsys.path.insert(0, "/home/pyodide")`);
-    const glue = py.pyimport("types").ModuleType("glue");
-    py.runPython(GLUE, { globals: glue.__dict__ });
-    const rt = new PyRuntime(py, glue);
-    rt.startMs = performance.now() - t0;
-    return rt;
+  /** @param {"worker"|"main"} where */
+  static async start(where = "main") {
+    if (where === "main") {
+      const { py, glue, startMs } = await startPython();
+      const calls = pythonCalls(py, glue);
+      return new PyRuntime((method, args) => Promise.resolve(calls[method](...args)), startMs, "main");
+    }
+    const worker = new Worker(new URL("./py-worker.js", import.meta.url), { type: "module" });
+    const pending = new Map();
+    let nextId = 1;
+    const startMs = await new Promise((resolve, reject) => {
+      worker.onmessage = (ev) => {
+        if (ev.data.type !== "ready") return;
+        if (ev.data.error) { reject(new Error(ev.data.error)); return; }
+        worker.onmessage = (e) => {
+          const p = pending.get(e.data.id);
+          pending.delete(e.data.id);
+          if (e.data.error !== undefined) p.reject(new Error(e.data.error)); else p.resolve(e.data.result);
+        };
+        resolve(ev.data.startMs);
+      };
+      worker.onerror = (e) => reject(new Error(`Python worker failed: ${e.message || "script error"}`));
+      worker.postMessage({ type: "start" });
+    });
+    const call = (method, args) => new Promise((resolve, reject) => {
+      const id = nextId++;
+      pending.set(id, { resolve, reject });
+      worker.postMessage({ id, method, args });
+    });
+    return new PyRuntime(call, startMs, "worker");
   }
 
-  constructor(py, glue) { this.py = py; this.glue = glue; }
+  constructor(call, startMs, where) { this.call = call; this.startMs = startMs; this.where = where; }
 
   setup(tokenizer, manifest) {
-    return this.glue.setup(tokenizer["tokenizer.json"], tokenizer["tokenizer_config.json"] || "",
-                           JSON.stringify(manifest.config), tokenizer["generation_config.json"] || "");
+    return this.call("setup", [tokenizer["tokenizer.json"], tokenizer["tokenizer_config.json"] || "",
+                               JSON.stringify(manifest.config), tokenizer["generation_config.json"] || ""]);
   }
 
-  /** @returns {number[]} prompt ids */
+  /** @returns {Promise<number[]>} prompt ids */
   start(messages, sampling, raw = null) {
-    const ids = this.glue.start(JSON.stringify(messages), JSON.stringify(sampling), raw ?? undefined);
-    const out = ids.toJs();
-    ids.destroy();
-    return out;
+    return this.call("start", [JSON.stringify(messages), JSON.stringify(sampling), raw]);
   }
 
-  /** @returns {{next: number[]|null, text: string, done: boolean, reason: string, tokens: number[]}} */
-  push(cand) { return JSON.parse(this.glue.push(cand.ids, cand.values)); }
+  /** @returns {Promise<{next: number[]|null, text: string, done: boolean, reason: string, tokens: number[]}>} */
+  async push(cand) { return JSON.parse(await this.call("push", [cand.ids, cand.values])); }
 
-  cancel() { return this.glue.cancel(); }
+  cancel() { return this.call("cancel", []); }
+
+  /** Bytes of Pyodide's wasm heap (bench/). */
+  heapBytes() { return this.call("heapBytes", []); }
 }

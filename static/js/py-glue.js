@@ -1,0 +1,75 @@
+// What Pyodide runs, wherever it runs (the page's main thread, or py-worker.js with ?py=worker): the project's
+// own pure-Python runtime (converter/runtime/*.py, served by /py/ from the package: the same files the CPU reference
+// path imports) and a small glue module. JavaScript drives the loop; Python tokenizes, renders the chat template,
+// samples and detokenizes.
+import { loadPyodide } from "/vendor/pyodide/pyodide.mjs";
+
+export const RUNTIME_FILES = ["__init__.py", "tokenizer.py", "chat_template.py", "generate.py", "chat.py"];
+
+export const GLUE = `
+import json
+from converter.runtime.chat import ChatModel
+from converter.runtime.generate import Generation, SamplingConfig
+
+_chat = None
+_gen = None
+
+def setup(tok_json, tok_cfg, model_cfg, gen_cfg):
+    global _chat
+    _chat = ChatModel(json.loads(tok_json), json.loads(tok_cfg or "{}"), json.loads(model_cfg), None,
+                      json.loads(gen_cfg) if gen_cfg else None)
+    return _chat.has_template
+
+def start(messages_json, sampling_json, raw):
+    global _gen
+    s = json.loads(sampling_json)
+    raw = raw if isinstance(raw, str) else None          # JS null arrives as pyodide's JsNull, not None
+    cfg = SamplingConfig(max_new_tokens=int(s.get("max_new_tokens", 128)), temperature=float(s.get("temperature", 0)),
+                         top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 1.0)), seed=int(s.get("seed", 0)))
+    ids = _chat.prompt_ids(raw=raw) if raw is not None else _chat.prompt_ids(json.loads(messages_json))
+    _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg)   # bench: fixed length
+    return _gen.first_input()
+
+def push(cand_ids, cand_values):
+    nxt = _gen.push(list(cand_ids.to_py()), list(cand_values.to_py()))
+    r = _gen.result
+    return json.dumps({"next": nxt, "text": _gen.take_text(), "done": _gen.done, "reason": r.stop_reason,
+                       "tokens": r.token_ids[-1:] if r.token_ids else []})
+
+def cancel():
+    _gen.cancel()
+    return _gen.take_text()
+`;
+
+/** Start Pyodide with the runtime imported; returns {py, glue, startMs}. */
+export async function startPython() {
+  const t0 = performance.now();
+  const py = await loadPyodide({ indexURL: "/vendor/pyodide/" });
+  py.FS.mkdirTree("/home/pyodide/converter/runtime");
+  py.FS.writeFile("/home/pyodide/converter/__init__.py", "");
+  await Promise.all(RUNTIME_FILES.map(async (f) => {
+    const res = await fetch(`/py/${f}`);
+    if (!res.ok) throw new Error(`/py/${f}: HTTP ${res.status}`);
+    py.FS.writeFile(`/home/pyodide/converter/runtime/${f}`, await res.text());
+  }));
+  py.runPython(`import sys\nsys.path.insert(0, "/home/pyodide")`);
+  const glue = py.pyimport("types").ModuleType("glue");
+  py.runPython(GLUE, { globals: glue.__dict__ });
+  return { py, glue, startMs: performance.now() - t0 };
+}
+
+/** The runtime's calls, on a started Python: the same functions in the worker and on the main thread. */
+export function pythonCalls(py, glue) {
+  return {
+    setup: (tok, tokCfg, modelCfg, genCfg) => glue.setup(tok, tokCfg, modelCfg, genCfg),
+    start: (messagesJson, samplingJson, raw) => {
+      const ids = glue.start(messagesJson, samplingJson, raw ?? undefined);
+      const out = ids.toJs();
+      ids.destroy();
+      return out;
+    },
+    push: (ids, values) => glue.push(ids, values),
+    cancel: () => glue.cancel(),
+    heapBytes: () => py._module.HEAPU8.length,
+  };
+}
