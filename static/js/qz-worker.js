@@ -1,5 +1,6 @@
 // One decoder per worker: instantiates qz.wasm once, then decodes chunks posted to it.
-// Message in:  {id, chunk: ArrayBuffer}      Message out: {id, out: ArrayBuffer} or {id, error, code}
+// Message in:  {batch: [{id, chunk: ArrayBuffer}, ...]}
+// Message out: {results: [{id, out: ArrayBuffer} or {id, error, code}, ...], ms} — one message per batch
 let qz = null;
 
 const ERROR_NAMES = {1: "BAD_HEADER", 2: "TRUNCATED", 3: "BAD_CODE", 4: "OVERRUN", 5: "TRAILING",
@@ -35,7 +36,9 @@ self.onmessage = async (ev) => {
     return;
   }
   const t0 = performance.now();
-  const r = decode(msg.chunk);
-  if (r.out) self.postMessage({ id: msg.id, out: r.out, ms: performance.now() - t0 }, [r.out]);
-  else self.postMessage({ id: msg.id, error: ERROR_NAMES[r.code] || `ERROR_${r.code}`, code: r.code });
+  const results = msg.batch.map(({ id, chunk }) => {
+    const r = decode(chunk);
+    return r.out ? { id, out: r.out } : { id, error: ERROR_NAMES[r.code] || `ERROR_${r.code}`, code: r.code };
+  });
+  self.postMessage({ results, ms: performance.now() - t0 }, results.filter((r) => r.out).map((r) => r.out));
 };
