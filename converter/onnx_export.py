@@ -58,7 +58,9 @@ class GraphBuilder:
         # activation -> (uint8 codes, per-row scale) of int8_linear: q/k/v and gate/up read the same input, so it
         # is quantized once for all of them (7 -> 4 quantizations per layer, the same numbers)
         self.quantized_x: dict[str, tuple[str, str]] = {}
-        self.row_zero_points: str | None = None      # the [B,S,1] uint8 zero points of every row quantization
+        # the [B,rows,1] uint8 zero points of the row quantizations: one tensor for the layers' [B,S,·] activations,
+        # one for the lm_head's [B,K,·] input (K = num_logits_to_keep)
+        self.row_zero_points: dict[str, str] = {}
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outs = [f"{name}/output_{j}" for j in range(n_out)]
@@ -236,13 +238,14 @@ def quantize_rows(g: GraphBuilder, x: str, n_in: int, p: str) -> tuple[str, str]
     sx = g.op1("Div", [g.op1("Max", [amax, g.const(1e-12, f32)], f"{p}/Floor"), g.const(127.0, f32)], f"{p}/Scale")
     # blocked QuantizeLinear (opset 21), one block = one row: round(x / s) + 128, rounding half to even like Round;
     # |x / s| <= 127, so nothing saturates. Its zero point must have the scale's shape: one [B,S,1] tensor of 128s
-    # serves every quantization of the graph.
-    if g.row_zero_points is None:
-        shape = g.op1("Concat", [g.op1("Shape", [x], "/quantize/Shape", end=-1), g.const([1], np.int64)],
-                      "/quantize/ZeroPointShape", axis=0)
-        g.row_zero_points = g.op1("ConstantOfShape", [shape], "/quantize/ZeroPoints",
-                                  value=numpy_helper.from_array(np.array([128], np.uint8)))
-    q = g.op1("QuantizeLinear", [x, sx, g.row_zero_points], f"{p}/QuantizeLinear", axis=-1,
+    # serves every quantization in the layers, another the lm_head's (its rows are the kept positions).
+    rows = "lm_head" if p.startswith("/lm_head") else "layers"
+    if rows not in g.row_zero_points:
+        shape = g.op1("Concat", [g.op1("Shape", [x], f"/quantize/{rows}/Shape", end=-1), g.const([1], np.int64)],
+                      f"/quantize/{rows}/ZeroPointShape", axis=0)
+        g.row_zero_points[rows] = g.op1("ConstantOfShape", [shape], f"/quantize/{rows}/ZeroPoints",
+                                        value=numpy_helper.from_array(np.array([128], np.uint8)))
+    q = g.op1("QuantizeLinear", [x, sx, g.row_zero_points[rows]], f"{p}/QuantizeLinear", axis=-1,
               block_size=n_in)
     return q, sx
 
@@ -422,6 +425,20 @@ def mlp(g: GraphBuilder, x: str, i: int, cfg: LlamaConfig, scheme: str) -> str:
     return linear(g, g.op1("Mul", [silu, up], f"{p}/Mul"), w + "down_proj.weight", scheme, I, H, f"{p}/down_proj")
 
 
+LOGITS_TO_KEEP = "num_logits_to_keep"   # int64 scalar input: 0 = logits of every position, n = of the last n
+
+
+# x [B,S,H] ─► Slice(axis 1, from −num_logits_to_keep) ─► [B,K,H]   (K = S when num_logits_to_keep is 0)
+def keep_last_positions(g: GraphBuilder, x: str) -> str:
+    """Only the rows whose logits are wanted go through the lm_head: generation needs the last position, and the
+    lm_head (vocab × hidden) is a fifth of a prefill's multiply-adds for SmolLM2. A required input (onnxruntime-web
+    refuses feeds for an initializer that doubles as an input, so it cannot have a default): callers feed 0 for
+    every position (evaluation), 1 for generation."""
+    p = "/lm_head/keep"
+    start = g.op1("Reshape", [g.op1("Neg", [LOGITS_TO_KEEP], f"{p}/Neg"), g.const([1], np.int64)], f"{p}/Start")
+    return g.op1("Slice", [x, start, g.const([np.iinfo(np.int64).max], np.int64), g.const([1], np.int64)], f"{p}/Slice")
+
+
 def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]]], scheme: str,
                  embed_scheme: str, tensor_schemes: dict[str, str] | None = None,
                  float16: bool = False) -> onnx.ModelProto:
@@ -429,8 +446,9 @@ def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]
     B, S, T, P = "batch", "seq", "total_seq", "past_seq"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, cfg.vocab_size])]
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]),
+              helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, "logits_seq", cfg.vocab_size])]
     kvshape = lambda n: [B, cfg.num_key_value_heads, n, cfg.head_dim]  # noqa: E731
     for i in range(cfg.num_hidden_layers):
         pk, pv, ck, cv = kv_names(i)
@@ -462,6 +480,7 @@ def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]
             h = rms_norm(g, x, f"model.layers.{i}.post_attention_layernorm.weight", eps, f"{p}/post_attention_layernorm")
             x = g.op1("Add", [x, mlp(g, h, i, cfg, scheme)], f"{p}/mlp/Residual")
         x = rms_norm(g, x, "model.norm.weight", eps, "/model/norm")
+    x = keep_last_positions(g, x)
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     logits = linear(g, x, head, embed_scheme, cfg.hidden_size, cfg.vocab_size, "/lm_head")
     if g.ft == TensorProto.FLOAT:

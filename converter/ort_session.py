@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Bundle
-from .onnx_export import kv_names
+from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
 
 PROVIDERS = {"cpu": "CPUExecutionProvider"}
@@ -59,6 +59,8 @@ class OrtDecoder:
         self.config = bundle.config
         self.session = create_session(bundle, threads, verify, float16)
         self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16
+        # bundles built before session 3 have no num_logits_to_keep input: they always return every position
+        self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
         self.reset()
 
     def reset(self, batch: int = 1) -> None:
@@ -71,8 +73,9 @@ class OrtDecoder:
     def cached(self) -> int:
         return self.mask.shape[1]
 
-    def run(self, ids: np.ndarray, mask_new: np.ndarray | None = None) -> np.ndarray:
-        """ids [B, S] after the cache; returns logits [B, S, V] and extends the cache."""
+    def run(self, ids: np.ndarray, mask_new: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
+        """ids [B, S] after the cache; returns logits [B, S, V] (last_only: [B, 1, V], the lm_head on the last
+        position only) and extends the cache."""
         B, S = ids.shape
         if mask_new is None:
             mask_new = np.ones((B, S), np.int64)
@@ -80,6 +83,8 @@ class OrtDecoder:
         # positions count only attended tokens, so left padding does not shift a row's positions
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -S:]
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": pos.astype(np.int64)}
+        if self.has_logits_to_keep:
+            feeds[LOGITS_TO_KEEP] = np.array(1 if last_only else 0, np.int64)
         feeds.update(self.past)
         out = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
@@ -93,7 +98,7 @@ class OrtDecoder:
 
     def forward(self, ids: list[int], k: int = TOP_CANDIDATES) -> tuple[list[int], list[float]]:
         """The runtime's interface: the top-k logits of the last position, by (value desc, id asc)."""
-        return top_k_sorted(self.run(np.asarray([ids], np.int64))[0, -1], k)
+        return top_k_sorted(self.run(np.asarray([ids], np.int64), last_only=True)[0, -1], k)
 
     def forward_full(self, ids: list[int]) -> np.ndarray:
         self.reset()

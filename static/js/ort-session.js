@@ -114,6 +114,10 @@ export class DecoderSession {
       position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: S }, (_, j) => BigInt(this.length + j)), [1, S]),
       ...this.past,
     };
+    // the lm_head on the last position only (bundles built before session 3 have no such input: all positions)
+    if (this.session.inputNames.includes("num_logits_to_keep")) {
+      feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.from([1n]), []);
+    }
     const t1 = performance.now();
     const out = await this.session.run(feeds);
     const t2 = performance.now();
@@ -129,7 +133,8 @@ export class DecoderSession {
     const V = this.config.vocab_size;
     const t3 = performance.now();
     const data = /** @type {Float32Array} */ (await logits.getData());
-    const last = data.subarray((S - 1) * V, S * V);
+    const rows = logits.dims[1];                    // 1, or S for a graph that returns every position
+    const last = data.subarray((rows - 1) * V, rows * V);
     const t4 = performance.now();
     const top = topK(last, TOP_CANDIDATES);
     if (logits.dispose) logits.dispose();
