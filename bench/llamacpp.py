@@ -5,13 +5,12 @@ same token count, greedy, in its own process.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.child import child_main, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,29 +64,11 @@ def measure(model: str, threads: int, prompt: str, new_tokens: int) -> dict:
 
 
 def run(model: Path, threads: int, prompt: str, new_tokens: int, timeout: float = 900) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-m", "bench.llamacpp", str(model), "--threads", str(threads),
-                          "--prompt", prompt, "--new-tokens", str(new_tokens)],
-                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
-    if out.returncode < 0 or out.returncode > 128:
-        import signal
-        sig = -out.returncode if out.returncode < 0 else out.returncode - 128
-        raise RuntimeError(f"the child died with {signal.Signals(sig).name} (e.g. a wheel built for CPU "
-                           f"instructions this machine lacks) {out.stderr[-300:].strip()}")
-    if out.returncode != 0:
-        raise RuntimeError(f"bench.llamacpp failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("bench.llamacpp", str(model), threads, prompt, new_tokens, timeout)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    args = ap.parse_args()
-    print(json.dumps(measure(args.model, args.threads, args.prompt, args.new_tokens)))
-    return 0
+    return child_main(measure, __doc__, "model")
 
 
 if __name__ == "__main__":

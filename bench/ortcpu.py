@@ -5,13 +5,11 @@ measurement so that peak RSS is that bundle's alone.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.child import child_main, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,24 +41,11 @@ def measure(bundle: str, threads: int, prompt: str, new_tokens: int) -> dict:
 
 def run(bundle: Path, threads: int, prompt: str, new_tokens: int, timeout: float = 900) -> dict:
     """One measurement in a fresh process (OpenBLAS pinned to one thread, as in bench/generate.py)."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-m", "bench.ortcpu", str(bundle), "--threads", str(threads),
-                          "--prompt", prompt, "--new-tokens", str(new_tokens)],
-                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench.ortcpu {bundle.name} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("bench.ortcpu", str(bundle), threads, prompt, new_tokens, timeout)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    args = ap.parse_args()
-    print(json.dumps(measure(args.bundle, args.threads, args.prompt, args.new_tokens)))
-    return 0
+    return child_main(measure, __doc__, "bundle")
 
 
 if __name__ == "__main__":
