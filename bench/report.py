@@ -372,6 +372,16 @@ def _bars(ax, labels, stats_list, title, color=None):
         ax.text(v, yi, f" {v:.1f}", va="center", fontsize=7)
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close a figure (every plot of this module)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_speed(doc: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
@@ -383,10 +393,7 @@ def plot_speed(doc: dict, path: Path) -> Path | None:
     _bars(axes[0], keys, [cfg[k].get("prefill_tok_s") for k in keys], "prefill tok/s (median, min–max)", "#4c72b0")
     _bars(axes[1], keys, [cfg[k].get("decode_tok_s") for k in keys], "decode tok/s (median, min–max)", "#dd8452")
     fig.suptitle(f"{doc['meta']['model']}: token speed, {doc['meta']['reps']} interleaved rounds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_load(doc: dict, path: Path) -> Path | None:
@@ -411,10 +418,7 @@ def plot_load(doc: dict, path: Path) -> Path | None:
     ax.set_xlabel("seconds from navigation (medians; Pyodide starts in parallel, only its wait is shown)")
     ax.legend(fontsize=7, ncol=4, loc="lower right")
     ax.set_title("Load: navigation -> first token", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_memory(doc: dict, path: Path) -> Path | None:
@@ -440,10 +444,7 @@ def plot_memory(doc: dict, path: Path) -> Path | None:
     ax.set_ylabel("PSS MiB")
     ax.set_title(f"Chromium memory while loading and generating: {r['key']} (round {r['round'] + 1})", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_profile(doc: dict, path: Path) -> Path | None:
@@ -466,10 +467,7 @@ def plot_profile(doc: dict, path: Path) -> Path | None:
     ax.set_xlabel("ms per generated token (run = onnxruntime-web session.run)")
     ax.legend(fontsize=7, ncol=7)
     ax.set_title("The page's per-token loop", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
