@@ -40,6 +40,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 GRAPH_FP16 = "model.fp16.onnx"  # the same graph with float16 activations and KV cache (WebGPU with shader-f16)
+GRAPH_WASM = "model.wasm.onnx"  # group schemes as batched integer GEMMs instead of MatMulNBits (the WASM EP)
+# the optional graph variants: manifest key -> file. Same initializers as model.onnx, other ops.
+GRAPH_VARIANTS = {"graph_fp16": GRAPH_FP16, "graph_wasm": GRAPH_WASM}
 DEFAULT_CHUNK_SYMBOLS = 1 << 18        # 262,144 symbols: big enough for LZW to learn, small enough to parallelise
 DEFAULT_BLOB_BYTES = 64 << 20          # split blobs so downloads can run in parallel and caches stay happy
 MAX_INITIALIZER_BYTES = (2 << 30) - 1  # browsers cap one ArrayBuffer at 2 GB
@@ -61,6 +64,7 @@ class BuildOptions:
     name: str | None = None
     calibration: Any = None                  # calibrate.CalibrationOptions: GPTQ / clip search / mixed precision
     fp16_graph: bool = True                  # also write model.fp16.onnx (same weights, float16 activations)
+    wasm_graph: bool = True                  # also write model.wasm.onnx when a tensor uses a group scheme
     byte_planes: bool = True                 # store float byte streams as byte planes where that codes smaller
     compress_files_from: int = 1 << 16       # graphs and tokenizer files this big or bigger are stored as QZ chunks
                                              # when that saves 10%
@@ -374,6 +378,9 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     if opts.fp16_graph:
         fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts)}
+    if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
+        wasm_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, group_gemm=True)
+        graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts)}
 
     tok_entries = {fname: _write_file(folder, fname, data, opts)
                    for fname, data in sorted(checkpoint.tokenizer_files().items())}
@@ -450,13 +457,20 @@ class Bundle:
     def blob_path(self, index: int) -> Path:
         return self.path / self.manifest["blobs"][index]["file"]
 
-    def graph_bytes(self, float16: bool = False) -> bytes:
-        """model.onnx, or with float16=True the float16 variant (BundleError if the bundle has none)."""
-        if not float16:
+    def graph_bytes(self, float16: bool = False, variant: str = "graph") -> bytes:
+        """model.onnx, or a variant: float16=True / variant="graph_fp16" the float16 graph, variant="graph_wasm"
+        the group-GEMM graph (BundleError if the bundle has none)."""
+        variant = "graph_fp16" if float16 else variant
+        if variant == "graph":
             return _read_file(self.path, GRAPH, self.manifest["graph"], self.manifest["codec"]["chunk_symbols"])
-        if "graph_fp16" not in self.manifest:
-            raise BundleError(f"{self.path}: bundle has no float16 graph (built with fp16_graph off, or before it)")
-        return _read_file(self.path, GRAPH_FP16, self.manifest["graph_fp16"], self.manifest["codec"]["chunk_symbols"])
+        if variant not in GRAPH_VARIANTS:
+            raise BundleError(f"unknown graph variant {variant!r}; choose graph, {', '.join(GRAPH_VARIANTS)}")
+        if variant not in self.manifest:
+            what = {"graph_fp16": "float16 graph (built with fp16_graph off, or before it)",
+                    "graph_wasm": "wasm graph (it has no group-quantized tensor, or was built before it)"}[variant]
+            raise BundleError(f"{self.path}: bundle has no {what}")
+        return _read_file(self.path, GRAPH_VARIANTS[variant], self.manifest[variant],
+                          self.manifest["codec"]["chunk_symbols"])
 
     def tokenizer_file(self, fname: str) -> bytes:
         """A tokenizer file's bytes (decoded when the bundle stores it as QZ chunks, `fname.qz`)."""
@@ -590,21 +604,23 @@ def load(path: str | Path) -> Bundle:
         _int(b.get("bytes"), f"{where}.bytes")
         _want(isinstance(b.get("sha256"), str) and len(b["sha256"]) == 64, f"{where}.sha256", "not a SHA-256 hex")
         _check_file(path, b["file"], b, where)
-    if "graph_fp16" in m:
-        _want(m["graph_fp16"].get("file") == GRAPH_FP16, f"{M}: graph_fp16.file", f"expected {GRAPH_FP16!r}")
-        _check_stored(path, GRAPH_FP16, m["graph_fp16"], f"{M}: graph_fp16", step)
+    for key, fname in GRAPH_VARIANTS.items():
+        if key in m:
+            _want(m[key].get("file") == fname, f"{M}: {key}.file", f"expected {fname!r}")
+            _check_stored(path, fname, m[key], f"{M}: {key}", step)
     def on_disk(fname, info):
         return info["qz"]["file"] if "qz" in info else fname
     listed = {MANIFEST, on_disk(GRAPH, m["graph"]), *(on_disk(f, i) for f, i in m["tokenizer"].items()),
               *(b["file"] for b in m["blobs"])} | \
-        ({on_disk(GRAPH_FP16, m["graph_fp16"])} if "graph_fp16" in m else set())
+        {on_disk(fname, m[key]) for key, fname in GRAPH_VARIANTS.items() if key in m}
     unlisted = sorted(p.name for p in path.iterdir() if p.name not in listed)
     _want(not unlisted, str(path), f"holds file(s) the manifest does not list: {', '.join(unlisted[:5])}")
     _validate_initializers(m, cfg)
     _validate_tensors(m, cfg)
     _validate_graph(path, m, GRAPH)
-    if "graph_fp16" in m:
-        _validate_graph(path, m, GRAPH_FP16)
+    for key, fname in GRAPH_VARIANTS.items():
+        if key in m:
+            _validate_graph(path, m, fname)
     return Bundle(path, m, cfg, m["initializers"])
 
 
@@ -735,8 +751,8 @@ def _validate_graph(path: Path, m: dict, fname: str):
     dtypes = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8",
               TensorProto.UINT8: "uint8"}
     try:
-        model = onnx.load_from_string(_read_file(path, fname, m["graph" if fname == GRAPH else "graph_fp16"],
-                                                 m["codec"]["chunk_symbols"]))
+        key = "graph" if fname == GRAPH else {f: k for k, f in GRAPH_VARIANTS.items()}[fname]
+        model = onnx.load_from_string(_read_file(path, fname, m[key], m["codec"]["chunk_symbols"]))
     except Exception as e:  # protobuf raises its own DecodeError family
         raise BundleError(f"{fname}: not a readable ONNX model ({type(e).__name__})") from None
     graph = {t.name: (dtypes.get(t.data_type, str(t.data_type)), list(t.dims)) for t in model.graph.initializer
@@ -785,9 +801,10 @@ def _str(v, where: str) -> str:
 
 def _validate_schema(m: dict):
     M = MANIFEST
-    _keys(m, _TOP | ({"calibration", "graph_fp16"} & set(m)), M)
-    if "graph_fp16" in m:
-        _keys(m["graph_fp16"], {"file", "bytes", "sha256"} | ({"qz"} & set(m["graph_fp16"])), f"{M}: graph_fp16")
+    _keys(m, _TOP | (({"calibration"} | set(GRAPH_VARIANTS)) & set(m)), M)
+    for key in GRAPH_VARIANTS:
+        if key in m:
+            _keys(m[key], {"file", "bytes", "sha256"} | ({"qz"} & set(m[key])), f"{M}: {key}")
     if "calibration" in m:
         _validate_calibration(m["calibration"])
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")

@@ -46,8 +46,10 @@ class GraphBuilder:
     """Collects nodes and constants; names every node and value from a hierarchical prefix."""
 
     def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]], tensor_schemes: dict[str, str] | None = None,
-                 float16: bool = False):
+                 float16: bool = False, group_gemm: bool = False):
         self.weights = weights            # initializer name -> (dtype, shape), all external
+        # group schemes as batched integer GEMMs instead of MatMulNBits (the wasm graph, group_gemm_linear)
+        self.group_gemm = group_gemm
         self.tensor_schemes = tensor_schemes or {}   # HF tensor -> scheme, where it differs (mixed precision)
         # activation float type: float32, or float16 for the shader-f16 variant
         self.ft = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT
@@ -138,11 +140,13 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
                            n_in, prefix)
     bits, block = nbits_of(scheme)
     q, scales = g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
-    if bits == 8:
+    if bits == 8 and not g.group_gemm:
         return nbits8_linear(g, x, q, scales, n_in, n_out, block, prefix)
-    if hf_name + ".mins" in g.weights:
+    if hf_name + ".mins" in g.weights and not g.group_gemm:
         return offset_linear(g, x, q, scales, to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins"), n_in, n_out,
                              block, prefix)
+    if g.group_gemm:
+        return group_gemm_linear(g, x, hf_name, q, scales, bits, block, n_in, n_out, prefix)
     zeros = [g.weight(hf_name + ".zeros")] if hf_name + ".zeros" in g.weights else []
     return matmul_nbits(g, [x, q, scales] + zeros, n_in, n_out, bits, block, f"{prefix}/MatMulNBits")
 
@@ -201,6 +205,92 @@ def nbits8_linear(g: GraphBuilder, x: str, codes: str, d: str, n_in: int, n_out:
     y_lo = matmul_nbits(g, [x, lo, d, constant_zero_points(g, n_out, nb, 0, f"{prefix}/low")], n_in, n_out, 4,
                         block, f"{prefix}/low/MatMulNBits")
     return g.op1("Add", [y_hi, y_lo], f"{prefix}/Add")
+
+
+# x [..,K] ─► Reshape [M,K/b,b] ─► Transpose [K/b,M,b] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s [K/b,M,1]
+#                                                  └► QuantizeLinear(s, zero point 128, block b) ─► u8 [K/b,M,b]
+def quantize_blocks(g: GraphBuilder, x: str, nb: int, block: int, p: str) -> tuple[str, str]:
+    """(uint8 codes [nb,M,b] with zero point 128, float32 scale per block [nb,M,1]) of the activation x [..,K]:
+    quantize_rows with a scale per group of `block` values instead of per row."""
+    f32, i64 = np.float32, (lambda v: g.const(v, np.int64))
+    xb = g.op1("Transpose", [g.op1("Reshape", [x, i64([-1, nb, block])], f"{p}/Blocks")], f"{p}/Transpose",
+               perm=[1, 0, 2])                                                                   # [nb,M,b]
+    amax = g.op1("ReduceMax", [g.op1("Abs", [xb], f"{p}/Abs"), i64([-1])], f"{p}/ReduceMax", keepdims=1)
+    sx = g.op1("Div", [g.op1("Max", [amax, g.const(1e-12, f32)], f"{p}/Floor"), g.const(127.0, f32)], f"{p}/Scale")
+    zp = g.op1("ConstantOfShape", [g.op1("Shape", [sx], f"{p}/ZeroPointShape")], f"{p}/ZeroPoints",
+               value=numpy_helper.from_array(np.array([128], np.uint8)))
+    return g.op1("QuantizeLinear", [xb, sx, zp], f"{p}/QuantizeLinear", axis=-1, block_size=block), sx
+
+
+def _unpack_u8(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
+    """uint8 [..., nbytes] of `bits`-bit codes packed low first -> uint8 [..., nbytes, 8/bits] (integer ops)."""
+    if bits == 8:
+        return g.op1("Unsqueeze", [packed, g.const([-1], np.int64)], f"{prefix}/Unsqueeze")
+    per, mask = 8 // bits, g.const((1 << bits) - 1, np.uint8)
+    parts = []
+    for j in range(per):
+        v = packed if j == 0 else g.op1("BitShift", [packed, g.const(bits * j, np.uint8)], f"{prefix}/Shift{j}",
+                                        direction="RIGHT")
+        v = g.op1("BitwiseAnd", [v, mask], f"{prefix}/Mask{j}") if j + 1 < per else v
+        parts.append(g.op1("Unsqueeze", [v, g.const([-1], np.int64)], f"{prefix}/Unsqueeze{j}"))
+    return g.op1("Concat", parts, f"{prefix}/Concat", axis=-1)
+
+
+# at session creation (all inputs are initializers, onnxruntime folds them):
+#   codes u8 [N,K/b,bytes] ─► unpack ─► [N,K/b,b] ─► Transpose ─► W u8 [K/b,b,N]
+#   scales [N·K/b] ─► [N,K/b] ─► Transpose ─► [K/b,1,N];  zero points likewise (or the scheme's constant)
+# per call:
+#   x [B,S,K] ─► quantize_blocks ─► u8 [K/b,M,b], scale s_x [K/b,M,1]   (M = B·S, one scale per group of a row)
+#   ─► MatMulIntegerToFloat(·, W, 1, scales, 128, zero points) ─► [K/b,M,N] ─► × s_x ─► ReduceSum(0) ─► [B,S,N]
+#   (q4_1: + the block sums of x times the minimums, as offset_linear)
+def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str, bits: int, block: int, n_in: int,
+                      n_out: int, prefix: str) -> str:
+    """Group-quantized weights as one batched integer GEMM per linear: group j's K-slice of x times group j's
+    codes, scaled by the group's weight scales and the slice's activation scale, summed over the groups.
+
+    The same weights as MatMulNBits. The activations are quantized to 8 bits per group of the row (the group of
+    the weights: an outlier spoils only its own 32 values; per whole row, SmolLM2 int4-g32 drifted 3x further from
+    the MatMulNBits graph). onnxruntime-web's wasm MatMulNBits runs ~10x slower than its integer GEMM (README), so
+    the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it."""
+    nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
+    p = f"{prefix}/weights"
+    codes = g.op1("Reshape", [_unpack_u8(g, q, bits, f"{p}/unpack"), i64([n_out, nb, block])], f"{p}/Codes")
+    w = g.op1("Transpose", [codes], f"{p}/Transpose", perm=[1, 2, 0])                          # [nb,b,N]
+    def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,N]
+        table = g.op1("Reshape", [t, i64([n_out, nb])], f"{p}/{tag}/Table")
+        t = g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 0])
+        return g.op1("Unsqueeze", [t, i64([1])], f"{p}/{tag}/Unsqueeze")
+
+    s = per_group(scales, "scales")
+    mins = hf_name + ".mins" in g.weights
+    if bits == 8:
+        zp = g.const(128, np.uint8)                                                           # codes are q + 128
+    elif hf_name + ".zeros" in g.weights:
+        z = g.op1("Reshape", [_unpack_u8(g, g.weight(hf_name + ".zeros"), bits, f"{p}/zeros/unpack"),
+                              i64([n_out, -1])], f"{p}/zeros/Flatten")                        # [N, padded nb]
+        z = g.op1("Slice", [z, i64([0]), i64([nb]), i64([1])], f"{p}/zeros/Slice")
+        zp = per_group(z, "zeros")
+    else:
+        zp = g.const(0 if mins else 1 << (bits - 1), np.uint8)                                # MatMulNBits' default
+    key = (x, block)                                  # q/k/v and gate/up share their input's quantization
+    if key not in g.quantized_x:
+        g.quantized_x[key] = quantize_blocks(g, x, nb, block, f"{prefix}/quantize_x")
+    a, sx = g.quantized_x[key]
+    y = g.op1("MatMulIntegerToFloat", [a, w, g.const(1.0, np.float32), s, g.const(128, np.uint8), zp],
+              f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)                             # [nb,M,N]
+    y = g.op1("ReduceSum", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), i64([0])], f"{prefix}/ReduceSum",
+              keepdims=0)                                                                     # [M,N]
+    shape = g.op1("Concat", [g.op1("Shape", [x], f"{prefix}/x/Shape", end=-1), i64([n_out])], f"{prefix}/OutShape",
+                  axis=0)
+    y = g.op1("Reshape", [y, shape], f"{prefix}/Reshape")                                     # [B,S,N]
+    if mins:
+        m = to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins")
+        sums = g.op1("ReduceSum", [g.op1("Reshape", [x, i64([0, 0, nb, block])], f"{prefix}/Blocks"), i64([-1])],
+                     f"{prefix}/BlockSums", keepdims=0)                                       # [B,S,nb]
+        m_t = g.op1("Transpose", [g.op1("Reshape", [m, i64([n_out, nb])], f"{prefix}/MinsTable")],
+                    f"{prefix}/MinsT", perm=[1, 0])                                           # [nb,N]
+        y = g.op1("Add", [y, g.op1("MatMul", [sums, m_t], f"{prefix}/Offsets")], f"{prefix}/Add")
+    return y
 
 
 # x [..,K] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s [..,1]      (one scale per row: per token)
@@ -441,8 +531,8 @@ def keep_last_positions(g: GraphBuilder, x: str) -> str:
 
 def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]]], scheme: str,
                  embed_scheme: str, tensor_schemes: dict[str, str] | None = None,
-                 float16: bool = False) -> onnx.ModelProto:
-    g = GraphBuilder(weights, tensor_schemes, float16)
+                 float16: bool = False, group_gemm: bool = False) -> onnx.ModelProto:
+    g = GraphBuilder(weights, tensor_schemes, float16, group_gemm)
     B, S, T, P = "batch", "seq", "total_seq", "past_seq"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
@@ -503,9 +593,9 @@ def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]
 
 
 def export_graph(cfg: LlamaConfig, weights, scheme: str, embed_scheme: str,
-                 tensor_schemes: dict[str, str] | None = None, float16: bool = False) -> bytes:
+                 tensor_schemes: dict[str, str] | None = None, float16: bool = False, group_gemm: bool = False) -> bytes:
     """Serialized graph; checked with onnx.checker (external data is not read)."""
-    model = export_model(cfg, weights, scheme, embed_scheme, tensor_schemes, float16)
+    model = export_model(cfg, weights, scheme, embed_scheme, tensor_schemes, float16, group_gemm)
     check_graph(model)
     return model.SerializeToString()
 

@@ -23,7 +23,9 @@ PROVIDERS = {"cpu": "CPUExecutionProvider"}
 BORROW_BUFFERS = "session.use_external_initializer_file_buffers_directly"  # onnxruntime session config key
 
 
-def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False):
+def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False, variant: str = "graph"):
+    """An onnxruntime CPU session over the bundle's decoded weights. variant: which graph runs ("graph" = model.onnx,
+    "graph_fp16", "graph_wasm"; bundle.GRAPH_VARIANTS); float16=True is variant="graph_fp16"."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -37,11 +39,11 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     if not hasattr(so, "add_external_initializers_from_files_in_memory"):
         # older onnxruntime without the Python binding for in-memory files: it copies the OrtValues, ours can go
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-        return ort.InferenceSession(bundle.graph_bytes(float16), so, providers=[PROVIDERS["cpu"]])
+        return ort.InferenceSession(bundle.graph_bytes(float16, variant), so, providers=[PROVIDERS["cpu"]])
     so.add_session_config_entry(BORROW_BUFFERS, "1")
     files = [a.reshape(-1).view(np.uint8) for a in arrays]                   # the raw bytes of each "file"
     so.add_external_initializers_from_files_in_memory(names, files, [f.nbytes for f in files])
-    sess = ort.InferenceSession(bundle.graph_bytes(float16), so, providers=[PROVIDERS["cpu"]])
+    sess = ort.InferenceSession(bundle.graph_bytes(float16, variant), so, providers=[PROVIDERS["cpu"]])
     # onnxruntime reads the borrowed buffers as long as the session runs but holds no reference to them (without
     # this attribute the next run reads freed memory); weights it prepacked are read only once, but which those are
     # is onnxruntime's business, so all of them live and die with the session
@@ -55,9 +57,12 @@ class OrtDecoder:
     Holds the KV cache between calls; `forward_full` returns all positions' logits (evaluation uses it).
     """
 
-    def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False):
+    def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False,
+                 variant: str = "graph"):
         self.config = bundle.config
-        self.session = create_session(bundle, threads, verify, float16)
+        float16 = float16 or variant == "graph_fp16"
+        self.variant = "graph_fp16" if float16 else variant
+        self.session = create_session(bundle, threads, verify, float16, variant)
         self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
         self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}

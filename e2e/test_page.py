@@ -14,11 +14,11 @@ PROMPT = "the quick brown fox"
 SAMPLED = dict(temperature=1.0, top_k=50, seed=3)   # sampling exercises the whole candidate list, not just top-1
 
 
-def cpu_tokens(bundle_path, prompt, n, raw=True, **sampling):
+def cpu_tokens(bundle_path, prompt, n, raw=True, graph="model", **sampling):
     from converter.cli import open_chat_model
     from converter.runtime.generate import SamplingConfig
 
-    chat = open_chat_model(str(bundle_path))
+    chat = open_chat_model(str(bundle_path), graph=graph)
     ids = chat.prompt_ids(raw=prompt) if raw else chat.prompt_ids([{"role": "user", "content": prompt}])
     return chat.generate(ids, SamplingConfig(max_new_tokens=n, **sampling)).token_ids
 
@@ -44,12 +44,19 @@ def test_bundle_list(page, server):
 
 @pytest.mark.parametrize("name", ["tiny-f32", "tiny-int4", "tiny-int8"])
 def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
+    """On the WASM EP a group-scheme bundle (tiny-int4) runs model.wasm.onnx, and only that graph is fetched."""
+    fetched = []
+    page.on("request", lambda r: fetched.append(r.url))
     open_loaded(page, server, name, "wasm")
     stages = page.inner_text("#stages")
     assert "download" in stages and "session" in stages
     assert page.evaluate("document.getElementById('progress').value") == 1
+    graph = "wasm" if name == "tiny-int4" else "model"
+    assert ("wasm graph" in page.inner_text("#ep-badge")) == (graph == "wasm")
+    graphs = {u.rsplit("/", 1)[1].removesuffix(".qz") for u in fetched if ".onnx" in u}   # .qz: stored as QZ chunks
+    assert graphs == ({"model.wasm.onnx"} if graph == "wasm" else {"model.onnx"}), graphs
     got = page_tokens(page, PROMPT, 12)
-    want = cpu_tokens(bundle_dir / name, PROMPT, 12)
+    want = cpu_tokens(bundle_dir / name, PROMPT, 12, graph=graph)
     assert got["tokens"] == want
     if name == "tiny-f32":
         # sampling compares the whole candidate list, so it needs logits equal to the last bit or nearly: the
@@ -60,6 +67,13 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
         assert len(set(sampled)) > 3                    # a real sequence, not one repeated token
     assert "WASM" in page.inner_text("#ep-badge")
     assert page.evaluate("window.tinyqmoe.state.ortBuild") == "wasm"      # the plain build runs the WASM EP
+
+
+def test_wasm_ep_runs_model_onnx_when_asked(page, server, bundle_dir):
+    """?graph=fp32 on the WASM EP: the group scheme runs model.onnx (MatMulNBits), as the CPU reference does."""
+    open_loaded(page, server, "tiny-int4", "wasm", extra="&graph=fp32")
+    assert "wasm graph" not in page.inner_text("#ep-badge")
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4", PROMPT, 12)
 
 
 def test_wasm_ep_on_the_webgpu_build_equals_cpu_reference(page, server, bundle_dir):

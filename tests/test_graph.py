@@ -145,3 +145,102 @@ def test_bundle_without_fp16_graph_says_so(tiny_hf, tmp_path):
     assert not (out / "model.fp16.onnx").exists() and "graph_fp16" not in b.manifest
     with pytest.raises(BundleError, match="no float16 graph"):
         b.graph_bytes(float16=True)
+
+
+# ---- the wasm variant (model.wasm.onnx): group schemes as batched integer GEMMs ----------------------------------
+
+def _act_blocks(ck, bundle) -> dict[str, int]:
+    """Block size of the activation quantization in front of each quantized linear of the wasm graph: the group
+    size for group schemes, the whole row for per-channel int8/ternary."""
+    from converter.quant import get_scheme
+    m = bundle.manifest
+    out = {}
+    for t in m["tensors"]:
+        if len(t["shape"]) == 2 and t["scheme"] not in ("f32", "f16"):
+            group = get_scheme(t["scheme"]).group
+            out[t["name"]] = group or t["shape"][1]
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g128", "int2-g64", "ternary-g64", "int8-g32", "q4_0", "q4_1",
+                                    "q8_0"])
+def test_group_gemm_linear_is_exact(scheme):
+    """One linear of the wasm graph equals x quantized per group (uint8, zero point 128, max|x| / 127) times the
+    dequantized weights, to float32 rounding: the unpacking, transposes and zero points are right."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from converter.layouts import linear_initializers
+    from converter.lzw import pack_symbols
+    from converter.onnx_export import MS_DOMAIN, OPSET, GraphBuilder, linear
+    from converter.quant import get_scheme
+    rng = np.random.default_rng(1)
+    K, N = 256, 48
+    s = get_scheme(scheme)
+    q = s.quantize(rng.standard_normal((N, K)).astype(np.float32))
+    inits = linear_initializers("w", q)
+    g = GraphBuilder({i.name: (i.dtype, i.shape) for i in inits}, group_gemm=True)
+    g.nodes.append(helper.make_node("Identity", [linear(g, "x", "w", scheme, K, N, "/lin")], ["y"]))
+    tensors = [numpy_helper.from_array(np.frombuffer(pack_symbols(i.symbols.tobytes(), i.layout, i.bias), i.dtype)
+                                       .reshape(i.shape), i.name) for i in inits]
+    model = helper.make_model(helper.make_graph(
+        g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=g.consts + tensors),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], ir_version=10)
+    assert "MatMulNBits" not in {n.op_type for n in model.graph.node}
+    x = rng.standard_normal((1, 3, K)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    x64, w64 = x[0].astype(np.float64), s.dequantize(q).astype(np.float64)
+    offsets = 0.0
+    if q.mins is not None:       # q4_1's w = d*q + m: the m part multiplies the float x (its block sums)
+        m = np.repeat(q.mins.astype(np.float64), s.group, axis=1)
+        w64, offsets = w64 - m, x64 @ m.T
+    want = reference.quantize_activation(x64, s.group) @ w64.T + offsets
+    assert _rel(got[0], want) < 1e-5
+
+
+@pytest.mark.parametrize("scheme,embed", [("int4-g32", "int8-g32"), ("int4-g64", None), ("int4-g128", "int4-g32"),
+                                          ("int2-g64", None), ("ternary-g64", None), ("int8-g32", "int8")])
+def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
+    """Same initializers as model.onnx, no MatMulNBits; the logits follow the dequantized numpy forward with
+    activations quantized per group as the graph does. Not to the last bit: a float32 rounding that moves an
+    activation across a code boundary moves it by a whole code (as for int8, test above), so the bound is loose and
+    greedy choices must agree wherever the reference has no near-tie."""
+    folder, _ = tiny_hf
+    ck = open_checkpoint(folder)
+    bundle = load(tiny_bundles(scheme, embed))
+    model = onnx.load_from_string(bundle.graph_bytes(variant="graph_wasm"))
+    check_graph(model)
+    ext = lambda m: {t.name: (t.data_type, list(t.dims)) for t in m.graph.initializer  # noqa: E731
+                     if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert ext(model) == ext(onnx.load_from_string(bundle.graph_bytes()))
+    ops = {n.op_type for n in model.graph.node}
+    assert "MatMulNBits" not in ops and "MatMulIntegerToFloat" in ops
+    w = reference.dequantized_weights(ck, scheme, bundle.manifest["embed_scheme"])
+    want = reference.forward(ck.config, w, IDS, act_blocks=_act_blocks(ck, bundle))
+    got = OrtDecoder(bundle, variant="graph_wasm").forward_full(IDS)
+    assert _rel(got, want) < 6e-2, scheme
+    top2 = np.sort(want, -1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
+def test_wasm_graph_cached_decode_equals_full_recompute(tiny_bundles):
+    """Activations are quantized per group of each row, so one-row steps see the numbers of the full prefill."""
+    dec = OrtDecoder(load(tiny_bundles("int4-g32", "int8-g32")), variant="graph_wasm")
+    full = dec.forward_full(IDS)
+    dec.reset()
+    steps = [dec.run(np.asarray([IDS[:4]]))[0, -1]]
+    for t in IDS[4:]:
+        steps.append(dec.run(np.asarray([[t]]))[0, -1])
+    steps = np.stack(steps)
+    assert _rel(steps, full[3:]) < 1e-4
+    assert (steps.argmax(-1) == full[3:].argmax(-1)).all()
+
+
+def test_wasm_graph_only_for_group_schemes(tiny_bundles):
+    from converter.errors import BundleError
+    assert "graph_wasm" in load(tiny_bundles("int4-g32")).manifest
+    b = load(tiny_bundles("int8"))
+    assert "graph_wasm" not in b.manifest and not (b.path / "model.wasm.onnx").exists()
+    with pytest.raises(BundleError, match="no wasm graph"):
+        b.graph_bytes(variant="graph_wasm")

@@ -2,8 +2,9 @@
 // Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt, opts)} (used by e2e/ and bench/).
 // URL parameters: bundle, ep, autoload, workers (decoder pool size), threads (onnxruntime-web wasm threads),
 // kv (cpu: WebGPU KV cache round-trips through the CPU), yield (frame: wait for a frame between tokens) — the last
-// two bring back the behaviour before the bench's fixes, for A/B runs), graph (auto | fp16 | fp32: which graph runs;
-// auto = model.fp16.onnx on a WebGPU adapter with shader-f16, else model.onnx).
+// two bring back the behaviour before the bench's fixes, for A/B runs), graph (auto | fp16 | fp32 | wasm: which graph
+// runs; auto = model.fp16.onnx on a WebGPU adapter with shader-f16, model.wasm.onnx on the WASM EP when the bundle has
+// one (group schemes), else model.onnx).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
 import { chooseProvider, DecoderSession, webgpuDevice } from "./ort-session.js";
@@ -47,6 +48,16 @@ async function listBundles() {
   return list;
 }
 
+const GRAPH_NAMES = { graph: "model.onnx", graph_fp16: "float16 graph", graph_wasm: "wasm graph" };
+
+/** Which graph runs (manifest key): ?graph=fp16 | fp32 | wasm, or by the provider (auto). */
+function graphVariant(ep, f16) {
+  const pref = params.get("graph") || "auto";
+  if (pref !== "auto") return { fp16: "graph_fp16", fp32: "graph", wasm: "graph_wasm" }[pref] || "graph";
+  if (ep === "webgpu") return f16 ? "graph_fp16" : "graph";
+  return "graph_wasm";
+}
+
 async function load(name, wanted = "auto", keepNotice = false) {
   $("error").hidden = true; $("stages").innerHTML = "";
   if (!keepNotice) $("notice").hidden = true;
@@ -57,28 +68,28 @@ async function load(name, wanted = "auto", keepNotice = false) {
   try {
     await pool.start();
     const poolReadyAt = performance.now();
+    // the provider decides which graph is fetched: shader-f16 WebGPU adapters run the float16 graph, the WASM EP
+    // the group-GEMM graph (onnxruntime-web's wasm MatMulNBits is ~10x slower than its integer GEMM: README)
+    let { ep, why, f16 } = await chooseProvider(wanted);
     const bundle = await loadBundle(`/bundles/${encodeURIComponent(name)}/`, pool, (p) => {
       $("progress").value = p.done / p.total;
       $("progress-text").textContent = `${p.stage}: ${mb(p.done)} / ${mb(p.total)} (${(100 * p.done / p.total).toFixed(0)}%)`;
-    });
-    pool.terminate();
+    }, graphVariant(ep, f16));
     $("progress").value = 1;
     stage("download", bundle.timings.downloadMs);
     stage("decode (after download)", bundle.timings.decodeAfterDownloadMs);
     $("progress-text").textContent = `${mb(bundle.stats.networkBytes)} from network, ${mb(bundle.stats.cachedBytes)} from cache`;
-    let { ep, why, f16 } = await chooseProvider(wanted);
     const ts = performance.now();
     const bundleDoneAt = ts;
     let session;
     try {
-      // shader-f16 adapters run the float16 graph (same weights); everything else the float32 one.
-      // ?graph=fp16 / fp32 overrides the choice (tests run the float16 graph on the WASM EP this way)
-      const graphPref = params.get("graph") || "auto";
-      const wantFp16 = graphPref === "fp16" || (graphPref === "auto" && ep === "webgpu" && f16);
-      const graphFp16 = wantFp16 ? await bundle.fetchGraphFp16() : null;
-      if (wantFp16) why += graphFp16 ? ", float16 graph" : " (bundle has no float16 graph: float32)";
-      const create = DecoderSession.create(graphFp16 || bundle.graph, bundle.externalData, bundle.manifest.config, ep,
-                                           threads, { ...sessionOpts, float16: !!graphFp16,
+      const wantVariant = graphVariant(ep, f16), asked = (params.get("graph") || "auto") !== "auto";
+      if (bundle.graphVariant !== "graph") why += `, ${GRAPH_NAMES[bundle.graphVariant]}`;
+      else if (wantVariant !== "graph" && (asked || wantVariant === "graph_fp16")) {
+        why += ` (bundle has no ${GRAPH_NAMES[wantVariant]}: model.onnx)`;   // a wasm graph exists only for group schemes
+      }
+      const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep,
+                                           threads, { ...sessionOpts, float16: bundle.graphVariant === "graph_fp16",
                                                       build: ep === "webgpu" ? "webgpu" : sessionOpts.build });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
@@ -87,8 +98,11 @@ async function load(name, wanted = "auto", keepNotice = false) {
       if (ep !== "webgpu") throw e;
       notice(`WebGPU session failed (${e.message}); running on WASM instead.`);
       ep = "wasm"; why = "WebGPU session creation failed";
-      session = await DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep, threads, sessionOpts);
+      const v = graphVariant("wasm", false), g = await bundle.fetchGraph(v);
+      session = await DecoderSession.create(g || await bundle.fetchGraph("graph"), bundle.externalData,
+                                            bundle.manifest.config, ep, threads, sessionOpts);
     }
+    pool.terminate();
     bundle.externalData.length = 0;            // onnxruntime owns the weights now: drop our copies
     const sessionMs = performance.now() - ts;
     stage("session", sessionMs);

@@ -72,7 +72,11 @@ async function fetchQzFile(base, name, info, pool, stats) {
   return out;
 }
 
-export async function loadBundle(base, pool, progress) {
+/**
+ * @param {string} variant the graph that will run: "graph" (model.onnx), "graph_fp16" or "graph_wasm"; model.onnx
+ *   when the bundle has no such variant (the result's graphVariant says which was fetched)
+ */
+export async function loadBundle(base, pool, progress, variant = "graph") {
   const t = { start: performance.now() };
   const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [] };
   let manifestText;
@@ -107,7 +111,9 @@ export async function loadBundle(base, pool, progress) {
     e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
   }
   for (const list of byBlob) list.sort((a, b) => a.off - b.off);
-  const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + (m.graph.qz ? m.graph.qz.bytes : m.graph.bytes);
+  const graphVariant = m[variant] ? variant : "graph";
+  const gi = m[graphVariant];
+  const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + (gi.qz ? gi.qz.bytes : gi.bytes);
   let received = 0;
   const decodes = [];
   t.decodeStart = null;
@@ -131,14 +137,13 @@ export async function loadBundle(base, pool, progress) {
     }, stats);
     if (await sha256Hex(buf) !== b.sha256) throw new BundleError(`${b.file}: SHA-256 mismatch (corrupted download or cache)`);
   });
-  const graph = m.graph.qz ? fetchQzFile(base, m.graph.file, m.graph, pool, stats)
-                           : fetchFile(base + m.graph.file, m.graph, (data, got) => {}, stats);
+  const graph = gi.qz ? fetchQzFile(base, gi.file, gi, pool, stats) : fetchFile(base + gi.file, gi, () => {}, stats);
   await Promise.all(blobs);
   t.downloaded = performance.now();
   await Promise.all(decodes);
   t.decoded = performance.now();
   const graphBytes = await graph;
-  if (await sha256Hex(graphBytes) !== m.graph.sha256) throw new BundleError(`${m.graph.file}: SHA-256 mismatch`);
+  if (await sha256Hex(graphBytes) !== gi.sha256) throw new BundleError(`${gi.file}: SHA-256 mismatch`);
   const tok = {};
   for (const [name, info] of Object.entries(m.tokenizer)) {
     const bytes = info.qz ? await fetchQzFile(base, name, info, pool, stats) : await fetchFile(base + name, info, () => {}, stats);
@@ -146,16 +151,17 @@ export async function loadBundle(base, pool, progress) {
     tok[name] = new TextDecoder().decode(bytes);
   }
   t.end = performance.now();
-  /** The float16 graph (model.fp16.onnx), fetched only when a WebGPU adapter with shader-f16 will run it. */
-  const fetchGraphFp16 = async () => {
-    if (!m.graph_fp16) return null;
-    const g = m.graph_fp16;
+  /** Another graph ("graph", "graph_fp16", "graph_wasm"), e.g. when WebGPU fails and the WASM EP takes over; null
+   * if the bundle has none. Its QZ chunks decode in the pool, so call it before terminating the pool. */
+  const fetchGraph = async (key) => {
+    const g = m[key];
+    if (!g) return null;
     const bytes = g.qz ? await fetchQzFile(base, g.file, g, pool, stats) : await fetchFile(base + g.file, g, () => {}, stats);
-    if (await sha256Hex(bytes) !== m.graph_fp16.sha256) throw new BundleError(`${m.graph_fp16.file}: SHA-256 mismatch`);
+    if (await sha256Hex(bytes) !== g.sha256) throw new BundleError(`${g.file}: SHA-256 mismatch`);
     return bytes;
   };
   return {
-    manifest: m, manifestText, graph: graphBytes, fetchGraphFp16, tokenizer: tok,
+    manifest: m, manifestText, graph: graphBytes, graphVariant, fetchGraph, tokenizer: tok,
     externalData: m.initializers.map((e) => ({ path: e.name, data: outputs.get(e.name) })),
     timings: { downloadMs: t.downloaded - t.start, decodeMs: t.decoded - (t.decodeStart ?? t.decoded),
                decodeAfterDownloadMs: t.decoded - t.downloaded, totalMs: t.end - t.start,
