@@ -249,7 +249,7 @@ def cmd_eval(args) -> int:
 
     opts = EvalOptions(tasks=parse_tasks(args.tasks), limit=None if args.limit == 0 else args.limit, seed=args.seed,
                        ctx=args.ctx, corpus=args.corpus, mmlu_file=args.mmlu_file, arc_file=args.arc_file,
-                       threads=args.threads)
+                       threads=args.threads, graph=GRAPH_CHOICES[args.graph])
     if args.report:
         require_matplotlib()                 # fail now, not after the scoring
     console = _console()
@@ -350,6 +350,9 @@ def configure_parser() -> argparse.ArgumentParser:
     e.add_argument("--arc-file", help="ARC JSONL in the AI2 layout (needed by the arc task)")
     e.add_argument("--report", help="folder for report.json, report.md and PNG plots")
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--graph", choices=sorted(GRAPH_CHOICES), default="model",
+                   help="graph the candidates run where their bundle has it (wasm: model.wasm.onnx, the page's WASM "
+                        "EP graph; others fall back to model.onnx; the report's graph column says which ran)")
     e.set_defaults(func=cmd_eval)
     return p
 

