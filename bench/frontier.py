@@ -88,8 +88,8 @@ class FloatModel:
         for name, a in self._arrays:
             yield {"name": name}, a
 
-    def graph_bytes(self, float16: bool = False) -> bytes:
-        if float16:
+    def graph_bytes(self, float16: bool = False, variant: str = "graph") -> bytes:
+        if float16 or variant != "graph":
             raise ValueError("FloatModel has only the float32 graph")
         return self._graph
 

@@ -32,7 +32,7 @@ import numpy as np
 from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
-from .layouts import Initializer, byte_stream, family, linear_initializers
+from .layouts import KN_SUFFIX, Initializer, byte_stream, family, kn_shape, linear_initializers, transposed_codes
 from .quant import errors, get_scheme, quantize_rows
 
 FORMAT_NAME = "tiny-qmoe-bundle"
@@ -342,6 +342,23 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
         os.close(lock_fd)   # the empty .lock file stays: unlinking it would let two builds lock different inodes
 
 
+def _wasm_graph_weights(cfg, weight_types: dict, initializers: list[dict], tensors: list[dict], scheme: str,
+                        embed_scheme: str, tensor_schemes: dict) -> tuple[dict, dict[str, bool]]:
+    """The wasm graph's external initializers, and its manifest "transposed" table: group-scheme codes NAME.q that
+    it reads as NAME.q.kn (layouts.transposed_codes) -> whether it also reads NAME.q itself (the Gather of a
+    group-quantized embedding that the lm_head shares)."""
+    from .onnx_export import export_model
+    nbits = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "nbits" for i in t["initializers"]}
+    codes = {e["name"]: e for e in initializers if e["name"] in nbits and e["name"].endswith(".q")}
+    types = dict(weight_types)
+    types.update({n + KN_SUFFIX: ("uint8", kn_shape(e["shape"], e["layout"])) for n, e in codes.items()})
+    model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True)
+    used = {i for node in model.graph.node for i in node.input}
+    transposed = {n: n in used for n in codes if n + KN_SUFFIX in used}
+    drop = {n for n, keep in transposed.items() if not keep} | {n + KN_SUFFIX for n in codes if n not in transposed}
+    return {k: v for k, v in types.items() if k not in drop}, transposed
+
+
 def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None):
     cfg: LlamaConfig = checkpoint.config
     t0 = time.perf_counter()
@@ -379,8 +396,11 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts)}
     if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
-        wasm_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, group_gemm=True)
-        graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts)}
+        wasm_types, transposed = _wasm_graph_weights(cfg, weight_types, initializers, tensors, opts.scheme,
+                                                     embed_scheme, tensor_schemes)
+        wasm_bytes = export_graph(cfg, wasm_types, opts.scheme, embed_scheme, tensor_schemes, group_gemm=True)
+        graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts),
+                                "transposed": transposed}
 
     tok_entries = {fname: _write_file(folder, fname, data, opts)
                    for fname, data in sorted(checkpoint.tokenizer_files().items())}
@@ -616,6 +636,7 @@ def load(path: str | Path) -> Bundle:
     unlisted = sorted(p.name for p in path.iterdir() if p.name not in listed)
     _want(not unlisted, str(path), f"holds file(s) the manifest does not list: {', '.join(unlisted[:5])}")
     _validate_initializers(m, cfg)
+    _validate_transposed(m)
     _validate_tensors(m, cfg)
     _validate_graph(path, m, GRAPH)
     for key, fname in GRAPH_VARIANTS.items():
@@ -640,7 +661,7 @@ def _check_file(folder: Path, fname: str, info: dict, where: str, hash_it: bool 
     _want(p.is_file(), where, f"file {fname} is missing")
     size = _int(info.get("bytes"), f"{where}.bytes")
     _want(p.stat().st_size == size, fname, f"{p.stat().st_size} bytes on disk, manifest says {size}")
-    if hash_it or fname in (GRAPH, GRAPH_FP16):
+    if hash_it or fname == GRAPH or fname in GRAPH_VARIANTS.values():
         _want(hashlib.sha256(p.read_bytes()).hexdigest() == info.get("sha256"), fname, "SHA-256 mismatch")
 
 
@@ -743,6 +764,37 @@ def _validate_tensors(m: dict, cfg: LlamaConfig):
           f"{M}: totals.parameters", "disagrees with the config")
 
 
+def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) of the external initializers the graph `key` reads: the manifest's, except that the
+    wasm graph reads the codes its "transposed" table lists as NAME.kn (and NAME itself only where the table says
+    so)."""
+    out = {e["name"]: (e["dtype"], e["shape"]) for e in m["initializers"]}
+    by_name = {e["name"]: e for e in m["initializers"]}
+    for name, keep in m.get(key, {}).get("transposed", {}).items():
+        out[name + KN_SUFFIX] = ("uint8", list(kn_shape(by_name[name]["shape"], by_name[name]["layout"])))
+        if not keep:
+            del out[name]
+    return out
+
+
+def _validate_transposed(m: dict):
+    """graph_wasm.transposed: name -> bool, each a 3-D uint8 codes initializer of a packed layout."""
+    table = m.get("graph_wasm", {}).get("transposed")
+    if table is None:
+        return
+    where = f"{MANIFEST}: graph_wasm.transposed"
+    _want(isinstance(table, dict), where, "expected an object of initializer name -> true/false")
+    by_name = {e["name"]: e for e in m["initializers"]}
+    for name, keep in table.items():
+        e = by_name.get(name)
+        _want(e is not None, f"{where}.{name}", "is not an initializer of this bundle")
+        _want(type(keep) is bool, f"{where}.{name}", "expected true or false")
+        _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in (lzw.LAYOUT_U8, lzw.LAYOUT_U4,
+                                                                                    lzw.LAYOUT_U2)
+              and (e["shape"][1] * e["shape"][2] * 8) % {0: 8, 1: 4, 2: 2}[e["layout"]] == 0,
+              f"{where}.{name}", "is not a packed (rows, blocks, bytes) uint8 codes initializer")
+
+
 def _validate_graph(path: Path, m: dict, fname: str):
     """The graph's external initializers are exactly the manifest's, with the same dtypes and shapes."""
     import onnx
@@ -758,7 +810,7 @@ def _validate_graph(path: Path, m: dict, fname: str):
     graph = {t.name: (dtypes.get(t.data_type, str(t.data_type)), list(t.dims)) for t in model.graph.initializer
              if t.data_location == TensorProto.EXTERNAL}
     _validate_graph_constants(model, LlamaConfig.from_dict(m["config"]), fname)
-    manifest = {e["name"]: (e["dtype"], e["shape"]) for e in m["initializers"]}
+    manifest = graph_initializers(m, key)
     for name in sorted(set(graph) | set(manifest)):
         _want(name in manifest, f"{MANIFEST}: initializers", f"{fname} needs {name}, which is not listed")
         _want(name in graph, f"{MANIFEST}: initializer {name}", f"is not used by {fname}")
@@ -804,7 +856,9 @@ def _validate_schema(m: dict):
     _keys(m, _TOP | (({"calibration"} | set(GRAPH_VARIANTS)) & set(m)), M)
     for key in GRAPH_VARIANTS:
         if key in m:
-            _keys(m[key], {"file", "bytes", "sha256"} | ({"qz"} & set(m[key])), f"{M}: {key}")
+            optional = {"qz"} | ({"transposed"} if key == "graph_wasm" else set())
+            _keys(m[key], {"file", "bytes", "sha256"} | (optional & set(m[key] if isinstance(m[key], dict) else ())),
+                  f"{M}: {key}")
     if "calibration" in m:
         _validate_calibration(m["calibration"])
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")

@@ -106,3 +106,30 @@ def linear_initializers(prefix: str, q: Quantized) -> list[Initializer]:
 def nbits_of(scheme: str) -> tuple[int, int]:
     s = get_scheme(scheme)
     return s.bits, s.group
+
+
+# ---- the wasm graph's transposed codes (onnx_export.group_gemm_linear) --------------------------------------------
+# The group-GEMM graph multiplies [K/b, 1, b, N] one-code-per-byte weights. Loaders derive them from a group scheme's
+# packed codes (rows = N, n_blocks, block_bytes) as NAME.kn, uint8 (K, N), while placing the decoded chunks, so
+# onnxruntime never holds the packed copy and spends no session time unpacking it.
+KN_SUFFIX = ".kn"
+LAYOUT_BITS = {LAYOUT_U8: 8, LAYOUT_U4: 4, LAYOUT_U2: 2}
+
+
+def kn_shape(shape: list[int] | tuple[int, ...], layout: int) -> tuple[int, int]:
+    """(K, N) of the transposed codes of a packed (N, n_blocks, block_bytes) codes initializer."""
+    rows, n_blocks, block_bytes = shape
+    return n_blocks * block_bytes * 8 // LAYOUT_BITS[layout], rows
+
+
+def transposed_codes(packed: np.ndarray, layout: int) -> np.ndarray:
+    """(N, n_blocks, block_bytes) packed codes (low bits first) -> uint8 (K, N), one code per byte."""
+    bits = LAYOUT_BITS[layout]
+    k, n = kn_shape(packed.shape, layout)
+    flat = packed.reshape(n, -1)
+    if bits == 8:
+        codes = flat
+    else:
+        mask = (1 << bits) - 1
+        codes = np.stack([(flat >> (bits * j)) & mask for j in range(8 // bits)], axis=-1).reshape(n, k)
+    return np.ascontiguousarray(codes.T, dtype=np.uint8)

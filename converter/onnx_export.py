@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .config import LlamaConfig, rope_inv_freq
-from .layouts import family, nbits_of
+from .layouts import KN_SUFFIX, family, nbits_of
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -139,7 +139,9 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
         return int8_linear(g, x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"),
                            n_in, prefix)
     bits, block = nbits_of(scheme)
-    q, scales = g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
+    # the wasm graph reads the codes transposed (NAME.q.kn, layouts.transposed_codes), every other graph packed
+    q = hf_name + ".q" if g.group_gemm else g.weight(hf_name + ".q")
+    scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
     if bits == 8 and not g.group_gemm:
         return nbits8_linear(g, x, q, scales, n_in, n_out, block, prefix)
     if hf_name + ".mins" in g.weights and not g.group_gemm:
@@ -242,9 +244,9 @@ def _unpack_u8(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
     return g.op1("Concat", parts, f"{prefix}/Concat", axis=-1)
 
 
-# at session creation (all inputs are initializers, onnxruntime folds them):
-#   codes u8 [N,K/b,bytes] ─► unpack ─► [N,K/b,1,b] ─► Transpose ─► W u8 [K/b,1,b,N]
+# weights: codes u8 (K,N) one per byte (NAME.q.kn, transposed by the loader) ─► Reshape ─► W [K/b,1,b,N]
 #   scales [N·K/b] ─► [N,K/b,1,1] ─► Transpose ─► [K/b,1,1,N];  zero points likewise (or the scheme's constant)
+#   (onnxruntime folds these at session creation)
 # per call (3 nodes per linear plus the quantization, shared by the linears that read the same x):
 #   x [B,S,K] ─► quantize_blocks ─► u8 [K/b,B,S,b], scale s_x [K/b,B,S,1]   (one scale per group of a row)
 #   ─► MatMulIntegerToFloat(·, W, 1, scales, 128, zero points) ─► [K/b,B,S,N] ─► × s_x ─► ReduceSum(0) ─► [B,S,N]
@@ -260,8 +262,7 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str
     the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it."""
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
-    codes = g.op1("Reshape", [_unpack_u8(g, q, bits, f"{p}/unpack"), i64([n_out, nb, 1, block])], f"{p}/Codes")
-    w = g.op1("Transpose", [codes], f"{p}/Transpose", perm=[1, 2, 3, 0])                       # [nb,1,b,N]
+    w = g.op1("Reshape", [g.weight(q + KN_SUFFIX), i64([nb, 1, block, n_out])], f"{p}/Codes")  # [nb,1,b,N]
     def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,1,N]
         table = g.op1("Reshape", [t, i64([n_out, nb, 1, 1])], f"{p}/{tag}/Table")
         return g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 2, 3, 0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Bundle
+from .layouts import KN_SUFFIX, transposed_codes
 from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
 
@@ -33,8 +34,16 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     names, arrays = [], []
+    variant = "graph_fp16" if float16 else variant
+    transposed = getattr(bundle, "manifest", {}).get(variant, {}).get("transposed", {})   # wasm graph: NAME.kn
     for entry, arr in bundle.decode_initializers(verify=verify):
-        names.append(entry["name"])
+        name = entry["name"]
+        if name in transposed:
+            names.append(name + KN_SUFFIX)
+            arrays.append(transposed_codes(arr, entry["layout"]))
+            if not transposed[name]:
+                continue
+        names.append(name)
         arrays.append(np.ascontiguousarray(arr))
     if not hasattr(so, "add_external_initializers_from_files_in_memory"):
         # older onnxruntime without the Python binding for in-memory files: it copies the OrtValues, ours can go

@@ -16,6 +16,8 @@ from typing import Iterator
 # values no field of a valid manifest can hold where they land (wrong type, negative, huge, empty)
 LIES = [2 ** 63, -1, None, [], {}, 10 ** 30, -0.5]
 STRING_LIES = ["", "int3", "../etc/passwd"]
+# fields for which null is a valid value (a checkpoint without them): null is no lie there
+NULLABLE = {"bos_token_id", "rope_scaling", "rope_freq_factors"}
 NUMBER_LIES = ["7", True]
 # numeric fields whose every value is cross-checked (shapes, offsets, sizes, counts, codes): any change must be caught
 STRUCTURAL = {"shape", "chunks", "nbytes", "bytes", "alphabet", "layout", "bias", "blob", "version",
@@ -93,7 +95,8 @@ def mutants(bundle: Path, n: int, seed: int = 0) -> Iterator[tuple[str, dict[str
                 new = rng.choice(LIES + NUMBER_LIES + [_DELETE])
             else:
                 new = rng.choice(LIES + [_DELETE])
-            if new is not _DELETE and new == value and type(new) is type(value):
+            if new is not _DELETE and new == value and type(new) is type(value) or \
+                    new is None and path[-1] in NULLABLE:
                 new = "changed"
             _set(m, path, new)
             if resign:

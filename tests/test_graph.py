@@ -4,7 +4,7 @@ import onnx
 import pytest
 
 import reference
-from converter.bundle import load
+from converter.bundle import graph_initializers, load
 from converter.loaders import open_checkpoint
 from converter.onnx_export import check_graph
 from converter.ort_session import OrtDecoder
@@ -169,7 +169,7 @@ def test_group_gemm_linear_is_exact(scheme):
     dequantized weights, to float32 rounding: the unpacking, transposes and zero points are right."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from converter.layouts import linear_initializers
+    from converter.layouts import linear_initializers, transposed_codes
     from converter.lzw import pack_symbols
     from converter.onnx_export import MS_DOMAIN, OPSET, GraphBuilder, linear
     from converter.quant import get_scheme
@@ -178,10 +178,13 @@ def test_group_gemm_linear_is_exact(scheme):
     s = get_scheme(scheme)
     q = s.quantize(rng.standard_normal((N, K)).astype(np.float32))
     inits = linear_initializers("w", q)
-    g = GraphBuilder({i.name: (i.dtype, i.shape) for i in inits}, group_gemm=True)
+    arrays = {i.name: np.frombuffer(pack_symbols(i.symbols.tobytes(), i.layout, i.bias), i.dtype).reshape(i.shape)
+              for i in inits}
+    layout = next(i.layout for i in inits if i.name == "w.q")
+    arrays["w.q.kn"] = transposed_codes(arrays.pop("w.q"), layout)                 # as the loaders derive it
+    g = GraphBuilder({n: (a.dtype.name, a.shape) for n, a in arrays.items()}, group_gemm=True)
     g.nodes.append(helper.make_node("Identity", [linear(g, "x", "w", scheme, K, N, "/lin")], ["y"]))
-    tensors = [numpy_helper.from_array(np.frombuffer(pack_symbols(i.symbols.tobytes(), i.layout, i.bias), i.dtype)
-                                       .reshape(i.shape), i.name) for i in inits]
+    tensors = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
     model = helper.make_model(helper.make_graph(
         g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=g.consts + tensors),
@@ -210,9 +213,10 @@ def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
     bundle = load(tiny_bundles(scheme, embed))
     model = onnx.load_from_string(bundle.graph_bytes(variant="graph_wasm"))
     check_graph(model)
-    ext = lambda m: {t.name: (t.data_type, list(t.dims)) for t in m.graph.initializer  # noqa: E731
-                     if t.data_location == onnx.TensorProto.EXTERNAL}
-    assert ext(model) == ext(onnx.load_from_string(bundle.graph_bytes()))
+    ext = {t.name: list(t.dims) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    transposed = bundle.manifest["graph_wasm"]["transposed"]
+    assert transposed and {n: s for n, (_, s) in graph_initializers(bundle.manifest, "graph_wasm").items()} == ext
+    assert all(n + ".kn" in ext and (n in ext) == keep for n, keep in transposed.items())
     ops = {n.op_type for n in model.graph.node}
     assert "MatMulNBits" not in ops and "MatMulIntegerToFloat" in ops
     w = reference.dequantized_weights(ck, scheme, bundle.manifest["embed_scheme"])

@@ -103,11 +103,32 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
     const planeLen = e.nbytes / P, p = Math.floor(outOff / planeLen);
     for (let i = 0, j = (outOff - p * planeLen) * P + p; i < out.length; i++, j += P) dst[j] = out[i];
   };
-  // one output buffer per initializer; chunks grouped by blob
+  // The wasm graph reads group-scheme codes transposed, one per byte (manifest graph_wasm.transposed: NAME ->
+  // whether NAME itself is read too): each decoded chunk's codes go to their [k][n] places of the (K, N) array
+  // NAME.kn as the chunk is placed, so onnxruntime never sees the packed copy (converter/layouts.transposed_codes).
+  const transposed = (m[variant] && m[variant].transposed) || {};   // (a variant the bundle lacks: none)
+  const placeKn = (dst, out, outOff, e) => {
+    const bits = [8, 4, 2][e.layout], per = 8 / bits, mask = (1 << bits) - 1;
+    const N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
+    const s = outOff * per;
+    let n = Math.floor(s / K), k = s - n * K, at = k * N + n;
+    for (let i = 0; i < out.length; i++) {
+      let v = out[i];
+      for (let j = 0; j < per; j++, v >>= bits) {
+        dst[at] = v & mask;
+        if (++k === K) { k = 0; n++; at = n; } else at += N;
+      }
+    }
+  };
+  // one output buffer per initializer the graph reads; chunks grouped by blob
   const outputs = new Map();
   const byBlob = m.blobs.map(() => []);
   for (const e of m.initializers) {
-    outputs.set(e.name, new Uint8Array(e.nbytes));
+    if (e.name in transposed) {
+      const per = 8 / [8, 4, 2][e.layout];
+      outputs.set(e.name + ".kn", new Uint8Array(e.shape[0] * e.shape[1] * e.shape[2] * per));
+    }
+    if (!(e.name in transposed) || transposed[e.name]) outputs.set(e.name, new Uint8Array(e.nbytes));
     e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
   }
   for (const list of byBlob) list.sort((a, b) => a.off - b.off);
@@ -131,7 +152,9 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
         decodes.push(pool.decode(data.slice(c.off, c.off + c.len).buffer, where).then((out) => {
           const expectLen = (c.k + 1 < c.init.chunks.length ? c.init.chunks[c.k + 1][4] : c.init.nbytes) - c.outOff;
           if (out.length !== expectLen) throw new BundleError(`${where}: decoded ${out.length} bytes, manifest says ${expectLen}`);
-          place(outputs.get(c.init.name), out, c.outOff, c.init);
+          const name = c.init.name;
+          if (name in transposed) placeKn(outputs.get(name + ".kn"), out, c.outOff, c.init);
+          if (outputs.has(name)) place(outputs.get(name), out, c.outOff, c.init);
         }));
       }
     }, stats);
@@ -162,7 +185,7 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   };
   return {
     manifest: m, manifestText, graph: graphBytes, graphVariant, fetchGraph, tokenizer: tok,
-    externalData: m.initializers.map((e) => ({ path: e.name, data: outputs.get(e.name) })),
+    externalData: [...outputs].map(([path, data]) => ({ path, data })),
     timings: { downloadMs: t.downloaded - t.start, decodeMs: t.decoded - (t.decodeStart ?? t.decoded),
                decodeAfterDownloadMs: t.decoded - t.downloaded, totalMs: t.end - t.start,
                workerDecodeMs: pool.decodeMs },
