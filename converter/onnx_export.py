@@ -13,6 +13,10 @@ initializers and interface except that the KV cache is float16; activations are 
 RMSNorm are computed in float32 (positions beyond 2048 and squared activations do not fit float16) and logits
 are returned as float32.
 
+The wasm variant (export_model(..., group_gemm=True), model.wasm.onnx) runs the group schemes' linears as batched
+integer GEMMs (group_gemm_linear) instead of MatMulNBits, which onnxruntime-web's wasm EP runs ~10x slower; it reads
+their codes transposed (NAME.q.kn, layouts.transposed_codes) and everything else as model.onnx does.
+
 Quantized weights stay quantized in the session: per-channel int8/ternary run through MatMulInteger with
 activations quantized per token (int8_linear), group schemes through com.microsoft MatMulNBits (layouts in layouts.py). Node names are
 hierarchical and deterministic: /model/layers.{i}/attn/q_proj/MatMul.
