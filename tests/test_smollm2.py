@@ -31,3 +31,19 @@ def test_chat_answer_mentions_paris(smollm2_int8):
     ids = chat.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     res = chat.generate(ids, SamplingConfig(max_new_tokens=32))
     assert res.text.startswith("The capital of France is Paris"), res.text
+
+
+@pytest.mark.parametrize("graph", ["model", "wasm"])
+def test_int4_answers_paris_on_both_graphs(tmp_path_factory, graph):
+    """int4-g32: model.onnx (MatMulNBits) and model.wasm.onnx (the page's WASM-EP graph, integer GEMMs with 8-bit
+    activations) both answer."""
+    from converter.cli import open_chat_model
+    from converter.runtime.generate import SamplingConfig
+
+    out = tmp_path_factory.getbasetemp() / "smollm2-int4-g32"
+    if not out.exists():
+        write_bundle(open_checkpoint(default_model_path()), out, BuildOptions(scheme="int4-g32", fp16_graph=False))
+    chat = open_chat_model(str(out), graph=graph)
+    ids = chat.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    res = chat.generate(ids, SamplingConfig(max_new_tokens=16))
+    assert "Paris" in res.text, res.text
