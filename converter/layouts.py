@@ -109,27 +109,31 @@ def nbits_of(scheme: str) -> tuple[int, int]:
 
 
 # ---- the wasm graph's transposed codes (onnx_export.group_gemm_linear) --------------------------------------------
-# The group-GEMM graph multiplies [K/b, 1, b, N] one-code-per-byte weights. Loaders derive them from a group scheme's
-# packed codes (rows = N, n_blocks, block_bytes) as NAME.kn, uint8 (K, N), while placing the decoded chunks, so
-# onnxruntime never holds the packed copy and spends no session time unpacking it.
+# The group-GEMM graph multiplies [K/b, 1, b, N] one-code-per-byte weights (b = the group size): the codes of the
+# (K, N) transposed matrix, in that shape so that no Reshape copies them at session creation. Loaders derive them
+# from a group scheme's packed codes (rows = N, n_blocks, block_bytes) as NAME.kn while placing the decoded chunks,
+# so onnxruntime never holds the packed copy and spends no session time unpacking it.
 KN_SUFFIX = ".kn"
 LAYOUT_BITS = {LAYOUT_U8: 8, LAYOUT_U4: 4, LAYOUT_U2: 2}
 
 
-def kn_shape(shape: list[int] | tuple[int, ...], layout: int) -> tuple[int, int]:
-    """(K, N) of the transposed codes of a packed (N, n_blocks, block_bytes) codes initializer."""
+def kn_shape(shape: list[int] | tuple[int, ...], layout: int) -> tuple[int, int, int, int]:
+    """(n_blocks, 1, block, N) — the (K, N) transposed codes, K = n_blocks * block — of a packed
+    (N, n_blocks, block_bytes) codes initializer."""
     rows, n_blocks, block_bytes = shape
-    return n_blocks * block_bytes * 8 // LAYOUT_BITS[layout], rows
+    return n_blocks, 1, block_bytes * 8 // LAYOUT_BITS[layout], rows
 
 
 def transposed_codes(packed: np.ndarray, layout: int) -> np.ndarray:
-    """(N, n_blocks, block_bytes) packed codes (low bits first) -> uint8 (K, N), one code per byte."""
+    """(N, n_blocks, block_bytes) packed codes (low bits first) -> uint8 (K, N) one code per byte, in the shape
+    kn_shape gives."""
     bits = LAYOUT_BITS[layout]
-    k, n = kn_shape(packed.shape, layout)
+    nb, _, block, n = kn_shape(packed.shape, layout)
+    k = nb * block
     flat = packed.reshape(n, -1)
     if bits == 8:
         codes = flat
     else:
         mask = (1 << bits) - 1
         codes = np.stack([(flat >> (bits * j)) & mask for j in range(8 // bits)], axis=-1).reshape(n, k)
-    return np.ascontiguousarray(codes.T, dtype=np.uint8)
+    return np.ascontiguousarray(codes.T, dtype=np.uint8).reshape(nb, 1, block, n)

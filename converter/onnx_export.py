@@ -248,7 +248,7 @@ def _unpack_u8(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
     return g.op1("Concat", parts, f"{prefix}/Concat", axis=-1)
 
 
-# weights: codes u8 (K,N) one per byte (NAME.q.kn, transposed by the loader) ─► Reshape ─► W [K/b,1,b,N]
+# weights: codes u8 W [K/b,1,b,N] one per byte (NAME.q.kn: the (K,N) transposed codes, made by the loader)
 #   scales [N·K/b] ─► [N,K/b,1,1] ─► Transpose ─► [K/b,1,1,N];  zero points likewise (or the scheme's constant)
 #   (onnxruntime folds these at session creation)
 # per call (3 nodes per linear plus the quantization, shared by the linears that read the same x):
@@ -266,7 +266,7 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str
     the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it."""
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
-    w = g.op1("Reshape", [g.weight(q + KN_SUFFIX), i64([nb, 1, block, n_out])], f"{p}/Codes")  # [nb,1,b,N]
+    w = g.weight(q + KN_SUFFIX)                                                                # [nb,1,b,N]
     def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,1,N]
         table = g.op1("Reshape", [t, i64([n_out, nb, 1, 1])], f"{p}/{tag}/Table")
         return g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 2, 3, 0])
