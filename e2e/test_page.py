@@ -169,6 +169,14 @@ def test_fp16_graph_in_the_page_equals_cpu_fp16_reference(page, server, bundle_d
     assert got == cpu_tokens_fp16(bundle_dir / "tiny-f32", PROMPT, 12)
 
 
+def test_auto_prefers_wasm_over_a_software_webgpu_adapter(page, server):
+    """This machine's only WebGPU adapter is SwiftShader, a fallback adapter (seconds per token): ?ep=auto runs WASM
+    and says why; ?ep=webgpu (the tests above) still gets WebGPU."""
+    open_loaded(page, server, "tiny-f32", "auto")
+    badge = page.inner_text("#ep-badge")
+    assert badge.startswith("WASM") and "software fallback" in badge, badge
+
+
 def test_adapter_without_shader_f16_uses_the_float32_graph(page, server):
     """The default choice on this machine's WebGPU (SwiftShader, no shader-f16): float32 graph, never the fp16 one."""
     fetched = []

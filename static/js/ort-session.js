@@ -30,6 +30,11 @@ export async function chooseProvider(wanted = "auto") {
   let adapter = null;
   try { adapter = await navigator.gpu.requestAdapter(); } catch (e) { /* reported below */ }
   if (!adapter) return { ep: "wasm", why: "no WebGPU adapter" };
+  // a fallback adapter is a software rasteriser (SwiftShader): seconds per token where the WASM EP does 10-15 tok/s
+  // (README, bench) — auto takes WASM there; ?ep=webgpu still gets it
+  if (wanted === "auto" && (adapter.info?.isFallbackAdapter || adapter.isFallbackAdapter)) {
+    return { ep: "wasm", why: "the only WebGPU adapter is a software fallback (slower than WASM)" };
+  }
   const f16 = adapter.features.has("shader-f16");
   return { ep: "webgpu", f16, why: f16 ? "WebGPU adapter with shader-f16" : "WebGPU adapter without shader-f16: float32 graph" };
 }
