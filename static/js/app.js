@@ -13,7 +13,7 @@ import { PyRuntime } from "./py-runtime.js";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const state = { session: null, manifest: null, history: [], stopRequested: false, busy: false, loadTimings: null };
-const threads = Number(params.get("threads")) || 0;   // 0: onnxruntime-web's default (ort-session.js)
+const threads = Number(params.get("threads")) || 0;   // 0: the default of ort-session.js (1 thread on ≤ 2 cores)
 // kvOnDevice: WebGPU only, ?kv=cpu for the old behaviour; build: which onnxruntime-web build runs the WASM EP,
 // ?ort=webgpu for the JSEP build the WebGPU EP needs (the old behaviour), default the plain wasm build
 const sessionOpts = { kvOnDevice: params.get("kv") !== "cpu", build: params.get("ort") || "auto" };
@@ -116,7 +116,8 @@ async function load(name, wanted = "auto", keepNotice = false) {
                           pyStartMs: py.startMs, readyAt: performance.now(), threads };
     $("ep-badge").textContent = `${ep.toUpperCase()} — ${why}`;
     $("ep-badge").className = `badge ${ep}`;
-    Object.assign(state, { session, manifest: bundle.manifest, py, ep, ortBuild: session.build, name, history: [],
+    Object.assign(state, { session, manifest: bundle.manifest, py, ep, ortBuild: session.build,
+                           numThreads: session.numThreads, name, history: [],
                            busy: false });
     if (ep === "webgpu") watchDevice(name, session);
     $("chat").hidden = false;

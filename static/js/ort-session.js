@@ -52,7 +52,7 @@ export class DecoderSession {
    * @param {{path: string, data: Uint8Array}[]} externalData decoded initializers
    * @param {object} config the manifest's LlamaConfig dict
    * @param {string} ep "webgpu" | "wasm"
-   * @param {number} threads wasm threads, 0 = all cores (up to 4) when crossOriginIsolated
+   * @param {number} threads wasm threads, 0 = default (1 on ≤ 2 cores, else up to 4 when crossOriginIsolated)
    * @param {{kvOnDevice?: boolean, float16?: boolean, build?: string}} opts kvOnDevice: on WebGPU, keep present.*
    *   in GPU buffers and feed them back as the next past (no download + upload of the whole cache per token);
    *   float16: the graph is model.fp16.onnx (float16 KV cache); build: onnxruntime-web build, "auto" (default:
@@ -62,7 +62,11 @@ export class DecoderSession {
     const build = !opts.build || opts.build === "auto" ? (ep === "webgpu" ? "webgpu" : "wasm") : opts.build;
     if (ep === "webgpu" && build !== "webgpu") throw new Error(`the ${build} build of onnxruntime-web has no WebGPU EP`);
     const ort = await ortBuild(build);
-    ort.env.wasm.numThreads = threads || (self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
+    // default: 1 thread on 2 cores or fewer — measured there, a second onnxruntime-web thread slows our graphs
+    // (SmolLM2 int4-g32 decode 10.5 vs 12.4 tok/s, prefill 54 vs 67; int8 likewise: README, bench) because it
+    // competes with Pyodide and the page for the same cores; more cores: up to 4, when crossOriginIsolated
+    const cores = navigator.hardwareConcurrency || 1;
+    ort.env.wasm.numThreads = threads || (self.crossOriginIsolated && cores > 2 ? Math.min(4, cores) : 1);
     const kvOnDevice = ep === "webgpu" && !!opts.kvOnDevice;
     const options = { executionProviders: [ep], externalData, graphOptimizationLevel: "all" };
     if (kvOnDevice) {
@@ -72,7 +76,9 @@ export class DecoderSession {
       }
     }
     const session = await ort.InferenceSession.create(graph, options);
-    return new DecoderSession(ort, session, config, ep, kvOnDevice, !!opts.float16, build);
+    const decoder = new DecoderSession(ort, session, config, ep, kvOnDevice, !!opts.float16, build);
+    decoder.numThreads = ort.env.wasm.numThreads;   // what the wasm module runs with (fixed at its first session)
+    return decoder;
   }
 
   constructor(ort, session, config, ep, kvOnDevice = false, float16 = false, build = "webgpu") {
