@@ -32,7 +32,7 @@ import numpy as np
 from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
-from .layouts import KN_SUFFIX, Initializer, byte_stream, family, kn_shape, linear_initializers, transposed_codes
+from .layouts import KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, kn_shape, linear_initializers
 from .quant import errors, get_scheme, quantize_rows
 
 FORMAT_NAME = "tiny-qmoe-bundle"
@@ -41,7 +41,8 @@ MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 GRAPH_FP16 = "model.fp16.onnx"  # the same graph with float16 activations and KV cache (WebGPU with shader-f16)
 GRAPH_WASM = "model.wasm.onnx"  # group schemes as batched integer GEMMs instead of MatMulNBits (the WASM EP)
-# the optional graph variants: manifest key -> file. Same initializers as model.onnx, other ops.
+# the optional graph variants: manifest key -> file. model.onnx's initializers (the wasm graph reads some of them
+# transposed: graph_initializers), other ops.
 GRAPH_VARIANTS = {"graph_fp16": GRAPH_FP16, "graph_wasm": GRAPH_WASM}
 DEFAULT_CHUNK_SYMBOLS = 1 << 18        # 262,144 symbols: big enough for LZW to learn, small enough to parallelise
 DEFAULT_BLOB_BYTES = 64 << 20          # split blobs so downloads can run in parallel and caches stay happy
@@ -789,9 +790,7 @@ def _validate_transposed(m: dict):
         e = by_name.get(name)
         _want(e is not None, f"{where}.{name}", "is not an initializer of this bundle")
         _want(type(keep) is bool, f"{where}.{name}", "expected true or false")
-        _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in (lzw.LAYOUT_U8, lzw.LAYOUT_U4,
-                                                                                    lzw.LAYOUT_U2)
-              and (e["shape"][1] * e["shape"][2] * 8) % {0: 8, 1: 4, 2: 2}[e["layout"]] == 0,
+        _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in LAYOUT_BITS,
               f"{where}.{name}", "is not a packed (rows, blocks, bytes) uint8 codes initializer")
 
 
