@@ -98,9 +98,10 @@ async function load(name, wanted = "auto", keepNotice = false) {
       if (ep !== "webgpu") throw e;
       notice(`WebGPU session failed (${e.message}); running on WASM instead.`);
       ep = "wasm"; why = "WebGPU session creation failed";
-      const v = graphVariant("wasm", false), g = await bundle.fetchGraph(v);
-      session = await DecoderSession.create(g || await bundle.fetchGraph("graph"), bundle.externalData,
-                                            bundle.manifest.config, ep, threads, sessionOpts);
+      // model.onnx: the decoded weights are laid out for the graph chosen for WebGPU (packed codes), which the
+      // wasm graph (transposed codes) cannot read
+      const g = bundle.graphVariant === "graph" ? bundle.graph : await bundle.fetchGraph("graph");
+      session = await DecoderSession.create(g, bundle.externalData, bundle.manifest.config, ep, threads, sessionOpts);
     }
     pool.terminate();
     bundle.externalData.length = 0;            // onnxruntime owns the weights now: drop our copies
