@@ -70,7 +70,6 @@ class OrtDecoder:
                  variant: str = "graph"):
         self.config = bundle.config
         float16 = float16 or variant == "graph_fp16"
-        self.variant = "graph_fp16" if float16 else variant
         self.session = create_session(bundle, threads, verify, float16, variant)
         self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position

@@ -107,8 +107,9 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   // whether NAME itself is read too): each decoded chunk's codes go to their [k][n] places of the (K, N) array
   // NAME.kn as the chunk is placed, so onnxruntime never sees the packed copy (converter/layouts.transposed_codes).
   const transposed = (m[variant] && m[variant].transposed) || {};   // (a variant the bundle lacks: none)
+  const perByte = (e) => 8 / [8, 4, 2][e.layout];                   // codes per byte of layout u8 / u4 / u2
   const placeKn = (dst, out, outOff, e) => {
-    const bits = [8, 4, 2][e.layout], per = 8 / bits, mask = (1 << bits) - 1;
+    const per = perByte(e), bits = 8 / per, mask = (1 << bits) - 1;
     const N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
     const s = outOff * per;
     let n = Math.floor(s / K), k = s - n * K, at = k * N + n;
@@ -125,8 +126,7 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   const byBlob = m.blobs.map(() => []);
   for (const e of m.initializers) {
     if (e.name in transposed) {
-      const per = 8 / [8, 4, 2][e.layout];
-      outputs.set(e.name + ".kn", new Uint8Array(e.shape[0] * e.shape[1] * e.shape[2] * per));
+      outputs.set(e.name + ".kn", new Uint8Array(e.shape[0] * e.shape[1] * e.shape[2] * perByte(e)));
     }
     if (!(e.name in transposed) || transposed[e.name]) outputs.set(e.name, new Uint8Array(e.nbytes));
     e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
