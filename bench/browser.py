@@ -191,6 +191,13 @@ PAGE_MEMORY_JS = """async () => {
       const byType = {};
       for (const b of m.breakdown) for (const t of b.types) byType[t] = (byType[t] || 0) + b.bytes / b.types.length;
       out.uaMemoryByType = byType;
+      const byScope = {};           // where the bytes live: the page itself or one of its workers
+      for (const b of m.breakdown) {
+        const a = b.attribution[0];
+        const k = a ? (a.scope || "?") + (a.url && a.scope !== "Window" ? " " + a.url.split("/").pop() : "") : "unattributed";
+        byScope[k] = (byScope[k] || 0) + b.bytes;
+      }
+      out.uaMemoryByScope = byScope;
     } catch (e) { out.uaMemoryError = String(e); }
   }
   return out;

@@ -69,17 +69,24 @@ def main(argv=None) -> int:
                        "decode_tok_s": g["decodeTokS"], "first_token_s": g["firstTokenMs"] / 1000,
                        "run_ms_per_step": g["profile"]["session"]["runMs"] / max(g["profile"]["session"]["calls"], 1),
                        "peak_mib": res["memory"]["peak_mib"], "text": g["text"][:80], "wall_s": time.perf_counter() - t0}
+                pm = res.get("page_memory") or {}
+                if "pyodideHeap" in pm:
+                    row["pyodide_heap_mib"] = pm["pyodideHeap"] / 2**20
+                if "uaMemory" in pm:
+                    row["ua_memory_mib"] = pm["uaMemory"] / 2**20
+                    row["ua_memory_by_scope_mib"] = {k: round(v / 2**20, 1) for k, v in pm["uaMemoryByScope"].items()}
                 runs[label].append(row)
                 print(f"round {r} {label}: session cold {row['cold_session_s']:.2f} s warm {row['warm_session_s']:.2f} s, "
                       f"prefill {row['prefill_tok_s']:.1f} tok/s, decode {row['decode_tok_s']:.2f} tok/s "
                       f"({res.get('ort_build')} build, {res['ep']})", flush=True)
     keys = [("cold_session_s", "session cold s"), ("warm_session_s", "session warm s"),
             ("cold_ready_s", "ready cold s"), ("warm_ready_s", "ready warm s"), ("prefill_tok_s", "prefill tok/s"),
-            ("decode_tok_s", "decode tok/s"), ("run_ms_per_step", "session.run ms/step"), ("peak_mib", "peak PSS MiB")]
+            ("decode_tok_s", "decode tok/s"), ("run_ms_per_step", "session.run ms/step"), ("peak_mib", "peak PSS MiB"),
+            ("ua_memory_mib", "page memory MiB")]
     lines = ["| configuration | " + " | ".join(h for _, h in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for label, bundle, extra in configs:
         lines.append(f"| {label} ({bundle}{'?' + '&'.join(f'{k}={v}' for k, v in extra.items()) if extra else ''}) | "
-                     + " | ".join(summary([row[k] for row in runs[label]]) for k, _ in keys) + " |")
+                     + " | ".join(summary([row[k] for row in runs[label] if k in row]) for k, _ in keys) + " |")
     table = "\n".join(lines)
     print(table)
     texts = {label: sorted({row["text"] for row in rows}) for label, rows in runs.items()}

@@ -69,11 +69,11 @@ def _llama3_json_path() -> str:
 
 
 class Pair:
-    """Our tokenizer and HF's, built from the same tokenizer.json dict."""
+    """Our tokenizer and HF's, built from the same tokenizer.json text (ours the way the page builds it)."""
 
     def __init__(self, d: dict):
         self.json = d
-        self.ours = Tokenizer.from_json_dict(d)
+        self.ours = Tokenizer.from_json(json.dumps(d))
         self.hf = hf_tokenizers.Tokenizer.from_str(json.dumps(d))
 
 
@@ -112,6 +112,33 @@ def test_encode_matches_hf(pair, text):
 @pytest.mark.parametrize("text", ["Hello", "", "<|begin_of_text|>x"])
 def test_add_special_tokens_matches_hf(pair, text):
     assert pair.ours.encode(text, add_special_tokens=True) == pair.hf.encode(text, add_special_tokens=True).ids
+
+
+def test_dict_constructor_agrees_and_leaves_the_dict_alone(pair):
+    before = json.dumps(pair.json)
+    tok = Tokenizer.from_json_dict(pair.json)
+    assert json.dumps(pair.json) == before
+    for text in CORPUS:
+        assert tok.encode(text, add_special_tokens=True) == pair.ours.encode(text, add_special_tokens=True)
+    assert tok.vocab_size == pair.ours.vocab_size == pair.hf.get_vocab_size(with_added_tokens=True)
+
+
+def test_building_adds_little_to_the_parse_peak(pair):
+    """In Pyodide the heap never shrinks, so the peak while building is what the page keeps: building the merge
+    table must free the parsed merges as it goes (a table of string tuples used to double the peak)."""
+    import tracemalloc
+    text = json.dumps(pair.json)
+    tracemalloc.start()
+    try:
+        json.loads(text)
+        parse_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        tok = Tokenizer.from_json(text)
+        build_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tok.encode("Hello") == pair.hf.encode("Hello", add_special_tokens=False).ids
+    assert build_peak < 1.3 * parse_peak, (build_peak, parse_peak)          # tuples of strings: 1.8–2.6×
 
 
 def test_llama3_adds_bos(llama3_json):
@@ -340,6 +367,45 @@ def _minimal(**overrides) -> dict:
 
 def test_minimal_tokenizer_with_list_merges():
     assert Tokenizer.from_json_dict(_minimal()).encode("abab") == [2, 2]
+
+
+@pytest.mark.parametrize("merges,message", [
+    ([["a", "c"]], r"merges\[0\].*'c' is not in model.vocab"),         # `tokenizers` refuses these too
+    ([["a", "b"], ["b", "a"]], r"merges\[1\].*'ba' is not in model.vocab"),
+    ([["a", "b", "c"]], r"merges\[0\].*not a pair"),
+    ("a b", "merges must be a list"),
+])
+def test_bad_merges_are_refused_by_index(merges, message):
+    d = _minimal()
+    d["model"]["merges"] = merges
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_json_dict(d)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_json(json.dumps(d))
+
+
+@pytest.mark.parametrize("vocab", [{"a": -1}, {"a": 1.5}, {"a": 1 << 21}, {"a": "0"}])
+def test_bad_vocab_ids_are_refused(vocab):
+    d = _minimal()
+    d["model"].update(vocab={**vocab, "b": 1, "ab": 2}, merges=[])
+    with pytest.raises(TokenizerError, match=r"model.vocab\['a'\]"):
+        Tokenizer.from_json_dict(d)
+
+
+def test_text_that_is_not_a_tokenizer_is_refused():
+    for text in ("{", "[1, 2]"):
+        with pytest.raises(TokenizerError, match="tokenizer.json"):
+            Tokenizer.from_json(text)
+
+
+def test_duplicate_merge_later_rank_wins_as_in_hf():
+    d = _minimal()
+    d["model"].update(vocab={"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4}, merges=[["a", "b"], ["b", "c"], ["a", "b"]])
+    d["pre_tokenizer"]["trim_offsets"] = True                      # fields `tokenizers` insists on
+    d["decoder"] = {**d["pre_tokenizer"], "type": "ByteLevel"}
+    hf = hf_tokenizers.Tokenizer.from_str(json.dumps(d))
+    for text in ("abc", "abcabc", "bcab"):
+        assert Tokenizer.from_json(json.dumps(d)).encode(text) == hf.encode(text, add_special_tokens=False).ids
 
 
 def test_unknown_regex_is_refused_by_name():

@@ -19,9 +19,11 @@ def _token_text(v) -> str | None:
 
 
 class ChatModel:
-    def __init__(self, tokenizer_json: dict, tokenizer_config: dict, model_config: dict, session,
+    def __init__(self, tokenizer_json: dict | str, tokenizer_config: dict, model_config: dict, session,
                  generation_config: dict | None = None):
-        self.tokenizer = Tokenizer.from_json_dict(tokenizer_json)
+        # tokenizer.json as text (the page: parsed here and released as it is read) or already parsed
+        self.tokenizer = (Tokenizer.from_json(tokenizer_json) if isinstance(tokenizer_json, (str, bytes))
+                          else Tokenizer.from_json_dict(tokenizer_json))
         self.tokenizer_config = tokenizer_config or {}
         self.session = session
         self.template = self.tokenizer_config.get("chat_template")

@@ -18,7 +18,8 @@ Supported tokenizer.json subset (everything else raises TokenizerError naming th
     normalizer      null
     pre_tokenizer   Sequence of Split(Regex = GPT-2 or Llama-3 pattern, behavior Isolated, invert false),
                     Digits(individual_digits), ByteLevel(add_prefix_space, use_regex)
-    model           BPE: vocab, merges ("a b" strings or [a, b] lists), ignore_merges, unk_token, fuse_unk;
+    model           BPE: vocab (ids < 2**21), merges ("a b" strings or [a, b] lists; both halves and their
+                    concatenation in the vocab, as `tokenizers` requires), ignore_merges, unk_token, fuse_unk;
                     no dropout, byte_fallback, continuing_subword_prefix or end_of_word_suffix
     added_tokens    special and plain; lstrip, rstrip, single_word, normalized honoured
     post_processor  null, ByteLevel, TemplateProcessing, Sequence of these
@@ -354,12 +355,11 @@ class _AddedMatcher:
 class Tokenizer:
     """encode / decode with the semantics of the `tokenizers` library for the supported subset (module doc)."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], added_tokens: list[AddedToken],
+    def __init__(self, vocab: dict[str, int], merges: dict[int, int], added_tokens: list[AddedToken],
                  pre_tokenizer: list[Callable[[str], list[str]]], template: list[int | None] | None,
                  ignore_merges: bool = False, unk_id: int | None = None, fuse_unk: bool = False):
         self.vocab = vocab
-        # Rank of each merge = its index; a later duplicate wins, as in a Rust HashMap built from the list.
-        self.merge_ranks: dict[tuple[str, str], int] = {pair: r for r, pair in enumerate(merges)}
+        self.merges = merges                      # merge_table(): pair of ids -> rank and merged id
         self.ignore_merges = ignore_merges
         self.unk_id = unk_id
         self.fuse_unk = fuse_unk
@@ -372,8 +372,14 @@ class Tokenizer:
         self._matchers = [_AddedMatcher(group) for group in
                           ([t for t in added_tokens if not t.normalized], [t for t in added_tokens if t.normalized])
                           if group]
-        self._id_to_token: dict[int, str] = {i: t for t, i in vocab.items()}
-        self._id_to_token.update({t.id: t.content for t in added_tokens})
+        # A list, not a dict: one pointer per id (a dict of 128k entries costs ~10 MB in Pyodide's heap, which
+        # never shrinks).
+        size = 1 + max(max(vocab.values(), default=-1), max((t.id for t in added_tokens), default=-1))
+        self._id_to_token: list[str | None] = [None] * size
+        for t, i in vocab.items():
+            self._id_to_token[i] = t
+        for t in added_tokens:
+            self._id_to_token[t.id] = t.content
         self._bpe_cache: dict[str, list[int]] = {}
         self._bytes_cache: dict[int, bytes] = {}
 
@@ -381,11 +387,28 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json_dict(json.load(f))
+        with open(path, "rb") as f:
+            return cls.from_json(f.read())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Tokenizer":
+        """From tokenizer.json's text. Lighter than from_json_dict: the parsed merges are released while the
+        merge table is built, so the peak stays near the parsed file (what counts in Pyodide's heap)."""
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise TokenizerError(f"tokenizer.json is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise TokenizerError("tokenizer.json must hold a JSON object")
+        return cls._from_dict(d, consume=True)
 
     @classmethod
     def from_json_dict(cls, d: dict) -> "Tokenizer":
+        """From tokenizer.json parsed into a dict, which is left as it was."""
+        return cls._from_dict(d, consume=False)
+
+    @classmethod
+    def _from_dict(cls, d: dict, consume: bool) -> "Tokenizer":
         if d.get("normalizer") is not None:
             raise TokenizerError(f"normalizer {d['normalizer'].get('type')!r} is not supported (only null)")
         model = d.get("model") or {}
@@ -402,9 +425,18 @@ class Tokenizer:
         if not decoder or decoder.get("type") != "ByteLevel":
             raise TokenizerError(f"decoder {decoder and decoder.get('type')!r} is not supported (only ByteLevel)")
 
-        vocab = dict(model.get("vocab") or {})
-        merges = [_parse_merge(m, i) for i, m in enumerate(model.get("merges") or [])]
-        added = [AddedToken(id=int(t["id"]), content=t["content"], special=bool(t.get("special", False)),
+        vocab = model.get("vocab") or {}
+        if not isinstance(vocab, dict):
+            raise TokenizerError("model.vocab must map tokens to ids")
+        vocab = vocab if consume else dict(vocab)
+        if not all(type(i) is int and 0 <= i < _ID_LIMIT for i in vocab.values()):
+            t, i = next((t, i) for t, i in vocab.items() if not (type(i) is int and 0 <= i < _ID_LIMIT))
+            raise TokenizerError(f"model.vocab[{t!r}] = {i!r} is not an id in [0, {_ID_LIMIT})")
+        merges = model.get("merges") or []
+        if not isinstance(merges, list):
+            raise TokenizerError("model.merges must be a list")
+        merges = merge_table(vocab, merges if consume else list(merges), consume=True)
+        added = [AddedToken(id=_added_id(t), content=t["content"], special=bool(t.get("special", False)),
                             lstrip=bool(t.get("lstrip", False)), rstrip=bool(t.get("rstrip", False)),
                             single_word=bool(t.get("single_word", False)),
                             normalized=bool(t.get("normalized", not t.get("special", False))))
@@ -425,14 +457,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Rows an embedding table needs: 1 + the largest id (model vocab and added tokens)."""
-        return 1 + max(self._id_to_token) if self._id_to_token else 0
+        return len(self._id_to_token)
 
     def token_to_id(self, token: str) -> int | None:
         t = self.added_by_content.get(token)
         return t.id if t is not None else self.vocab.get(token)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self._id_to_token.get(token_id)
+        return self._id_to_token[token_id] if 0 <= token_id < len(self._id_to_token) else None
 
     # ---- encoding -----------------------------------------------------------------------------------------------
 
@@ -468,16 +500,15 @@ class Tokenizer:
         if self.ignore_merges and word in self.vocab:
             ids = [self.vocab[word]]
         else:
-            ids = self._symbols_to_ids(_merge_word(word, self.merge_ranks))
+            ids = self._symbols_to_ids(_merge_word(word, self.vocab, self.merges))
         if len(self._bpe_cache) < 100_000:        # bound memory on adversarial input
             self._bpe_cache[word] = ids
         return ids
 
-    def _symbols_to_ids(self, symbols: list[str]) -> list[int]:
+    def _symbols_to_ids(self, symbols: list[int | None]) -> list[int]:
         ids: list[int] = []
         prev_unk = False
-        for s in symbols:
-            i = self.vocab.get(s)
+        for i in symbols:
             if i is not None:
                 ids.append(i)
                 prev_unk = False
@@ -494,7 +525,7 @@ class Tokenizer:
         back byte by byte; others (e.g. added tokens with plain spaces) are taken as their UTF-8."""
         b = self._bytes_cache.get(token_id)
         if b is None:
-            tok = self._id_to_token.get(token_id)
+            tok = self.id_to_token(token_id)
             if tok is None:
                 b = b""
             elif all(c in CHAR_TO_BYTE for c in tok):
@@ -550,43 +581,87 @@ def _parse_merge(m, index: int) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _merge_word(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+# Merges are keyed by the pair of ids, packed in one int, and map to the merge's rank and the merged token's id,
+# packed the same way: ints instead of tuples of strings keep the table at a third of the memory.
+_ID_BITS = 21
+_ID_LIMIT = 1 << _ID_BITS                        # ids must fit in 21 bits (Llama 3: 128,256 tokens)
+_ID_MASK = _ID_LIMIT - 1
+
+
+def _added_id(t: dict) -> int:
+    i = t.get("id") if isinstance(t, dict) else None
+    if type(i) is not int or not 0 <= i < _ID_LIMIT:
+        raise TokenizerError(f"added token {t!r}: id is not an int in [0, {_ID_LIMIT})")
+    return i
+
+
+def merge_table(vocab: dict[str, int], merges: list, consume: bool = False) -> dict[int, int]:
+    """{id_a << 21 | id_b: rank << 21 | id of a+b}, rank = index in `merges`; a later duplicate of a pair wins, as
+    in the Rust HashMap `tokenizers` builds from the list. As there, both halves and their concatenation must be
+    in the vocabulary. consume=True empties `merges` while building (the strings are freed as they are read)."""
+    table: dict[int, int] = {}
+    get = vocab.get
+    for r in range(len(merges) - 1, -1, -1):     # from the end, so the first pair kept is the last duplicate
+        m = merges.pop() if consume else merges[r]
+        if type(m) is str and m.count(" ") == 1:
+            a, _, b = m.partition(" ")
+        else:
+            a, b = _parse_merge(m, r)
+        ia, ib, inew = get(a), get(b), get(a + b)
+        if ia is None or ib is None or inew is None:
+            missing = a if ia is None else b if ib is None else a + b
+            raise TokenizerError(f"model.merges[{r}] = {m!r}: {missing!r} is not in model.vocab")
+        key = ia << _ID_BITS | ib
+        if key not in table:
+            table[key] = r << _ID_BITS | inew
+    return table
+
+
+def _merge_word(word: str, vocab: dict[str, int], merges: dict[int, int]) -> list[int | None]:
     """BPE on one piece: repeatedly merge the adjacent pair of lowest rank (leftmost on ties), one merge at a time.
+    Returns the ids of the final symbols (None for a character outside the vocabulary: it never merges).
 
     Symbols live in a doubly linked list over the character positions; a heap holds (rank, left position)
     candidates, checked against the current neighbours when popped (stale entries are skipped). O(n log n)."""
-    n = len(word)
+    sym: list[int | None] = [vocab.get(c) for c in word]
+    n = len(sym)
     if n <= 1:
-        return [word] if word else []
-    sym = list(word)
+        return sym
     nxt = list(range(1, n + 1))                  # nxt[i] == n: end of word
     prv = list(range(-1, n - 1))
     heap = []
     for i in range(n - 1):
-        r = ranks.get((sym[i], sym[i + 1]))
-        if r is not None:
-            heap.append((r, i))
+        a, b = sym[i], sym[i + 1]
+        v = None if a is None or b is None else merges.get(a << _ID_BITS | b)
+        if v is not None:
+            heap.append((v >> _ID_BITS, i))
     heapq.heapify(heap)
     while heap:
         r, i = heapq.heappop(heap)
         j = nxt[i]
-        if sym[i] is None or j >= n or ranks.get((sym[i], sym[j])) != r:
+        a = sym[i]
+        if a is None or a < 0 or j >= n:
+            continue                              # stale: merged into its left neighbour since
+        b = sym[j]
+        v = None if b is None else merges.get(a << _ID_BITS | b)
+        if v is None or v >> _ID_BITS != r:
             continue                              # stale: one side has been merged since this was pushed
-        sym[i] += sym[j]
-        sym[j] = None
+        sym[i] = a = v & _ID_MASK
+        sym[j] = -1                               # merged away (None is taken: an unknown character)
         nxt[i] = nxt[j]
         if nxt[j] < n:
             prv[nxt[j]] = i
         p = prv[i]
-        if p >= 0:
-            rp = ranks.get((sym[p], sym[i]))
-            if rp is not None:
-                heapq.heappush(heap, (rp, p))
-        if nxt[i] < n:
-            rn = ranks.get((sym[i], sym[nxt[i]]))
-            if rn is not None:
-                heapq.heappush(heap, (rn, i))
-    return [s for s in sym if s is not None]
+        if p >= 0 and sym[p] is not None:
+            vp = merges.get(sym[p] << _ID_BITS | a)
+            if vp is not None:
+                heapq.heappush(heap, (vp >> _ID_BITS, p))
+        k = nxt[i]
+        if k < n and sym[k] is not None:
+            vn = merges.get(a << _ID_BITS | sym[k])
+            if vn is not None:
+                heapq.heappush(heap, (vn >> _ID_BITS, i))
+    return [s for s in sym if s is None or s >= 0]
 
 
 def _build_template(spec: dict | None, vocab: dict[str, int], added: list[AddedToken]) -> list[int | None] | None:

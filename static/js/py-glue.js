@@ -16,7 +16,7 @@ _gen = None
 
 def setup(tok_json, tok_cfg, model_cfg, gen_cfg):
     global _chat
-    _chat = ChatModel(json.loads(tok_json), json.loads(tok_cfg or "{}"), json.loads(model_cfg), None,
+    _chat = ChatModel(tok_json, json.loads(tok_cfg or "{}"), json.loads(model_cfg), None,
                       json.loads(gen_cfg) if gen_cfg else None)
     return _chat.has_template
 
