@@ -60,6 +60,9 @@ OURS = [("source", None), ("source", "q4_1"), ("source", "int4-g32"), ("q8_0", "
         ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64"), ("int2-g32", "int4-g32"), ("int2-g64", "int4-g64"),
         ("ternary-g64", "int4-g64"), ("ternary", "int8")]
 # (no int4-g128: SmolLM2's rows of 576 are 4.5 groups of 128)
+# Calibrated points: (--scheme, --embed-scheme, method); with `source` only the embedding is calibrated
+# (--calibrate METHOD --calib-embedding: GPTQ on the lm_head with the Hessian of the final hidden states).
+OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "gptq+clip")]
 # llama.cpp points: (type of the linear layers, type of the embedding)
 LLAMA_CPP = [("Q8_0", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q8_0"), ("Q4_1", "Q8_0"), ("Q4_0", "Q8_0"),
              ("Q4_1", "Q4_1"), ("Q4_0", "Q4_0"), ("TQ2_0", "Q4_0"), ("TQ1_0", "Q4_0")]
@@ -228,13 +231,17 @@ def main(argv=None) -> int:
     paths, built = [], set()
     if args.only != "llama.cpp":
         root = Path(args.bundles)
-        for scheme, embed in OURS:
-            out = root / f"smollm2-{scheme}-emb-{embed or 'default'}"
+        from converter.calibrate import CalibrationOptions
+        for scheme, embed, *method in OURS + OURS_CALIBRATED:
+            out = root / (f"smollm2-{scheme}-emb-{embed or 'default'}"
+                          + (f"-cal-{method[0].replace('+', '-')}" if method else ""))
+            calibration = CalibrationOptions(method=method[0], embedding="calibrated") if method else None
             if args.rebuild or not (out / "manifest.json").exists():
                 built.add(out)
                 log(f"build {out.name}")
+                # model.onnx only: the optional graphs (float16, wasm) are not what these points measure
                 write_bundle(ck, out, BuildOptions(scheme=scheme, embed_scheme=embed, force=True, name=out.name,
-                                                  fp16_graph=False))
+                                                   fp16_graph=False, wasm_graph=False, calibration=calibration))
             paths.append(out)
     paths += [Path(p) for p in args.extra]
     for path in paths:

@@ -72,11 +72,19 @@ class CalibrationOptions:
             raise QuantError(f"unknown calibration method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.embedding not in ("rtn", "calibrated"):
             raise QuantError(f"calibration embedding must be rtn or calibrated, got {self.embedding!r}")
+        if embedding_only(scheme):
+            if self.embedding != "calibrated" or self.mixed is not None:
+                raise QuantError(f"with {scheme} linear layers (llama.cpp's blocks, kept as the GGUF stores them) only "
+                                 "the embedding can be calibrated: add --calib-embedding, without --mixed")
+            return self._check_numbers()
         for s in (scheme, self.mixed_high) if self.mixed is not None else (scheme,):
             if get_scheme(s).alphabet == 0:
                 raise QuantError(f"scheme {s} is a float scheme: there is nothing to calibrate")
             if not s.startswith(("int", "ternary")):      # the GGUF block schemes keep their own arithmetic
                 raise QuantError(f"calibration supports the int*/ternary* schemes, not {s}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
         if self.sequences < 1 or self.seq_len < 2:
             raise QuantError("calibration needs at least one sequence of two tokens")
         if not 0 < self.damp < 1:
@@ -93,6 +101,13 @@ class CalibrationOptions:
 # ---------------------------------------------------------------------------------------------------------------
 # Calibration text
 # ---------------------------------------------------------------------------------------------------------------
+
+def embedding_only(scheme: str) -> bool:
+    """Linear schemes whose layers are not calibrated, only the embedding: llama.cpp's block formats (q4_0, q4_1,
+    q8_0), which `--scheme source` passes through bit for bit from a GGUF. Their weights are rounded the scheme's
+    own way; the layer pass runs on those rounded weights to get the final hidden states the lm_head sees."""
+    return get_scheme(scheme).name in ("q4_0", "q4_1", "q8_0")
+
 
 def calibration_ids(tokenizer_json: dict, opts: CalibrationOptions) -> tuple[np.ndarray, dict]:
     """(ids (sequences, seq_len) int64, description). Windows are cut from the *end* of the corpus token stream."""
@@ -461,6 +476,8 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
     errs: dict[str, float] = {}
     try:
         def quantize(name, w, h):
+            if embedding_only(scheme):            # the bundle writer rounds (or passes through) these itself
+                return base.dequantize(base.quantize(w))
             sch = high if name in promoted else base
             q = quantize_with(opts.method, sch, w, h, opts)
             spill.put(name, q)
@@ -484,8 +501,11 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
                 errs[head] = output_error(w, es.dequantize(q), h)
                 del w
         linear = [e for n, e in errs.items() if n not in EMBED_NAMES]
-        record["mean_output_error"] = round(float(np.mean(linear)), 6)
-        record["max_output_error"] = round(float(np.max(linear)), 6)
+        if linear:
+            record["mean_output_error"] = round(float(np.mean(linear)), 6)
+            record["max_output_error"] = round(float(np.max(linear)), 6)
+        if opts.embedding == "calibrated" and errs.keys() & set(EMBED_NAMES):
+            record["embedding_output_error"] = round(float(next(errs[n] for n in EMBED_NAMES if n in errs)), 6)
         return Calibrated(spill, schemes, record, errs)
     except BaseException:
         spill.close()

@@ -80,8 +80,12 @@ def cmd_build(args) -> int:
         console.print(share)
         if "calibration" in m:
             c = m["calibration"]
+            errs = [f"linear layers' relative output error mean {c['mean_output_error']:.5f}, max "
+                    f"{c['max_output_error']:.5f}"] if "mean_output_error" in c else []
+            if "embedding_output_error" in c:
+                errs.append(f"lm_head's {c['embedding_output_error']:.5f}")
             console.print(f"calibrated: {c['method']} on {c['text']['tokens']} tokens of {c['text']['corpus']}; "
-                          f"relative output error mean {c['mean_output_error']:.5f}, max {c['max_output_error']:.5f}"
+                          + ", ".join(errs)
                           + (f"; {len(c['mixed']['promoted'])} tensors promoted to {c['mixed']['high']} "
                              f"({c['mixed']['nominal_bits']:.3f} nominal bits/weight)" if "mixed" in c else ""))
     return 0

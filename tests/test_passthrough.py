@@ -196,3 +196,47 @@ def test_cli_builds_a_source_bundle(tmp_path, capsys):
     assert load(tmp_path / "b").manifest["scheme"] == "q4_1"
     assert main(["build", str(path), "--scheme", "int3", "--out", str(tmp_path / "c")]) == 2
     assert "unknown scheme 'int3'" in capsys.readouterr().err
+
+
+def test_source_linears_with_a_calibrated_embedding(tmp_path, capsys):
+    """--scheme source --embed-scheme int4-g32 --calibrate --calib-embedding: the linear layers keep the GGUF's
+    blocks (identical to the plain source bundle's), only the embedding / tied lm_head is calibrated (GPTQ with the
+    Hessian of the final hidden states), and that beats round to nearest on the same objective."""
+    from converter.calibrate import CalibrationOptions, calibrate
+    from converter.cli import main
+
+    path = _write_quantized_gguf(tmp_path / "m.gguf", "Q4_1", "Q8_0")
+    ck = open_checkpoint(path)
+    small = dict(embedding="calibrated", sequences=4, seq_len=64, corpus_chars=20_000)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        c = calibrate(ck, "q4_1", "int4-g32", CalibrationOptions(method=method, **small))
+        try:
+            assert list(c.spill.names) == ["model.embed_tokens.weight"]        # nothing else is calibrated
+            assert "mean_output_error" not in c.record
+            errs[method] = c.record["embedding_output_error"]
+        finally:
+            c.close()
+    assert 0 < errs["gptq"] < 0.9 * errs["rtn"], errs
+
+    cal = write_bundle(ck, tmp_path / "cal", BuildOptions(scheme="source", embed_scheme="int4-g32", chunk_symbols=4096,
+                                                         calibration=CalibrationOptions(method="gptq", **small)))
+    write_bundle(ck, tmp_path / "rtn", BuildOptions(scheme="source", embed_scheme="int4-g32", chunk_symbols=4096))
+    a, b = _decoded(load(tmp_path / "cal")), _decoded(load(tmp_path / "rtn"))
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.startswith("model.embed_tokens."):
+            continue
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert not np.array_equal(a["model.embed_tokens.weight.q"], b["model.embed_tokens.weight.q"])
+    assert cal["scheme"] == "q4_1" and cal["calibration"]["embedding_output_error"] == errs["gptq"]
+    assert all(t["max_error"] == 0 for t in cal["tensors"] if t["scheme"] == "q4_1")
+    logits = OrtDecoder(load(tmp_path / "cal")).forward_full(IDS)
+    assert np.isfinite(logits).all()
+
+    # the CLI: without --calib-embedding there is nothing to calibrate, and it says so
+    assert main(["build", str(path), "--scheme", "source", "--calibrate", "--out", str(tmp_path / "c")]) == 2
+    assert "only the embedding can be calibrated" in capsys.readouterr().err
+    assert main(["build", str(path), "--scheme", "source", "--embed-scheme", "int4-g32", "--calibrate", "gptq",
+                 "--calib-embedding", "--calib-tokens", "256", "--out", str(tmp_path / "d")]) == 0
+    assert "lm_head's" in capsys.readouterr().out
