@@ -435,7 +435,7 @@ class Tokenizer:
         merges = model.get("merges") or []
         if not isinstance(merges, list):
             raise TokenizerError("model.merges must be a list")
-        merges = merge_table(vocab, merges if consume else list(merges), consume=True)
+        merges = merge_table(vocab, merges, consume=consume)
         added = [AddedToken(id=_added_id(t), content=t["content"], special=bool(t.get("special", False)),
                             lstrip=bool(t.get("lstrip", False)), rstrip=bool(t.get("rstrip", False)),
                             single_word=bool(t.get("single_word", False)),
