@@ -343,21 +343,25 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
         os.close(lock_fd)   # the empty .lock file stays: unlinking it would let two builds lock different inodes
 
 
-def _wasm_graph_weights(cfg, weight_types: dict, initializers: list[dict], tensors: list[dict], scheme: str,
-                        embed_scheme: str, tensor_schemes: dict) -> tuple[dict, dict[str, bool]]:
-    """The wasm graph's external initializers, and its manifest "transposed" table: group-scheme codes NAME.q that
-    it reads as NAME.q.kn (layouts.transposed_codes) -> whether it also reads NAME.q itself (the Gather of a
-    group-quantized embedding that the lm_head shares)."""
-    from .onnx_export import export_model
+def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list[dict], scheme: str,
+                embed_scheme: str, tensor_schemes: dict) -> tuple[bytes, dict[str, bool]]:
+    """The serialized wasm graph, and its manifest "transposed" table: group-scheme codes NAME.q that it reads as
+    NAME.q.kn (layouts.transposed_codes) -> whether it also reads NAME.q itself (the Gather of a group-quantized
+    embedding that the lm_head shares). The export is offered every codes initializer in both forms; the ones no
+    node reads are then removed from it (one export instead of a second one without them)."""
+    from .onnx_export import check_graph, export_model
     nbits = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "nbits" for i in t["initializers"]}
     codes = {e["name"]: e for e in initializers if e["name"] in nbits and e["name"].endswith(".q")}
     types = dict(weight_types)
     types.update({n + KN_SUFFIX: ("uint8", kn_shape(e["shape"], e["layout"])) for n, e in codes.items()})
     model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True)
     used = {i for node in model.graph.node for i in node.input}
-    transposed = {n: n in used for n in codes if n + KN_SUFFIX in used}
-    drop = {n for n, keep in transposed.items() if not keep} | {n + KN_SUFFIX for n in codes if n not in transposed}
-    return {k: v for k, v in types.items() if k not in drop}, transposed
+    offered = set(codes) | {n + KN_SUFFIX for n in codes}
+    kept = [t for t in model.graph.initializer if t.name in used or t.name not in offered]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    check_graph(model)
+    return model.SerializeToString(), {n: n in used for n in codes if n + KN_SUFFIX in used}
 
 
 def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None):
@@ -397,9 +401,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts)}
     if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
-        wasm_types, transposed = _wasm_graph_weights(cfg, weight_types, initializers, tensors, opts.scheme,
-                                                     embed_scheme, tensor_schemes)
-        wasm_bytes = export_graph(cfg, wasm_types, opts.scheme, embed_scheme, tensor_schemes, group_gemm=True)
+        wasm_bytes, transposed = _wasm_graph(cfg, weight_types, initializers, tensors, opts.scheme, embed_scheme,
+                                             tensor_schemes)
         graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts),
                                 "transposed": transposed}
 
