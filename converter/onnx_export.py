@@ -67,6 +67,8 @@ class GraphBuilder:
         # the [B,rows,1] uint8 zero points of the row quantizations: one tensor for the layers' [B,S,·] activations,
         # one for the lm_head's [B,K,·] input (K = num_logits_to_keep)
         self.row_zero_points: dict[str | tuple[str, int], str] = {}
+        # the wasm graph's q4_1 block sums [B,S,K/b] of an activation, shared like quantized_x
+        self.block_sums: dict[tuple[str, int], str] = {}
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outs = [f"{name}/output_{j}" for j in range(n_out)]
@@ -292,8 +294,10 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str
               keepdims=0)                                                                     # [B,S,N]
     if mins:
         m = to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins")
-        sums = g.op1("ReduceSum", [g.op1("Reshape", [x, i64([0, 0, nb, block])], f"{prefix}/Blocks"), i64([-1])],
-                     f"{prefix}/BlockSums", keepdims=0)                                       # [B,S,nb]
+        if key not in g.block_sums:                   # likewise shared by the linears reading x
+            g.block_sums[key] = g.op1("ReduceSum", [g.op1("Reshape", [x, i64([0, 0, nb, block])], f"{prefix}/Blocks"),
+                                                    i64([-1])], f"{prefix}/BlockSums", keepdims=0)   # [B,S,nb]
+        sums = g.block_sums[key]
         m_t = g.op1("Transpose", [g.op1("Reshape", [m, i64([n_out, nb])], f"{prefix}/MinsTable")],
                     f"{prefix}/MinsT", perm=[1, 0])                                           # [nb,N]
         y = g.op1("Add", [y, g.op1("MatMul", [sums, m_t], f"{prefix}/Offsets")], f"{prefix}/Add")
