@@ -308,7 +308,8 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (windows of 256)")
     b.add_argument("--calib-damp", type=float, default=0.1, help="GPTQ dampening, fraction of mean diag(H)")
     b.add_argument("--calib-embedding", action="store_true",
-                   help="also calibrate the embedding / lm_head (Hessian of the final hidden states)")
+                   help="also calibrate the embedding / lm_head (Hessian of the final hidden states); with "
+                        "--scheme source (or q4_0/q4_1/q8_0) only the embedding is calibrated")
     b.add_argument("--mixed", type=float, default=None, metavar="BITS",
                    help="mixed precision: promote the most sensitive linear tensors to --mixed-high until the "
                         "average nominal bits/weight of the decoder's linear layers reaches BITS")
