@@ -34,6 +34,7 @@ from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, kn_shape, linear_initializers
 from .quant import errors, get_scheme, quantize_rows
+from .quant import entropy
 
 FORMAT_NAME = "tiny-qmoe-bundle"
 FORMAT_VERSION = 1
@@ -264,13 +265,28 @@ def _validate_qz_file(fname: str, info: dict, step: int, where: str):
     _want(expect_out == total, f"{w}.chunks", f"decode to {expect_out} bytes, the file has {total}")
 
 
-def _tensor_initializers(name: str, w: np.ndarray, scheme: str, q=None) -> tuple[list[Initializer], dict[str, Any]]:
-    """Quantize one HF tensor (or take `q`, already quantized by calibration) and lay it out; norms stay float32."""
+def _tensor_initializers(name: str, w: np.ndarray, scheme: str, q=None,
+                         importance: np.ndarray | None = None) -> tuple[list[Initializer], dict[str, Any]]:
+    """Quantize one HF tensor (or take `q`, already quantized by calibration) and lay it out; norms stay float32.
+    `importance`: of each row, for the schemes that weigh rows (int8-eB on the vocabulary rows)."""
     if w.ndim == 1:
         return [byte_stream(name, w.astype(np.float32))], {"scheme": "f32", "max_error": 0.0, "rms_error": 0.0}
-    q = q or quantize_rows(get_scheme(scheme), w)
+    sch = get_scheme(scheme)
+    if q is None and sch.target_bits is not None:
+        q = sch.quantize(w, importance)
+    q = q or quantize_rows(sch, w)
     scheme = q.scheme
     return linear_initializers(name, q), {"scheme": scheme, "max_error": q.max_error, "rms_error": q.rms_error}
+
+
+def _vocab_importance(checkpoint, rows: int) -> np.ndarray:
+    """Importance of the rows of a vocabulary tensor for int8-eB without calibration: the token-id prior, with
+    the tokenizer's special tokens (chat markers, end of turn) at the top whatever their id."""
+    try:
+        special = entropy.special_token_ids(json.loads(checkpoint.tokenizer_files()["tokenizer.json"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BundleError(f"tokenizer.json: cannot read the special tokens ({e})") from None
+    return entropy.token_importance(rows, special)
 
 
 def _resolve_source(checkpoint, opts: BuildOptions) -> BuildOptions:
@@ -381,7 +397,9 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         n_params += w.size
         scheme = embed_scheme if name in ("model.embed_tokens.weight", "lm_head.weight") else opts.scheme
         q = calib.get(name) if calib and name in calib else _passthrough(checkpoint, name, scheme, w)
-        inits, info = _tensor_initializers(name, w, scheme, q)
+        vocab_rows = name in ("model.embed_tokens.weight", "lm_head.weight") and get_scheme(scheme).target_bits
+        importance = _vocab_importance(checkpoint, w.shape[0]) if vocab_rows and q is None else None
+        inits, info = _tensor_initializers(name, w, scheme, q, importance)
         if w.ndim == 2 and info["scheme"] != scheme:
             tensor_schemes[name] = info["scheme"]
         del w

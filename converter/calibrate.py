@@ -41,7 +41,7 @@ import numpy as np
 
 from .config import LlamaConfig, rope_inv_freq
 from .errors import QuantError
-from .quant import Quantized, Scheme, errors, get_scheme
+from .quant import Quantized, Scheme, entropy, errors, get_scheme
 
 METHODS = ("rtn", "clip", "gptq", "gptq+clip")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -204,7 +204,10 @@ def _assemble(scheme: Scheme, w: np.ndarray, codes: np.ndarray, scales: np.ndarr
 
 def quantize_rtn(scheme: Scheme, w: np.ndarray, h_diag: np.ndarray | None = None,
                  clip_grid: tuple[float, ...] | None = None) -> Quantized:
-    """Round to nearest on the scheme's grid, optionally with the per-group clip search (weighted by diag H)."""
+    """Round to nearest on the scheme's grid, optionally with the per-group clip search (weighted by diag H).
+    int8-eB: its own steps (the rate sets them, so there is no clip to search)."""
+    if scheme.target_bits is not None:
+        return scheme.quantize(w)
     rows, cols = w.shape
     g = scheme.group or cols
     codes = np.empty((rows, cols), np.uint8)
@@ -236,10 +239,12 @@ def inverse_hessian_factor(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.n
 
 
 def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.1, block: int = 128,
-                  clip_grid: tuple[float, ...] | None = None, row_block: int = 4096) -> Quantized:
+                  clip_grid: tuple[float, ...] | None = None, row_block: int = 4096,
+                  steps: np.ndarray | None = None) -> Quantized:
     """GPTQ on the scheme's grid. Rows are independent given H, so large weights go in row blocks (bounded
     temporaries for a 49k-row lm_head). Columns run in order; a group's scale/zero point is chosen from the
-    error-updated weights when the group starts (with the clip search if `clip_grid`)."""
+    error-updated weights when the group starts (with the clip search if `clip_grid`). `steps` (rows,): every
+    group's scale fixed in advance, one per row (int8-eB, whose steps come from the rate target)."""
     rows, cols = w.shape
     g = scheme.group or cols
     if scheme.group and block % g:
@@ -255,7 +260,10 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
         W = np.array(w[r0:r1], np.float32, copy=True)                   # (r, cols), updated in place
         W[:, dead] = 0.0
         s = z = None
-        if not scheme.group:                                             # per channel: one grid from the start
+        if steps is not None:                                            # fixed in advance, for every group
+            s, z = steps[r0:r1], None
+            scales[r0:r1] = s[:, None]
+        elif not scheme.group:                                           # per channel: one grid from the start
             s, z = (best_clip(scheme, W, h_diag[None, :], clip_grid) if clip_grid else group_params(scheme, W))
             scales[r0:r1, 0] = s
             if zeros is not None:
@@ -267,7 +275,7 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
             U1 = u32[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                if scheme.group and col % g == 0:                       # a group starts: its grid, from the
+                if scheme.group and col % g == 0 and steps is None:     # a group starts: its grid, from the
                     blk = W1[:, i:i + g]                                # error-updated weights
                     s, z = (best_clip(scheme, blk, h_diag[None, col:col + g], clip_grid) if clip_grid
                             else group_params(scheme, blk))
@@ -284,7 +292,13 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
 
 
 def quantize_with(method: str, scheme: Scheme, w: np.ndarray, h: np.ndarray | None,
-                  opts: CalibrationOptions) -> Quantized:
+                  opts: CalibrationOptions, importance: np.ndarray | None = None) -> Quantized:
+    """`importance`: of each row, for int8-eB (see quant/entropy.py); the other schemes weigh rows equally."""
+    if scheme.target_bits is not None:
+        steps = entropy.row_steps(w, scheme.target_bits, importance)
+        if method.startswith("gptq") and h is not None:
+            return quantize_gptq(scheme, w, h, opts.damp, opts.block, steps=steps)
+        return entropy.quantize_with_steps(scheme.name, w, steps)
     clip = opts.clip_grid if method in ("clip", "gptq+clip") else None
     if method.startswith("gptq") and h is not None:
         return quantize_gptq(scheme, w, h, opts.damp, opts.block, clip)
@@ -424,6 +438,17 @@ def _layer_pass(checkpoint, cfg: LlamaConfig, ids: np.ndarray, quantize: Callabl
     return _rms_norm(x, checkpoint.load("model.norm.weight"), cfg.rms_norm_eps)
 
 
+def mean_token_probabilities(hidden: np.ndarray, head: np.ndarray, block: int = 256) -> np.ndarray:
+    """(vocab,) float64: the model's next-token distribution averaged over the calibration positions (the final
+    normed hidden states `hidden` (positions, H) through the lm_head `head` (vocab, H)), in position blocks."""
+    total = np.zeros(head.shape[0], np.float64)
+    for i in range(0, hidden.shape[0], block):
+        z = hidden[i:i + block] @ head.T
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        total += (z / z.sum(axis=1, keepdims=True)).sum(axis=0, dtype=np.float64)
+    return total / max(1, hidden.shape[0])
+
+
 def _choose_mixed(sens: dict[str, tuple[float, float, int, float, float]], budget: float) -> list[str]:
     """Greedy: promote the tensors that remove the most relative output error per extra bit until the average
     nominal bits/weight reaches `budget`. sens: name -> (err_low, err_high, params, bits_low, bits_high)."""
@@ -495,7 +520,12 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
                     progress("calibrate: lm_head", cfg.num_hidden_layers, cfg.num_hidden_layers + 1)
                 w = checkpoint.load(head)
                 h = _hessian(final)
-                q = quantize_with(opts.method, es, w, h, opts)
+                importance = None
+                if es.target_bits is not None:           # rows are tokens: weigh them by how often they are said
+                    probs = mean_token_probabilities(final, w)
+                    importance = entropy.token_importance(w.shape[0], entropy.special_token_ids(tok), probs)
+                    record["token_importance"] = "zipf prior by id + mean probability on the calibration text"
+                q = quantize_with(opts.method, es, w, h, opts, importance)
                 spill.put(head, q)
                 schemes[head] = es.name
                 errs[head] = output_error(w, es.dequantize(q), h)

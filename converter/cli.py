@@ -293,10 +293,14 @@ def configure_parser() -> argparse.ArgumentParser:
                         "int4-g32, int4-g64, int4-g128, int2 = int2-g64, int2-g32, ternary, ternary-g64; GGUF block "
                         "formats q8_0, q4_0, q4_1: a GGUF tensor already stored in that format keeps its codes and "
                         "scales unchanged; source = every tensor as the checkpoint stores it, e.g. q4_1 with a "
-                        "q8_0 embedding for the default SmolLM2 GGUF: zero added error)")
+                        "q8_0 embedding for the default SmolLM2 GGUF: zero added error; int8-eB = int8 codes whose steps "
+                        "are chosen for an order-0 entropy of B bits per weight, e.g. int8-e4: small downloads, "
+                        "int8 at run time)")
     b.add_argument("--embed-scheme", default=None,
                    help="scheme of the embedding / lm_head (default int8: per-channel, fast on every runtime; with "
-                        "--scheme source, the stored format); 'source' keeps the stored format")
+                        "--scheme source, the stored format); 'source' keeps the stored format; int8-eB gives "
+                        "frequent tokens finer steps (token-id prior, plus the calibration text's token "
+                        "probabilities with --calibrate ... --calib-embedding)")
     b.add_argument("--out", help="bundle folder (default bundles/NAME-SCHEME)")
     b.add_argument("--bundles", default="bundles", help="parent folder for default outputs")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")

@@ -1,6 +1,8 @@
 """A plain numpy Llama forward (tests only): the oracle the ONNX graph is compared against."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from converter.config import LlamaConfig, rope_inv_freq
@@ -70,12 +72,18 @@ def forward(cfg: LlamaConfig, w: dict[str, np.ndarray], ids: list[int],
 
 def dequantized_weights(checkpoint, scheme: str, embed_scheme: str) -> dict[str, np.ndarray]:
     """What a bundle of `scheme` holds, as float32: each 2-D weight through quantize -> dequantize."""
-    from converter.quant import get_scheme
+    from converter.quant import entropy, get_scheme
     out = {}
     for name in checkpoint.tensors:
         a = checkpoint.load(name)
         if a.ndim == 2:
-            s = get_scheme(embed_scheme if name in ("model.embed_tokens.weight", "lm_head.weight") else scheme)
-            a = s.dequantize(s.quantize(a))
+            vocab = name in ("model.embed_tokens.weight", "lm_head.weight")
+            s = get_scheme(embed_scheme if vocab else scheme)
+            if vocab and s.target_bits is not None:       # int8-eB weighs vocabulary rows by the token prior
+                tok = json.loads(checkpoint.tokenizer_files()["tokenizer.json"])
+                q = s.quantize(a, entropy.token_importance(a.shape[0], entropy.special_token_ids(tok)))
+            else:
+                q = s.quantize(a)
+            a = s.dequantize(q)
         out[name] = a
     return out

@@ -10,8 +10,9 @@ the error of what ships). Groups run along the input dimension (cols): a group i
 one output row. `group=0` means one group per row (per output channel).
 
 Names: "f32", "f16", "int8" (per channel), "int8-g32", "int4-g32|g64|g128", "int2-g32|g64", "ternary",
-"ternary-g64", and llama.cpp's GGUF block formats "q8_0", "q4_0", "q4_1" (ggml.py). The registry maps each name
-to a `Scheme`.
+"ternary-g64", llama.cpp's GGUF block formats "q8_0", "q4_0", "q4_1" (ggml.py), and "int8-eB" (entropy.py: int8
+codes whose step is chosen for an order-0 entropy of B bits, e.g. int8-e4; made on first use). The registry maps
+each name to a `Scheme`.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class Scheme:
     dequantize: Callable[[Quantized], np.ndarray]
     symmetric: bool = True
     description: str = ""
+    row_local: bool = True             # quantize(w[a:b]) == quantize(w)[a:b], so big weights may go in row blocks
+    target_bits: float | None = None   # int8-eB: the order-0 entropy its steps are chosen for
 
 
 SCHEMES: dict[str, Scheme] = {}
@@ -63,7 +66,13 @@ def get_scheme(name: str) -> Scheme:
     try:
         return SCHEMES[name]
     except KeyError:
-        raise QuantError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEMES)}") from None
+        pass
+    from . import entropy
+    bits = entropy.parse(name)
+    if bits is None:
+        raise QuantError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEMES)}, "
+                         "int8-eB (B = target bits per weight, e.g. int8-e4)") from None
+    return register(entropy.make(name, bits))
 
 
 # ---- helpers shared by the schemes ------------------------------------------------------------------------
@@ -107,7 +116,7 @@ from . import floats, int8, int4, int2, ternary, ggml  # noqa: E402,F401  (regis
 def quantize_rows(scheme: Scheme, w: np.ndarray, block_rows: int = 2048) -> Quantized:
     """Quantize a large weight block of rows by block: every scheme is row-independent, and this bounds the
     temporaries (a 49k × 576 embedding would otherwise need several full-size float copies at once)."""
-    if w.ndim != 2 or w.shape[0] <= block_rows:
+    if w.ndim != 2 or w.shape[0] <= block_rows or not scheme.row_local:
         return scheme.quantize(w)
     parts = [scheme.quantize(w[r:r + block_rows]) for r in range(0, w.shape[0], block_rows)]
     first = parts[0]
