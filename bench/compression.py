@@ -8,7 +8,8 @@ general-purpose compressors, in bits per weight, plus the codec's speed.
 Prints tables and writes bench/results/compression.json and the tables of docs/compression.md (between the
 <!-- tables --> markers; the prose around them is written by hand).
 
-Streams. Each scheme (int8 per channel, int8-g32, int4-g32/g64/g128, int2-g64, ternary) quantizes whole weight
+Streams. Each scheme (int8 per channel, int8-g32, int4-g32/g64/g128, int2-g64, ternary, and int8-e4: int8 codes
+stepped for 4 bits of order-0 entropy, one step per matrix here (no row weights)) quantizes whole weight
 matrices with converter.quant and lays them out with converter.layouts.linear_initializers, exactly as a bundle
 stores them; the sample is one chunk (CHUNK_SYMBOLS symbols, the bundle default) from the middle of each of
 several matrices spread over the model. Sources: SmolLM2-135M (converter.loaders.default_model_path(), a Q4_1
@@ -56,7 +57,7 @@ from converter.quant import get_scheme  # noqa: E402
 CHUNK_SYMBOLS = 262_144  # the bundle's default chunk size
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 DOC = ROOT / "docs" / "compression.md"
-SCHEMES = ["int8", "int8-g32", "int4-g32", "int4-g64", "int4-g128", "int2-g64", "ternary"]
+SCHEMES = ["int8", "int8-g32", "int4-g32", "int4-g64", "int4-g128", "int2-g64", "ternary", "int8-e4"]
 TARGET_RATIO = 1.03  # all-in size / order-0 entropy
 SEED = 20250101
 

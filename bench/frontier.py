@@ -58,11 +58,15 @@ EMBED = "model.embed_tokens.weight"
 OURS = [("source", None), ("source", "q4_1"), ("source", "int4-g32"), ("q8_0", "q8_0"), ("int8", "int8"),
         ("int8-g32", "int8-g32"), ("q4_0", "q4_0"), ("int4-g32", "source"), ("int4-g32", "int8"),
         ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64"), ("int2-g32", "int4-g32"), ("int2-g64", "int4-g64"),
-        ("ternary-g64", "int4-g64"), ("ternary", "int8")]
+        ("ternary-g64", "int4-g64"), ("ternary", "int8"), ("source", "int8-e3.9")]
 # (no int4-g128: SmolLM2's rows of 576 are 4.5 groups of 128)
 # Calibrated points: (--scheme, --embed-scheme, method); with `source` only the embedding is calibrated
 # (--calibrate METHOD --calib-embedding: GPTQ on the lm_head with the Hessian of the final hidden states).
-OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "gptq+clip")]
+# int8-eB: int8 codes with steps chosen for B bits of order-0 entropy, frequent tokens at finer steps (the
+# token-id prior; calibrated, also the token probabilities on the calibration text) — quant/entropy.py.
+OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "gptq+clip"),
+                   ("source", "int8-e3.9", "gptq"), ("source", "int8-e3.5", "gptq"), ("source", "int8-e4.5", "gptq"),
+                   ("int8-e3", "int8-e3.5", "gptq")]
 # llama.cpp points: (type of the linear layers, type of the embedding)
 LLAMA_CPP = [("Q8_0", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q8_0"), ("Q4_1", "Q8_0"), ("Q4_0", "Q8_0"),
              ("Q4_1", "Q4_1"), ("Q4_0", "Q4_0"), ("TQ2_0", "Q4_0"), ("TQ1_0", "Q4_0")]

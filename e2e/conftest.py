@@ -43,8 +43,9 @@ def bundle_dir(tmp_path_factory):
     tiny.write_hf(src, tied=True, dtype="bf16")
     ck = open_checkpoint(src)
     write_bundle(ck, root / "tiny-f32", BuildOptions(scheme="f32", chunk_symbols=4096))
-    # tokenizer files stored as QZ chunks even though they are small, so the page's path for them runs on tiny models
-    write_bundle(ck, root / "tiny-int4", BuildOptions(scheme="int4-g32", embed_scheme="int8-g32", chunk_symbols=4096,
+    # tokenizer files stored as QZ chunks even though they are small, so the page's path for them runs on tiny models;
+    # the embedding int8-e5 (entropy-constrained int8, laid out as int8-g32), so the page runs that scheme too
+    write_bundle(ck, root / "tiny-int4", BuildOptions(scheme="int4-g32", embed_scheme="int8-e5", chunk_symbols=4096,
                                                       compress_files_from=0))
     write_bundle(ck, root / "tiny-int8", BuildOptions(scheme="int8", chunk_symbols=4096))
     try:
