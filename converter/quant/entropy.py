@@ -78,7 +78,8 @@ def row_steps(w: np.ndarray, bits: float, importance: np.ndarray | None = None) 
     """float16 (rows,) steps whose codes have an order-0 entropy of about `bits` (bisection on the scale)."""
     rows = w.shape[0]
     rel = relative_steps(rows, importance)
-    floor = np.abs(w).max(axis=1).astype(np.float64) / 127.0
+    floor = np.concatenate([np.abs(w[r:r + BLOCK_ROWS]).max(axis=1) for r in range(0, rows, BLOCK_ROWS)])
+    floor = floor.astype(np.float64) / 127.0
     pick = np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).astype(np.int64)
     ws, rs, fs = np.asarray(w[pick], np.float32), rel[pick], floor[pick]
 
@@ -97,18 +98,21 @@ def row_steps(w: np.ndarray, bits: float, importance: np.ndarray | None = None) 
 
 
 def quantize_with_steps(name: str, w: np.ndarray, steps: np.ndarray) -> Quantized:
-    """Round to nearest on the given per-row steps (float16 (rows,)), in row blocks."""
+    """Round to nearest on the given per-row steps (float16 (rows,)), in row blocks (no full-size float copy:
+    a Llama-3 embedding is 1 GB as float32)."""
     codes = np.empty(w.shape, np.int8)
+    mx, sq = 0.0, 0.0
     for r in range(0, w.shape[0], BLOCK_ROWS):
-        codes[r:r + BLOCK_ROWS] = _round(np.asarray(w[r:r + BLOCK_ROWS], np.float32), steps[r:r + BLOCK_ROWS])
-    return assemble(name, w, codes.view(np.uint8), steps)
+        blk = np.asarray(w[r:r + BLOCK_ROWS], np.float32)
+        c = codes[r:r + BLOCK_ROWS] = _round(blk, steps[r:r + BLOCK_ROWS])
+        d = blk - c.astype(np.float32) * steps[r:r + BLOCK_ROWS].astype(np.float32)[:, None]
+        mx, sq = max(mx, float(np.abs(d).max(initial=0.0))), sq + float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+    return _quantized(name, w.shape, codes.view(np.uint8), steps, mx, float(np.sqrt(sq / max(1, w.size))))
 
 
-def assemble(name: str, w: np.ndarray, symbols: np.ndarray, steps: np.ndarray) -> Quantized:
-    scales = np.repeat(steps.reshape(-1, 1).astype(np.float16), w.shape[1] // GROUP, axis=1)
-    out = Quantized(name, tuple(w.shape), symbols, scales, group=GROUP)
-    mx, rms = errors(w, dequantize(out))
-    return Quantized(name, tuple(w.shape), symbols, scales, group=GROUP, max_error=mx, rms_error=rms,
+def _quantized(name, shape, symbols, steps, max_error, rms_error) -> Quantized:
+    scales = np.repeat(steps.reshape(-1, 1).astype(np.float16), shape[1] // GROUP, axis=1)
+    return Quantized(name, tuple(shape), symbols, scales, group=GROUP, max_error=max_error, rms_error=rms_error,
                      extra={"entropy_bits": round(entropy_bits(symbols.view(np.int8)), 4)})
 
 
