@@ -78,6 +78,9 @@ class CalibrationOptions:
                                  "the embedding can be calibrated: add --calib-embedding, without --mixed")
             return self._check_numbers()
         for s in (scheme, self.mixed_high) if self.mixed is not None else (scheme,):
+            if self.mixed is not None and get_scheme(s).target_bits is not None:
+                raise QuantError(f"--mixed budgets nominal bits per weight, which {s} does not have (its size is "
+                                 "set by its entropy target): choose the target instead")
             if get_scheme(s).alphabet == 0:
                 raise QuantError(f"scheme {s} is a float scheme: there is nothing to calibrate")
             if not s.startswith(("int", "ternary")):      # the GGUF block schemes keep their own arithmetic

@@ -151,3 +151,9 @@ def test_calibrated_embedding_weighs_tokens_by_probability(tmp_path, tiny_hf):
     got = OrtDecoder(bundle).forward_full(IDS)
     want = reference.forward(ck.config, weights, IDS)
     assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-3
+
+
+def test_mixed_precision_refuses_entropy_targets():
+    for scheme, high in (("int8-e3", "int8-g32"), ("int4-g32", "int8-e5")):
+        with pytest.raises(QuantError, match="entropy target"):
+            CalibrationOptions(method="gptq", mixed=5.0, mixed_high=high).check(scheme)
