@@ -230,6 +230,8 @@ def main(argv=None) -> int:
                            "bytes": nbytes, "bpw": 8 * nbytes / n_params, **res})
             log(f"  {points[-1]['bpw']:.3f} bpw  KL {res['kl']:.5f}  ppl {res['ppl']:.3f}")
             save()
+    else:                                      # --only ours: keep the llama.cpp points measured before
+        points += [p for (kind, _), p in done.items() if kind == "llama.cpp"]
     del floats
 
     paths, built = [], set()
@@ -247,6 +249,8 @@ def main(argv=None) -> int:
                 write_bundle(ck, out, BuildOptions(scheme=scheme, embed_scheme=embed, force=True, name=out.name,
                                                    fp16_graph=False, wasm_graph=False, calibration=calibration))
             paths.append(out)
+    else:                                      # --only llama.cpp: keep our points measured before
+        points += [p for (kind, _), p in done.items() if kind == "ours"]
     paths += [Path(p) for p in args.extra]
     for path in paths:
         b = load(path)
