@@ -1,4 +1,4 @@
-"""Readable reference of the QZ chunk format (docs/lzw-format.md, versions 1 and 2).
+"""Readable reference of the QZ chunk format (docs/lzw-format.md, versions 1, 2 and 3).
 
 This module is the executable form of the specification: it favours clarity over speed. The fast path is
 static/wasm/qz.c (used through converter/codec.py); both must give identical bytes and identical error codes,
@@ -22,7 +22,8 @@ version 1) says which dictionary:
   primed (1): the dictionary is fixed before the first code: the leaves of a Tunstall tree that both sides build
   from the model block (symbols ranked by frequency, the top ranks grouped in classes of 2**k, one small integer
   cost per class). Every code is max_code_bits wide. The low k bits of each symbol's rank are stored raw in a
-  section before the codes, so the tree only has to parse the class stream.
+  section before the codes, so the tree only has to parse the class stream. Version 3: the tree's last class may
+  be an escape for all the rarer classes, whose true index follows the codes as escape_bits raw bits each.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from converter.errors import CodecError
 # ---------------------------------------------------------------------------------------------------------------
 
 MAGIC = b"QZ"
-VERSION = 2  # what encode_chunk writes unless told otherwise
-VERSIONS = (1, 2)  # what the decoders accept
+VERSION = 3  # what encode_chunk may write unless told otherwise (a version-3 chunk only when it uses an escape)
+VERSIONS = (1, 2, 3)  # what the decoders accept
 HEADER_SIZE = 16  # the fixed header; a primed chunk follows it with its model block (ChunkHeader.header_size)
 
 METHOD_PACKED = 0
@@ -74,10 +75,12 @@ COST_UNITS_PER_BIT = 16  # class costs are -log2(probability) in 1/16 bit
 MIN_COST, MAX_COST = 1, 255
 MAX_PHRASE = 64  # longest dictionary string: a node of depth 63 may be expanded, one of depth 64 is a leaf
 MAX_THRESHOLD = 0xFFFF
+MAX_ESCAPE_BITS = 8  # version 3: raw bits of an escaped class
 # Encoder policy (not format rules): the widths and splits it tries
 PRIMED_CODE_BITS = 12  # widest primed code the encoder uses ...
 PRIMED_WIDTH_TRIES = 3  # ... and how many narrower widths it also tries
 PRIMED_MAX_CLASSES = 64  # split_bits candidates keep at most this many classes
+ESCAPE_CLASS_TRIES = (2, 3, 4, 6, 8)  # version 3: tree classes (the escape included) the encoder tries
 
 # Error codes, shared with static/wasm/qz.c and the JS decoder.
 OK = 0
@@ -133,13 +136,14 @@ class PrimedModel:
     extra: int  # E: ... or when its cost is T + 1 and fewer than E such nodes were expanded before it
     perm: bytes  # A bytes, a permutation of 0..A-1: perm[rank] = symbol
     costs: bytes  # M bytes, 1..255: cost of class c in 1/16 bit (about -16 * log2 of its probability)
+    escape_bits: int = 0  # version 3, model byte 1 (0 in version 2): class M-1 is an escape, see _escapes
 
     @property
     def nbytes(self) -> int:
         return MODEL_FIXED_SIZE + len(self.perm) + len(self.costs)
 
     def to_bytes(self) -> bytes:
-        return (bytes([self.split_bits, 0]) + self.classes.to_bytes(2, "little")
+        return (bytes([self.split_bits, self.escape_bits]) + self.classes.to_bytes(2, "little")
                 + self.threshold.to_bytes(2, "little") + self.extra.to_bytes(2, "little") + self.perm + self.costs)
 
 
@@ -147,7 +151,7 @@ class PrimedModel:
 class ChunkHeader:
     """The 16-byte chunk header (plus, for a primed chunk, its model block), validated."""
 
-    version: int  # 1 or 2
+    version: int  # 1, 2 or 3
     method: int  # METHOD_PACKED or METHOD_LZW
     alphabet: int  # A: symbols are 0..A-1, 2 <= A <= 256
     layout: int  # LAYOUT_U8 / LAYOUT_U4 / LAYOUT_U2: the bytes the decoder writes
@@ -155,7 +159,7 @@ class ChunkHeader:
     max_code_bits: int  # adaptive: 9..16 (widest code); primed: 9..16 (every code); packed: 0
     flags: int  # adaptive: bit 0 = reset-when-full; primed and packed: 0
     n_symbols: int  # symbols in the chunk (may be 0)
-    dictionary: int = DICT_ADAPTIVE  # method 1 of version 2: DICT_ADAPTIVE or DICT_PRIMED; otherwise 0
+    dictionary: int = DICT_ADAPTIVE  # method 1 of version 2 / 3: DICT_ADAPTIVE or DICT_PRIMED; otherwise 0
     model: PrimedModel | None = None  # DICT_PRIMED only
 
     @property
@@ -225,10 +229,10 @@ def _method_problem(h: ChunkHeader) -> str | None:
         return f"primed code width {h.max_code_bits} outside {MIN_CODE_BITS}..{MAX_CODE_BITS}"
     if h.flags != 0:
         return f"primed chunk with flags 0x{h.flags:02x} (must be 0)"
-    return _model_problem(h.model, h.alphabet)
+    return _model_problem(h.model, h.alphabet, h.version)
 
 
-def _model_problem(m: PrimedModel | None, alphabet: int) -> str | None:
+def _model_problem(m: PrimedModel | None, alphabet: int, version: int = 2) -> str | None:
     """The static rules of a model block (the tree-size rules are checked while the tree is built)."""
     if m is None:
         return "primed chunk without a model block"
@@ -242,6 +246,9 @@ def _model_problem(m: PrimedModel | None, alphabet: int) -> str | None:
         return f"the rank table is not a permutation of 0..{alphabet - 1}"
     if any(not MIN_COST <= c <= MAX_COST for c in m.costs):
         return f"class costs must be {MIN_COST}..{MAX_COST}, got {list(m.costs)}"
+    if m.escape_bits and (version < 3 or m.escape_bits > MAX_ESCAPE_BITS):
+        return (f"escape_bits {m.escape_bits}: 0 in version {version}" if version < 3
+                else f"escape_bits {m.escape_bits} above {MAX_ESCAPE_BITS}")
     return None
 
 
@@ -256,7 +263,7 @@ def parse_header(chunk: bytes) -> ChunkHeader:
     version = raw[2]
     if version not in VERSIONS:
         raise CodecError(BAD_HEADER, f"version {version} at offset 2, expected one of {VERSIONS}")
-    reserved = raw[10:12] if version == 1 else raw[11:12]  # version 2 uses byte 10 for the dictionary
+    reserved = raw[10:12] if version == 1 else raw[11:12]  # versions 2, 3 use byte 10 for the dictionary
     if any(reserved):
         raise CodecError(BAD_HEADER, f"reserved bytes at offset {12 - len(reserved)} are {reserved.hex()}, "
                                      f"expected zeros")
@@ -269,7 +276,7 @@ def parse_header(chunk: bytes) -> ChunkHeader:
         max_code_bits=raw[8],
         flags=raw[9],
         n_symbols=int.from_bytes(raw[12:16], "little"),
-        dictionary=raw[10] if version == 2 else DICT_ADAPTIVE,
+        dictionary=raw[10] if version >= 2 else DICT_ADAPTIVE,
     )
     if header.primed:
         header = _with_model(header, chunk)
@@ -289,14 +296,15 @@ def _with_model(header: ChunkHeader, chunk: bytes) -> ChunkHeader:
     if len(chunk) < end:
         raise CodecError(BAD_HEADER, f"chunk has {len(chunk)} bytes, ends inside the model block at offset 16")
     raw = bytes(chunk[HEADER_SIZE:end])
-    if raw[1] != 0:
-        raise CodecError(BAD_HEADER, f"model reserved byte at offset 17 is {raw[1]}, expected 0")
+    if raw[1] != 0 and header.version < 3:
+        raise CodecError(BAD_HEADER, f"model reserved byte at offset 17 is {raw[1]}, expected 0 in version "
+                                     f"{header.version}")
     classes = int.from_bytes(raw[2:4], "little")
     if len(chunk) < end + a + classes:
         raise CodecError(BAD_HEADER, f"chunk has {len(chunk)} bytes, model block needs {end + a + classes}")
     model = PrimedModel(split_bits=raw[0], classes=classes, threshold=int.from_bytes(raw[4:6], "little"),
                         extra=int.from_bytes(raw[6:8], "little"), perm=bytes(chunk[end:end + a]),
-                        costs=bytes(chunk[end + a:end + a + classes]))
+                        costs=bytes(chunk[end + a:end + a + classes]), escape_bits=raw[1])
     return dataclasses.replace(header, model=model)
 
 
@@ -638,15 +646,40 @@ def _rank_symbols(data: bytes, alphabet: int) -> tuple[list[int], bytes]:
     return counts, perm
 
 
-def fit_model(counts: list[int], perm: bytes, split_bits: int, width: int) -> PrimedModel:
-    """The model the encoder writes for these counts: class costs from the class counts, then T and E."""
+def class_counts_of(counts: list[int], perm: bytes, split_bits: int) -> list[int]:
+    """Symbol counts summed per class (classes in rank order, so their counts never increase)."""
     group = 1 << split_bits
-    class_counts = [sum(counts[s] for s in perm[j * group:(j + 1) * group]) for j in range(len(perm) >> split_bits)]
-    classes = max(2, sum(1 for c in class_counts if c))  # classes are in decreasing count order: zeros come last
+    return [sum(counts[s] for s in perm[j * group:(j + 1) * group]) for j in range(len(perm) >> split_bits)]
+
+
+def fit_model(counts: list[int], perm: bytes, split_bits: int, width: int, tree_classes: int = 0) -> PrimedModel:
+    """The model the encoder writes for these counts: class costs from the class counts, then T and E.
+    tree_classes > 0 (version 3): the tree knows that many classes, the last one the escape standing for all the
+    used classes from it on (escape_bits wide enough to number them)."""
+    cc = class_counts_of(counts, perm, split_bits)
+    used = max(2, sum(1 for c in cc if c))  # classes are in decreasing count order: zeros come last
     total = sum(counts)
-    costs = [class_cost(c, total) for c in class_counts[:classes]]
+    escape_bits = 0
+    if tree_classes:
+        escape_bits = max(1, (used - tree_classes).bit_length())  # escaped values 0 .. used - tree_classes
+        cc = cc[:tree_classes - 1] + [sum(cc[tree_classes - 1:])]
+        used = tree_classes
+    costs = [class_cost(c, total) for c in cc[:used]]
     threshold, extra = _choose_threshold(costs, width)
-    return PrimedModel(split_bits, classes, threshold, extra, perm, bytes(costs))
+    return PrimedModel(split_bits, used, threshold, extra, perm, bytes(costs), escape_bits)
+
+
+def escape_candidates(counts: list[int], perm: bytes, alphabet: int) -> list[tuple[int, int]]:
+    """(split_bits, tree classes) the version-3 encoder tries: every split with at least 2 classes (no
+    PRIMED_MAX_CLASSES cap: the tree sees only the few classes before the escape), each ESCAPE_CLASS_TRIES
+    count that leaves at least two used classes behind the escape."""
+    out = []
+    for k in range(MAX_SPLIT_BITS + 1):
+        if alphabet % (1 << k) or alphabet >> k < 2:
+            continue
+        used = sum(1 for c in class_counts_of(counts, perm, k) if c)
+        out += [(k, m) for m in ESCAPE_CLASS_TRIES if m < used]
+    return out
 
 
 def _primed_parse(classes: bytes, table: list[int], m: int) -> list[int]:
@@ -676,14 +709,18 @@ def _write_fields(values, width: int) -> bytes:
 
 
 def _primed_candidate(data: bytes, ranks: bytes, counts: list[int], perm: bytes, split_bits: int,
-                      width: int) -> tuple[int, PrimedModel, list[int]]:
-    """(chunk size, model, codes) of one (split_bits, width) choice."""
-    model = fit_model(counts, perm, split_bits, width)
+                      width: int, tree_classes: int = 0) -> tuple[int, PrimedModel, list[int]]:
+    """(chunk size, model, codes) of one (split_bits, width[, tree classes]) choice."""
+    model = fit_model(counts, perm, split_bits, width, tree_classes)
     _, table = _primed_tree(model.costs, model.threshold, model.extra, width)
-    classes = ranks.translate(bytes((r >> split_bits) & 0xFF for r in range(256)))
+    top = model.classes - 1
+    classes = ranks.translate(bytes(min((r >> split_bits) & 0xFF, top) if model.escape_bits else (r >> split_bits)
+                                    & 0xFF for r in range(256)))
     codes = _primed_parse(classes, table, model.classes)
     n = len(data)
-    size = HEADER_SIZE + model.nbytes + (n * split_bits + 7) // 8 + (len(codes) * width + 7) // 8
+    escaped = classes.count(top) if model.escape_bits else 0
+    size = (HEADER_SIZE + model.nbytes + (n * split_bits + 7) // 8 + (len(codes) * width + 7) // 8
+            + (escaped * model.escape_bits + 7) // 8)
     return size, model, codes
 
 
@@ -694,12 +731,14 @@ def primed_split_candidates(alphabet: int) -> list[int]:
     return ks or [0]
 
 
-def _primed_encode(data: bytes, alphabet: int, max_code_bits: int) -> tuple[int, PrimedModel, bytes]:
+def _primed_encode(data: bytes, alphabet: int, max_code_bits: int,
+                   escapes: bool = False) -> tuple[int, PrimedModel, bytes]:
     """Choose (split_bits, width) by the smallest chunk and encode: (width, model, payload).
 
     Candidates, in this order (the first of equal sizes wins): every split_bits of primed_split_candidates at
-    width W = min(max_code_bits, PRIMED_CODE_BITS); then, with the best split_bits, widths W-1 down to
-    W-PRIMED_WIDTH_TRIES (not below MIN_CODE_BITS).
+    width W = min(max_code_bits, PRIMED_CODE_BITS); with `escapes`, then every escape_candidates pair at W;
+    then, with the best's split_bits (and tree classes), widths W-1 down to W-PRIMED_WIDTH_TRIES (not below
+    MIN_CODE_BITS).
     """
     counts, perm = _rank_symbols(data, alphabet)
     rank_of = bytearray(256)
@@ -712,15 +751,50 @@ def _primed_encode(data: bytes, alphabet: int, max_code_bits: int) -> tuple[int,
         cand = _primed_candidate(data, ranks, counts, perm, k, top) + (top,)
         if best is None or cand[0] < best[0]:
             best = cand
+    for k, m in escape_candidates(counts, perm, alphabet) if escapes else ():
+        cand = _primed_candidate(data, ranks, counts, perm, k, top, m) + (top,)
+        if cand[0] < best[0]:
+            best = cand
     k = best[1].split_bits
+    m = best[1].classes if best[1].escape_bits else 0
     for width in range(top - 1, max(MIN_CODE_BITS, top - PRIMED_WIDTH_TRIES) - 1, -1):
-        cand = _primed_candidate(data, ranks, counts, perm, k, width) + (width,)
+        cand = _primed_candidate(data, ranks, counts, perm, k, width, m) + (width,)
         if cand[0] < best[0]:
             best = cand
     _, model, codes, width = best
     mask = (1 << k) - 1
     low = _write_fields((r & mask for r in ranks), k) if k else b""
-    return width, model, low + _write_fields(codes, width)
+    escaped = b""
+    if model.escape_bits:
+        top_class = model.classes - 1
+        escaped = _write_fields(((r >> k) - top_class for r in ranks if r >> k >= top_class), model.escape_bits)
+    return width, model, low + _write_fields(codes, width) + escaped
+
+
+def _escapes(classes: bytearray, model: PrimedModel, alphabet: int, section: bytes, offset: int) -> bytearray:
+    """Version 3: each class M-1 (the escape), in order, becomes M-1 + the next escape_bits of `section` (the
+    payload from `offset` on), which must hold exactly those bits; an escaped class must be < A >> k."""
+    top, e, limit = model.classes - 1, model.escape_bits, alphabet >> model.split_bits
+    reader = _BitReader(section)
+    for i, c in enumerate(classes):
+        if c == top:
+            try:
+                true = top + reader.read(e)
+            except CodecError:
+                raise CodecError(TRUNCATED, f"the escape section (payload offset {offset}) ends before the escape "
+                                            f"of symbol {i}") from None
+            if true >= limit:
+                raise CodecError(BAD_CODE, f"escaped class {true} of symbol {i} is not below {limit} "
+                                           f"(alphabet {alphabet} >> {model.split_bits})")
+            classes[i] = true
+    used = (reader.bits_read + 7) // 8
+    if len(section) != used:
+        raise CodecError(TRAILING, f"{len(section) - used} bytes after the escape section (payload offset "
+                                   f"{offset + used})")
+    if reader.acc:
+        raise CodecError(TRAILING, f"nonzero padding bits after the escape section (payload offset "
+                                   f"{offset + used - 1})")
+    return classes
 
 
 def _primed_decode(h: ChunkHeader, payload: bytes) -> bytes:
@@ -742,8 +816,14 @@ def _primed_decode(h: ChunkHeader, payload: bytes) -> bytes:
             raise CodecError(BAD_CODE, f"code {code} is not in the primed dictionary ({len(leaves)} leaves), "
                                        f"symbol {len(out)}")
         out += leaves[code]
-    reader.check_end()
     del out[n:]  # the last phrase may have been cut short by the end of the chunk
+    if model.escape_bits:
+        codes_end = low_len + reader.pos  # the code section ends in the byte of its last bit
+        if reader.acc:
+            raise CodecError(TRAILING, f"nonzero padding bits after the last code (payload offset {codes_end - 1})")
+        out = _escapes(out, model, h.alphabet, payload[codes_end:], codes_end)
+    else:
+        reader.check_end()
     if k:
         low = _BitReader(payload[:low_len])
         out = bytearray((c << k) | low.read(k) for c in out)
@@ -776,7 +856,7 @@ def encode_params_header(n_symbols: int, alphabet: int, layout: int, bias: int, 
     if dictionary is None:
         encode_params_header(n_symbols, alphabet, layout, bias, max_code_bits, reset_when_full, method, version,
                              DICT_ADAPTIVE)
-        dictionary = DICT_PRIMED if version == 2 else DICT_ADAPTIVE
+        dictionary = DICT_PRIMED if version >= 2 else DICT_ADAPTIVE
     if method == METHOD_PACKED:
         dictionary = DICT_ADAPTIVE  # the byte is 0
     primed = method == METHOD_LZW and dictionary == DICT_PRIMED
@@ -801,8 +881,10 @@ def encode_chunk(symbols, alphabet: int, layout: int, bias: int = 0, max_code_bi
 
     method: None = dictionary codes unless that chunk is larger than the packed one (a tie stays dictionary
     codes); METHOD_LZW / METHOD_PACKED force one.
-    version 2 (the default), dictionary: None = the smaller of the primed and the adaptive chunk (primed on a
-    tie); DICT_PRIMED / DICT_ADAPTIVE force one. version 1: the adaptive dictionary, exactly as version 1 wrote.
+    version 2, dictionary: None = the smaller of the primed and the adaptive chunk (primed on a tie);
+    DICT_PRIMED / DICT_ADAPTIVE force one. version 3 (the default): the same, and the primed dictionary may use
+    an escape class; only such a chunk says version 3 (any other is written exactly as version 2 writes it).
+    version 1: the adaptive dictionary, exactly as version 1 wrote.
     max_code_bits: adaptive: the widest code (9..16); primed: an upper bound (9..16) on the code width, which
     the encoder keeps at most PRIMED_CODE_BITS. reset_when_full: adaptive only.
     Bad parameters raise CodecError(BAD_HEADER); a symbol >= alphabet raises CodecError(BAD_SYMBOL).
@@ -816,18 +898,19 @@ def encode_chunk(symbols, alphabet: int, layout: int, bias: int = 0, max_code_bi
     if data and max(data) >= alphabet:
         i = next(i for i, s in enumerate(data) if s >= alphabet)
         raise CodecError(BAD_SYMBOL, f"symbol {i} is {data[i]}, alphabet is {alphabet}")
-    packed_header = encode_params_header(len(data), alphabet, layout, bias, 0, False, METHOD_PACKED, version)
+    written = min(version, 2)  # what a chunk without an escape says
+    packed_header = encode_params_header(len(data), alphabet, layout, bias, 0, False, METHOD_PACKED, written)
     packed = packed_header.to_bytes() + pack_symbols(data, layout, bias)
     if want == METHOD_PACKED:
         return packed
     chunk = None
     if dictionary in (None, DICT_PRIMED):
-        width, model, payload = _primed_encode(data, alphabet, max_code_bits)
-        chunk = ChunkHeader(version, METHOD_LZW, alphabet, layout, bias, width, 0, len(data), DICT_PRIMED,
-                            model).to_bytes() + payload
+        width, model, payload = _primed_encode(data, alphabet, max_code_bits, escapes=version >= 3)
+        chunk = ChunkHeader(3 if model.escape_bits else written, METHOD_LZW, alphabet, layout, bias, width, 0,
+                            len(data), DICT_PRIMED, model).to_bytes() + payload
     if dictionary in (None, DICT_ADAPTIVE):
         adaptive = encode_params_header(len(data), alphabet, layout, bias, max_code_bits, reset_when_full,
-                                        METHOD_LZW, version, DICT_ADAPTIVE).to_bytes() \
+                                        METHOD_LZW, written, DICT_ADAPTIVE).to_bytes() \
             + _lzw_encode(data, alphabet, max_code_bits, reset_when_full)
         if chunk is None or len(adaptive) < len(chunk):
             chunk = adaptive

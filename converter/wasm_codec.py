@@ -22,6 +22,7 @@ ENC_FORCE_PACKED = 0x200
 ENC_V2 = 0x400
 ENC_ADAPTIVE = 0x800
 ENC_PRIMED = 0x1000
+ENC_V3 = 0x2000  # with ENC_V2: the primed dictionary may use an escape class (a version-3 chunk)
 MODEL_MAX_SIZE = lzw.MODEL_FIXED_SIZE + 256 + 256  # the largest primed model block
 
 _lock = threading.Lock()
@@ -178,8 +179,10 @@ def encode_chunk(symbols, alphabet: int, layout: int, bias: int = 0, max_code_bi
                                 version=version, dictionary=dictionary)
     flags = (ENC_RESET if reset_when_full else 0) | {None: 0, lzw.METHOD_LZW: ENC_FORCE_LZW,
                                                      lzw.METHOD_PACKED: ENC_FORCE_PACKED}[method]
-    if version == 2:
+    if version >= 2:
         flags |= ENC_V2 | {None: 0, lzw.DICT_ADAPTIVE: ENC_ADAPTIVE, lzw.DICT_PRIMED: ENC_PRIMED}[dictionary]
+    if version >= 3:
+        flags |= ENC_V3
     qz = load()
     with _lock:
         sym_len = (len(data) + 15) & ~15

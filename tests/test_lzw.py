@@ -175,7 +175,8 @@ def test_header_bytes():
 
 def test_primed_header_and_model_block():
     symbols = bytes([0, 1, 1, 2, 1, 1, 0, 1] * 50)  # counts: 1 -> 250, 0 -> 100, 2 -> 50
-    chunk = lzw.encode_chunk(symbols, 3, lzw.LAYOUT_U8, bias=1, method=lzw.METHOD_LZW, dictionary=lzw.DICT_PRIMED)
+    chunk = lzw.encode_chunk(symbols, 3, lzw.LAYOUT_U8, bias=1, method=lzw.METHOD_LZW, dictionary=lzw.DICT_PRIMED,
+                             version=2)
     h = lzw.parse_header(chunk)
     m = h.model
     assert (h.version, h.method, h.dictionary, h.flags) == (2, lzw.METHOD_LZW, lzw.DICT_PRIMED, 0)
@@ -286,7 +287,7 @@ def test_layout_packing():
     dict(alphabet=1, layout=0), dict(alphabet=257, layout=0), dict(alphabet=17, layout=1), dict(alphabet=5, layout=2),
     dict(alphabet=4, layout=3), dict(alphabet=4, layout=1, bias=1), dict(alphabet=4, layout=0, bias=256),
     dict(alphabet=4, layout=0, max_code_bits=8), dict(alphabet=4, layout=0, max_code_bits=17),
-    dict(alphabet=4, layout=0, method=2), dict(alphabet=4, layout=0, version=3),
+    dict(alphabet=4, layout=0, method=2), dict(alphabet=4, layout=0, version=4),
     dict(alphabet=4, layout=0, dictionary=2), dict(alphabet=4, layout=0, version=1, dictionary=lzw.DICT_PRIMED),
     dict(alphabet=4, layout=0, dictionary=lzw.DICT_PRIMED, max_code_bits=17),
 ])

@@ -1,4 +1,4 @@
-"""Write the QZ golden vectors (versions 1 and 2): tests/golden/*.qz and tests/golden/index.json.
+"""Write the QZ golden vectors (versions 1, 2 and 3): tests/golden/*.qz and tests/golden/index.json.
 
     python tools/make_golden.py                # rewrite tests/golden/
     python tools/make_golden.py --out /tmp/g   # elsewhere (the tests check the committed files are what this makes)
@@ -6,7 +6,7 @@
 Every implementation (converter/lzw.py, static/wasm/qz.c through wasmtime, the JS decoder) must decode each file
 to the expected result. index.json:
 
-    {"format": "QZ chunk v1 and v2 (docs/lzw-format.md)",
+    {"format": "QZ chunk v1, v2 and v3 (docs/lzw-format.md)",
      "vectors": [{"name": ..., "file": "<name>.qz", "what": "<one line>",
                   "expect": "ok", "length": <output bytes>, "sha256": "<hex of the output bytes>"}
                  or {..., "expect": "<error name, e.g. BAD_CODE>", "code": <error code>}]}
@@ -14,7 +14,8 @@ to the expected result. index.json:
 The inputs come from a tiny fixed PRNG (splitmix64) so the files never change with a Python or numpy version.
 Valid chunks come from the reference encoder (or, for a primed chunk with a chosen split or width, from its model
 and tree functions); invalid ones are valid chunks with one defect, or code streams written by hand below. The
-version-1 vectors are the ones version 1 shipped with, byte for byte. Each expectation is checked against the
+version-1 vectors are the ones version 1 shipped with, byte for byte, except bad_version, which says version 4
+since version 3 exists. Each expectation is checked against the
 reference decoder before anything is written.
 """
 from __future__ import annotations
@@ -251,7 +252,7 @@ def invalid_vectors() -> list[Vector]:
     packed = encode(uniform_symbols(21, 101, 16), 16, U4, method=PACKED)  # odd n: a padding nibble
     v = [
         Vector("bad_magic", "magic 'QX'", with_byte(good, 1, ord("X")), "BAD_HEADER"),
-        Vector("bad_version", "version 3 (1 and 2 exist)", with_byte(good, 2, 3), "BAD_HEADER"),
+        Vector("bad_version", "version 4 (1, 2 and 3 exist)", with_byte(good, 2, 4), "BAD_HEADER"),
         Vector("bad_method", "method 2", with_byte(good, 3, 2), "BAD_HEADER"),
         Vector("truncated_header", "10 bytes: shorter than the header", good[:10], "BAD_HEADER"),
         Vector("empty_input", "0 bytes", b"", "BAD_HEADER"),
@@ -417,7 +418,7 @@ def invalid_vectors_v2() -> list[Vector]:
         Vector("v2_reserved_11", "version 2, reserved byte 11 = 1", with_byte(good, 11, 1), "BAD_HEADER"),
         Vector("v1_dictionary_byte", "version 1 with byte 10 = 1 (reserved in version 1)",
                with_byte(encode(s, 16, U4), 10, 1), "BAD_HEADER"),
-        Vector("v2_version_3", "version 3", with_byte(good, 2, 3), "BAD_HEADER"),
+        Vector("v2_version_4", "version 4", with_byte(good, 2, 4), "BAD_HEADER"),
         Vector("v2_primed_flags", "primed chunk with flags 1", with_byte(good, 9, 1), "BAD_HEADER"),
         Vector("v2_primed_width_8", "primed code width 8", with_byte(good, 8, 8), "BAD_HEADER"),
         Vector("v2_primed_width_17", "primed code width 17", with_byte(good, 8, 17), "BAD_HEADER"),
@@ -469,6 +470,94 @@ def invalid_vectors_v2() -> list[Vector]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Version 3: the escape class
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _escaped(chunk: bytes) -> tuple[lzw.ChunkHeader, int]:
+    """(header, payload offset of the escape section) of a chunk that must be a version-3 escape chunk."""
+    h = lzw.parse_header(chunk)
+    if not (h.version == 3 and h.primed and h.model.escape_bits):
+        raise AssertionError(f"expected a version-3 escape chunk, got version {h.version}")
+    leaves, _ = lzw._primed_tree(h.model.costs, h.model.threshold, h.model.extra, h.max_code_bits)
+    low_len = (h.n_symbols * h.model.split_bits + 7) // 8
+    reader, total = lzw._BitReader(chunk[h.header_size + low_len:]), 0
+    while total < h.n_symbols:
+        total += len(leaves[reader.read(h.max_code_bits)])
+    return h, low_len + reader.pos
+
+
+def encode3(symbols: bytes, alphabet: int, layout: int, **kw) -> bytes:
+    return lzw.encode_chunk(symbols, alphabet, layout, version=3, **kw)
+
+
+def valid_vectors_v3() -> list[Vector]:
+    U8, U4 = lzw.LAYOUT_U8, lzw.LAYOUT_U4
+    v = []
+    for name, what, chunk in (
+            ("v3_escape_int8", "int8-like codes, sigma 3 (peaked: an escape class), A=256",
+             encode3(int8_symbols(60, 3000, 3.0), 256, U8)),
+            ("v3_escape_u4", "A=16 in nibbles, sigma 1.5", encode3(gauss_symbols(61, 2001, 16, sigma=1.5), 16, U4)),
+            ("v3_escape_int8_k3", "int8-like codes, sigma 8, A=256", encode3(int8_symbols(63, 3000, 8.0), 256, U8)),
+            ("v3_escape_a10", "A=10, sigma 1.5", encode3(gauss_symbols(64, 1500, 10, sigma=1.5), 10, U8))):
+        h, _ = _escaped(chunk)
+        v.append(Vector(name, f"{what}: k={h.model.split_bits}, M={h.model.classes}, "
+                              f"escape_bits={h.model.escape_bits}", chunk, "ok"))
+    splits = {lzw.parse_header(x.chunk).model.split_bits for x in v}
+    if not (0 in splits and any(k > 0 for k in splits)):
+        raise AssertionError(f"the v3 vectors should cover split_bits 0 and > 0, got {sorted(splits)}")
+    v2 = encode2(gauss_symbols(50, 600, 16, sigma=2.0), 16, U4, method=lzw.METHOD_LZW, dictionary=lzw.DICT_PRIMED)
+    v.append(Vector("v3_without_escape", "a version-2 primed chunk relabelled version 3 (escape_bits 0)",
+                    with_byte(v2, 2, 3), "ok"))
+    return v
+
+
+def invalid_vectors_v3() -> list[Vector]:
+    U8, U4 = lzw.LAYOUT_U8, lzw.LAYOUT_U4
+    good = encode3(gauss_symbols(64, 1500, 10, sigma=1.5), 10, U8)
+    h, esc = _escaped(good)
+    at = h.header_size + esc  # first byte of the escape section
+    e, top, limit = h.model.escape_bits, h.model.classes - 1, 10 >> h.model.split_bits
+    if top + (1 << e) - 1 < limit:
+        raise AssertionError("v3_escaped_class_too_big needs an all-ones escape to pass A >> k")
+    if (len(good) - at) * 8 == _escape_count(good, h) * e:
+        raise AssertionError("v3_escape_padding needs padding bits in the escape section")
+    return [
+        Vector("v3_escape_bits_9", "escape_bits 9 (at most 8)", with_byte(good, 17, 9), "BAD_HEADER"),
+        Vector("v3_escape_truncated", "escape section missing its last byte", good[:-1], "TRUNCATED"),
+        Vector("v3_escape_trailing_byte", "one zero byte after the escape section", good + b"\0", "TRAILING"),
+        Vector("v3_escape_padding", "nonzero padding bits after the escape section",
+               good[:-1] + bytes([good[-1] | 0x80]), "TRAILING"),
+        Vector("v3_escaped_class_too_big", f"first escape all ones: class {top + (1 << e) - 1} >= A >> k = {limit}",
+               with_byte(good, at, good[at] | ((1 << e) - 1)), "BAD_CODE"),
+        Vector("v3_codes_padding", "nonzero padding bits after the last code, before the escape section",
+               _codes_padding_defect(encode3(int8_symbols(61, 2001, 3.0), 256, U8)), "TRAILING"),
+    ]
+
+
+def _escape_count(chunk: bytes, h: lzw.ChunkHeader) -> int:
+    """Escapes in a version-3 chunk: symbols whose rank class is the escape's or above."""
+    rank = {s: r for r, s in enumerate(h.model.perm)}
+    out = lzw.decode_chunk(chunk)
+    syms = lzw.unpack_symbols(out, h.layout, h.bias, h.n_symbols)
+    return sum(1 for x in syms if rank[x] >> h.model.split_bits >= h.model.classes - 1)
+
+
+def _codes_padding_defect(chunk: bytes) -> bytes:
+    """Set an unused bit of the code section's last byte (the chunk must have one)."""
+    h, esc = _escaped(chunk)
+    low_len = (h.n_symbols * h.model.split_bits + 7) // 8
+    leaves, _ = lzw._primed_tree(h.model.costs, h.model.threshold, h.model.extra, h.max_code_bits)
+    reader, total = lzw._BitReader(chunk[h.header_size + low_len:]), 0
+    while total < h.n_symbols:
+        total += len(leaves[reader.read(h.max_code_bits)])
+    if reader.bits_read % 8 == 0:
+        raise AssertionError("v3_codes_padding needs padding bits after the last code")
+    at = h.header_size + esc - 1
+    return with_byte(chunk, at, chunk[at] | 0x80)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -498,11 +587,12 @@ def make_index(vectors: list[Vector]) -> dict:
         else:
             entry["code"] = lzw.ERROR_CODES[vec.expect]
         entries.append(entry)
-    return {"format": "QZ chunk v1 and v2 (docs/lzw-format.md)", "vectors": entries}
+    return {"format": "QZ chunk v1, v2 and v3 (docs/lzw-format.md)", "vectors": entries}
 
 
 def write_golden(out_dir: Path) -> dict:
-    vectors = valid_vectors() + invalid_vectors() + valid_vectors_v2() + invalid_vectors_v2()
+    vectors = (valid_vectors() + invalid_vectors() + valid_vectors_v2() + invalid_vectors_v2() + valid_vectors_v3()
+               + invalid_vectors_v3())
     index = make_index(vectors)
     total = sum(len(v.chunk) for v in vectors)
     if total > MAX_TOTAL_BYTES:

@@ -31,6 +31,8 @@
  *                                  QZ_ENC_V2 (0x400)           write version 2 (else version 1: adaptive only)
  *                                  QZ_ENC_ADAPTIVE (0x800)     version 2: only the adaptive LZW dictionary
  *                                  QZ_ENC_PRIMED (0x1000)      version 2: only the primed dictionary
+ *                                  QZ_ENC_V3 (0x2000)          with QZ_ENC_V2: the primed dictionary may use an
+ *                                                              escape class (such a chunk says version 3)
  *                                Version 2 without either: the smaller of the two (primed on a tie). Neither FORCE
  *                                flag: dictionary codes unless that chunk is larger than the packed one — the same
  *                                choices, byte for byte, as converter/lzw.py.
@@ -80,11 +82,12 @@ enum { METHOD_PACKED = 0, METHOD_LZW = 1 };
 enum { DICT_ADAPTIVE = 0, DICT_PRIMED = 1 };
 enum { LAYOUT_U8 = 0, LAYOUT_U4 = 1, LAYOUT_U2 = 2 };
 enum { HEADER_SIZE = 16, MIN_CODE_BITS = 9, MAX_CODE_BITS = 16, MAX_CODES = 1 << MAX_CODE_BITS };
+enum { QZ_ENC_V3 = 0x2000 };
 enum { QZ_ENC_RESET = 0x1, QZ_ENC_FORCE_LZW = 0x100, QZ_ENC_FORCE_PACKED = 0x200, QZ_ENC_V2 = 0x400,
        QZ_ENC_ADAPTIVE = 0x800, QZ_ENC_PRIMED = 0x1000 };
 /* Primed dictionary: model block = 8 fixed bytes + perm[A] + costs[M]; strings of at most MAX_PHRASE classes.
  * The encoder uses codes of at most PRIMED_CODE_BITS (an encoder policy, as in converter/lzw.py). */
-enum { MODEL_FIXED_SIZE = 8, MAX_SPLIT_BITS = 7, MAX_PHRASE = 64, MAX_THRESHOLD = 0xFFFF };
+enum { MODEL_FIXED_SIZE = 8, MAX_SPLIT_BITS = 7, MAX_PHRASE = 64, MAX_THRESHOLD = 0xFFFF, MAX_ESCAPE_BITS = 8 };
 enum { PRIMED_CODE_BITS = 12, PRIMED_WIDTH_TRIES = 3, PRIMED_MAX_CLASSES = 64 };
 enum { MODEL_MAX_SIZE = MODEL_FIXED_SIZE + 256 + 256 };
 
@@ -172,7 +175,7 @@ static void scratch_put(u8 *p) { free(p); }
 /* ============================================================================================================= */
 
 typedef struct {
-    u32 version;        /* 1 or 2 */
+    u32 version;        /* 1, 2 or 3 */
     u32 method;         /* METHOD_PACKED / METHOD_LZW */
     u32 alphabet;       /* A, 2..256 */
     u32 layout;         /* LAYOUT_U8 / U4 / U2 */
@@ -188,6 +191,7 @@ typedef struct {
     u32 classes;        /* M: classes the tree parses, 2..A >> k */
     u32 threshold;      /* T */
     u32 extra;          /* E */
+    u32 escape_bits;    /* version 3 (model byte 1, 0 before): class M-1 is an escape, see primed_escapes */
     const u8 *perm;     /* A bytes (inside the chunk): perm[rank] = symbol */
     const u8 *costs;    /* M bytes (inside the chunk): class costs in 1/16 bit, 1..255 */
 } qz_header;
@@ -202,7 +206,7 @@ static u64 layout_nbytes(u32 layout, u32 n) {
 
 /* The rules of the spec's header table, shared by decoder and encoder (the model block is checked apart). */
 static int header_ok(const qz_header *h) {
-    if (h->version != 1 && h->version != 2) return 0;
+    if (h->version < 1 || h->version > 3) return 0;
     if (h->method != METHOD_PACKED && h->method != METHOD_LZW) return 0;
     if (h->layout > LAYOUT_U2) return 0;
     if (h->alphabet < 2 || h->alphabet > max_alphabet(h->layout)) return 0;
@@ -210,7 +214,7 @@ static int header_ok(const qz_header *h) {
     if (h->method == METHOD_PACKED) return h->max_code_bits == 0 && h->flags == 0 && h->dictionary == 0;
     if (h->max_code_bits < MIN_CODE_BITS || h->max_code_bits > MAX_CODE_BITS) return 0;
     if (h->dictionary == DICT_ADAPTIVE) return (1u << h->max_code_bits) > h->alphabet + 1u && (h->flags & ~1u) == 0;
-    return h->dictionary == DICT_PRIMED && h->version == 2 && h->flags == 0;
+    return h->dictionary == DICT_PRIMED && h->version >= 2 && h->flags == 0;
 }
 
 /* The static rules of a primed model block (the tree-size rules are checked while building the tree). */
@@ -225,7 +229,7 @@ static int model_ok(const qz_header *h) {
         seen[s >> 5] |= 1u << (s & 31);
     }
     for (u32 c = 0; c < h->classes; c++) if (h->costs[c] == 0) return 0;  /* costs are 1..255 */
-    return 1;
+    return h->escape_bits <= MAX_ESCAPE_BITS && (h->escape_bits == 0 || h->version >= 3);
 }
 
 static u32 get16(const u8 *p) { return (u32)p[0] | (u32)p[1] << 8; }
@@ -234,10 +238,11 @@ static int parse_header(const u8 *in, u32 in_len, qz_header *h) {
     if (in_len < HEADER_SIZE) return 0;
     if (in[0] != 'Q' || in[1] != 'Z') return 0;
     h->version = in[2];
+    h->escape_bits = 0;
     if (h->version == 1) {
         if (in[10] != 0 || in[11] != 0) return 0;
         h->dictionary = DICT_ADAPTIVE;
-    } else if (h->version == 2) {
+    } else if (h->version == 2 || h->version == 3) {
         if (in[11] != 0) return 0;
         h->dictionary = in[10];
     } else {
@@ -256,7 +261,8 @@ static int parse_header(const u8 *in, u32 in_len, qz_header *h) {
     if (h->method == METHOD_LZW && h->dictionary == DICT_PRIMED) {
         if (in_len < HEADER_SIZE + MODEL_FIXED_SIZE) return 0;
         const u8 *m = in + HEADER_SIZE;
-        if (m[1] != 0) return 0;
+        if (m[1] != 0 && h->version < 3) return 0;
+        h->escape_bits = m[1];
         h->split_bits = m[0];
         h->classes = get16(m + 2);
         h->threshold = get16(m + 4);
@@ -575,7 +581,7 @@ QZ_HOT_LOOP u32 primed_build(const qz_header *h, const u8 *byte_of_class, qz_ent
  * an error code. Fast loop: while 8 payload bytes remain, refill to >= 56 bits and take up to 3 codes (<= 16 bits
  * each) that fit with PHRASE_SLACK bytes of room; anything else goes to the careful path for one code. */
 QZ_HOT_LOOP int primed_codes(const u8 *payload, u32 plen, u32 width, const qz_entry *table, u32 leaves, u8 *buf, u32 n,
-                        u32 limit) {
+                        u32 limit, u32 *consumed) {
     const u8 *p = payload, *end = payload + plen;
     const u32 mask = (1u << width) - 1u;
     u64 bitbuf = 0;
@@ -618,10 +624,12 @@ QZ_HOT_LOOP int primed_codes(const u8 *payload, u32 plen, u32 width, const qz_en
         }
         pos += take;
     }
-    /* End of stream: the payload ends in the byte holding the last bit read; its unread bits are 0. */
+    /* End of stream: the payload ends in the byte holding the last bit read (or, with `consumed`, the code
+     * section does: it reports where); that byte's unread bits are 0. */
     u64 bits = (u64)(p - payload) * 8u - bitcnt;
     u64 used = (bits + 7u) / 8u;
-    if (used != plen) return QZ_TRAILING;
+    if (consumed) *consumed = (u32)used;
+    else if (used != plen) return QZ_TRAILING;
     if ((bits & 7u) && (payload[used - 1] >> (bits & 7u)) != 0) return QZ_TRAILING;
     return QZ_OK;
 }
@@ -754,12 +762,36 @@ static cached_tree *cached_primed_tree(const qz_header *h, const u8 *byte_of_cla
     return victim;
 }
 
+/* Version 3: each escape in cls (class M-1, held as (M-1) << k) becomes the class M-1 + the next escape_bits of the
+ * escape section `sec`, which must hold exactly those bits, zero-padded (converter/lzw.py _escapes). */
+static int primed_escapes(u8 *cls, u32 n, const qz_header *h, const u8 *sec, u32 len) {
+    const u32 k = h->split_bits, e = h->escape_bits, top = h->classes - 1u, limit = h->alphabet >> k;
+    const u8 esc = (u8)(top << k);
+    u64 bitbuf = 0, bits = 0;
+    u32 bitcnt = 0, pos = 0;
+    for (u32 i = 0; i < n; i++) {
+        if (cls[i] != esc) continue;
+        while (bitcnt < e) {
+            if (pos >= len) return QZ_TRUNCATED;
+            bitbuf |= (u64)sec[pos++] << bitcnt;
+            bitcnt += 8u;
+        }
+        u32 c = top + ((u32)bitbuf & ((1u << e) - 1u));
+        bitbuf >>= e; bitcnt -= e; bits += e;
+        if (c >= limit) return QZ_BAD_CODE;
+        cls[i] = (u8)(c << k);
+    }
+    if ((bits + 7u) / 8u != len || bitbuf != 0) return QZ_TRAILING;
+    return QZ_OK;
+}
+
 static int primed_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *out) {
     const u32 n = h->n_symbols, k = h->split_bits, width = h->max_code_bits;
     u8 map[256];            /* rank -> output byte (layout u8) or symbol (u4 / u2) */
     u8 byte_of_class[256];  /* what the arena holds for a class: its output byte (k = 0), or class << k */
     for (u32 r = 0; r < h->alphabet; r++) map[r] = h->layout == LAYOUT_U8 ? (u8)(h->perm[r] - h->bias) : h->perm[r];
-    for (u32 c = 0; c < h->classes; c++) byte_of_class[c] = k ? (u8)(c << k) : map[c];
+    /* with escapes the arena holds c << k for every k (the classes must be seen before they become output) */
+    for (u32 c = 0; c < h->classes; c++) byte_of_class[c] = k || h->escape_bits ? (u8)(c << k) : map[c];
 
     u8 *arena = 0;  /* scratch arena of a wide tree (freed below), else 0 */
     const qz_entry *table;
@@ -784,17 +816,21 @@ static int primed_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *ou
     if (plen < low_len) err = QZ_TRUNCATED;
     else if ((low_bits & 7u) && (payload[low_len - 1] >> (low_bits & 7u)) != 0) err = QZ_TRAILING;
 
-    int direct = k == 0 && h->layout == LAYOUT_U8;  /* the arena already holds output bytes: decode in place */
+    int direct = k == 0 && h->layout == LAYOUT_U8 && !h->escape_bits;  /* the arena holds output bytes: in place */
     u8 *scratch = 0;  /* the class / symbol buffer when not direct */
     if (!err && !direct) {
         scratch = n <= 0xFFFFFFFFu - PHRASE_SLACK ? scratch_get(n + PHRASE_SLACK) : 0;
         if (!scratch) err = QZ_NO_MEMORY;
     }
+    u32 codes_len = 0;
     if (!err) err = primed_codes(payload + low_len, plen - low_len, width, table, leaves, direct ? out : scratch, n,
-                                 direct ? n : n + PHRASE_SLACK);
+                                 direct ? n : n + PHRASE_SLACK, h->escape_bits ? &codes_len : 0);
+    if (err == QZ_OK && h->escape_bits)
+        err = primed_escapes(scratch, n, h, payload + low_len + codes_len, plen - low_len - codes_len);
     if (err == QZ_OK && !direct) {
         u8 *sym = h->layout == LAYOUT_U8 ? out : scratch;  /* u8: straight to the output; u4/u2: symbols, pack */
         if (k) primed_combine(scratch, n, payload, low_len, k, map, h->alphabet, sym);
+        else if (h->escape_bits) for (u32 i = 0; i < n; i++) sym[i] = map[scratch[i]];
         if (h->layout != LAYOUT_U8) pack_symbols(scratch, n, h->layout, out);
     }
     if (scratch) scratch_put(scratch);
@@ -943,6 +979,10 @@ enum { ENC_MAX_LEAVES = 1 << PRIMED_CODE_BITS, LEAF = 0x80000000u };
  * together (MAX_CANDIDATES: the split_bits 0..7, or the widths); enc_table is the one written with. */
 enum { TABLE_SIZE = 2 * ENC_MAX_LEAVES + 256, MAX_CANDIDATES = MAX_SPLIT_BITS + 1 };
 static u32 cand_tables[MAX_CANDIDATES][TABLE_SIZE];
+static u8 cand_cmaps[MAX_CANDIDATES][256];  /* rank -> the class the tree of each candidate sees */
+/* version 3: tree classes (the escape included) the encoder tries (converter/lzw.py ESCAPE_CLASS_TRIES) */
+static const u32 escape_class_tries[] = {2, 3, 4, 6, 8};
+enum { ESCAPE_TRIES = sizeof escape_class_tries / sizeof escape_class_tries[0] };
 static u32 enc_table[TABLE_SIZE];
 /* The chunk being encoded: symbol counts, perm (symbols by decreasing count) and each symbol's rank. */
 static u32 counts[256];
@@ -1081,14 +1121,14 @@ static void enc_write_codes(const u8 *sym, u32 n, const u8 *cls_of, bit_writer *
 }
 
 /* The code counts of `count` candidates at once: the same greedy parse as enc_write_codes, over cand_tables[j]
- * with classes rank >> shift[j]. Each walk is a chain of dependent loads; walking them side by side lets the
+ * with classes cand_cmaps[j][rank]. Each walk is a chain of dependent loads; walking them side by side lets the
  * processor overlap the chains. Branch-free: a leaf resets the row to 0 (the root). */
-static void enc_count_codes(const u8 *sym, u32 n, u32 count, const u8 *shift, u32 *codes) {
+static void enc_count_codes(const u8 *sym, u32 n, u32 count, u32 *codes) {
     u32 row[MAX_CANDIDATES] = {0}, got[MAX_CANDIDATES] = {0};
     for (u32 i = 0; i < n; i++) {
         u32 rank = rank_of[sym[i]];
         for (u32 j = 0; j < count; j++) {
-            u32 r = cand_tables[j][row[j] + (rank >> shift[j])];
+            u32 r = cand_tables[j][row[j] + cand_cmaps[j][rank]];
             got[j] += r >> 31;
             row[j] = r & ((r >> 31) - 1u);
         }
@@ -1098,14 +1138,15 @@ static void enc_count_codes(const u8 *sym, u32 n, u32 count, const u8 *shift, u3
 
 typedef struct {
     u32 k, width, classes, t, e;
+    u32 escape_bits;  /* version 3: class classes - 1 is the escape */
+    u64 escaped;      /* symbols whose class is the escape's or above */
     u8 costs[256];
     u64 size;  /* the whole chunk */
 } primed_choice;
 
 
-/* Fit the model of (k, width) to counts/perm and build its tree into `table`; the size is filled in later. */
-static void primed_fit(u32 n, u32 a, u32 k, u32 width, primed_choice *ch, u32 *table) {
-    u64 class_counts[256];
+/* Symbol counts per class of split k (converter/lzw.py class_counts_of); returns the classes used (nonzero). */
+static u32 class_counts_of(u32 a, u32 k, u64 *class_counts) {
     u32 g = 1u << k, mfull = a >> k, nonzero = 0;
     for (u32 j = 0; j < mfull; j++) {
         u64 s = 0;
@@ -1113,28 +1154,49 @@ static void primed_fit(u32 n, u32 a, u32 k, u32 width, primed_choice *ch, u32 *t
         class_counts[j] = s;
         nonzero += s != 0;
     }
+    return nonzero;
+}
+
+/* Fit the model of (k, width[, tree classes m > 0: version 3, class m - 1 the escape]) to counts/perm, build its
+ * tree into `table` and the rank -> class map into `cmap`; the size is filled in later (lzw.py fit_model). */
+static void primed_fit(u32 n, u32 a, u32 k, u32 width, u32 m, primed_choice *ch, u32 *table, u8 *cmap) {
+    u64 class_counts[256];
+    u32 used = class_counts_of(a, k, class_counts);
+    if (used < 2) used = 2;
     ch->k = k;
     ch->width = width;
-    ch->classes = nonzero > 2 ? nonzero : 2;
+    ch->escape_bits = 0;
+    ch->escaped = 0;
+    if (m) {
+        u32 e = bit_length(used - m);
+        ch->escape_bits = e ? e : 1u;
+        for (u32 c = m; c < (a >> k); c++) class_counts[m - 1] += class_counts[c];
+        ch->escaped = class_counts[m - 1];
+        used = m;
+    }
+    ch->classes = used;
     for (u32 c = 0; c < ch->classes; c++) ch->costs[c] = (u8)class_cost(class_counts[c], n);
     choose_threshold(ch->costs, ch->classes, width, &ch->t, &ch->e);
     enc_build(table, ch->costs, ch->classes, ch->t, ch->e);
+    for (u32 r = 0; r < 256; r++) {
+        u32 c = r >> k;
+        cmap[r] = (u8)(m && c > m - 1 ? m - 1 : c);
+    }
 }
 
 /* Fill in the sizes of cand[0..count) (their trees are in cand_tables) from one shared pass over the symbols. */
 static void primed_sizes(const u8 *sym, u32 n, u32 a, primed_choice *cand, u32 count) {
-    u8 shift[MAX_CANDIDATES];
     u32 codes[MAX_CANDIDATES];
-    for (u32 j = 0; j < count; j++) shift[j] = (u8)cand[j].k;
-    enc_count_codes(sym, n, count, shift, codes);
+    enc_count_codes(sym, n, count, codes);
     for (u32 j = 0; j < count; j++) {
         cand[j].size = HEADER_SIZE + MODEL_FIXED_SIZE + a + cand[j].classes + ((u64)n * cand[j].k + 7u) / 8u
-                       + ((u64)codes[j] * cand[j].width + 7u) / 8u;
+                       + ((u64)codes[j] * cand[j].width + 7u) / 8u
+                       + (cand[j].escaped * cand[j].escape_bits + 7u) / 8u;
     }
 }
 
 /* Choose and return the size of the best primed chunk (converter/lzw.py _primed_encode); fills *best. */
-static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, primed_choice *best) {
+static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, int escapes, primed_choice *best) {
     for (u32 s = 0; s < 256; s++) counts[s] = 0;
     for (u32 i = 0; i < n; i++) counts[sym[i]]++;
     /* perm: symbols by decreasing count, ties by symbol value (insertion sort, A <= 256) */
@@ -1152,20 +1214,43 @@ static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, primed_
     u32 count = 0;
     for (u32 k = 0; k <= MAX_SPLIT_BITS; k++) {
         if ((a & ((1u << k) - 1u)) || (a >> k) < 2 || (a >> k) > PRIMED_MAX_CLASSES) continue;
-        primed_fit(n, a, k, top, &cand[count], cand_tables[count]);
+        primed_fit(n, a, k, top, 0, &cand[count], cand_tables[count], cand_cmaps[count]);
         count++;
     }
     if (count == 0) {  /* no split fits PRIMED_MAX_CLASSES: k = 0 */
-        primed_fit(n, a, 0, top, &cand[0], cand_tables[0]);
+        primed_fit(n, a, 0, top, 0, &cand[0], cand_tables[0], cand_cmaps[0]);
         count = 1;
     }
     primed_sizes(sym, n, a, cand, count);
     *best = cand[0];
     for (u32 j = 1; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
 
+    /* version 3: every split with >= 2 classes, each tried tree size that leaves >= 2 used classes behind the
+     * escape (lzw.py escape_candidates), in batches of MAX_CANDIDATES */
     count = 0;
+    for (u32 k = 0; escapes && k <= MAX_SPLIT_BITS; k++) {
+        if ((a & ((1u << k) - 1u)) || (a >> k) < 2) continue;
+        u64 cc[256];
+        u32 used = class_counts_of(a, k, cc);
+        for (u32 t = 0; t < ESCAPE_TRIES; t++) {
+            if (escape_class_tries[t] >= used) continue;
+            primed_fit(n, a, k, top, escape_class_tries[t], &cand[count], cand_tables[count], cand_cmaps[count]);
+            if (++count == MAX_CANDIDATES) {
+                primed_sizes(sym, n, a, cand, count);
+                for (u32 j = 0; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+                count = 0;
+            }
+        }
+    }
+    if (count) {
+        primed_sizes(sym, n, a, cand, count);
+        for (u32 j = 0; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+    }
+
+    count = 0;
+    const u32 best_m = best->escape_bits ? best->classes : 0u;
     for (u32 width = top - 1; width + PRIMED_WIDTH_TRIES >= top && width >= MIN_CODE_BITS; width--) {
-        primed_fit(n, a, best->k, width, &cand[count], cand_tables[count]);
+        primed_fit(n, a, best->k, width, best_m, &cand[count], cand_tables[count], cand_cmaps[count]);
         count++;
     }
     if (count) primed_sizes(sym, n, a, cand, count);
@@ -1177,9 +1262,10 @@ static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, primed_
 static u32 primed_write(const u8 *sym, u32 n, const qz_header *h, const primed_choice *best, u8 *out) {
     qz_header hh = *h;
     hh.max_code_bits = best->width;
+    if (best->escape_bits) hh.version = 3;
     write_header(out, &hh);
     u8 *m = out + HEADER_SIZE;
-    m[0] = (u8)best->k; m[1] = 0;
+    m[0] = (u8)best->k; m[1] = (u8)best->escape_bits;
     m[2] = (u8)best->classes; m[3] = (u8)(best->classes >> 8);
     m[4] = (u8)best->t; m[5] = (u8)(best->t >> 8);
     m[6] = (u8)best->e; m[7] = (u8)(best->e >> 8);
@@ -1197,10 +1283,23 @@ static u32 primed_write(const u8 *sym, u32 n, const qz_header *h, const primed_c
     bit_writer wc = {out + at + low_len, room - low_len, room - low_len, 0, 0, 0, 0};
     enc_build(enc_table, best->costs, best->classes, best->t, best->e);
     u8 cls_of[256];
-    for (u32 s = 0; s < 256; s++) cls_of[s] = (u8)(rank_of[s] >> best->k);
+    const u32 top = best->classes - 1u;
+    for (u32 s = 0; s < 256; s++) {
+        u32 c = rank_of[s] >> best->k;
+        cls_of[s] = (u8)(best->escape_bits && c > top ? top : c);
+    }
     enc_write_codes(sym, n, cls_of, &wc, best->width);
     finish_bits(&wc);
-    return at + low_len + wc.len;
+    u32 codes_len = wc.len;
+    if (!best->escape_bits) return at + low_len + codes_len;
+    u32 used = low_len + codes_len;
+    bit_writer we = {out + at + used, room - used, room - used, 0, 0, 0, 0};
+    for (u32 i = 0; i < n; i++) {
+        u32 c = rank_of[sym[i]] >> best->k;
+        if (c >= top) put_code(&we, c - top, best->escape_bits);
+    }
+    finish_bits(&we);
+    return at + used + we.len;
 }
 
 /* ============================================================================================================= */
@@ -1219,8 +1318,9 @@ QZ_API u32 qz_encode_bound(u32 n, u32 layout, u32 flags) {
 QZ_API i32 qz_encode(const u8 *sym, u32 n, u32 alphabet, u32 layout, u32 bias, u32 max_code_bits, u32 flags,
                      u8 *out, u32 out_cap) {
     const u32 known = QZ_ENC_RESET | QZ_ENC_FORCE_LZW | QZ_ENC_FORCE_PACKED | QZ_ENC_V2 | QZ_ENC_ADAPTIVE |
-                      QZ_ENC_PRIMED;
+                      QZ_ENC_PRIMED | QZ_ENC_V3;
     if (flags & ~known) return -QZ_BAD_HEADER;
+    if ((flags & QZ_ENC_V3) && !(flags & QZ_ENC_V2)) return -QZ_BAD_HEADER;
     if ((flags & QZ_ENC_FORCE_LZW) && (flags & QZ_ENC_FORCE_PACKED)) return -QZ_BAD_HEADER;
     if ((flags & QZ_ENC_ADAPTIVE) && (flags & QZ_ENC_PRIMED)) return -QZ_BAD_HEADER;
     if (!(flags & QZ_ENC_V2) && (flags & QZ_ENC_PRIMED)) return -QZ_BAD_HEADER;  /* version 1 has no primed */
@@ -1256,7 +1356,7 @@ QZ_API i32 qz_encode(const u8 *sym, u32 n, u32 alphabet, u32 layout, u32 bias, u
     /* the best chunk so far: its size; compared with `<`, so the earlier of equal sizes stays */
     u64 best = try_lzw ? (u64)-1 : 0;
     primed_choice choice;
-    if (try_primed) best = primed_choose(sym, n, alphabet, max_code_bits, &choice);
+    if (try_primed) best = primed_choose(sym, n, alphabet, max_code_bits, (flags & QZ_ENC_V3) != 0, &choice);
     int adaptive_won = 0;
     i32 adaptive_len = 0;
     if (try_adaptive) {
