@@ -736,9 +736,10 @@ def _primed_encode(data: bytes, alphabet: int, max_code_bits: int,
     """Choose (split_bits, width) by the smallest chunk and encode: (width, model, payload).
 
     Candidates, in this order (the first of equal sizes wins): every split_bits of primed_split_candidates at
-    width W = min(max_code_bits, PRIMED_CODE_BITS); with `escapes`, then every escape_candidates pair at W;
-    then, with the best's split_bits (and tree classes), widths W-1 down to W-PRIMED_WIDTH_TRIES (not below
-    MIN_CODE_BITS).
+    width W = min(max_code_bits, PRIMED_CODE_BITS); then, with the best split_bits, widths W-1 down to
+    W-PRIMED_WIDTH_TRIES (not below MIN_CODE_BITS). With `escapes`, the same search over the escape_candidates
+    pairs (then the best pair at the narrower widths) runs apart, and its chunk replaces the first one only if
+    strictly smaller.
     """
     counts, perm = _rank_symbols(data, alphabet)
     rank_of = bytearray(256)
@@ -746,22 +747,29 @@ def _primed_encode(data: bytes, alphabet: int, max_code_bits: int,
         rank_of[s] = r
     ranks = data.translate(bytes(rank_of))
     top = min(max_code_bits, PRIMED_CODE_BITS)
-    best = None
-    for k in primed_split_candidates(alphabet):
-        cand = _primed_candidate(data, ranks, counts, perm, k, top) + (top,)
-        if best is None or cand[0] < best[0]:
-            best = cand
-    for k, m in escape_candidates(counts, perm, alphabet) if escapes else ():
-        cand = _primed_candidate(data, ranks, counts, perm, k, top, m) + (top,)
-        if cand[0] < best[0]:
-            best = cand
-    k = best[1].split_bits
-    m = best[1].classes if best[1].escape_bits else 0
-    for width in range(top - 1, max(MIN_CODE_BITS, top - PRIMED_WIDTH_TRIES) - 1, -1):
-        cand = _primed_candidate(data, ranks, counts, perm, k, width, m) + (width,)
-        if cand[0] < best[0]:
-            best = cand
+    narrower = range(top - 1, max(MIN_CODE_BITS, top - PRIMED_WIDTH_TRIES) - 1, -1)
+
+    def search(candidates):
+        best = None
+        for k, m in candidates:
+            cand = _primed_candidate(data, ranks, counts, perm, k, top, m) + (top,)
+            if best is None or cand[0] < best[0]:
+                best = cand
+        if best is not None:
+            k, m = best[1].split_bits, best[1].classes if best[1].escape_bits else 0
+            for width in narrower:
+                cand = _primed_candidate(data, ranks, counts, perm, k, width, m) + (width,)
+                if cand[0] < best[0]:
+                    best = cand
+        return best
+
+    best = search([(k, 0) for k in primed_split_candidates(alphabet)])
+    if escapes:  # a separate search, taken only when strictly smaller: never larger than version 2
+        esc = search(escape_candidates(counts, perm, alphabet))
+        if esc is not None and esc[0] < best[0]:
+            best = esc
     _, model, codes, width = best
+    k = model.split_bits
     mask = (1 << k) - 1
     low = _write_fields((r & mask for r in ranks), k) if k else b""
     escaped = b""

@@ -1225,10 +1225,22 @@ static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, int esc
     *best = cand[0];
     for (u32 j = 1; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
 
-    /* version 3: every split with >= 2 classes, each tried tree size that leaves >= 2 used classes behind the
-     * escape (lzw.py escape_candidates), in batches of MAX_CANDIDATES */
     count = 0;
-    for (u32 k = 0; escapes && k <= MAX_SPLIT_BITS; k++) {
+    for (u32 width = top - 1; width + PRIMED_WIDTH_TRIES >= top && width >= MIN_CODE_BITS; width--) {
+        primed_fit(n, a, best->k, width, 0, &cand[count], cand_tables[count], cand_cmaps[count]);
+        count++;
+    }
+    if (count) primed_sizes(sym, n, a, cand, count);
+    for (u32 j = 0; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+    if (!escapes) return best->size;
+
+    /* version 3, a separate search taken only when strictly smaller (never larger than version 2): every split
+     * with >= 2 classes and each tried tree size that leaves >= 2 used classes behind the escape (lzw.py
+     * escape_candidates), in batches of MAX_CANDIDATES; then the best of them at the narrower widths */
+    primed_choice esc;
+    esc.size = (u64)-1;
+    count = 0;
+    for (u32 k = 0; k <= MAX_SPLIT_BITS; k++) {
         if ((a & ((1u << k) - 1u)) || (a >> k) < 2) continue;
         u64 cc[256];
         u32 used = class_counts_of(a, k, cc);
@@ -1237,24 +1249,24 @@ static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, int esc
             primed_fit(n, a, k, top, escape_class_tries[t], &cand[count], cand_tables[count], cand_cmaps[count]);
             if (++count == MAX_CANDIDATES) {
                 primed_sizes(sym, n, a, cand, count);
-                for (u32 j = 0; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+                for (u32 j = 0; j < count; j++) if (cand[j].size < esc.size) esc = cand[j];
                 count = 0;
             }
         }
     }
     if (count) {
         primed_sizes(sym, n, a, cand, count);
-        for (u32 j = 0; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+        for (u32 j = 0; j < count; j++) if (cand[j].size < esc.size) esc = cand[j];
     }
-
+    if (esc.size == (u64)-1) return best->size;
     count = 0;
-    const u32 best_m = best->escape_bits ? best->classes : 0u;
     for (u32 width = top - 1; width + PRIMED_WIDTH_TRIES >= top && width >= MIN_CODE_BITS; width--) {
-        primed_fit(n, a, best->k, width, best_m, &cand[count], cand_tables[count], cand_cmaps[count]);
+        primed_fit(n, a, esc.k, width, esc.classes, &cand[count], cand_tables[count], cand_cmaps[count]);
         count++;
     }
     if (count) primed_sizes(sym, n, a, cand, count);
-    for (u32 j = 0; j < count; j++) if (cand[j].size < best->size) *best = cand[j];
+    for (u32 j = 0; j < count; j++) if (cand[j].size < esc.size) esc = cand[j];
+    if (esc.size < best->size) *best = esc;
     return best->size;
 }
 
