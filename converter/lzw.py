@@ -738,8 +738,8 @@ def _primed_encode(data: bytes, alphabet: int, max_code_bits: int,
     Candidates, in this order (the first of equal sizes wins): every split_bits of primed_split_candidates at
     width W = min(max_code_bits, PRIMED_CODE_BITS); then, with the best split_bits, widths W-1 down to
     W-PRIMED_WIDTH_TRIES (not below MIN_CODE_BITS). With `escapes`, the same search over the escape_candidates
-    pairs (then the best pair at the narrower widths) runs apart, and its chunk replaces the first one only if
-    strictly smaller.
+    pairs (then the best pair at the narrower widths) runs apart, and its chunk of S bytes replaces the first one
+    only if S + S // 64 is smaller (an escape chunk decodes 2-3x slower: it must pay for that).
     """
     counts, perm = _rank_symbols(data, alphabet)
     rank_of = bytearray(256)
@@ -764,9 +764,9 @@ def _primed_encode(data: bytes, alphabet: int, max_code_bits: int,
         return best
 
     best = search([(k, 0) for k in primed_split_candidates(alphabet)])
-    if escapes:  # a separate search, taken only when strictly smaller: never larger than version 2
+    if escapes:  # a separate search, taken only when >= 1/64 smaller (escapes cost decode time): never larger
         esc = search(escape_candidates(counts, perm, alphabet))
-        if esc is not None and esc[0] < best[0]:
+        if esc is not None and esc[0] + (esc[0] >> 6) < best[0]:
             best = esc
     _, model, codes, width = best
     k = model.split_bits

@@ -495,11 +495,9 @@ def valid_vectors_v3() -> list[Vector]:
     U8, U4 = lzw.LAYOUT_U8, lzw.LAYOUT_U4
     v = []
     for name, what, chunk in (
-            ("v3_escape_int8", "int8-like codes, sigma 3 (peaked: an escape class), A=256",
-             encode3(int8_symbols(60, 3000, 3.0), 256, U8)),
-            ("v3_escape_u4", "A=16 in nibbles, sigma 1.5", encode3(gauss_symbols(61, 2001, 16, sigma=1.5), 16, U4)),
-            ("v3_escape_int8_k3", "int8-like codes, sigma 8, A=256", encode3(int8_symbols(63, 3000, 8.0), 256, U8)),
-            ("v3_escape_a10", "A=10, sigma 1.5", encode3(gauss_symbols(64, 1500, 10, sigma=1.5), 10, U8))):
+            ("v3_escape_int8", "int8-like codes, sigma 2, A=256", encode3(int8_symbols(60, 20000, 2.0), 256, U8)),
+            ("v3_escape_u4", "A=16 in nibbles, sigma 1.5", encode3(gauss_symbols(60, 2001, 16, sigma=1.5), 16, U4)),
+            ("v3_escape_a10", "A=10, sigma 1.5", encode3(gauss_symbols(73, 1500, 10, sigma=1.5), 10, U8))):
         h, _ = _escaped(chunk)
         v.append(Vector(name, f"{what}: k={h.model.split_bits}, M={h.model.classes}, "
                               f"escape_bits={h.model.escape_bits}", chunk, "ok"))
@@ -513,25 +511,25 @@ def valid_vectors_v3() -> list[Vector]:
 
 
 def invalid_vectors_v3() -> list[Vector]:
-    U8, U4 = lzw.LAYOUT_U8, lzw.LAYOUT_U4
-    good = encode3(gauss_symbols(64, 1500, 10, sigma=1.5), 10, U8)
+    U4 = lzw.LAYOUT_U4
+    good = encode3(gauss_symbols(60, 2001, 16, sigma=0.8), 16, U4)  # k = 0, M = 4, escape_bits 2
     h, esc = _escaped(good)
     at = h.header_size + esc  # first byte of the escape section
-    e, top, limit = h.model.escape_bits, h.model.classes - 1, 10 >> h.model.split_bits
-    if top + (1 << e) - 1 < limit:
-        raise AssertionError("v3_escaped_class_too_big needs an all-ones escape to pass A >> k")
-    if (len(good) - at) * 8 == _escape_count(good, h) * e:
+    limit = 16 >> h.model.split_bits
+    if (len(good) - at) * 8 == _escape_count(good, h) * h.model.escape_bits:
         raise AssertionError("v3_escape_padding needs padding bits in the escape section")
+    # escape_bits raised to 8 and the first escape all ones: class M - 1 + 255 >= A >> k, found at the first escape
+    wide = with_byte(with_byte(good, 17, 8), at, 0xFF)
     return [
         Vector("v3_escape_bits_9", "escape_bits 9 (at most 8)", with_byte(good, 17, 9), "BAD_HEADER"),
         Vector("v3_escape_truncated", "escape section missing its last byte", good[:-1], "TRUNCATED"),
         Vector("v3_escape_trailing_byte", "one zero byte after the escape section", good + b"\0", "TRAILING"),
         Vector("v3_escape_padding", "nonzero padding bits after the escape section",
                good[:-1] + bytes([good[-1] | 0x80]), "TRAILING"),
-        Vector("v3_escaped_class_too_big", f"first escape all ones: class {top + (1 << e) - 1} >= A >> k = {limit}",
-               with_byte(good, at, good[at] | ((1 << e) - 1)), "BAD_CODE"),
+        Vector("v3_escaped_class_too_big", f"escape_bits 8, first escape 255: class {h.model.classes - 1 + 255} "
+                                           f">= A >> k = {limit}", wide, "BAD_CODE"),
         Vector("v3_codes_padding", "nonzero padding bits after the last code, before the escape section",
-               _codes_padding_defect(encode3(int8_symbols(61, 2001, 3.0), 256, U8)), "TRAILING"),
+               _codes_padding_defect(good), "TRAILING"),
     ]
 
 

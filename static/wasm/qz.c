@@ -769,7 +769,15 @@ static int primed_escapes(u8 *cls, u32 n, const qz_header *h, const u8 *sec, u32
     const u8 esc = (u8)(top << k);
     u64 bitbuf = 0, bits = 0;
     u32 bitcnt = 0, pos = 0;
+    const u64 ones = 0x0101010101010101ull, highs = 0x8080808080808080ull, pattern = ones * esc;
     for (u32 i = 0; i < n; i++) {
+        /* 8 classes at a time while none is the escape (SWAR: a zero byte of x ^ pattern is a match) */
+        while (i + 8u <= n) {
+            u64 x = load64(cls + i) ^ pattern;
+            if ((x - ones) & ~x & highs) break;
+            i += 8u;
+        }
+        if (i >= n) break;
         if (cls[i] != esc) continue;
         while (bitcnt < e) {
             if (pos >= len) return QZ_TRUNCATED;
@@ -1266,7 +1274,7 @@ static u64 primed_choose(const u8 *sym, u32 n, u32 a, u32 max_code_bits, int esc
     }
     if (count) primed_sizes(sym, n, a, cand, count);
     for (u32 j = 0; j < count; j++) if (cand[j].size < esc.size) esc = cand[j];
-    if (esc.size < best->size) *best = esc;
+    if (esc.size + (esc.size >> 6) < best->size) *best = esc;  /* >= 1/64 smaller: escapes cost decode time */
     return best->size;
 }
 
