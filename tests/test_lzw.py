@@ -363,3 +363,16 @@ def test_golden_files_are_what_make_golden_writes(tmp_path):
     for name in committed:
         assert (tmp_path / name).read_bytes() == (GOLDEN / name).read_bytes(), name
     assert sum((GOLDEN / n).stat().st_size for n in committed) < 200_000
+
+
+def test_version_3_escape_only_when_it_saves_a_64th():
+    """Peaked int8-like codes (int8-eB): version 3 sends the rare classes through an escape and is >= 1/64 smaller;
+    flat int4-like codes gain less than that and stay byte for byte what version 2 writes."""
+    rng = np.random.default_rng(7)
+    peaked = (np.clip(np.rint(rng.standard_normal(60_000) * 3.0), -127, 127).astype(np.int8).view(np.uint8)).tobytes()
+    v3, v2 = lzw.encode_chunk(peaked, 256, lzw.LAYOUT_U8), lzw.encode_chunk(peaked, 256, lzw.LAYOUT_U8, version=2)
+    h = lzw.parse_header(v3)
+    assert h.version == 3 and h.model.escape_bits > 0 and len(v3) + len(v3) // 64 < len(v2)
+    assert lzw.decode_chunk(v3) == lzw.decode_chunk(v2) == peaked
+    flat = bytes(rng.integers(0, 16, 20_000, dtype=np.uint8))
+    assert lzw.encode_chunk(flat, 16, lzw.LAYOUT_U4) == lzw.encode_chunk(flat, 16, lzw.LAYOUT_U4, version=2)
