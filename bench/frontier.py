@@ -65,7 +65,8 @@ OURS = [("source", None), ("source", "q4_1"), ("source", "int4-g32"), ("q8_0", "
 # int8-eB: int8 codes with steps chosen for B bits of order-0 entropy, frequent tokens at finer steps (the
 # token-id prior; calibrated, also the token probabilities on the calibration text) — quant/entropy.py.
 OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "gptq+clip"),
-                   ("source", "int8-e3.9", "gptq"), ("source", "int8-e3.5", "gptq"), ("source", "int8-e4.5", "gptq"),
+                   ("source", "int8-e3.9", "gptq"), ("source", "int8-e4.15", "gptq"), ("source", "int8-e3.5", "gptq"),
+                   ("source", "int8-e4.5", "gptq"),
                    ("int8-e3", "int8-e3.5", "gptq")]
 # llama.cpp points: (type of the linear layers, type of the embedding)
 LLAMA_CPP = [("Q8_0", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q8_0"), ("Q4_1", "Q8_0"), ("Q4_0", "Q8_0"),
