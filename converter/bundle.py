@@ -33,8 +33,7 @@ from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, kn_shape, linear_initializers
-from .quant import errors, get_scheme, quantize_rows
-from .quant import entropy
+from .quant import entropy, errors, get_scheme, quantize_rows
 
 FORMAT_NAME = "tiny-qmoe-bundle"
 FORMAT_VERSION = 1
