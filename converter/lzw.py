@@ -739,7 +739,7 @@ def _primed_encode(data: bytes, alphabet: int, max_code_bits: int,
     width W = min(max_code_bits, PRIMED_CODE_BITS); then, with the best split_bits, widths W-1 down to
     W-PRIMED_WIDTH_TRIES (not below MIN_CODE_BITS). With `escapes`, the same search over the escape_candidates
     pairs (then the best pair at the narrower widths) runs apart, and its chunk of S bytes replaces the first one
-    only if S + S // 64 is smaller (an escape chunk decodes 2-3x slower: it must pay for that).
+    only if S + S // 64 is smaller (an escape chunk decodes 1.3-1.5x slower: it must pay for that).
     """
     counts, perm = _rank_symbols(data, alphabet)
     rank_of = bytearray(256)
