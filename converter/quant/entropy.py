@@ -29,7 +29,7 @@ import re
 import numpy as np
 
 from ..errors import QuantError
-from . import Quantized, Scheme, errors, f16_scale, grouped
+from . import SCHEMES, Quantized, Scheme, f16_scale, grouped
 
 ALPHA = 0.4
 EPSILON_FRACTION = 0.5          # ε = half the importance of a row if all were equal
@@ -116,12 +116,6 @@ def _quantized(name, shape, symbols, steps, max_error, rms_error) -> Quantized:
                      extra={"entropy_bits": round(entropy_bits(symbols.view(np.int8)), 4)})
 
 
-def dequantize(q: Quantized) -> np.ndarray:
-    rows, cols = q.shape
-    codes = q.symbols.view(np.int8).astype(np.float32).reshape(rows, q.scales.shape[1], -1)
-    return (codes * q.scales.astype(np.float32)[..., None]).reshape(rows, cols)
-
-
 def token_importance(vocab: int, special_ids=(), probabilities: np.ndarray | None = None) -> np.ndarray:
     """(vocab,) importance of each vocabulary row, summing to 1 (see the module docstring)."""
     prior = 1.0 / (np.arange(vocab, dtype=np.float64) + ZIPF_OFFSET)
@@ -148,6 +142,7 @@ def make(name: str, bits: float) -> Scheme:
         grouped(w, GROUP, name)                                       # 2-D, whole groups, finite
         return quantize_with_steps(name, w, row_steps(w, bits, importance))
 
-    return Scheme(name, alphabet=256, bits=8, group=GROUP, quantize=quantize, dequantize=dequantize,
+    layout = SCHEMES[f"int8-g{GROUP}"]                                 # codes and scales exactly as int8-g32
+    return Scheme(name, alphabet=256, bits=8, group=GROUP, quantize=quantize, dequantize=layout.dequantize,
                   description=f"int8 codes, per-row steps for an order-0 entropy of {bits:g} bits per weight",
                   row_local=False, target_bits=bits)
