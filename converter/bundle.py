@@ -34,6 +34,7 @@ from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, kn_shape, linear_initializers
 from .quant import entropy, errors, get_scheme, quantize_rows
+from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
 FORMAT_NAME = "tiny-qmoe-bundle"
 FORMAT_VERSION = 1
@@ -424,7 +425,7 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
                                 "transposed": transposed}
 
     tok_entries = {fname: _write_file(folder, fname, data, opts)
-                   for fname, data in sorted(checkpoint.tokenizer_files().items())}
+                   for fname, data in sorted(_stored_tokenizer_files(checkpoint).items())}
 
     stored = sum(b["bytes"] for b in blobs.blobs)
     quantized_params = sum(t_n for t_n in (int(np.prod(t["shape"])) for t in tensors))
@@ -461,6 +462,16 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     (folder / MANIFEST).write_bytes(_dump(manifest))
     manifest["_build_seconds"] = time.perf_counter() - t0
     return manifest
+
+
+def _stored_tokenizer_files(checkpoint) -> dict[str, bytes]:
+    """The tokenizer files as the bundle stores them: tokenizer.json packed (runtime.tokenizer.pack: tokens once,
+    merges as token id + split; a reader gets the same dict back from Bundle.tokenizer_json), the others as is."""
+    files = dict(checkpoint.tokenizer_files())
+    packed = tokenizer_pack(json.loads(files["tokenizer.json"]))
+    if packed is not None:
+        files["tokenizer.json"] = json.dumps(packed, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return files
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -518,7 +529,11 @@ class Bundle:
         return _read_file(self.path, fname, self.manifest["tokenizer"][fname], self.manifest["codec"]["chunk_symbols"])
 
     def tokenizer_json(self) -> dict:
-        return json.loads(self.tokenizer_file("tokenizer.json").decode("utf-8"))
+        """tokenizer.json as the source had it (unpacked: the bundle stores it packed when it can)."""
+        try:
+            return tokenizer_unpack(json.loads(self.tokenizer_file("tokenizer.json").decode("utf-8")))
+        except ValueError as e:                      # bad JSON or UTF-8, or a malformed packed model
+            raise BundleError(f"{self.path / 'tokenizer.json'}: {e}") from None
 
     def tokenizer_config(self) -> dict:
         if "tokenizer_config.json" not in self.manifest["tokenizer"]:

@@ -403,6 +403,9 @@ def test_tokenizer_stored_as_qz_reads_back_exactly(tmp_path, tiny_hf):
     a, b = load(qz), load(raw)
     assert a.tokenizer_file("tokenizer.json") == (raw / "tokenizer.json").read_bytes()
     assert a.tokenizer_json() == b.tokenizer_json() and a.tokenizer_config() == b.tokenizer_config()
+    # stored packed (tokens once, merges as id + split), read back as the source's dict
+    assert isinstance(json.loads(a.tokenizer_file("tokenizer.json"))["model"]["merges"], dict)
+    assert a.tokenizer_json() == json.loads((tiny_hf[0] / "tokenizer.json").read_bytes())
 
 
 def test_damaged_qz_tokenizer_is_named(tmp_path, tiny_hf):

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from converter.errors import FormatError
-from converter.runtime.tokenizer import (GPT2_PATTERN, LLAMA3_PATTERN, StreamDecoder, Tokenizer, TokenizerError,
-                                         split_gpt2, split_llama3)
+from converter.runtime.tokenizer import (GPT2_PATTERN, LLAMA3_PATTERN, PACKED_MERGES, StreamDecoder, Tokenizer,
+                                         TokenizerError, pack, split_gpt2, split_llama3, unpack)
 
 hf_tokenizers = pytest.importorskip("tokenizers", reason="HF `tokenizers` is the reference implementation")
 
@@ -351,6 +351,78 @@ def test_gguf_unknown_pre_tokenizer_is_refused():
     from converter.gguf_tokenizer import tokenizer_json_from_gguf
     with pytest.raises(FormatError, match="qwen2"):
         tokenizer_json_from_gguf(_FakeReader(_tiny_kv(**{"tokenizer.ggml.pre": "qwen2"})))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The packed form a bundle stores (tokens once, merges as merged token + split).
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_packed_form_round_trips_and_encodes_like_hf(pair):
+    packed = pack(pair.json)
+    assert packed is not None and isinstance(packed["model"]["vocab"], list)
+    assert unpack(packed) == pair.json
+    text = json.dumps(packed, ensure_ascii=False, separators=(",", ":"))
+    assert len(text) < 0.6 * len(json.dumps(pair.json, ensure_ascii=False, separators=(",", ":")))
+    tok = Tokenizer.from_json(text)
+    for t in CORPUS:
+        assert tok.encode(t, add_special_tokens=True) == pair.hf.encode(t, add_special_tokens=True).ids
+    assert hf_tokenizers.Tokenizer.from_str(json.dumps(unpack(packed))).get_vocab_size() == pair.hf.get_vocab_size()
+
+
+def test_building_from_the_packed_form_stays_near_the_plain_parse_peak(pair):
+    """The page builds from the packed text: its peak must not exceed what parsing the plain file cost."""
+    import tracemalloc
+    plain, packed = json.dumps(pair.json), json.dumps(pack(pair.json))
+    tracemalloc.start()
+    try:
+        json.loads(plain)
+        parse_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        Tokenizer.from_json(packed)
+        build_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert build_peak < 1.3 * parse_peak, (build_peak, parse_peak)
+
+
+def test_list_merges_and_duplicate_merges_pack_exactly():
+    d = _minimal()
+    d["model"].update(vocab={"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5},
+                      merges=[["a", "b"], ["b", "c"], ["ab", "c"], ["a", "bc"], ["a", "b"]])
+    packed = pack(d)
+    assert packed["model"]["merges"]["merged_delta"] == [3, 1, 1, 0, -2]
+    assert packed["model"]["merges"]["split"] == [1, 1, 2, 1, 1]
+    assert unpack(packed) == d
+    plain, from_packed = Tokenizer.from_json_dict(d), Tokenizer.from_json(json.dumps(packed))
+    assert from_packed.merges == plain.merges
+    for text in ("abc", "abcabc", "bcab", "cab"):
+        assert from_packed.encode(text) == plain.encode(text)
+
+
+@pytest.mark.parametrize("model", [
+    {"vocab": {"a": 0, "b": 1, "ab": 3}, "merges": ["a b"]},            # ids with a gap
+    {"vocab": {"a": 0, "b": 0, "ab": 1}, "merges": ["a b"]},            # two tokens, one id
+    {"vocab": {"a": 0, "b b": 1, "ab b": 2}, "merges": ["a b b"]},      # a merge string with two spaces
+    {"vocab": {"a": 0, "b": 1, "ab": 2}, "merges": []},
+])
+def test_what_cannot_pack_is_stored_as_is(model):
+    d = _minimal()
+    d["model"] = {"type": "BPE", **model}
+    assert pack(d) is None
+
+
+@pytest.mark.parametrize("merges,message", [
+    ({"packed": "other"}, "unknown packed form 'other'"),
+    ({"packed": PACKED_MERGES, "merged_delta": [2], "split": [2]}, r"merges\[0\].*token 2, split 2"),
+    ({"packed": PACKED_MERGES, "merged_delta": [5], "split": [1]}, r"merges\[0\].*out of range"),
+    ({"packed": PACKED_MERGES, "merged_delta": ["2"], "split": [1]}, r"merges\[0\].*out of range"),
+    ({"packed": PACKED_MERGES, "merged_delta": [2], "split": [1, 1]}, "equal-length"),
+])
+def test_malformed_packed_merges_are_refused(merges, message):
+    d = _minimal()
+    d["model"] = {"type": "BPE", "vocab": ["a", "b", "ab"], "merges": merges}
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_json(json.dumps(d))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -94,12 +94,12 @@ def _prepare(tokenizer, opts: EvalOptions) -> tuple[dict, dict]:
 def _check_compatible(bundles: list[tuple[str, Path, Bundle]]) -> None:
     """Every bundle must share the first one's vocabulary and tokenizer (KL compares distributions id by id)."""
     _, ref_path, ref = bundles[0]
-    ref_tok = ref.manifest["tokenizer"]["tokenizer.json"]["sha256"]
+    ref_tok = ref.tokenizer_json()
     for _, path, b in bundles[1:]:
         if b.config.vocab_size != ref.config.vocab_size:
             raise EvalError(f"{path}: vocabulary of {b.config.vocab_size} tokens does not match {ref_path} "
                             f"({ref.config.vocab_size}); compare bundles of the same checkpoint")
-        if b.manifest["tokenizer"]["tokenizer.json"]["sha256"] != ref_tok:
+        if b.tokenizer_json() != ref_tok:
             raise EvalError(f"{path}: tokenizer.json differs from {ref_path}'s; compare bundles of the same checkpoint")
 
 

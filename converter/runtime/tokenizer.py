@@ -425,17 +425,20 @@ class Tokenizer:
         if not decoder or decoder.get("type") != "ByteLevel":
             raise TokenizerError(f"decoder {decoder and decoder.get('type')!r} is not supported (only ByteLevel)")
 
-        vocab = model.get("vocab") or {}
-        if not isinstance(vocab, dict):
-            raise TokenizerError("model.vocab must map tokens to ids")
-        vocab = vocab if consume else dict(vocab)
-        if not all(type(i) is int and 0 <= i < _ID_LIMIT for i in vocab.values()):
-            t, i = next((t, i) for t, i in vocab.items() if not (type(i) is int and 0 <= i < _ID_LIMIT))
-            raise TokenizerError(f"model.vocab[{t!r}] = {i!r} is not an id in [0, {_ID_LIMIT})")
-        merges = model.get("merges") or []
-        if not isinstance(merges, list):
-            raise TokenizerError("model.merges must be a list")
-        merges = merge_table(vocab, merges, consume=consume)
+        if isinstance(model.get("merges"), dict):          # the packed form a bundle stores
+            vocab, merges = _packed_tables(model)
+        else:
+            vocab = model.get("vocab") or {}
+            if not isinstance(vocab, dict):
+                raise TokenizerError("model.vocab must map tokens to ids")
+            vocab = vocab if consume else dict(vocab)
+            if not all(type(i) is int and 0 <= i < _ID_LIMIT for i in vocab.values()):
+                t, i = next((t, i) for t, i in vocab.items() if not (type(i) is int and 0 <= i < _ID_LIMIT))
+                raise TokenizerError(f"model.vocab[{t!r}] = {i!r} is not an id in [0, {_ID_LIMIT})")
+            merges = model.get("merges") or []
+            if not isinstance(merges, list):
+                raise TokenizerError("model.merges must be a list")
+            merges = merge_table(vocab, merges, consume=consume)
         added = [AddedToken(id=_added_id(t), content=t["content"], special=bool(t.get("special", False)),
                             lstrip=bool(t.get("lstrip", False)), rstrip=bool(t.get("rstrip", False)),
                             single_word=bool(t.get("single_word", False)),
@@ -615,6 +618,127 @@ def merge_table(vocab: dict[str, int], merges: list, consume: bool = False) -> d
         if key not in table:
             table[key] = r << _ID_BITS | inew
     return table
+
+
+# ---- packed form: how a bundle stores tokenizer.json ----------------------------------------------------------
+# A BPE vocabulary is mostly redundant with its merges: every merge "a b" names a+b, a token of the vocabulary.
+# The packed model keeps the tokens once, as a list in id order, and each merge as the id of the token it makes
+# (delta-coded: SmolLM2's merge r makes token 252 + r, so the deltas are all 1) and the length of its left half.
+# SmolLM2's tokenizer.json: 1,515,262 bytes, 584 KB as QZ chunks; packed about 220 KB. `unpack_model` restores
+# the exact dict (merges as "a b" strings or [a, b] lists, as they came).
+
+PACKED_MERGES = "merged-split-v1"
+
+
+def pack_model(model: dict) -> dict | None:
+    """The packed copy of a tokenizer.json "model" object, or None when it cannot be packed losslessly (ids not
+    0..n-1, a merge whose halves are not a split of a token, a merge string with more than one space)."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list) or not merges:
+        return None
+    tokens: list[str | None] = [None] * len(vocab)
+    for t, i in vocab.items():
+        if type(i) is not int or not 0 <= i < len(tokens) or tokens[i] is not None:
+            return None
+        tokens[i] = t
+    pairs = isinstance(merges[0], list)
+    deltas, splits, prev = [], [], 0
+    for m in merges:
+        if pairs:
+            if not (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)):
+                return None
+            a, b = m
+        else:
+            if not isinstance(m, str) or m.count(" ") != 1:
+                return None
+            a, _, b = m.partition(" ")
+        i = vocab.get(a + b)
+        if i is None or not a or not b:
+            return None
+        deltas.append(i - prev)
+        splits.append(len(a))
+        prev = i
+    packed = dict(model)
+    packed["vocab"] = tokens
+    packed["merges"] = {"packed": PACKED_MERGES, "pairs": pairs, "merged_delta": deltas, "split": splits}
+    return packed
+
+
+def _packed_merges(model: dict):
+    """Validate a packed model; yields (rank, merged id, split) for each merge."""
+    merges = model["merges"]
+    if merges.get("packed") != PACKED_MERGES:
+        raise TokenizerError(f"model.merges: unknown packed form {merges.get('packed')!r}")
+    tokens, deltas, splits = model.get("vocab"), merges.get("merged_delta"), merges.get("split")
+    if not (isinstance(tokens, list) and all(type(t) is str for t in tokens) and len(tokens) <= _ID_LIMIT
+            and isinstance(deltas, list) and isinstance(splits, list) and len(deltas) == len(splits)):
+        raise TokenizerError("model: packed vocab/merges must be a token list and two equal-length int lists")
+    i = 0
+    for r, (d, p) in enumerate(zip(deltas, splits)):
+        i += d if type(d) is int else len(tokens)        # a non-int delta lands out of range below
+        if not (0 <= i < len(tokens) and type(p) is int and 0 < p < len(tokens[i])):
+            raise TokenizerError(f"model.merges[{r}]: packed merge (token {i}, split {p!r}) is out of range")
+        yield r, i, p
+
+
+def _packed_vocab(tokens: list) -> dict[str, int]:
+    vocab = {t: k for k, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TokenizerError("model.vocab: the packed token list repeats a token")
+    return vocab
+
+
+def _packed_tables(model: dict) -> tuple[dict[str, int], dict[int, int]]:
+    """vocab and merge_table() straight from the packed form, without making the merge strings (the page's
+    Pyodide heap keeps its peak)."""
+    tokens = model["vocab"]
+    vocab = _packed_vocab(tokens)
+    table: dict[int, int] = {}
+    get = vocab.get
+    for r, i, p in _packed_merges(model):                # forward, so a later duplicate of a pair overwrites
+        t = tokens[i]
+        ia, ib = get(t[:p]), get(t[p:])
+        if ia is None or ib is None:
+            raise TokenizerError(f"model.merges[{r}]: {t[:p]!r} + {t[p:]!r} is not a pair of tokens")
+        table[ia << _ID_BITS | ib] = r << _ID_BITS | i
+    return vocab, table
+
+
+def unpack_model(model: dict) -> dict:
+    """tokenizer.json's "model" object from its packed form (returned unchanged when it is not packed)."""
+    merges = model.get("merges")
+    if not isinstance(merges, dict):
+        return model
+    pairs = bool(merges.get("pairs"))
+    tokens = model["vocab"]
+    out = []
+    for _, i, p in _packed_merges(model):
+        t = tokens[i]
+        out.append([t[:p], t[p:]] if pairs else t[:p] + " " + t[p:])
+    unpacked = dict(model)
+    unpacked["vocab"] = _packed_vocab(tokens)
+    unpacked["merges"] = out
+    return unpacked
+
+
+def pack(d: dict) -> dict | None:
+    """tokenizer.json with its model packed (pack_model), or None when it does not pack."""
+    model = pack_model(d.get("model") or {})
+    if model is None:
+        return None
+    packed = dict(d)
+    packed["model"] = model
+    return packed if unpack(packed) == d else None
+
+
+def unpack(d: dict) -> dict:
+    """tokenizer.json from a packed one (unchanged when it is not packed)."""
+    model = d.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("merges"), dict):
+        return d
+    out = dict(d)
+    out["model"] = unpack_model(model)
+    return out
 
 
 def _merge_word(word: str, vocab: dict[str, int], merges: dict[int, int]) -> list[int | None]:
