@@ -6,7 +6,7 @@ Writes bench/results/sizes.json and the tables of docs/sizes.md (between the <!-
 around them is written by hand). Bundles are shared with bench/frontier.py (same folder, same names).
 
 Every size is read from the bundle's manifest and the files on disk — nothing is estimated. "All-in" is every byte
-of the bundle folder (blobs, model.onnx, tokenizer files, manifest.json), the bytes a browser downloads. The
+of the bundle folder (blobs, model.onnx, tokenizer files, manifest.json + tables.json), the bytes a browser downloads. The
 reference sizes are the same model's 134,515,008 parameters as float32 (538.1 MB) and as float16/bf16 (269.0 MB,
 how Hugging Face checkpoints ship), and the 98.4 MB Q4_1 GGUF the weights actually come from.
 """
@@ -65,7 +65,8 @@ def count(path: Path) -> dict:
             "linear_codes": linear_codes, "linear_scales": linear_side, "embedding": embed, "norms": norms,
             "graph": files.get("model.onnx", files.get("model.onnx.qz", 0)),      # stored plain or as QZ chunks
             "tokenizer": sum(v for k, v in files.items() if k.startswith("tokenizer")),
-            "manifest": files["manifest.json"], "runtime_bytes": m["totals"]["runtime_bytes"]}
+            "manifest": files["manifest.json"] + files.get("tables.json", files.get("tables.json.qz", 0)),   # v2: + tables
+            "runtime_bytes": m["totals"]["runtime_bytes"]}
 
 
 def nominal_bits(scheme: str) -> float:

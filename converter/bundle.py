@@ -1,7 +1,9 @@
 """The bundle: a folder any static HTTP server can host.
 
     bundle/
-      manifest.json          format name + version, config, tensors, initializers with chunk tables, blobs, totals
+      manifest.json          format name + version, config, files with sizes and SHA-256, blobs, totals
+      tables.json[.qz]       the tensors and the initializers with their chunk tables (version 2: most of what a
+                             manifest held, ~93% smaller as QZ chunks — SmolLM2: 353 KB of JSON → ~25 KB)
       model.onnx             decoder graph; every initializer is external data (location = its own name)
       weights-000.qzb ...    blobs: concatenated QZ chunks (docs/lzw-format.md), at most `blob_bytes` each
       tokenizer.json, tokenizer_config.json (and generation_config.json when the source had one)
@@ -37,8 +39,10 @@ from .quant import entropy, errors, get_scheme, quantize_rows
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
 FORMAT_NAME = "tiny-qmoe-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)     # version 1 kept "tensors" and "initializers" inline in manifest.json
 MANIFEST = "manifest.json"
+TABLES = "tables.json"
 GRAPH = "model.onnx"
 GRAPH_FP16 = "model.fp16.onnx"  # the same graph with float16 activations and KV cache (WebGPU with shader-f16)
 GRAPH_WASM = "model.wasm.onnx"  # group schemes as batched integer GEMMs instead of MatMulNBits (the WASM EP)
@@ -427,6 +431,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     tok_entries = {fname: _write_file(folder, fname, data, opts)
                    for fname, data in sorted(_stored_tokenizer_files(checkpoint).items())}
 
+    tables = {"file": TABLES, **_write_file(folder, TABLES, json.dumps(
+        {"tensors": tensors, "initializers": initializers}, separators=(",", ":")).encode(), opts)}
     stored = sum(b["bytes"] for b in blobs.blobs)
     quantized_params = sum(t_n for t_n in (int(np.prod(t["shape"])) for t in tensors))
     manifest = {
@@ -442,15 +448,14 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         **graphs,
         "tokenizer": tok_entries,
         "blobs": blobs.blobs,
-        "tensors": tensors,
-        "initializers": initializers,
+        "tables": tables,
         "totals": {
             "parameters": n_params,
             "float32_bytes": float_bytes,
             "runtime_bytes": sum(e["nbytes"] for e in initializers),
             "blob_bytes": stored,
             "bundle_bytes": stored + sum(g["qz"]["bytes"] if "qz" in g else g["bytes"] for g in graphs.values()) +
-            sum(v["qz"]["bytes"] if "qz" in v else v["bytes"] for v in tok_entries.values()),   # bytes on disk
+            sum(v["qz"]["bytes"] if "qz" in v else v["bytes"] for v in (*tok_entries.values(), tables)),  # on disk
             "bits_per_weight_blobs": round(8 * stored / max(quantized_params, 1), 4),
         },
     }
@@ -460,8 +465,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     manifest["totals"]["bits_per_weight_all_in"] = round(8 * manifest["totals"]["bundle_bytes"] / max(n_params, 1), 4)
     manifest["integrity"] = {"sha256": manifest_digest(manifest)}
     (folder / MANIFEST).write_bytes(_dump(manifest))
-    manifest["_build_seconds"] = time.perf_counter() - t0
-    return manifest
+    manifest.update(tensors=tensors, initializers=initializers, _build_seconds=time.perf_counter() - t0)
+    return manifest                   # as load() returns it: the tables merged in
 
 
 def _stored_tokenizer_files(checkpoint) -> dict[str, bytes]:
@@ -623,13 +628,15 @@ def load(path: str | Path) -> Bundle:
           f"unexpected bytes after the closing brace at byte offset {len(text.rstrip()) }")
     _want(isinstance(m, dict), M, "top level must be an object")
     _want(m.get("format") == FORMAT_NAME, f"{M}: format", f"expected {FORMAT_NAME!r}, got {m.get('format')!r}")
-    _want(type(m.get("version")) is int and m["version"] == FORMAT_VERSION, f"{M}: version",
-          f"this reader supports version {FORMAT_VERSION}, got {m.get('version')!r}")
+    _want(type(m.get("version")) is int and m["version"] in READABLE_VERSIONS, f"{M}: version",
+          f"this reader supports versions {', '.join(map(str, READABLE_VERSIONS))}, got {m.get('version')!r}")
     integrity = m.get("integrity")
     _want(isinstance(integrity, dict) and isinstance(integrity.get("sha256"), str), f"{M}: integrity",
           "missing the manifest checksum")
     _want(integrity["sha256"] == manifest_digest(m), f"{M}: integrity.sha256",
           "does not match the manifest's content (edited or corrupted manifest)")
+    if m["version"] >= 2:
+        _merge_tables(path, m)
     _validate_schema(m)
     for key, typ in (("config", dict), ("graph", dict), ("tokenizer", dict), ("blobs", list), ("tensors", list),
                      ("initializers", list), ("scheme", str), ("embed_scheme", str)):
@@ -666,7 +673,7 @@ def load(path: str | Path) -> Bundle:
             _check_stored(path, fname, m[key], f"{M}: {key}", step)
     def on_disk(fname, info):
         return info["qz"]["file"] if "qz" in info else fname
-    listed = {MANIFEST, on_disk(GRAPH, m["graph"]), *(on_disk(f, i) for f, i in m["tokenizer"].items()),
+    listed = {MANIFEST, *([on_disk(TABLES, m["tables"])] if "tables" in m else []), on_disk(GRAPH, m["graph"]), *(on_disk(f, i) for f, i in m["tokenizer"].items()),
               *(b["file"] for b in m["blobs"])} | \
         {on_disk(fname, m[key]) for key, fname in GRAPH_VARIANTS.items() if key in m}
     unlisted = sorted(p.name for p in path.iterdir() if p.name not in listed)
@@ -679,6 +686,37 @@ def load(path: str | Path) -> Bundle:
         if key in m:
             _validate_graph(path, m, fname)
     return Bundle(path, m, cfg, m["initializers"])
+
+
+def _merge_tables(path: Path, m: dict):
+    """Version 2: read tables.json (plain, or its QZ chunks), check its size and SHA-256 against the manifest's
+    "tables" entry (which the manifest checksum covers), and put its tensors and initializers into `m`."""
+    M = MANIFEST
+    info = m.get("tables")
+    _want(isinstance(info, dict), f"{M}: tables", "missing (version 2 keeps tensors and initializers in tables.json)")
+    _keys(info, {"file", "bytes", "sha256"} | ({"qz"} & set(info)), f"{M}: tables")
+    _want(info["file"] == TABLES, f"{M}: tables.file", f"expected {TABLES!r}")
+    _want("tensors" not in m and "initializers" not in m, M,
+          "version 2 keeps tensors and initializers in tables.json, not inline")
+    step = m["codec"].get("chunk_symbols") if isinstance(m.get("codec"), dict) else None
+    if "qz" in info:
+        _validate_qz_file(TABLES, info, step, f"{M}: tables")
+        _check_file(path, info["qz"]["file"], info["qz"], f"{M}: tables.qz")
+    else:
+        _check_file(path, TABLES, info, f"{M}: tables")
+    data = _read_file(path, TABLES, info, step)           # size and SHA-256 of the (decoded) bytes checked
+    where = info["qz"]["file"] if "qz" in info else TABLES
+    try:
+        tables = json.loads(data.decode("utf-8"))
+    except ValueError as e:
+        raise BundleError(f"{where}: not UTF-8 JSON ({e})") from None
+    _keys(tables, {"tensors", "initializers"}, where)
+    m.update(tables)
+
+
+def _tables_where(m: dict) -> str:
+    """The file the tensor and initializer fields came from, for error messages."""
+    return TABLES if "tables" in m else MANIFEST
 
 
 def _check_stored(folder: Path, fname: str, info: dict, where: str, step):
@@ -702,7 +740,7 @@ def _check_file(folder: Path, fname: str, info: dict, where: str, hash_it: bool 
 
 
 def _validate_initializers(m: dict, cfg: LlamaConfig):
-    M = MANIFEST
+    M = _tables_where(m)
     blob_sizes = [b["bytes"] for b in m["blobs"]]
     step = m["codec"]["chunk_symbols"]
     seen = set()
@@ -763,7 +801,7 @@ def _validate_tensors(m: dict, cfg: LlamaConfig):
     initializers exist; the totals add up."""
     from .loaders import expected_shapes
 
-    M = MANIFEST
+    M = _tables_where(m)
     want = expected_shapes(cfg)
     inits = {e["name"]: e for e in m["initializers"]}
     names, owned = [], []
@@ -846,9 +884,10 @@ def _validate_graph(path: Path, m: dict, fname: str):
     _validate_graph_constants(model, LlamaConfig.from_dict(m["config"]), fname)
     manifest = graph_initializers(m, key)
     for name in sorted(set(graph) | set(manifest)):
-        _want(name in manifest, f"{MANIFEST}: initializers", f"{fname} needs {name}, which is not listed")
-        _want(name in graph, f"{MANIFEST}: initializer {name}", f"is not used by {fname}")
-        _want(graph[name] == manifest[name], f"{MANIFEST}: initializer {name}",
+        T = _tables_where(m)
+        _want(name in manifest, f"{T}: initializers", f"{fname} needs {name}, which is not listed")
+        _want(name in graph, f"{T}: initializer {name}", f"is not used by {fname}")
+        _want(graph[name] == manifest[name], f"{T}: initializer {name}",
               f"is {manifest[name]} but {fname} expects {graph[name]}")
 
 
@@ -887,7 +926,7 @@ def _str(v, where: str) -> str:
 
 def _validate_schema(m: dict):
     M = MANIFEST
-    _keys(m, _TOP | (({"calibration"} | set(GRAPH_VARIANTS)) & set(m)), M)
+    _keys(m, _TOP | (({"calibration"} | set(GRAPH_VARIANTS)) & set(m)) | ({"tables"} if m["version"] >= 2 else set()), M)
     for key in GRAPH_VARIANTS:
         if key in m:
             optional = {"qz"} | ({"transposed"} if key == "graph_wasm" else set())
@@ -917,7 +956,8 @@ def _validate_schema(m: dict):
                   ("max_position_embeddings", 1 << 24)):
         _int(c[k], f"{M}: config.{k}", 1, hi)
     n_tensors = 2 + 9 * c["num_hidden_layers"] + (0 if c["tie_word_embeddings"] else 1)
-    _want(isinstance(m["tensors"], list) and len(m["tensors"]) == n_tensors, f"{M}: tensors",
+    T = _tables_where(m)
+    _want(isinstance(m["tensors"], list) and len(m["tensors"]) == n_tensors, f"{T}: tensors",
           f"a model of {c['num_hidden_layers']} layers has {n_tensors} tensors")
     if c["bos_token_id"] is not None:
         _int(c["bos_token_id"], f"{M}: config.bos_token_id", 0, vocab - 1)
@@ -945,13 +985,13 @@ def _validate_schema(m: dict):
     for i, b in enumerate(m["blobs"] if isinstance(m["blobs"], list) else []):
         _keys(b, {"file", "bytes", "sha256"}, f"{M}: blobs[{i}]")
     for i, t in enumerate(m["tensors"] if isinstance(m["tensors"], list) else []):
-        w = f"{M}: tensors[{i}]"
+        w = f"{T}: tensors[{i}]"
         _keys(t, _TENSOR, w)
         _str(t["source_dtype"], f"{w}.source_dtype")
         _num(t["max_error"], f"{w}.max_error", 0, 1e4)
         _num(t["rms_error"], f"{w}.rms_error", 0, 1e4)
     for i, e in enumerate(m["initializers"] if isinstance(m["initializers"], list) else []):
-        w = f"{M}: initializers[{i}]"
+        w = f"{T}: initializers[{i}]"
         _keys(e, _INIT | (_INIT_OPTIONAL & set(e if isinstance(e, dict) else ())), w)
         _num(e["entropy_bits"], f"{w}.entropy_bits", 0, 8)
         chunks = e["chunks"] if isinstance(e["chunks"], list) else []

@@ -1,7 +1,7 @@
 """Hostile variants of a valid bundle: each mutant is (label, {file name: new bytes, or None to delete it}).
 
 Byte-level mutants (bit flips, byte runs, truncation, extra bytes, missing files) hit every file; manifest-level
-mutants lie about fields (shapes, offsets, counts, scheme names, versions, huge/negative numbers, wrong types) and,
+mutants lie about fields (in manifest.json, or in tables.json for tensors and initializers) (shapes, offsets, counts, scheme names, versions, huge/negative numbers, wrong types) and,
 half of the time, recompute the manifest checksum like a deliberate attacker would, so the field checks themselves
 are exercised and not only the checksum.
 """
@@ -51,9 +51,12 @@ _DELETE = object()
 def mutants(bundle: Path, n: int, seed: int = 0) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     from converter.bundle import manifest_digest
 
+    from manifests import read_manifest, split_manifest
+
     rng = random.Random(seed)
     files = {p.name: p.read_bytes() for p in sorted(bundle.iterdir()) if p.is_file()}
-    manifest = json.loads(files["manifest.json"])
+    on_disk = json.loads(files["manifest.json"])
+    manifest = read_manifest(bundle)        # version 2: tables.json's tensors and initializers merged in
     leaves = [(p, v) for p, v in _paths(manifest) if p and p[0] != "integrity"]
     for i in range(n):
         kind = i % 8
@@ -99,8 +102,16 @@ def mutants(bundle: Path, n: int, seed: int = 0) -> Iterator[tuple[str, dict[str
                     new is None and path[-1] in NULLABLE:
                 new = "changed"
             _set(m, path, new)
+            if path[0] in ("tensors", "initializers") and "tables" in on_disk:
+                # the lie goes into tables.json (written plain), its size and hash updated in the manifest
+                change = {k: v for k, v in split_manifest(m).items() if v is not None or k in files}
+                m = json.loads(change["manifest.json"])
+            else:
+                change = {}
+                if "tables" in on_disk:
+                    m = {k: v for k, v in m.items() if k not in ("tensors", "initializers")}
             if resign:
                 m["integrity"] = {"sha256": manifest_digest(m)}
             label = f"manifest {'/'.join(map(str, path))} = {new if new is not _DELETE else '<deleted>'!r:.40}" + \
                     (" (checksum recomputed)" if resign else "")
-            yield label, {"manifest.json": json.dumps(m).encode()}
+            yield label, {**change, "manifest.json": json.dumps(m).encode()}

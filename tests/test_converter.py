@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tiny
+from manifests import read_manifest, write_manifest
 from converter.bundle import BuildOptions, load, write_bundle
 from converter.config import LlamaConfig, rope_inv_freq
 from converter.errors import BundleError, FormatError, QuantError
@@ -201,7 +202,7 @@ def test_failed_build_leaves_nothing(tmp_path, tiny_hf):
 def test_manifest_describes_the_bundle(tiny_bundles):
     b = load(tiny_bundles("ternary"))
     m = b.manifest
-    assert m["format"] == "tiny-qmoe-bundle" and m["version"] == 1
+    assert m["format"] == "tiny-qmoe-bundle" and m["version"] == 2 and m["tables"]["file"] == "tables.json"
     assert m["scheme"] == "ternary" and m["config"]["hidden_size"] == 128
     t = {x["name"]: x for x in m["tensors"]}
     q = t["model.layers.0.self_attn.q_proj.weight"]
@@ -242,17 +243,15 @@ def test_corrupted_blob_fails_with_named_error(tmp_path, tiny_bundles):
 
 def _rewrite(dst, m):
     """Write a manifest with a recomputed checksum, as a deliberate liar would, so the field checks are exercised."""
-    from converter.bundle import manifest_digest
-    m["integrity"] = {"sha256": manifest_digest(m)}
-    (dst / "manifest.json").write_text(json.dumps(m))
+    write_manifest(dst, m)
 
 
 def test_edited_manifest_fails_its_checksum(tmp_path, tiny_bundles):
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundles("int8"), dst)
-    m = json.loads((dst / "manifest.json").read_text())
+    m = read_manifest(dst)
     m["name"] = "renamed"
-    (dst / "manifest.json").write_text(json.dumps(m))
+    write_manifest(dst, m, resign=False)
     with pytest.raises(BundleError, match="integrity.sha256: does not match"):
         load(dst)
 
@@ -260,7 +259,7 @@ def test_edited_manifest_fails_its_checksum(tmp_path, tiny_bundles):
 def test_lying_manifest_is_named(tmp_path, tiny_bundles):
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundles("int8"), dst)
-    m = json.loads((dst / "manifest.json").read_text())
+    m = read_manifest(dst)
     m["initializers"][3]["shape"][0] += 1
     _rewrite(dst, m)
     with pytest.raises(BundleError, match=r"initializer .*\.nbytes: disagrees"):
@@ -285,7 +284,7 @@ def test_chunk_header_is_checked_against_manifest(tmp_path, tiny_bundles):
     import hashlib
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundles("int8"), dst)
-    m = json.loads((dst / "manifest.json").read_text())
+    m = read_manifest(dst)
     e = m["initializers"][1]
     off = e["chunks"][0][0]
     blob = dst / m["blobs"][e["blob"]]["file"]
@@ -349,12 +348,12 @@ def _build_int4(tmp_path, tiny_hf, name, **kw):
 def test_byte_planes_decode_to_the_same_tensors(tmp_path, tiny_hf):
     """float16 scales stored plane by plane (chunks never cross a plane) decode to exactly the unsplit bytes."""
     planar, plain = _build_int4(tmp_path, tiny_hf, "planar"), _build_int4(tmp_path, tiny_hf, "plain", byte_planes=False)
-    m = json.loads((planar / "manifest.json").read_text())
+    m = read_manifest(planar)
     split = [e for e in m["initializers"] if e.get("planes")]
     assert any(e["dtype"] == "float16" for e in split)
     assert all(e["planes"] == {"float16": 2, "float32": 4}[e["dtype"]] for e in split)
     assert any(len(e["chunks"]) > 2 for e in split)          # several chunks per plane: the tiling is exercised
-    assert not any("planes" in e for e in json.loads((plain / "manifest.json").read_text())["initializers"])
+    assert not any("planes" in e for e in read_manifest(plain)["initializers"])
     a = {e["name"]: arr for e, arr in load(planar).decode_initializers()}
     b = {e["name"]: arr for e, arr in load(plain).decode_initializers()}
     assert a.keys() == b.keys()
@@ -364,7 +363,7 @@ def test_byte_planes_decode_to_the_same_tensors(tmp_path, tiny_hf):
 
 def test_byte_plane_rules_are_enforced(tmp_path, tiny_hf):
     src = _build_int4(tmp_path, tiny_hf, "planar")
-    base = json.loads((src / "manifest.json").read_text())
+    base = read_manifest(src)
     i = next(i for i, e in enumerate(base["initializers"]) if e.get("planes"))
     for n, (edit, msg) in enumerate(((lambda e: e.update(planes=4), r"\.planes: byte planes are for"),
                       (lambda e: e.update(planes=1), r"\.planes: expected an integer in \[2, 4\]"),
@@ -380,7 +379,7 @@ def test_byte_plane_rules_are_enforced(tmp_path, tiny_hf):
 
 def test_chunk_crossing_a_plane_is_refused(tmp_path, tiny_hf):
     src = _build_int4(tmp_path, tiny_hf, "planar")
-    m = json.loads((src / "manifest.json").read_text())
+    m = read_manifest(src)
     # a plane whose length is not a multiple of the chunk size ends in a short chunk; read as one unsplit stream,
     # that short chunk sits in the middle and the tiling check refuses it
     e = next(e for e in m["initializers"] if e.get("planes") and (e["nbytes"] // e["planes"]) % 256)
@@ -395,7 +394,7 @@ def test_chunk_crossing_a_plane_is_refused(tmp_path, tiny_hf):
 def test_tokenizer_stored_as_qz_reads_back_exactly(tmp_path, tiny_hf):
     qz = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0)
     raw = _build_int4(tmp_path, tiny_hf, "raw")
-    m = json.loads((qz / "manifest.json").read_text())
+    m = read_manifest(qz)
     info = m["tokenizer"]["tokenizer.json"]
     assert info["qz"]["file"] == "tokenizer.json.qz" and (qz / "tokenizer.json.qz").is_file()
     assert not (qz / "tokenizer.json").exists() and info["qz"]["bytes"] < 0.9 * info["bytes"]
@@ -410,7 +409,7 @@ def test_tokenizer_stored_as_qz_reads_back_exactly(tmp_path, tiny_hf):
 
 def test_damaged_qz_tokenizer_is_named(tmp_path, tiny_hf):
     src = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0)
-    m = json.loads((src / "manifest.json").read_text())
+    m = read_manifest(src)
     chunks = m["tokenizer"]["tokenizer.json"]["qz"]["chunks"]
     dst = tmp_path / "flip"
     shutil.copytree(src, dst)
@@ -432,3 +431,49 @@ def test_damaged_qz_tokenizer_is_named(tmp_path, tiny_hf):
     (dst / "tokenizer.json").write_bytes(b"{}")
     with pytest.raises(BundleError, match="does not list: tokenizer.json"):
         load(dst)
+
+
+def test_tables_live_in_tables_json_and_version_1_still_loads(tmp_path, tiny_hf):
+    """Version 2 moves tensors and initializers out of manifest.json (QZ chunks when that saves); a version-1
+    bundle (inline tables, as sessions before wrote them) still loads and decodes to the same arrays."""
+    import hashlib
+    from converter.bundle import manifest_digest
+    src = _build_int4(tmp_path, tiny_hf, "v2", compress_files_from=0)
+    on_disk = json.loads((src / "manifest.json").read_text())
+    assert "tensors" not in on_disk and "initializers" not in on_disk
+    assert on_disk["tables"]["qz"]["file"] == "tables.json.qz" and (src / "tables.json.qz").is_file()
+    assert on_disk["tables"]["qz"]["bytes"] <= 0.9 * on_disk["tables"]["bytes"]      # (256-symbol chunks here)
+    v1 = tmp_path / "v1"
+    shutil.copytree(src, v1)
+    m = read_manifest(v1)
+    del m["tables"]
+    m["version"] = 1
+    m["integrity"] = {"sha256": manifest_digest(m)}
+    (v1 / "manifest.json").write_text(json.dumps(m))
+    (v1 / "tables.json.qz").unlink()
+    a = {e["name"]: arr for e, arr in load(src).decode_initializers()}
+    b = {e["name"]: arr for e, arr in load(v1).decode_initializers()}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # version 2 with inline tables, or version 1 without them, is refused by name
+    m2 = dict(m, version=2, tables=on_disk["tables"])
+    m2["integrity"] = {"sha256": manifest_digest(m2)}
+    (v1 / "manifest.json").write_text(json.dumps(m2))
+    shutil.copy(src / "tables.json.qz", v1 / "tables.json.qz")
+    with pytest.raises(BundleError, match="manifest.json: version 2 keeps tensors and initializers in tables.json"):
+        load(v1)
+    # a damaged tables.json.qz is named, even when the attacker re-hashes the manifest
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    data = bytearray((bad / "tables.json.qz").read_bytes())
+    data[-3] ^= 0x21
+    (bad / "tables.json.qz").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"tables.json"):
+        load(bad)
+    plain = json.dumps({"tensors": [], "initializers": []}).encode()
+    (bad / "tables.json.qz").unlink()
+    (bad / "tables.json").write_bytes(plain)
+    m3 = dict(on_disk, tables={"file": "tables.json", "bytes": len(plain), "sha256": hashlib.sha256(plain).hexdigest()})
+    m3["integrity"] = {"sha256": manifest_digest(m3)}
+    (bad / "manifest.json").write_text(json.dumps(m3))
+    with pytest.raises(BundleError, match=r"tables.json: tensors"):
+        load(bad)

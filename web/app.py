@@ -86,7 +86,7 @@ MIME_TYPES: dict[str, str] = {
     ".wasm": "application/wasm",                # required for WebAssembly.instantiateStreaming
     ".onnx": "application/octet-stream",
     ".qzb": "application/octet-stream",         # LZW-compressed weight blobs
-    ".qz": "application/octet-stream",          # a tokenizer file stored as QZ chunks
+    ".qz": "application/octet-stream",          # a graph, tokenizer or tables file stored as QZ chunks
     ".zip": "application/zip",                  # pyodide's python_stdlib.zip
     ".whl": "application/zip",
     ".tar": "application/x-tar",

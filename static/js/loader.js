@@ -93,7 +93,18 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   }
   let m;
   try { m = JSON.parse(manifestText); } catch (e) { throw new BundleError(`manifest.json: invalid JSON (${e.message})`); }
-  if (m.format !== "tiny-qmoe-bundle" || m.version !== 1) throw new BundleError(`manifest.json: format ${m.format} v${m.version} is not supported`);
+  if (m.format !== "tiny-qmoe-bundle" || (m.version !== 1 && m.version !== 2)) throw new BundleError(`manifest.json: format ${m.format} v${m.version} is not supported`);
+  if (m.version === 2) {   // tensors and initializers live in tables.json (QZ chunks when that saves): merge them in
+    const ti = m.tables;
+    if (!ti || ti.file !== "tables.json") throw new BundleError("manifest.json: tables: missing or not tables.json");
+    const bytes = ti.qz ? await fetchQzFile(base, ti.file, ti, pool, stats) : await fetchFile(base + ti.file, ti, () => {}, stats);
+    if (await sha256Hex(bytes) !== ti.sha256) throw new BundleError(`${ti.file}: SHA-256 mismatch`);
+    let tables;
+    try { tables = JSON.parse(new TextDecoder().decode(bytes)); } catch (e) { throw new BundleError(`${ti.file}: invalid JSON (${e.message})`); }
+    if (!Array.isArray(tables.tensors) || !Array.isArray(tables.initializers)) throw new BundleError(`${ti.file}: needs tensors and initializers lists`);
+    m.tensors = tables.tensors;
+    m.initializers = tables.initializers;
+  }
 
   // A chunk's bytes go to its out_offset; a float tensor stored as byte planes (manifest "planes": its item size,
   // plane p = byte p of every element) has them put back at that stride — the copy happens anyway.
