@@ -65,7 +65,9 @@ class CalibrationOptions:
                                          # the method too (Hessian of the final normed hidden states)
     mixed: float | None = None           # budget, nominal bits/weight over the decoder linears (None: off)
     mixed_high: str = "int8-g32"         # the scheme sensitive tensors are promoted to
-    corpus_chars: int = 60_000           # calibration text = the last this-many characters of the corpus
+    corpus_chars: int | None = None      # calibration text = the last this-many characters of the corpus;
+                                         # None: max(60,000, 6 per token wanted) — the perplexity windows come
+                                         # from the start of the same corpus (465k characters), far from these
 
     def check(self, scheme: str) -> None:
         if self.method not in METHODS:
@@ -93,10 +95,15 @@ class CalibrationOptions:
         if not 0 < self.damp < 1:
             raise QuantError(f"damp must lie in (0, 1), got {self.damp}")
 
+    def text_chars(self) -> int:
+        """Characters at the corpus's end the calibration windows are cut from."""
+        return self.corpus_chars or max(60_000, 6 * self.sequences * self.seq_len)
+
     def record(self, scheme: str) -> dict:
         """What the manifest keeps (deterministic: no timings, no paths)."""
         d = {k: v for k, v in asdict(self).items() if k != "clip_grid"}
         d["clip_grid"] = list(self.clip_grid)
+        d["corpus_chars"] = self.text_chars()
         d.pop("mixed"), d.pop("mixed_high")          # recorded as calibration.mixed when used
         return d
 
@@ -118,11 +125,11 @@ def calibration_ids(tokenizer_json: dict, opts: CalibrationOptions) -> tuple[np.
     from .runtime.tokenizer import Tokenizer
 
     text = default_corpus_text()
-    start = max(0, len(text) - opts.corpus_chars)
+    need = opts.sequences * opts.seq_len
+    start = max(0, len(text) - opts.text_chars())
     cut = text.find("\n\n", start)                       # begin at a paragraph boundary
     start = cut + 2 if 0 <= cut < len(text) - 2 else start
     ids = Tokenizer.from_json_dict(tokenizer_json).encode(text[start:], add_special_tokens=False)
-    need = opts.sequences * opts.seq_len
     if len(ids) < need:
         raise QuantError(f"calibration text has {len(ids)} tokens, {need} needed "
                          f"({opts.sequences} × {opts.seq_len}); lower --calib-tokens")

@@ -47,3 +47,17 @@ def test_int4_answers_paris_on_both_graphs(tmp_path_factory, graph):
     ids = chat.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     res = chat.generate(ids, SamplingConfig(max_new_tokens=16))
     assert "Paris" in res.text, res.text
+
+
+def test_calibration_text_grows_with_the_tokens_asked_for():
+    """The default 4,096 tokens read the last 60,000 characters (as every bundle before did); 24,576 tokens (what
+    bench/frontier.py's int8-eB points use) read more of the corpus's end, still far from the perplexity windows
+    at its start."""
+    import json
+
+    from converter.calibrate import CalibrationOptions, calibration_ids
+    tok = json.loads(open_checkpoint(default_model_path()).tokenizer_files()["tokenizer.json"])
+    ids, info = calibration_ids(tok, CalibrationOptions())
+    assert ids.shape == (16, 256) and 59_000 < info["chars"] <= 60_000
+    ids, info = calibration_ids(tok, CalibrationOptions(sequences=96, seq_len=256))
+    assert ids.shape == (96, 256) and info["chars"] > 100_000 and info["char_offset"] > 250_000
