@@ -1,9 +1,10 @@
 """Hostile variants of a valid bundle: each mutant is (label, {file name: new bytes, or None to delete it}).
 
 Byte-level mutants (bit flips, byte runs, truncation, extra bytes, missing files) hit every file; manifest-level
-mutants lie about fields (in manifest.json, or in tables.json for tensors and initializers) (shapes, offsets, counts, scheme names, versions, huge/negative numbers, wrong types) and,
-half of the time, recompute the manifest checksum like a deliberate attacker would, so the field checks themselves
-are exercised and not only the checksum.
+mutants lie about fields (shapes, offsets, counts, scheme names, versions, huge/negative numbers, wrong types) —
+in manifest.json, or in tables.json for the tensors and initializers of a version-2 bundle — and, half of the
+time, recompute the manifest checksum like a deliberate attacker would, so the field checks themselves are
+exercised and not only the checksum.
 """
 from __future__ import annotations
 
