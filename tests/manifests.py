@@ -15,9 +15,8 @@ from pathlib import Path
 def read_manifest(folder: Path) -> dict:
     m = json.loads((Path(folder) / "manifest.json").read_text())
     if "tables" in m:
-        from converter.bundle import load
-        tables = load(folder).manifest
-        m["tensors"], m["initializers"] = tables["tensors"], tables["initializers"]
+        from converter.bundle import _merge_tables      # the loader's own step: tables.json checked, merged in
+        _merge_tables(Path(folder), m)
     return m
 
 
