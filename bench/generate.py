@@ -1,10 +1,15 @@
 """Tokens/s and peak memory of the reference path (pure-Python runtime + onnxruntime CPU) per SmolLM2 bundle.
 
-    python bench/generate.py [--bundles bundles] [--schemes f32,int8,int4-g32,ternary] [--reps 3]
+    python bench/generate.py [--bundles bundles] [--schemes f32,int8,int4-g32,ternary] [--modes default,low-memory]
+                             [--reps 3]
 
-Builds the missing bundles, then runs each scheme in its own process (so peak RSS is that scheme's alone), A/B
-interleaved over `--reps` rounds: a 41-token prompt, 64 greedy tokens (eos ignored), 1 thread. Prints a table
-of medians (min–max) and writes bench/results/generate.json. A benchmark, not a test: these machines are shared.
+Builds the missing bundles, then runs each scheme and mode in its own process (so peak RSS is that run's alone),
+A/B interleaved over `--reps` rounds: a fixed prompt (27 tokens for SmolLM2; the JSON has the count), 64 greedy
+tokens (eos ignored), 1 thread. Modes: `default` (one onnxruntime session) and `low-memory` (one per layer,
+converter/ort_stages.py). Peak RSS is reported whole and above the process's RSS just before the bundle is opened
+(Python, numpy, onnxruntime and our imports), and as a ratio of that to the runtime weight bytes + the KV cache of
+the run. Prints a table of medians (min–max) and writes bench/results/generate.json. A benchmark, not a test: these
+machines are shared.
 """
 from __future__ import annotations
 
@@ -21,35 +26,46 @@ PROMPT = ("Large language models can run on small devices when their weights are
           "Explain in a few sentences why that matters for people")
 
 
-def child(bundle: str, new_tokens: int) -> dict:
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def child(bundle: str, new_tokens: int, low_memory: bool) -> dict:
     """One measurement in this process (called with --child)."""
     import resource
     import time
 
     sys.path.insert(0, str(ROOT))
+    import numpy  # noqa: F401  (imported before the start figure, as onnxruntime is)
+    import onnxruntime  # noqa: F401
+
     from converter.cli import open_chat_model
     from converter.runtime.generate import SamplingConfig, generate
 
+    start_rss = _rss_mib()
     t0 = time.perf_counter()
-    chat = open_chat_model(bundle)
+    chat = open_chat_model(bundle, low_memory=low_memory)
     load_s = time.perf_counter() - t0
     ids = chat.tokenizer.encode(PROMPT)[:41]
     res = generate(chat.session, chat.tokenizer, ids, eos_ids=[], cfg=SamplingConfig(max_new_tokens=new_tokens))
     return {"load_s": load_s, "prompt_tokens": len(ids), "new_tokens": len(res.token_ids),
             "prefill_tok_s": res.prefill_tok_s, "decode_tok_s": res.decode_tok_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_rss_mib": start_rss}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", default=str(ROOT / "bundles"))
     ap.add_argument("--schemes", default="f32,int8,int4-g32,ternary")
+    ap.add_argument("--modes", default="default,low-memory")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.new_tokens)))
+        print(json.dumps(child(args.child, args.new_tokens, args.low_memory)))
         return 0
 
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
@@ -58,34 +74,46 @@ def main() -> int:
         if not (Path(args.bundles) / f"smollm2-{s}" / "manifest.json").exists():
             subprocess.run([sys.executable, "-m", "converter", "build", "--scheme", s, "--bundles", args.bundles],
                            cwd=ROOT, check=True, env=env)
-    runs: dict[str, list[dict]] = {s: [] for s in schemes}
-    for rep in range(args.reps):                       # interleaved: every scheme once per round
-        for s in schemes:
+    modes = args.modes.split(",")
+    if not set(modes) <= {"default", "low-memory"}:
+        ap.error(f"--modes: default and/or low-memory, not {args.modes!r}")
+    runs: dict[tuple[str, str], list[dict]] = {(s, m): [] for s in schemes for m in modes}
+    for rep in range(args.reps):                       # interleaved: every scheme and mode once per round
+        for s, mode in runs:
             out = subprocess.run([sys.executable, __file__, "--child", str(Path(args.bundles) / f"smollm2-{s}"),
-                                  "--new-tokens", str(args.new_tokens)],
+                                  "--new-tokens", str(args.new_tokens)] + (["--low-memory"] if mode != "default" else []),
                                  capture_output=True, text=True, env=env, check=True)
-            runs[s].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"round {rep + 1}/{args.reps} {s}: {runs[s][-1]}", file=sys.stderr)
+            runs[s, mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {rep + 1}/{args.reps} {s} {mode}: {runs[s, mode][-1]}", file=sys.stderr)
 
     rows = []
-    for s in schemes:
+    for (s, mode), measured in runs.items():
         m = json.loads((Path(args.bundles) / f"smollm2-{s}" / "manifest.json").read_text())
-        row = {"scheme": s, "runtime_weight_mb": m["totals"]["runtime_bytes"] / 1e6,
-               "bundle_mb": m["totals"]["bundle_bytes"] / 1e6, "runs": runs[s]}
-        for k in ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mib"):
-            vals = [r[k] for r in runs[s]]
+        c = m["config"]
+        positions = measured[0]["prompt_tokens"] + measured[0]["new_tokens"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        kv_bytes = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 4 * positions   # float32 K, V
+        row = {"scheme": s, "mode": mode, "runtime_weight_mb": m["totals"]["runtime_bytes"] / 1e6,
+               "kv_cache_mb": kv_bytes / 1e6, "bundle_mb": m["totals"]["bundle_bytes"] / 1e6, "runs": measured}
+        for r in measured:
+            r["above_start_mib"] = r["peak_rss_mib"] - r["start_rss_mib"]
+        for k in ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mib", "above_start_mib"):
+            vals = [r[k] for r in measured]
             row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        row["above_start_ratio"] = row["above_start_mib"]["median"] * 1.048576 / (row["runtime_weight_mb"] +
+                                                                                  row["kv_cache_mb"])
         rows.append(row)
-    print(f"\n{'scheme':10} {'prefill tok/s':>18} {'decode tok/s':>16} {'load s':>7} {'peak RSS MiB':>13} "
-          f"{'weights MB':>11} {'RSS/weights':>11}")
+    print(f"\n{'scheme':10} {'mode':10} {'prefill tok/s':>18} {'decode tok/s':>16} {'load s':>7} {'peak RSS MiB':>13} "
+          f"{'above start':>12} {'weights+KV MB':>14} {'ratio':>6}")
     for r in rows:
         f = lambda k, d=1: f"{r[k]['median']:.{d}f} ({r[k]['min']:.{d}f}–{r[k]['max']:.{d}f})"  # noqa: E731
-        print(f"{r['scheme']:10} {f('prefill_tok_s', 0):>18} {f('decode_tok_s'):>16} {r['load_s']['median']:7.2f} "
-              f"{r['peak_rss_mib']['median']:13.0f} {r['runtime_weight_mb']:11.1f} "
-              f"{r['peak_rss_mib']['median'] * 1.048576 / r['runtime_weight_mb']:11.2f}")
+        print(f"{r['scheme']:10} {r['mode']:10} {f('prefill_tok_s', 0):>18} {f('decode_tok_s'):>16} "
+              f"{r['load_s']['median']:7.2f} {r['peak_rss_mib']['median']:13.0f} {r['above_start_mib']['median']:12.0f} "
+              f"{r['runtime_weight_mb'] + r['kv_cache_mb']:14.1f} {r['above_start_ratio']:6.2f}")
     out = ROOT / "bench" / "results" / "generate.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"prompt_tokens": 41, "new_tokens": args.new_tokens, "threads": 1,
+    out.write_text(json.dumps({"prompt_tokens": rows[0]["runs"][0]["prompt_tokens"], "new_tokens": args.new_tokens,
+                               "threads": 1,
                                "load_average": os.getloadavg(), "rows": rows}, indent=1))
     print(f"\nwrote {out}")
     return 0

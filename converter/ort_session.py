@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Bundle
+from .errors import TinyQMoEError
 from .layouts import KN_SUFFIX, transposed_codes
 from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
@@ -64,13 +65,20 @@ class OrtDecoder:
     """The runtime's session interface (see runtime/generate.py) over an onnxruntime CPU session.
 
     Holds the KV cache between calls; `forward_full` returns all positions' logits (evaluation uses it).
+    low_memory: run the graph as a chain of per-layer sessions (converter/ort_stages.py).
     """
 
     def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False,
-                 variant: str = "graph"):
+                 variant: str = "graph", low_memory: bool = False):
         self.config = bundle.config
         float16 = float16 or variant == "graph_fp16"
-        self.session = create_session(bundle, threads, verify, float16, variant)
+        if low_memory:   # one session per layer, created in turn: less memory, a little slower (ort_stages.py)
+            from .ort_stages import create_staged_session
+            if float16:  # float16 tensors between stages are rounded where one session keeps float32: not the same
+                raise TinyQMoEError("low-memory mode runs the float32 graphs only (model.onnx, model.wasm.onnx)")
+            self.session = create_staged_session(bundle, threads, verify, variant)
+        else:
+            self.session = create_session(bundle, threads, verify, float16, variant)
         self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
         self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
