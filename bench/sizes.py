@@ -63,9 +63,10 @@ def count(path: Path) -> dict:
             "parameters": m["totals"]["parameters"], "linear_parameters": linear_params,
             "all_in": total, "blobs": sum(files[f] for f in files if f.endswith(".qzb")),
             "linear_codes": linear_codes, "linear_scales": linear_side, "embedding": embed, "norms": norms,
-            "graph": files.get("model.onnx", files.get("model.onnx.qz", 0)),      # stored plain or as QZ chunks
+            "graph": files.get("model.onnx", files.get("model.onnx.qz", files.get("model.onnx.zlib", 0))),  # plain/QZ/zlib
             "tokenizer": sum(v for k, v in files.items() if k.startswith("tokenizer")),
-            "manifest": files["manifest.json"] + files.get("tables.json", files.get("tables.json.qz", 0)),   # v2: + tables
+            "manifest": files["manifest.json"] + files.get("tables.json", files.get("tables.json.qz",
+                                                                                  files.get("tables.json.zlib", 0))),
             "runtime_bytes": m["totals"]["runtime_bytes"]}
 
 

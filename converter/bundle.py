@@ -2,11 +2,14 @@
 
     bundle/
       manifest.json          format name + version, config, files with sizes and SHA-256, blobs, totals
-      tables.json[.qz]       the tensors and the initializers with their chunk tables (version 2: most of what a
-                             manifest held; SmolLM2: a 353 KB manifest → 2.5 KB + 51 KB of tables as QZ chunks)
-      model.onnx             decoder graph; every initializer is external data (location = its own name)
+      tables.json[.zlib]     the tensors and the initializers with their chunk tables (version 2: most of what a
+                             manifest held; SmolLM2: a 353 KB manifest → 2.5 KB + 28 KB of tables as zlib)
+      model.onnx[.zlib]      decoder graph; every initializer is external data (location = its own name)
       weights-000.qzb ...    blobs: concatenated QZ chunks (docs/lzw-format.md), at most `blob_bytes` each
-      tokenizer.json, tokenizer_config.json (and generation_config.json when the source had one)
+      tokenizer.json[.zlib], tokenizer_config.json (and generation_config.json when the source had one)
+
+Files from 64 KiB up are stored compressed when that saves 10%: version 3 writes one zlib stream (`fname.zlib`,
+"deflate" in the manifest entry); version 2 wrote QZ chunks (`fname.qz`, "qz"), which are still read (_write_file).
 
 `write_bundle` streams: one tensor is loaded, quantized, laid out and encoded before the next is read. It writes
 into a temporary sibling folder and renames it at the end, so a crash never leaves something that looks like a
@@ -25,6 +28,7 @@ import re
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,8 +43,11 @@ from .quant import entropy, errors, get_scheme, quantize_rows
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
 FORMAT_NAME = "tiny-qmoe-bundle"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)     # version 1 kept "tensors" and "initializers" inline in manifest.json
+DEFLATE_SUFFIX = ".zlib"     # not ".z": some servers map .Z to Content-Encoding: compress
+STORED_FORMS = ("qz", "deflate")   # how a graph, tokenizer or tables file may be stored besides as is
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1 kept "tensors" and "initializers" inline in manifest.json; version 3 may
+                               # store the graph, tokenizer and tables files as deflate streams (_write_file)
 MANIFEST = "manifest.json"
 TABLES = "tables.json"
 GRAPH = "model.onnx"
@@ -72,8 +79,10 @@ class BuildOptions:
     fp16_graph: bool = True                  # also write model.fp16.onnx (same weights, float16 activations)
     wasm_graph: bool = True                  # also write model.wasm.onnx when a tensor uses a group scheme
     byte_planes: bool = True                 # store float byte streams as byte planes where that codes smaller
-    compress_files_from: int = 1 << 16       # graphs and tokenizer files this big or bigger are stored as QZ chunks
-                                             # when that saves 10%
+    compress_files_from: int = 1 << 16       # graph, tokenizer and tables files this big or bigger are stored
+                                             # compressed when that saves 10%
+    file_codec: str = "deflate"              # how: "deflate" (zlib, what the browser's DecompressionStream reads)
+                                             # or "qz" (our LZW chunks, as version 2 did)
 
     def resolved_embed_scheme(self) -> str:
         if self.embed_scheme:
@@ -194,11 +203,23 @@ def _encode_initializer(init: Initializer, blobs: _BlobWriter, opts: BuildOption
 
 
 def _write_file(folder: Path, fname: str, data: bytes, opts: BuildOptions) -> dict[str, Any]:
-    """Write one graph or tokenizer file, as is or — when it is big and LZW saves at least 10% — as `fname.qz`: QZ chunks of
-    its bytes (alphabet 256), concatenated, with their table in the manifest entry under "qz". "bytes" and "sha256"
-    always describe the file itself, so a reader checks what it decoded."""
+    """Write one graph, tokenizer or tables file, as is or — when it is big and compressing saves at least 10% —
+    compressed: by default as `fname.zlib`, one zlib (deflate) stream, under "deflate" in the manifest entry; with
+    file_codec="qz" as `fname.qz`, QZ chunks of its bytes (alphabet 256) with their table under "qz". "bytes" and
+    "sha256" always describe the file itself, so a reader checks what it decoded.
+
+    Why deflate for these: they are text and protobuf, not quantized symbols, and LZW codes them poorly — SmolLM2's
+    model.onnx (649 KB, 30 near-identical layers) is 110.5 KB as QZ and 41.5 KB as deflate, tables.json 51.0 vs
+    27.9 KB (the packed tokenizer, 226 vs 223 KB, is high-entropy either way). The page inflates them with the
+    browser's own DecompressionStream."""
     info: dict[str, Any] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    if len(data) >= opts.compress_files_from:
+    if len(data) >= opts.compress_files_from and opts.file_codec == "deflate":
+        z = zlib.compress(data, 9)
+        if len(z) <= 0.9 * len(data):
+            (folder / (fname + DEFLATE_SUFFIX)).write_bytes(z)
+            info["deflate"] = {"file": fname + DEFLATE_SUFFIX, "bytes": len(z)}
+            return info
+    elif len(data) >= opts.compress_files_from:
         sym = np.frombuffer(data, np.uint8)
         parts, chunks, off = [], [], 0
         for start in range(0, sym.size, opts.chunk_symbols):
@@ -216,8 +237,11 @@ def _write_file(folder: Path, fname: str, data: bytes, opts: BuildOptions) -> di
 
 
 def _read_file(folder: Path, fname: str, info: dict, step: int) -> bytes:
-    """A graph's or tokenizer file's bytes, decoded from its .qz chunks when it has them; size and SHA-256 checked."""
-    if "qz" not in info:
+    """A graph's, tokenizer or tables file's bytes, decoded from its .qz chunks or its deflate stream when it has
+    them; size and SHA-256 checked."""
+    if "deflate" in info:
+        data = _inflate(folder / info["deflate"]["file"], info["bytes"])
+    elif "qz" not in info:
         data = (folder / fname).read_bytes()
     else:
         q = info["qz"]
@@ -236,10 +260,56 @@ def _read_file(folder: Path, fname: str, info: dict, step: int) -> bytes:
                   METHOD_NAMES[hdr.method] == method, where, "header disagrees with the manifest chunk table")
         view.release()
         data = bytes(out)
-    where = fname if "qz" not in info else f"{info['qz']['file']} (decoded: {fname})"
+    where = fname if _stored_name(fname, info) == fname else f"{_stored_name(fname, info)} (decoded: {fname})"
     _want(len(data) == info["bytes"], where, f"{len(data)} bytes, manifest says {info['bytes']}")
     _want(hashlib.sha256(data).hexdigest() == info.get("sha256"), where, "SHA-256 mismatch")
     return data
+
+
+def _inflate(path: Path, size: int) -> bytes:
+    """A zlib stream that must decode to exactly `size` bytes (never more than size + 1 are produced)."""
+    src = path.read_bytes()
+    d = zlib.decompressobj()
+    try:
+        data = d.decompress(src, size + 1)
+    except zlib.error as e:
+        raise BundleError(f"{path.name}: not a valid zlib (deflate) stream: {e}") from None
+    _want(len(data) <= size, path.name, f"decodes to more than the {size} bytes the manifest lists")
+    _want(d.eof, path.name, f"the deflate stream ends early (truncated at byte offset {len(src)})")
+    _want(not d.unused_data, path.name,
+          f"{len(d.unused_data)} bytes after the deflate stream, from byte offset {len(src) - len(d.unused_data)}")
+    return data
+
+
+def _stored_name(fname: str, info: dict) -> str:
+    """The file a graph, tokenizer or tables entry is on disk as: fname, fname.qz or fname.zlib."""
+    for form in STORED_FORMS:
+        if isinstance(info, dict) and form in info:
+            return info[form]["file"]
+    return fname
+
+
+def _stored_bytes(info: dict) -> int:
+    """The bytes a graph, tokenizer or tables entry takes on disk."""
+    return next((info[f]["bytes"] for f in STORED_FORMS if f in info), info["bytes"])
+
+
+def _stored_forms(info, m: dict, where: str) -> set[str]:
+    """The optional stored-form key of a file entry ({"qz"}, {"deflate"} from version 3 on, or none)."""
+    allowed = {"qz"} | ({"deflate"} if m["version"] >= 3 else set())
+    got = allowed & set(info if isinstance(info, dict) else ())
+    _want(len(got) <= 1, where, "stored both as QZ chunks and as a deflate stream")
+    return got
+
+
+def _validate_deflate_file(fname: str, info: dict, where: str):
+    """The "deflate" entry of a compressed graph, tokenizer or tables file: its name and size."""
+    w = f"{where}.deflate"
+    d = info["deflate"]
+    _keys(d, {"file", "bytes"}, w)
+    _want(d["file"] == fname + DEFLATE_SUFFIX, f"{w}.file", f"expected {fname + DEFLATE_SUFFIX!r}")
+    _int(d["bytes"], f"{w}.bytes", 1)
+    _int(info.get("bytes"), f"{where}.bytes", 1)
 
 
 def _validate_qz_file(fname: str, info: dict, step: int, where: str):
@@ -454,8 +524,7 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
             "float32_bytes": float_bytes,
             "runtime_bytes": sum(e["nbytes"] for e in initializers),
             "blob_bytes": stored,
-            "bundle_bytes": stored + sum(g["qz"]["bytes"] if "qz" in g else g["bytes"] for g in graphs.values()) +
-            sum(v["qz"]["bytes"] if "qz" in v else v["bytes"] for v in (*tok_entries.values(), tables)),  # on disk
+            "bundle_bytes": stored + sum(_stored_bytes(g) for g in (*graphs.values(), *tok_entries.values(), tables)),
             "bits_per_weight_blobs": round(8 * stored / max(quantized_params, 1), 4),
         },
     }
@@ -690,8 +759,7 @@ def load(path: str | Path) -> Bundle:
         if key in m:
             _want(m[key].get("file") == fname, f"{M}: {key}.file", f"expected {fname!r}")
             _check_stored(path, fname, m[key], f"{M}: {key}", step)
-    def on_disk(fname, info):
-        return info["qz"]["file"] if "qz" in info else fname
+    on_disk = _stored_name
     listed = {MANIFEST, on_disk(GRAPH, m["graph"]), *(on_disk(f, i) for f, i in m["tokenizer"].items()),
               *(b["file"] for b in m["blobs"]), *([on_disk(TABLES, m["tables"])] if "tables" in m else [])} | \
         {on_disk(fname, m[key]) for key, fname in GRAPH_VARIANTS.items() if key in m}
@@ -713,7 +781,7 @@ def _merge_tables(path: Path, m: dict):
     M = MANIFEST
     info = m.get("tables")
     _want(isinstance(info, dict), f"{M}: tables", "missing (version 2 keeps tensors and initializers in tables.json)")
-    _keys(info, {"file", "bytes", "sha256"} | ({"qz"} & set(info)), f"{M}: tables")
+    _keys(info, {"file", "bytes", "sha256"} | _stored_forms(info, m, f"{M}: tables"), f"{M}: tables")
     _want(info["file"] == TABLES, f"{M}: tables.file", f"expected {TABLES!r}")
     _want("tensors" not in m and "initializers" not in m, M,
           "version 2 keeps tensors and initializers in tables.json, not inline")
@@ -721,10 +789,13 @@ def _merge_tables(path: Path, m: dict):
     if "qz" in info:
         _validate_qz_file(TABLES, info, step, f"{M}: tables")
         _check_file(path, info["qz"]["file"], info["qz"], f"{M}: tables.qz")
+    elif "deflate" in info:
+        _validate_deflate_file(TABLES, info, f"{M}: tables")
+        _check_file(path, info["deflate"]["file"], info["deflate"], f"{M}: tables.deflate")
     else:
         _check_file(path, TABLES, info, f"{M}: tables")
     data = _read_file(path, TABLES, info, step)           # size and SHA-256 of the (decoded) bytes checked
-    where = info["qz"]["file"] if "qz" in info else TABLES
+    where = _stored_name(TABLES, info)
     try:
         tables = json.loads(data.decode("utf-8"))
     except ValueError as e:
@@ -744,6 +815,10 @@ def _check_stored(folder: Path, fname: str, info: dict, where: str, step):
     if isinstance(info, dict) and "qz" in info:
         _validate_qz_file(fname, info, step, where)
         _check_file(folder, info["qz"]["file"], info["qz"], f"{where}.qz")
+        _read_file(folder, fname, info, step)
+    elif isinstance(info, dict) and "deflate" in info:
+        _validate_deflate_file(fname, info, where)
+        _check_file(folder, info["deflate"]["file"], info["deflate"], f"{where}.deflate")
         _read_file(folder, fname, info, step)
     else:
         _check_file(folder, fname, info, where, hash_it=True)
@@ -948,9 +1023,9 @@ def _validate_schema(m: dict):
     _keys(m, _TOP | (({"calibration"} | set(GRAPH_VARIANTS)) & set(m)) | ({"tables"} if m["version"] >= 2 else set()), M)
     for key in GRAPH_VARIANTS:
         if key in m:
-            optional = {"qz"} | ({"transposed"} if key == "graph_wasm" else set())
-            _keys(m[key], {"file", "bytes", "sha256"} | (optional & set(m[key] if isinstance(m[key], dict) else ())),
-                  f"{M}: {key}")
+            optional = _stored_forms(m[key], m, f"{M}: {key}") | \
+                ({"transposed"} & set(m[key] if key == "graph_wasm" and isinstance(m[key], dict) else ()))
+            _keys(m[key], {"file", "bytes", "sha256"} | optional, f"{M}: {key}")
     if "calibration" in m:
         _validate_calibration(m["calibration"])
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")
@@ -997,10 +1072,9 @@ def _validate_schema(m: dict):
               "must be a list of head_dim / 2 factors")
         for f in c["rope_freq_factors"]:
             _num(f, f"{M}: config.rope_freq_factors", 1e-6, 1e6)
-    _keys(m["graph"], {"file", "bytes", "sha256"} | ({"qz"} & set(m["graph"] if isinstance(m["graph"], dict) else ())),
-          f"{M}: graph")
+    _keys(m["graph"], {"file", "bytes", "sha256"} | _stored_forms(m["graph"], m, f"{M}: graph"), f"{M}: graph")
     for name, info in (m["tokenizer"].items() if isinstance(m["tokenizer"], dict) else []):
-        _keys(info, {"bytes", "sha256"} | ({"qz"} & set(info if isinstance(info, dict) else ())), f"{M}: tokenizer.{name}")
+        _keys(info, {"bytes", "sha256"} | _stored_forms(info, m, f"{M}: tokenizer.{name}"), f"{M}: tokenizer.{name}")
     for i, b in enumerate(m["blobs"] if isinstance(m["blobs"], list) else []):
         _keys(b, {"file", "bytes", "sha256"}, f"{M}: blobs[{i}]")
     for i, t in enumerate(m["tensors"] if isinstance(m["tensors"], list) else []):

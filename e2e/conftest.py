@@ -43,11 +43,13 @@ def bundle_dir(tmp_path_factory):
     tiny.write_hf(src, tied=True, dtype="bf16")
     ck = open_checkpoint(src)
     write_bundle(ck, root / "tiny-f32", BuildOptions(scheme="f32", chunk_symbols=4096))
-    # tokenizer files stored as QZ chunks even though they are small, so the page's path for them runs on tiny models;
+    # graph, tokenizer and tables files compressed even though they are small, so the page's paths for them run on
+    # tiny models: zlib streams (format version 3) in tiny-int4, QZ chunks (as version 2 wrote them) in tiny-int8;
     # the embedding int8-e5 (entropy-constrained int8, laid out as int8-g32), so the page runs that scheme too
     write_bundle(ck, root / "tiny-int4", BuildOptions(scheme="int4-g32", embed_scheme="int8-e5", chunk_symbols=4096,
                                                       compress_files_from=0))
-    write_bundle(ck, root / "tiny-int8", BuildOptions(scheme="int8", chunk_symbols=4096))
+    write_bundle(ck, root / "tiny-int8", BuildOptions(scheme="int8", chunk_symbols=4096, compress_files_from=0,
+                                                      file_codec="qz"))
     try:
         write_bundle(open_checkpoint(default_model_path()), root / "smollm2-int8", BuildOptions(scheme="int8"))
     except Exception as e:  # the real model is optional for the tiny-model tests

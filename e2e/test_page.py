@@ -53,7 +53,7 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
     assert page.evaluate("document.getElementById('progress').value") == 1
     graph = "wasm" if name == "tiny-int4" else "model"
     assert ("wasm graph" in page.inner_text("#ep-badge")) == (graph == "wasm")
-    graphs = {u.rsplit("/", 1)[1].removesuffix(".qz") for u in fetched if ".onnx" in u}   # .qz: stored as QZ chunks
+    graphs = {u.rsplit("/", 1)[1].removesuffix(".qz").removesuffix(".zlib") for u in fetched if ".onnx" in u}
     assert graphs == ({"model.wasm.onnx"} if graph == "wasm" else {"model.onnx"}), graphs
     got = page_tokens(page, PROMPT, 12)
     want = cpu_tokens(bundle_dir / name, PROMPT, 12, graph=graph)

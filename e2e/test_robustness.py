@@ -44,6 +44,20 @@ def test_interrupted_download_shows_error(page, server, bundle_dir):
     assert page.is_hidden("#chat")
 
 
+def test_corrupted_zlib_graph_is_named(page, server, bundle_dir):
+    """A graph stored as a zlib stream (format version 3) that arrives damaged: the page names the file."""
+    data = bytearray((bundle_dir / "tiny-int4" / "model.wasm.onnx.zlib").read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    page.route("**/tiny-int4/model.wasm.onnx.zlib",
+               lambda route: route.fulfill(status=200, body=bytes(data),
+                                           headers={"Content-Type": "application/octet-stream"}))
+    page.goto(f"{server}/?bundle=tiny-int4&ep=wasm&autoload=1")
+    assert wait_ready(page) == "error"
+    err = page.inner_text("#error")
+    assert "model.wasm.onnx" in err and ("zlib" in err or "SHA-256" in err), err
+    assert page.is_hidden("#chat")
+
+
 def test_cache_with_older_version_is_not_used(page, server, bundle_dir, tmp_path):
     from converter.bundle import BuildOptions, write_bundle
     from converter.loaders import open_checkpoint

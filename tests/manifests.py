@@ -1,8 +1,8 @@
 """Read and rewrite a bundle's manifest the way a hand editor (or an attacker) would, across format versions.
 
-Version 2 keeps "tensors" and "initializers" in tables.json (QZ chunks when that saves space): `read_manifest`
-merges them back into one dict; `write_manifest` splits them out again as a plain tables.json (removing any
-tables.json.qz), updates the manifest's "tables" entry, and — with resign=True — recomputes the manifest checksum,
+Versions 2 and 3 keep "tensors" and "initializers" in tables.json (QZ chunks or, from version 3, a deflate stream
+when that saves space): `read_manifest` merges them back into one dict; `write_manifest` splits them out again as a
+plain tables.json (removing any tables.json.qz or .zlib), updates the manifest's "tables" entry, and — with resign=True — recomputes the manifest checksum,
 so a test exercises the field checks rather than only the checksum.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ def split_manifest(m: dict) -> dict[str, bytes | None]:
         data = json.dumps({"tensors": m.pop("tensors"), "initializers": m.pop("initializers")}).encode()
         files["tables.json"] = data
         files["tables.json.qz"] = None
+        files["tables.json.zlib"] = None
         m["tables"] = {"file": "tables.json", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     files["manifest.json"] = json.dumps(m).encode()
     return files

@@ -202,7 +202,7 @@ def test_failed_build_leaves_nothing(tmp_path, tiny_hf):
 def test_manifest_describes_the_bundle(tiny_bundles):
     b = load(tiny_bundles("ternary"))
     m = b.manifest
-    assert m["format"] == "tiny-qmoe-bundle" and m["version"] == 2 and m["tables"]["file"] == "tables.json"
+    assert m["format"] == "tiny-qmoe-bundle" and m["version"] == 3 and m["tables"]["file"] == "tables.json"
     assert m["scheme"] == "ternary" and m["config"]["hidden_size"] == 128
     t = {x["name"]: x for x in m["tensors"]}
     q = t["model.layers.0.self_attn.q_proj.weight"]
@@ -392,7 +392,7 @@ def test_chunk_crossing_a_plane_is_refused(tmp_path, tiny_hf):
 
 
 def test_tokenizer_stored_as_qz_reads_back_exactly(tmp_path, tiny_hf):
-    qz = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0)
+    qz = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0, file_codec="qz")
     raw = _build_int4(tmp_path, tiny_hf, "raw")
     m = read_manifest(qz)
     info = m["tokenizer"]["tokenizer.json"]
@@ -408,7 +408,7 @@ def test_tokenizer_stored_as_qz_reads_back_exactly(tmp_path, tiny_hf):
 
 
 def test_damaged_qz_tokenizer_is_named(tmp_path, tiny_hf):
-    src = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0)
+    src = _build_int4(tmp_path, tiny_hf, "qz", compress_files_from=0, file_codec="qz")
     m = read_manifest(src)
     chunks = m["tokenizer"]["tokenizer.json"]["qz"]["chunks"]
     dst = tmp_path / "flip"
@@ -433,12 +433,66 @@ def test_damaged_qz_tokenizer_is_named(tmp_path, tiny_hf):
         load(dst)
 
 
+def test_files_stored_as_deflate_read_back_exactly(tmp_path, tiny_hf):
+    """Version 3's default: the graph, tokenizer and tables files as zlib streams (fname.zlib) when that saves 10%."""
+    z = _build_int4(tmp_path, tiny_hf, "z", compress_files_from=0)
+    raw = _build_int4(tmp_path, tiny_hf, "raw", compress_files_from=1 << 40)
+    m = json.loads((z / "manifest.json").read_text())
+    assert m["version"] == 3
+    for info, fname in ((m["graph"], "model.onnx"), (m["tokenizer"]["tokenizer.json"], "tokenizer.json"),
+                        (m["tables"], "tables.json")):
+        assert info["deflate"] == {"file": fname + ".zlib", "bytes": (z / (fname + ".zlib")).stat().st_size}
+        assert not (z / fname).exists() and info["deflate"]["bytes"] < 0.9 * info["bytes"]
+    a, b = load(z), load(raw)
+    assert a.graph_bytes() == b.graph_bytes() == (raw / "model.onnx").read_bytes()
+    assert a.tokenizer_file("tokenizer.json") == (raw / "tokenizer.json").read_bytes()
+    assert a.manifest["initializers"] == b.manifest["initializers"]
+    assert a.manifest["totals"]["bundle_bytes"] < b.manifest["totals"]["bundle_bytes"]
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("flip", r"model.onnx.zlib: not a valid zlib \(deflate\) stream|model.onnx.z \(decoded: model.onnx\): SHA-256"),
+    ("truncate", r"model.onnx.zlib: the deflate stream ends early \(truncated at byte offset \d+\)"),
+    ("trailing", r"model.onnx.zlib: 3 bytes after the deflate stream, from byte offset \d+"),
+    ("short", r"model.onnx.zlib: decodes to more than the \d+ bytes the manifest lists"),
+    ("v2", r"manifest.json: graph(_fp16)?: unexpected field\(s\) deflate"),
+    ("both", r"manifest.json: graph: stored both as QZ chunks and as a deflate stream"),
+    ("name", r"manifest.json: graph.deflate.file: expected 'model.onnx.zlib'"),
+])
+def test_damaged_deflate_file_is_named(tmp_path, tiny_hf, damage, match):
+    """Even with the manifest re-signed to agree with the damage, the file and what is wrong are named."""
+    src = _build_int4(tmp_path, tiny_hf, "z", compress_files_from=0)
+    dst = tmp_path / damage
+    shutil.copytree(src, dst)
+    m = read_manifest(dst)
+    data = (dst / "model.onnx.zlib").read_bytes()
+    if damage == "flip":
+        data = data[:40] + bytes([data[40] ^ 0x5A]) + data[41:]
+    elif damage == "truncate":
+        data = data[:len(data) // 2]
+    elif damage == "trailing":
+        data = data + b"abc"
+    elif damage == "short":
+        m["graph"]["bytes"] -= 1
+    elif damage == "v2":
+        m["version"] = 2
+    elif damage == "both":
+        m["graph"]["qz"] = m["tables"].get("qz", {"file": "model.onnx.qz", "bytes": 1, "chunks": []})
+    elif damage == "name":
+        m["graph"]["deflate"]["file"] = "other.zlib"
+    (dst / "model.onnx.zlib").write_bytes(data)
+    m["graph"]["deflate"]["bytes"] = len(data) if damage != "name" else m["graph"]["deflate"]["bytes"]
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match=match):
+        load(dst)
+
+
 def test_tables_live_in_tables_json_and_version_1_still_loads(tmp_path, tiny_hf):
     """Version 2 moves tensors and initializers out of manifest.json (QZ chunks when that saves); a version-1
     bundle (inline tables, as sessions before wrote them) still loads and decodes to the same arrays."""
     import hashlib
     from converter.bundle import manifest_digest
-    src = _build_int4(tmp_path, tiny_hf, "v2", compress_files_from=0)
+    src = _build_int4(tmp_path, tiny_hf, "v2", compress_files_from=0, file_codec="qz")
     on_disk = json.loads((src / "manifest.json").read_text())
     assert "tensors" not in on_disk and "initializers" not in on_disk
     assert on_disk["tables"]["qz"]["file"] == "tables.json.qz" and (src / "tables.json.qz").is_file()

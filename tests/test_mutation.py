@@ -20,20 +20,26 @@ def try_load(folder):
 
 
 @pytest.fixture(scope="module")
-def qz_files_bundle(tmp_path_factory, tiny_hf):
-    """int8 with its graphs and tokenizer files stored as QZ chunks (real bundles do that from 64 KiB up)."""
+def files_bundles(tmp_path_factory, tiny_hf):
+    """int8 with its graphs, tokenizer and tables files compressed (real bundles do that from 64 KiB up): as zlib
+    streams (format version 3's default) and as QZ chunks (version 2's way, still read)."""
     from converter.bundle import BuildOptions, write_bundle
     from converter.loaders import open_checkpoint
-    out = tmp_path_factory.mktemp("qzfiles") / "int8-qz"
-    write_bundle(open_checkpoint(tiny_hf[0]), out, BuildOptions(scheme="int8", chunk_symbols=4096, compress_files_from=0))
+    out = {}
+    for codec, suffix in (("deflate", ".zlib"), ("qz", ".qz")):
+        out[codec] = tmp_path_factory.mktemp("files") / f"int8-{codec}"
+        write_bundle(open_checkpoint(tiny_hf[0]), out[codec], BuildOptions(
+            scheme="int8", chunk_symbols=4096, compress_files_from=0, file_codec=codec))
+        assert {f"model.onnx{suffix}", f"tokenizer.json{suffix}", f"tables.json{suffix}"} <= \
+            {p.name for p in out[codec].iterdir()}
     return out
 
 
-@pytest.mark.parametrize("scheme,n", [("int4-g32", N // 2), ("int8", N // 2), ("int8-qz-files", N // 4)])
-def test_every_mutant_is_refused(tmp_path, tiny_bundles, qz_files_bundle, scheme, n):
-    src = qz_files_bundle if scheme == "int8-qz-files" else tiny_bundles(scheme)
-    if scheme == "int8-qz-files":
-        assert {"model.onnx.qz", "tokenizer.json.qz"} <= {p.name for p in src.iterdir()}
+@pytest.mark.parametrize("scheme,n", [("int4-g32", N // 2), ("int8", N // 2), ("int8-qz-files", N // 4),
+                                      ("int8-zlib-files", N // 4)])
+def test_every_mutant_is_refused(tmp_path, tiny_bundles, files_bundles, scheme, n):
+    src = {"int8-qz-files": files_bundles["qz"], "int8-zlib-files": files_bundles["deflate"]}.get(scheme) or \
+        tiny_bundles(scheme)
     accepted, crashed, slow = [], [], []
     work = tmp_path / "m"
     files = [p.name for p in src.iterdir()]

@@ -87,6 +87,7 @@ MIME_TYPES: dict[str, str] = {
     ".onnx": "application/octet-stream",
     ".qzb": "application/octet-stream",         # LZW-compressed weight blobs
     ".qz": "application/octet-stream",          # a graph, tokenizer or tables file stored as QZ chunks
+    ".zlib": "application/octet-stream",        # ... or as a zlib stream (format version 3; no Content-Encoding)
     ".zip": "application/zip",                  # pyodide's python_stdlib.zip
     ".whl": "application/zip",
     ".tar": "application/x-tar",

@@ -72,6 +72,37 @@ async function fetchQzFile(base, name, info, pool, stats) {
   return out;
 }
 
+/** A graph, tokenizer or tables file stored as one zlib (deflate) stream (manifest "deflate": file, bytes; format
+ * version 3), inflated by the browser's DecompressionStream; never more than the manifest's byte count is kept. */
+async function fetchDeflateFile(base, name, info, stats) {
+  const z = info.deflate;
+  const src = await fetchFile(base + z.file, { bytes: z.bytes, sha256: info.sha256 }, () => {}, stats);
+  const out = new Uint8Array(info.bytes);
+  let got = 0;
+  const reader = new Blob([src]).stream().pipeThrough(new DecompressionStream("deflate")).getReader();
+  for (;;) {
+    let step;
+    try { step = await reader.read(); }
+    catch (e) { throw new BundleError(`${z.file}: not a valid zlib (deflate) stream (${e.message})`); }
+    if (step.done) break;
+    if (got + step.value.length > out.length) {
+      reader.cancel().catch(() => {});
+      throw new BundleError(`${z.file}: decodes to more than the ${out.length} bytes the manifest lists`);
+    }
+    out.set(step.value, got);
+    got += step.value.length;
+  }
+  if (got !== out.length) throw new BundleError(`${z.file}: decodes to ${got} bytes, manifest says ${out.length}`);
+  return out;
+}
+
+/** A graph, tokenizer or tables file as the manifest lists it: plain, as QZ chunks or as a deflate stream. */
+function fetchStoredFile(base, name, info, pool, stats) {
+  if (info.qz) return fetchQzFile(base, name, info, pool, stats);
+  if (info.deflate) return fetchDeflateFile(base, name, info, stats);
+  return fetchFile(base + name, info, () => {}, stats);
+}
+
 /**
  * @param {string} variant the graph that will run: "graph" (model.onnx), "graph_fp16" or "graph_wasm"; model.onnx
  *   when the bundle has no such variant (the result's graphVariant says which was fetched)
@@ -93,11 +124,11 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   }
   let m;
   try { m = JSON.parse(manifestText); } catch (e) { throw new BundleError(`manifest.json: invalid JSON (${e.message})`); }
-  if (m.format !== "tiny-qmoe-bundle" || (m.version !== 1 && m.version !== 2)) throw new BundleError(`manifest.json: format ${m.format} v${m.version} is not supported`);
-  if (m.version === 2) {   // tensors and initializers live in tables.json (QZ chunks when that saves): merge them in
+  if (m.format !== "tiny-qmoe-bundle" || ![1, 2, 3].includes(m.version)) throw new BundleError(`manifest.json: format ${m.format} v${m.version} is not supported`);
+  if (m.version >= 2) {   // tensors and initializers live in tables.json (compressed when that saves): merge them in
     const ti = m.tables;
     if (!ti || ti.file !== "tables.json") throw new BundleError("manifest.json: tables: missing or not tables.json");
-    const bytes = ti.qz ? await fetchQzFile(base, ti.file, ti, pool, stats) : await fetchFile(base + ti.file, ti, () => {}, stats);
+    const bytes = await fetchStoredFile(base, ti.file, ti, pool, stats);
     if (await sha256Hex(bytes) !== ti.sha256) throw new BundleError(`${ti.file}: SHA-256 mismatch`);
     let tables;
     try { tables = JSON.parse(new TextDecoder().decode(bytes)); } catch (e) { throw new BundleError(`${ti.file}: invalid JSON (${e.message})`); }
@@ -145,7 +176,7 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   for (const list of byBlob) list.sort((a, b) => a.off - b.off);
   const graphVariant = m[variant] ? variant : "graph";
   const gi = m[graphVariant];
-  const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + (gi.qz ? gi.qz.bytes : gi.bytes);
+  const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + (gi.qz || gi.deflate || gi).bytes;
   let received = 0;
   const decodes = [];
   t.decodeStart = null;
@@ -171,7 +202,7 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
     }, stats);
     if (await sha256Hex(buf) !== b.sha256) throw new BundleError(`${b.file}: SHA-256 mismatch (corrupted download or cache)`);
   });
-  const graph = gi.qz ? fetchQzFile(base, gi.file, gi, pool, stats) : fetchFile(base + gi.file, gi, () => {}, stats);
+  const graph = fetchStoredFile(base, gi.file, gi, pool, stats);
   await Promise.all(blobs);
   t.downloaded = performance.now();
   await Promise.all(decodes);
@@ -180,7 +211,7 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   if (await sha256Hex(graphBytes) !== gi.sha256) throw new BundleError(`${gi.file}: SHA-256 mismatch`);
   const tok = {};
   for (const [name, info] of Object.entries(m.tokenizer)) {
-    const bytes = info.qz ? await fetchQzFile(base, name, info, pool, stats) : await fetchFile(base + name, info, () => {}, stats);
+    const bytes = await fetchStoredFile(base, name, info, pool, stats);
     if (await sha256Hex(bytes) !== info.sha256) throw new BundleError(`${name}: SHA-256 mismatch`);
     tok[name] = new TextDecoder().decode(bytes);
   }
@@ -190,7 +221,7 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   const fetchGraph = async (key) => {
     const g = m[key];
     if (!g) return null;
-    const bytes = g.qz ? await fetchQzFile(base, g.file, g, pool, stats) : await fetchFile(base + g.file, g, () => {}, stats);
+    const bytes = await fetchStoredFile(base, g.file, g, pool, stats);
     if (await sha256Hex(bytes) !== g.sha256) throw new BundleError(`${g.file}: SHA-256 mismatch`);
     return bytes;
   };
