@@ -44,6 +44,22 @@ def test_interrupted_download_shows_error(page, server, bundle_dir):
     assert page.is_hidden("#chat")
 
 
+def test_a_damaged_download_is_not_kept_in_the_cache(page, server, bundle_dir):
+    """A blob that arrives with the right length but a flipped byte fails the load; the reload after the network
+    recovers downloads it again (the failed load left nothing in the Cache API) and works."""
+    blob = bytearray((bundle_dir / "tiny-int8" / "weights-000.qzb").read_bytes())
+    blob[len(blob) // 2] ^= 0x5A
+    url = "**/tiny-int8/weights-000.qzb"
+    page.route(url, lambda route: route.fulfill(status=200, body=bytes(blob),
+                                                headers={"Content-Type": "application/octet-stream"}))
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1")
+    assert wait_ready(page) == "error"
+    assert "weights-000.qzb" in page.inner_text("#error")
+    page.unroute(url)
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1")
+    assert wait_ready(page) == "1", page.inner_text("#error")
+
+
 def test_corrupted_zlib_graph_is_named(page, server, bundle_dir):
     """A graph stored as a zlib stream (format version 3) that arrives damaged: the page names the file."""
     data = bytearray((bundle_dir / "tiny-int4" / "model.wasm.onnx.zlib").read_bytes())

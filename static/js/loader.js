@@ -19,6 +19,7 @@ async function openCache() {
 async function fetchFile(url, expect, onBytes, stats) {
   const cache = await openCache();
   const key = `${url}?sha256=${expect.sha256}`;
+  stats.cacheKeys.push(key);
   if (cache) {
     const hit = await cache.match(key);
     if (hit) {
@@ -45,10 +46,19 @@ async function fetchFile(url, expect, onBytes, stats) {
     onBytes(buf, got, false);
   }
   if (got !== buf.length) throw new BundleError(`${url}: ${got} bytes received, manifest lists ${buf.length}`);
-  if (cache) {
+  if (cache && !stats.failed) {
     try { await cache.put(key, new Response(buf.slice())); } catch (e) { stats.cacheErrors.push(String(e)); }
   }
   return buf;
+}
+
+/** A load that failed leaves none of its files in the cache: a file damaged in transit (right length, wrong bytes)
+ * or on disk would otherwise be read back, and fail again, on every reload. Fetches still in flight see
+ * stats.failed and do not store theirs. */
+async function forgetCached(stats) {
+  stats.failed = true;
+  const cache = await openCache();
+  if (cache) await Promise.all(stats.cacheKeys.map((k) => cache.delete(k).catch(() => false)));
 }
 
 /**
@@ -108,8 +118,17 @@ function fetchStoredFile(base, name, info, pool, stats) {
  *   when the bundle has no such variant (the result's graphVariant says which was fetched)
  */
 export async function loadBundle(base, pool, progress, variant = "graph") {
+  const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [], cacheKeys: [], failed: false };
+  try {
+    return await loadFiles(base, pool, progress, variant, stats);
+  } catch (e) {
+    await forgetCached(stats);
+    throw e;
+  }
+}
+
+async function loadFiles(base, pool, progress, variant, stats) {
   const t = { start: performance.now() };
-  const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [] };
   let manifestText;
   const cache = await openCache();
   try {
@@ -221,9 +240,14 @@ export async function loadBundle(base, pool, progress, variant = "graph") {
   const fetchGraph = async (key) => {
     const g = m[key];
     if (!g) return null;
-    const bytes = await fetchStoredFile(base, g.file, g, pool, stats);
-    if (await sha256Hex(bytes) !== g.sha256) throw new BundleError(`${g.file}: SHA-256 mismatch`);
-    return bytes;
+    try {
+      const bytes = await fetchStoredFile(base, g.file, g, pool, stats);
+      if (await sha256Hex(bytes) !== g.sha256) throw new BundleError(`${g.file}: SHA-256 mismatch`);
+      return bytes;
+    } catch (e) {
+      await forgetCached(stats);
+      throw e;
+    }
   };
   return {
     manifest: m, manifestText, graph: graphBytes, graphVariant, fetchGraph, tokenizer: tok,
