@@ -347,8 +347,8 @@ def configure_parser() -> argparse.ArgumentParser:
                        help="which graph runs: model (model.onnx), fp16 (= --fp16), wasm (model.wasm.onnx: group "
                             "schemes as integer GEMMs, what the page runs on the WASM EP)")
         r.add_argument("--low-memory", action="store_true",
-                       help="one onnxruntime session per layer, created in turn, so the weights never exist twice: "
-                            "SmolLM2 int8 peaks ~30%% lower, at about the same tokens/s (float32 graphs only)")
+                       help="one onnxruntime session per stage of layers, created in turn, so the weights never exist twice: "
+                            "SmolLM2 int8 peaks about a quarter lower, at 3-10%% fewer tokens/s (float32 graphs only)")
         r.set_defaults(func=func)
 
     e = sub.add_parser("eval", help="quality of bundles against a float baseline (KL, perplexity, MMLU, ARC)")
