@@ -5,7 +5,7 @@
 
 Builds the missing bundles, then runs each scheme and mode in its own process (so peak RSS is that run's alone),
 A/B interleaved over `--reps` rounds: a fixed prompt (27 tokens for SmolLM2; the JSON has the count), 64 greedy
-tokens (eos ignored), 1 thread. Modes: `default` (one onnxruntime session) and `low-memory` (one per layer,
+tokens (eos ignored), 1 thread. Modes: `default` (one onnxruntime session) and `low-memory` (one per stage of layers,
 converter/ort_stages.py). Peak RSS is reported whole and above the process's RSS just before the bundle is opened
 (Python, numpy, onnxruntime and our imports), and as a ratio of that to the runtime weight bytes + the KV cache of
 the run. Prints a table of medians (min–max) and writes bench/results/generate.json. A benchmark, not a test: these

@@ -163,7 +163,7 @@ GRAPH_CHOICES = {"model": "graph", "fp16": "graph_fp16", "wasm": "graph_wasm"}  
 def open_chat_model(path: str, threads: int = 1, float16: bool = False, graph: str = "model", low_memory: bool = False):
     """Bundle -> ChatModel over an onnxruntime CPU session (the reference path; float16 or graph="fp16": the bundle's
     fp16 graph; graph="wasm": its group-GEMM graph, the one the page runs on the WASM EP; low_memory: one session per
-    layer, converter/ort_stages.py)."""
+    stage of layers, converter/ort_stages.py)."""
     from .bundle import load
     from .ort_session import OrtDecoder
     from .runtime.chat import ChatModel

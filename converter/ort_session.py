@@ -65,14 +65,14 @@ class OrtDecoder:
     """The runtime's session interface (see runtime/generate.py) over an onnxruntime CPU session.
 
     Holds the KV cache between calls; `forward_full` returns all positions' logits (evaluation uses it).
-    low_memory: run the graph as a chain of per-layer sessions (converter/ort_stages.py).
+    low_memory: run the graph as a chain of sessions over stages of layers (converter/ort_stages.py).
     """
 
     def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False,
                  variant: str = "graph", low_memory: bool = False):
         self.config = bundle.config
         float16 = float16 or variant == "graph_fp16"
-        if low_memory:   # one session per layer, created in turn: less memory, a little slower (ort_stages.py)
+        if low_memory:   # a session per stage of layers, created in turn: less memory, a little slower (ort_stages.py)
             from .ort_stages import create_staged_session
             if float16:  # float16 tensors between stages are rounded where one session keeps float32: not the same
                 raise TinyQMoEError("low-memory mode runs the float32 graphs only (model.onnx, model.wasm.onnx)")

@@ -1,5 +1,6 @@
-"""Low-memory mode (converter/ort_stages.py): the graph as one onnxruntime session per layer gives the logits of the
-single session, reads none of the weights it was handed once they are packed, and is reachable from the CLI."""
+"""Low-memory mode (converter/ort_stages.py): the graph as one onnxruntime session per stage of layers gives the
+logits of the single session, reads none of the weights it was handed once they are packed, and is reachable from
+the CLI."""
 import numpy as np
 import onnx
 import pytest
