@@ -401,6 +401,8 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     get_scheme(embed_scheme)
     if opts.chunk_symbols <= 0 or opts.chunk_symbols % 4:
         raise BundleError(f"chunk_symbols must be a positive multiple of 4, got {opts.chunk_symbols}")
+    if opts.file_codec not in ("deflate", "qz"):
+        raise BundleError(f"file_codec must be deflate or qz, got {opts.file_codec!r}")
     if out.exists() and not opts.force:
         raise BundleError(f"{out}: already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -450,6 +450,12 @@ def test_files_stored_as_deflate_read_back_exactly(tmp_path, tiny_hf):
     assert a.manifest["totals"]["bundle_bytes"] < b.manifest["totals"]["bundle_bytes"]
 
 
+def test_unknown_file_codec_is_refused_before_any_work(tmp_path, tiny_hf):
+    with pytest.raises(BundleError, match="file_codec must be deflate or qz, got 'zstd'"):
+        _build_int4(tmp_path, tiny_hf, "zstd", file_codec="zstd")
+    assert not (tmp_path / "zstd").exists()
+
+
 @pytest.mark.parametrize("damage,match", [
     ("flip", r"model.onnx.zlib: not a valid zlib \(deflate\) stream|model.onnx.z \(decoded: model.onnx\): SHA-256"),
     ("truncate", r"model.onnx.zlib: the deflate stream ends early \(truncated at byte offset \d+\)"),

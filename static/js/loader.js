@@ -106,11 +106,14 @@ async function fetchDeflateFile(base, name, info, stats) {
   return out;
 }
 
-/** A graph, tokenizer or tables file as the manifest lists it: plain, as QZ chunks or as a deflate stream. */
-function fetchStoredFile(base, name, info, pool, stats) {
-  if (info.qz) return fetchQzFile(base, name, info, pool, stats);
-  if (info.deflate) return fetchDeflateFile(base, name, info, stats);
-  return fetchFile(base + name, info, () => {}, stats);
+/** A graph, tokenizer or tables file as the manifest lists it (plain, as QZ chunks or as a deflate stream): its
+ * bytes, checked against the manifest's SHA-256. */
+async function fetchStoredFile(base, name, info, pool, stats) {
+  const bytes = info.qz ? await fetchQzFile(base, name, info, pool, stats)
+    : info.deflate ? await fetchDeflateFile(base, name, info, stats)
+    : await fetchFile(base + name, info, () => {}, stats);
+  if (await sha256Hex(bytes) !== info.sha256) throw new BundleError(`${name}: SHA-256 mismatch`);
+  return bytes;
 }
 
 /**
@@ -148,7 +151,6 @@ async function loadFiles(base, pool, progress, variant, stats) {
     const ti = m.tables;
     if (!ti || ti.file !== "tables.json") throw new BundleError("manifest.json: tables: missing or not tables.json");
     const bytes = await fetchStoredFile(base, ti.file, ti, pool, stats);
-    if (await sha256Hex(bytes) !== ti.sha256) throw new BundleError(`${ti.file}: SHA-256 mismatch`);
     let tables;
     try { tables = JSON.parse(new TextDecoder().decode(bytes)); } catch (e) { throw new BundleError(`${ti.file}: invalid JSON (${e.message})`); }
     if (!Array.isArray(tables.tensors) || !Array.isArray(tables.initializers)) throw new BundleError(`${ti.file}: needs tensors and initializers lists`);
@@ -227,12 +229,9 @@ async function loadFiles(base, pool, progress, variant, stats) {
   await Promise.all(decodes);
   t.decoded = performance.now();
   const graphBytes = await graph;
-  if (await sha256Hex(graphBytes) !== gi.sha256) throw new BundleError(`${gi.file}: SHA-256 mismatch`);
   const tok = {};
   for (const [name, info] of Object.entries(m.tokenizer)) {
-    const bytes = await fetchStoredFile(base, name, info, pool, stats);
-    if (await sha256Hex(bytes) !== info.sha256) throw new BundleError(`${name}: SHA-256 mismatch`);
-    tok[name] = new TextDecoder().decode(bytes);
+    tok[name] = new TextDecoder().decode(await fetchStoredFile(base, name, info, pool, stats));
   }
   t.end = performance.now();
   /** Another graph ("graph", "graph_fp16", "graph_wasm"), e.g. when WebGPU fails and the WASM EP takes over; null
@@ -241,9 +240,7 @@ async function loadFiles(base, pool, progress, variant, stats) {
     const g = m[key];
     if (!g) return null;
     try {
-      const bytes = await fetchStoredFile(base, g.file, g, pool, stats);
-      if (await sha256Hex(bytes) !== g.sha256) throw new BundleError(`${g.file}: SHA-256 mismatch`);
-      return bytes;
+      return await fetchStoredFile(base, g.file, g, pool, stats);
     } catch (e) {
       await forgetCached(stats);
       throw e;
