@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .layouts import KN_SUFFIX, transposed_codes
+from .ort_session import BORROW_BUFFERS
 
 LAYER = re.compile(r"^/(?:model|quantize)/layers\.(\d+)/")
 HEAD = re.compile(r"^/(?:lm_head|quantize/lm_head|model/norm)(?:/|$)")
-BORROW_BUFFERS = "session.use_external_initializer_file_buffers_directly"  # onnxruntime session config key
 
 
 @dataclass
