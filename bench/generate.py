@@ -74,6 +74,9 @@ def main() -> int:
         if not (Path(args.bundles) / f"smollm2-{s}" / "manifest.json").exists():
             subprocess.run([sys.executable, "-m", "converter", "build", "--scheme", s, "--bundles", args.bundles],
                            cwd=ROOT, check=True, env=env)
+    sys.path.insert(0, str(ROOT))
+    from converter.config import LlamaConfig
+
     modes = args.modes.split(",")
     if not set(modes) <= {"default", "low-memory"}:
         ap.error(f"--modes: default and/or low-memory, not {args.modes!r}")
@@ -89,10 +92,9 @@ def main() -> int:
     rows = []
     for (s, mode), measured in runs.items():
         m = json.loads((Path(args.bundles) / f"smollm2-{s}" / "manifest.json").read_text())
-        c = m["config"]
+        c = LlamaConfig.from_dict(m["config"])
         positions = measured[0]["prompt_tokens"] + measured[0]["new_tokens"]
-        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        kv_bytes = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 4 * positions   # float32 K, V
+        kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * positions   # float32 K, V
         row = {"scheme": s, "mode": mode, "runtime_weight_mb": m["totals"]["runtime_bytes"] / 1e6,
                "kv_cache_mb": kv_bytes / 1e6, "bundle_mb": m["totals"]["bundle_bytes"] / 1e6, "runs": measured}
         for r in measured:

@@ -788,13 +788,7 @@ def _merge_tables(path: Path, m: dict):
     _want("tensors" not in m and "initializers" not in m, M,
           "version 2 keeps tensors and initializers in tables.json, not inline")
     step = m["codec"].get("chunk_symbols") if isinstance(m.get("codec"), dict) else None
-    if "qz" in info:
-        _validate_qz_file(TABLES, info, step, f"{M}: tables")
-        _check_file(path, info["qz"]["file"], info["qz"], f"{M}: tables.qz")
-    elif "deflate" in info:
-        _validate_deflate_file(TABLES, info, f"{M}: tables")
-        _check_file(path, info["deflate"]["file"], info["deflate"], f"{M}: tables.deflate")
-    else:
+    if not _check_compressed(path, TABLES, info, f"{M}: tables", step):
         _check_file(path, TABLES, info, f"{M}: tables")
     data = _read_file(path, TABLES, info, step)           # size and SHA-256 of the (decoded) bytes checked
     where = _stored_name(TABLES, info)
@@ -812,18 +806,25 @@ def _tables_where(m: dict) -> str:
 
 
 def _check_stored(folder: Path, fname: str, info: dict, where: str, step):
-    """A graph or tokenizer file as the manifest lists it: plain (size + SHA-256), or as QZ chunks (the table, the
-    .qz file's size, then decoded: size + SHA-256 of what it decodes to)."""
-    if isinstance(info, dict) and "qz" in info:
-        _validate_qz_file(fname, info, step, where)
-        _check_file(folder, info["qz"]["file"], info["qz"], f"{where}.qz")
-        _read_file(folder, fname, info, step)
-    elif isinstance(info, dict) and "deflate" in info:
-        _validate_deflate_file(fname, info, where)
-        _check_file(folder, info["deflate"]["file"], info["deflate"], f"{where}.deflate")
+    """A graph or tokenizer file as the manifest lists it: plain (size + SHA-256), or compressed (the QZ table or
+    deflate entry, the compressed file's size, then decoded: size + SHA-256 of what it decodes to)."""
+    if isinstance(info, dict) and _check_compressed(folder, fname, info, where, step):
         _read_file(folder, fname, info, step)
     else:
         _check_file(folder, fname, info, where, hash_it=True)
+
+
+def _check_compressed(folder: Path, fname: str, info: dict, where: str, step) -> bool:
+    """A compressed file entry ("qz" or "deflate") and its file's size checked; False when stored plain."""
+    if "qz" in info:
+        _validate_qz_file(fname, info, step, where)
+        _check_file(folder, info["qz"]["file"], info["qz"], f"{where}.qz")
+        return True
+    if "deflate" in info:
+        _validate_deflate_file(fname, info, where)
+        _check_file(folder, info["deflate"]["file"], info["deflate"], f"{where}.deflate")
+        return True
+    return False
 
 
 def _check_file(folder: Path, fname: str, info: dict, where: str, hash_it: bool = False):
