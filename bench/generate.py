@@ -1,15 +1,16 @@
 """Tokens/s and peak memory of the reference path (pure-Python runtime + onnxruntime CPU) per SmolLM2 bundle.
 
-    python bench/generate.py [--bundles bundles] [--schemes f32,int8,int4-g32,ternary] [--modes default,low-memory]
-                             [--reps 3]
+    python bench/generate.py [--bundles bundles] [--schemes f32,int8,int4-g32,ternary]
+                             [--modes default,low-memory,strict] [--reps 3]
 
 Builds the missing bundles, then runs each scheme and mode in its own process (so peak RSS is that run's alone),
 A/B interleaved over `--reps` rounds: a fixed prompt (27 tokens for SmolLM2; the JSON has the count), 64 greedy
-tokens (eos ignored), 1 thread. Modes: `default` (one onnxruntime session) and `low-memory` (one per stage of layers,
-converter/ort_stages.py). Peak RSS is reported whole and above the process's RSS just before the bundle is opened
-(Python, numpy, onnxruntime and our imports), and as a ratio of that to the runtime weight bytes + the KV cache of
-the run. Prints a table of medians (min–max) and writes bench/results/generate.json. A benchmark, not a test: these
-machines are shared.
+tokens (eos ignored), 1 thread. Modes: `default` (one onnxruntime session), `low-memory` (one per stage of layers,
+converter/ort_stages.py) and `strict` (the same, a tied embedding held once: ort_stages.STRICT). Peak RSS is reported
+whole, above the process's RSS just before the bundle is opened (Python, numpy, onnxruntime and our imports), and
+above the RSS once the manifest, the tokenizer and the wasm codec are loaded ("session": what onnxruntime and the
+weights add), each also as a ratio to the runtime weight bytes + the KV cache of the run. Prints a table of medians
+(min–max) and writes bench/results/generate.json. A benchmark, not a test: these machines are shared.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def child(bundle: str, new_tokens: int, low_memory: bool) -> dict:
+def child(bundle: str, new_tokens: int, mode: str) -> dict:
     """One measurement in this process (called with --child)."""
     import resource
     import time
@@ -40,32 +41,46 @@ def child(bundle: str, new_tokens: int, low_memory: bool) -> dict:
     import numpy  # noqa: F401  (imported before the start figure, as onnxruntime is)
     import onnxruntime  # noqa: F401
 
-    from converter.cli import open_chat_model
+    from converter import codec
+    from converter.bundle import load
+    from converter.ort_session import OrtDecoder
+    from converter.runtime.chat import ChatModel
     from converter.runtime.generate import SamplingConfig, generate
 
     start_rss = _rss_mib()
     t0 = time.perf_counter()
-    chat = open_chat_model(bundle, low_memory=low_memory)
+    # what open_chat_model does, with a mark once everything but the session is in memory (the manifest, the
+    # tokenizer, the wasm codec instantiated): "session" = peak RSS - that mark, onnxruntime's share + the weights
+    b = load(bundle)
+    chat = ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], None)
+    if codec.available_backend() == "wasm":
+        codec._backend().load()
+    ready_rss = _rss_mib()
+    chat.session = OrtDecoder(b, low_memory=MODES[mode])
     load_s = time.perf_counter() - t0
     ids = chat.tokenizer.encode(PROMPT)[:41]
     res = generate(chat.session, chat.tokenizer, ids, eos_ids=[], cfg=SamplingConfig(max_new_tokens=new_tokens))
     return {"load_s": load_s, "prompt_tokens": len(ids), "new_tokens": len(res.token_ids),
             "prefill_tok_s": res.prefill_tok_s, "decode_tok_s": res.decode_tok_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_rss_mib": start_rss}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_rss_mib": start_rss,
+            "ready_rss_mib": ready_rss}
+
+
+MODES = {"default": False, "low-memory": True, "strict": "strict"}    # OrtDecoder(low_memory=...)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", default=str(ROOT / "bundles"))
     ap.add_argument("--schemes", default="f32,int8,int4-g32,ternary")
-    ap.add_argument("--modes", default="default,low-memory")
+    ap.add_argument("--modes", default="default,low-memory,strict")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="default", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.new_tokens, args.low_memory)))
+        print(json.dumps(child(args.child, args.new_tokens, args.mode)))
         return 0
 
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
@@ -78,13 +93,13 @@ def main() -> int:
     from converter.config import LlamaConfig
 
     modes = args.modes.split(",")
-    if not set(modes) <= {"default", "low-memory"}:
-        ap.error(f"--modes: default and/or low-memory, not {args.modes!r}")
+    if not modes or not set(modes) <= set(MODES):
+        ap.error(f"--modes: some of {', '.join(MODES)}, not {args.modes!r}")
     runs: dict[tuple[str, str], list[dict]] = {(s, m): [] for s in schemes for m in modes}
     for rep in range(args.reps):                       # interleaved: every scheme and mode once per round
         for s, mode in runs:
             out = subprocess.run([sys.executable, __file__, "--child", str(Path(args.bundles) / f"smollm2-{s}"),
-                                  "--new-tokens", str(args.new_tokens)] + (["--low-memory"] if mode != "default" else []),
+                                  "--new-tokens", str(args.new_tokens), "--mode", mode],
                                  capture_output=True, text=True, env=env, check=True)
             runs[s, mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {rep + 1}/{args.reps} {s} {mode}: {runs[s, mode][-1]}", file=sys.stderr)
@@ -99,19 +114,21 @@ def main() -> int:
                "kv_cache_mb": kv_bytes / 1e6, "bundle_mb": m["totals"]["bundle_bytes"] / 1e6, "runs": measured}
         for r in measured:
             r["above_start_mib"] = r["peak_rss_mib"] - r["start_rss_mib"]
-        for k in ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mib", "above_start_mib"):
+            r["session_mib"] = r["peak_rss_mib"] - r["ready_rss_mib"]
+        for k in ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mib", "above_start_mib", "session_mib"):
             vals = [r[k] for r in measured]
             row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-        row["above_start_ratio"] = row["above_start_mib"]["median"] * 1.048576 / (row["runtime_weight_mb"] +
-                                                                                  row["kv_cache_mb"])
+        for k in ("above_start", "session"):
+            row[f"{k}_ratio"] = row[f"{k}_mib"]["median"] * 1.048576 / (row["runtime_weight_mb"] + row["kv_cache_mb"])
         rows.append(row)
     print(f"\n{'scheme':10} {'mode':10} {'prefill tok/s':>18} {'decode tok/s':>16} {'load s':>7} {'peak RSS MiB':>13} "
-          f"{'above start':>12} {'weights+KV MB':>14} {'ratio':>6}")
+          f"{'above start':>12} {'ratio':>6} {'session':>8} {'ratio':>6} {'weights+KV MB':>14}")
     for r in rows:
         f = lambda k, d=1: f"{r[k]['median']:.{d}f} ({r[k]['min']:.{d}f}–{r[k]['max']:.{d}f})"  # noqa: E731
         print(f"{r['scheme']:10} {r['mode']:10} {f('prefill_tok_s', 0):>18} {f('decode_tok_s'):>16} "
               f"{r['load_s']['median']:7.2f} {r['peak_rss_mib']['median']:13.0f} {r['above_start_mib']['median']:12.0f} "
-              f"{r['runtime_weight_mb'] + r['kv_cache_mb']:14.1f} {r['above_start_ratio']:6.2f}")
+              f"{r['above_start_ratio']:6.2f} {r['session_mib']['median']:8.0f} {r['session_ratio']:6.2f} "
+              f"{r['runtime_weight_mb'] + r['kv_cache_mb']:14.1f}")
     out = ROOT / "bench" / "results" / "generate.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompt_tokens": rows[0]["runs"][0]["prompt_tokens"], "new_tokens": args.new_tokens,

@@ -65,18 +65,21 @@ class OrtDecoder:
     """The runtime's session interface (see runtime/generate.py) over an onnxruntime CPU session.
 
     Holds the KV cache between calls; `forward_full` returns all positions' logits (evaluation uses it).
-    low_memory: run the graph as a chain of sessions over stages of layers (converter/ort_stages.py).
+    low_memory: run the graph as a chain of sessions over stages of layers (converter/ort_stages.py); "strict": the
+    same, with a tied embedding held once, unpacked (slower lm_head; ort_stages.STRICT).
     """
 
     def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False,
-                 variant: str = "graph", low_memory: bool = False):
+                 variant: str = "graph", low_memory: bool | str = False):
         self.config = bundle.config
         float16 = float16 or variant == "graph_fp16"
         if low_memory:   # a session per stage of layers, created in turn: less memory, a little slower (ort_stages.py)
             from .ort_stages import create_staged_session
             if float16:  # float16 tensors between stages are rounded where one session keeps float32: not the same
                 raise TinyQMoEError("low-memory mode runs the float32 graphs only (model.onnx, model.wasm.onnx)")
-            self.session = create_staged_session(bundle, threads, verify, variant)
+            if low_memory not in (True, "strict"):
+                raise TinyQMoEError(f"low_memory: True or 'strict', not {low_memory!r}")
+            self.session = create_staged_session(bundle, threads, verify, variant, strict=low_memory == "strict")
         else:
             self.session = create_session(bundle, threads, verify, float16, variant)
         self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16

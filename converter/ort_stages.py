@@ -145,12 +145,19 @@ def layers_per_stage(bundle) -> int:
     return max(1, STAGE_BYTES // max(1, layer0))
 
 
-STAGE_BYTES = 16 << 20   # SmolLM2 int8: 4 layers (3.6 MB each); Llama-3.2-1B int8 (~61 MB a layer): 1
+STAGE_BYTES = 16 << 20
+NO_PREPACKING = "session.disable_prepacking"      # onnxruntime session config key
+
+# STRICT. With `strict`, the lm_head of a tied model multiplies by the same int8 (or float) buffer that the
+# embedding's Gather reads, unpacked: onnxruntime's GEMM then packs the weight on the fly at every run (SmolLM2 int8:
+# the lm_head takes ~12 ms per token instead of 2-3, decode ~1.5x slower) and the 27 MiB packed copy is never made.
+# An untied model has no shared weight, so strict changes nothing there.   # SmolLM2 int8: 4 layers (3.6 MB each); Llama-3.2-1B int8 (~61 MB a layer): 1
 
 
 def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant: str = "graph",
-                          layers: int | None = None) -> StagedSession:
-    """layers: per stage (default layers_per_stage(bundle))."""
+                          layers: int | None = None, strict: bool = False) -> StagedSession:
+    """layers: per stage (default layers_per_stage(bundle)). strict: the stages that share a weight (a tied
+    embedding: the Gather of stage 0 and the lm_head) read it unpacked, so it exists once (STRICT below)."""
     import onnx
     import onnxruntime as ort
 
@@ -190,6 +197,8 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
                 # a stage reading an initializer that another stage reads too (the tied embedding) borrows its
                 # weights in place (the config entry is per session); they live as long as the sessions
                 so.add_session_config_entry(BORROW_BUFFERS, "1")
+                if strict:
+                    so.add_session_config_entry(NO_PREPACKING, "1")
                 for t in names:
                     kept.setdefault(t, array(t))
                 arrays = [kept[t] for t in names]
@@ -215,12 +224,14 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
 def _shared_arena(ort) -> None:
     """Register one CPU arena for every staged session of this process (once). With an arena per session each kept
     ~2 MiB after a prefill (+64 MiB for SmolLM2); with no arena, the KV tensors, one position longer at every step,
-    fragmented the heap (+31 MiB over 64 decode steps); one shared arena: +17 MiB after the prefill, +3 over 64 steps."""
+    fragmented the heap (SmolLM2 int8, 512 decode steps: +281 MiB). The arena grows by doubling: grown by exactly
+    each failing request instead, its regions, never freed, piled up quadratically with the KV length (+3.1 GiB
+    over 512 steps; doubling: +83 MiB, one session's own arena: +64 MiB; tests/test_ort_stages.py)."""
     global _ARENA_REGISTERED
     if _ARENA_REGISTERED:
         return
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1,     # kSameAsRequested
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 0,     # kNextPowerOfTwo
                                                              "initial_chunk_size_bytes": 1 << 20}))
     _ARENA_REGISTERED = True
 

@@ -46,6 +46,58 @@ def test_staged_logits_equal_the_single_session(tiny_bundles, scheme, embed, var
     np.testing.assert_array_equal(staged.forward_full(IDS), want)
 
 
+@pytest.mark.parametrize("scheme,embed,variant", [("f32", None, "graph"), ("int8", None, "graph"),
+                                                  ("int4-g32", "int8-g32", "graph_wasm"), ("ternary-g64", None, "graph")])
+def test_strict_logits_equal_the_single_session(tiny_bundles, scheme, embed, variant):
+    bundle = load(tiny_bundles(scheme, embed))
+    want = OrtDecoder(bundle, variant=variant).forward_full(IDS)
+    np.testing.assert_array_equal(OrtDecoder(bundle, variant=variant, low_memory="strict").forward_full(IDS), want)
+
+
+@pytest.mark.parametrize("mode", [True, "strict"])
+def test_strict_lm_head_reads_the_one_embedding(tiny_bundles, mode):
+    """strict: the lm_head multiplies by the very buffer the embedding's Gather reads (no packed copy of its own), so
+    changing that buffer changes the head's output; without strict the head runs on onnxruntime's packed copy."""
+    bundle = load(tiny_bundles("int8"))
+    staged = OrtDecoder(bundle, low_memory=mode).session
+    head = staged.sessions[-1]
+    feeds = {i.name: np.random.default_rng(0).standard_normal([1, 3, bundle.config.hidden_size]).astype(np.float32)
+             if i.name != "num_logits_to_keep" else np.array(0, np.int64) for i in head.get_inputs()}
+    before = head.run(None, feeds)[0]
+    staged.borrowed["model.embed_tokens.weight.q"][:] //= 2
+    after = head.run(None, feeds)[0]
+    if mode == "strict":
+        assert not np.allclose(after, before)
+    else:
+        np.testing.assert_array_equal(after, before)
+
+
+def test_low_memory_mode_is_checked(tiny_bundles):
+    with pytest.raises(TinyQMoEError, match="low_memory"):
+        OrtDecoder(load(tiny_bundles("int8")), low_memory="tight")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_long_generation_memory_stays_flat(tiny_bundles):
+    """The KV tensors grow by one position at every step; the shared arena must reuse its memory for them. Grown by
+    exactly each failing request, it piled up regions quadratically: +160 MiB over these 470 steps on the tiny
+    model, whose whole KV cache ends at 0.5 MB (SmolLM2 int8: +3.1 GiB over 512 steps)."""
+    dec = OrtDecoder(load(tiny_bundles("int8")), low_memory=True)
+    dec.reset()
+    dec.run(np.asarray([IDS[:4]]), last_only=True)
+    for t in range(30):
+        dec.run(np.asarray([[t + 1]]), last_only=True)
+    before = _rss_mib()
+    for t in range(470):
+        dec.run(np.asarray([[t % 300 + 1]]), last_only=True)
+    assert dec.cached == 504
+    assert _rss_mib() - before < 16
+
+
 def test_staged_cached_decode_equals_the_single_session(tiny_bundles):
     bundle = load(tiny_bundles("int4-g32"))
     one, staged = OrtDecoder(bundle), OrtDecoder(bundle, low_memory=True)
@@ -115,10 +167,10 @@ def test_float16_graph_is_refused(tiny_bundles):
         OrtDecoder(load(tiny_bundles("f32")), float16=True, low_memory=True)
 
 
-def test_cli_run_low_memory_says_the_same(tiny_bundles, capsys):
+def test_cli_run_low_and_strict_memory_say_the_same(tiny_bundles, capsys):
     path = str(tiny_bundles("int8"))
     texts = []
-    for extra in ([], ["--low-memory"]):
+    for extra in ([], ["--low-memory"], ["--strict-memory"]):
         assert main(["run", path, "--prompt", "hello there", "--max-new-tokens", "8", *extra]) == 0
         texts.append(capsys.readouterr().out.splitlines()[0])
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] == texts[2]
