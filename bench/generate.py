@@ -1,7 +1,7 @@
 """Tokens/s and peak memory of the reference path (pure-Python runtime + onnxruntime CPU) per SmolLM2 bundle.
 
     python bench/generate.py [--bundles bundles] [--schemes f32,int8,int4-g32,ternary]
-                             [--modes default,low-memory,strict] [--reps 3]
+                             [--modes default,low-memory,strict] [--reps 3] [--new-tokens 64] [--out JSON]
 
 Builds the missing bundles, then runs each scheme and mode in its own process (so peak RSS is that run's alone),
 A/B interleaved over `--reps` rounds: a fixed prompt (27 tokens for SmolLM2; the JSON has the count), 64 greedy
@@ -76,6 +76,7 @@ def main() -> int:
     ap.add_argument("--modes", default="default,low-memory,strict")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="default", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -129,7 +130,7 @@ def main() -> int:
               f"{r['load_s']['median']:7.2f} {r['peak_rss_mib']['median']:13.0f} {r['above_start_mib']['median']:12.0f} "
               f"{r['above_start_ratio']:6.2f} {r['session_mib']['median']:8.0f} {r['session_ratio']:6.2f} "
               f"{r['runtime_weight_mb'] + r['kv_cache_mb']:14.1f}")
-    out = ROOT / "bench" / "results" / "generate.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompt_tokens": rows[0]["runs"][0]["prompt_tokens"], "new_tokens": args.new_tokens,
                                "threads": 1,
