@@ -186,7 +186,8 @@ def _sampling(args):
 
 
 def _stats(res) -> str:
-    return (f"[{res.prompt_tokens} prompt tokens, {len(res.token_ids)} generated ({res.stop_reason}); "
+    cached = f" ({res.cached_tokens} already in the cache)" if res.cached_tokens else ""
+    return (f"[{res.prompt_tokens} prompt tokens{cached}, {len(res.token_ids)} generated ({res.stop_reason}); "
             f"prefill {res.prefill_tok_s:.1f} tok/s, decode {res.decode_tok_s:.1f} tok/s, "
             f"peak RSS {peak_rss_mib():.0f} MiB]")
 
@@ -210,7 +211,10 @@ def cmd_run(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    res = chat.generate(ids, _sampling(args), on_text=emit)
+    try:
+        res = chat.generate(ids, _sampling(args), on_text=emit)
+    except ValueError as e:                       # the runtime's refusal of a prompt (empty, longer than the context)
+        raise TinyQMoEError(f"{args.bundle}: {e}") from None
     sys.stdout.write("\n")
     print(f"[load {load_s:.2f} s] " + _stats(res), file=sys.stderr)
     return 0
@@ -228,6 +232,10 @@ def cmd_chat(args) -> int:
         if not line:
             break
         history.append({"role": "user", "content": line})
+        history, dropped = chat.fit_messages(history, reserve=min(args.max_new_tokens, chat.context // 2))
+        if dropped:
+            print(f"[the conversation outgrew the model's context of {chat.context} tokens: "
+                  f"the {dropped} oldest message(s) are left out]", file=sys.stderr)
         cancelled = {"flag": False}
 
         def emit(piece):
@@ -239,6 +247,10 @@ def cmd_chat(args) -> int:
                                 should_stop=lambda: cancelled["flag"])
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
+            history.pop()
+            continue
+        except ValueError as e:                   # one message longer than the whole context
+            print(f"[{e}]", file=sys.stderr)
             history.pop()
             continue
         print()

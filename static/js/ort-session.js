@@ -112,6 +112,27 @@ export class DecoderSession {
       }
     }
     this.length = 0;
+    this.tokens = [];            // the ids the cache holds, in order (the runtime keeps the prefix a prompt repeats)
+  }
+
+  /** The tokens whose cache a next prompt may keep (rewind): all of them, unless the cache lives in GPU buffers,
+   * which are not cut here (that prompt then runs whole). */
+  reusableTokens() { return this.kvOnDevice ? [] : this.tokens; }
+
+  /** Keep the cache of the first n tokens only; the next forward continues from position n. */
+  rewind(n) {
+    if (n === 0) { this.reset(); return; }
+    if (!(n > 0 && n <= this.length) || this.kvOnDevice) throw new Error(`cannot rewind a cache of ${this.length} to ${n}`);
+    const c = this.config, T = this.length, hd = c.head_dim, heads = c.num_key_value_heads;
+    for (const [name, t] of Object.entries(this.past)) {
+      const data = /** @type {Float32Array|Uint16Array} */ (t.data);
+      const cut = new data.constructor(heads * n * hd);          // [1, heads, T, hd] -> [1, heads, n, hd]
+      for (let h = 0; h < heads; h++) cut.set(data.subarray(h * T * hd, h * T * hd + n * hd), h * n * hd);
+      if (t.dispose) t.dispose();
+      this.past[name] = new this.ort.Tensor(t.type, cut, [1, heads, n, hd]);
+    }
+    this.length = n;
+    this.tokens.length = n;
   }
 
   /** @param {number[]} ids new tokens after the cache @returns {Promise<{ids: Int32Array, values: Float32Array}>} */
@@ -140,6 +161,7 @@ export class DecoderSession {
       }
     }
     this.length = T;
+    for (const id of ids) this.tokens.push(id);
     const logits = out.logits;
     const V = this.config.vocab_size;
     const t3 = performance.now();

@@ -20,15 +20,24 @@ def setup(tok_json, tok_cfg, model_cfg, gen_cfg):
                       json.loads(gen_cfg) if gen_cfg else None)
     return _chat.has_template
 
-def start(messages_json, sampling_json, raw):
+def start(messages_json, sampling_json, raw, cached_json):
+    """-> JSON {ids: the prompt after what the cache keeps, reused: how many tokens the cache keeps, messages: the
+    conversation that fits the context (the oldest turns left out), dropped: how many messages were left out}."""
     global _gen
     s = json.loads(sampling_json)
     raw = raw if isinstance(raw, str) else None          # JS null arrives as pyodide's JsNull, not None
     cfg = SamplingConfig(max_new_tokens=int(s.get("max_new_tokens", 128)), temperature=float(s.get("temperature", 0)),
                          top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 1.0)), seed=int(s.get("seed", 0)))
-    ids = _chat.prompt_ids(raw=raw) if raw is not None else _chat.prompt_ids(json.loads(messages_json))
-    _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg)   # bench: fixed length
-    return _gen.first_input()
+    messages, dropped = None, 0
+    if raw is not None:
+        ids = _chat.prompt_ids(raw=raw)
+    else:
+        messages, dropped = _chat.fit_messages(json.loads(messages_json),
+                                               reserve=min(cfg.max_new_tokens, _chat.context // 2))
+        ids = _chat.prompt_ids(messages)
+    _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg,   # bench: fixed length
+                      cached=json.loads(cached_json or "[]"), context=_chat.context)
+    return json.dumps({"ids": _gen.first_input(), "reused": _gen.reused, "messages": messages, "dropped": dropped})
 
 def push(cand_ids, cand_values):
     nxt = _gen.push(list(cand_ids.to_py()), list(cand_values.to_py()))
@@ -62,12 +71,8 @@ export async function startPython() {
 export function pythonCalls(py, glue) {
   return {
     setup: (tok, tokCfg, modelCfg, genCfg) => glue.setup(tok, tokCfg, modelCfg, genCfg),
-    start: (messagesJson, samplingJson, raw) => {
-      const ids = glue.start(messagesJson, samplingJson, raw ?? undefined);
-      const out = ids.toJs();
-      ids.destroy();
-      return out;
-    },
+    start: (messagesJson, samplingJson, raw, cachedJson) => glue.start(messagesJson, samplingJson, raw ?? undefined,
+                                                                      cachedJson),
     push: (ids, values) => glue.push(ids, values),
     cancel: () => glue.cancel(),
     heapBytes: () => py._module.HEAPU8.length,

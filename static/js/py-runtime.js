@@ -44,9 +44,13 @@ export class PyRuntime {
                                JSON.stringify(manifest.config), tokenizer["generation_config.json"] || ""]);
   }
 
-  /** @returns {Promise<number[]>} prompt ids */
-  start(messages, sampling, raw = null) {
-    return this.call("start", [JSON.stringify(messages), JSON.stringify(sampling), raw]);
+  /** @param {number[]} cached the tokens in the session's KV cache
+   * @returns {Promise<{ids: number[], reused: number, messages: object[]|null, dropped: number}>} the prompt ids to
+   *   run after the first `reused` cached tokens; messages: the conversation cut to the context (dropped: how many
+   *   of the oldest messages were left out), null for a raw prompt */
+  async start(messages, sampling, raw = null, cached = []) {
+    return JSON.parse(await this.call("start", [JSON.stringify(messages), JSON.stringify(sampling), raw,
+                                                JSON.stringify(Array.from(cached))]));
   }
 
   /** @returns {Promise<{next: number[]|null, text: string, done: boolean, reason: string, tokens: number[]}>} */
