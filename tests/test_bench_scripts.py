@@ -1,0 +1,54 @@
+"""Smoke runs of the single-purpose benchmarks on the tiny model (their numbers mean nothing here; that they run
+and write what the README quotes does): bench/generate.py (the three memory modes) and bench/chat_turns.py."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converter.bundle import BuildOptions, write_bundle
+from converter.loaders import open_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """The tiny model under the name the scripts look for (they build SmolLM2 when it is missing)."""
+    import tiny
+    d = tmp_path_factory.mktemp("benchb")
+    tiny.write_hf(d / "hf", dtype="f32")
+    write_bundle(open_checkpoint(d / "hf"), d / "b" / "smollm2-int8", BuildOptions(scheme="int8", chunk_symbols=4096))
+    return d / "b"
+
+
+def run(args, timeout=300):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_generate_bench_measures_every_mode(bundles, tmp_path):
+    out = tmp_path / "generate.json"
+    text = run(["bench/generate.py", "--bundles", str(bundles), "--schemes", "int8", "--reps", "1",
+                "--new-tokens", "4", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert [r["mode"] for r in doc["rows"]] == ["default", "low-memory", "strict"]
+    for r in doc["rows"]:
+        assert r["decode_tok_s"]["median"] > 0 and r["runs"][0]["new_tokens"] == 4
+        assert r["peak_rss_mib"]["median"] > r["above_start_mib"]["median"] > r["session_mib"]["median"] > 0
+        assert r["session_ratio"] > 0
+    assert "strict" in text
+
+
+def test_chat_turns_bench_reuses_the_cache(bundles, tmp_path):
+    out = tmp_path / "chat.json"
+    run(["bench/chat_turns.py", "--bundles", str(bundles), "--bundle", "smollm2-int8", "--no-page", "--turns", "3",
+         "--reps", "1", "--new-tokens", "4", "--out", str(out)])
+    rows = json.loads(out.read_text())["cpu"]
+    kept = [r for r in rows if r["mode"].startswith("cache kept")]
+    whole = [r for r in rows if r["mode"].startswith("whole")]
+    assert len(kept) == len(whole) == 3
+    assert kept[0]["prefilled"] == kept[0]["prompt_tokens"] and whole[2]["prefilled"] == whole[2]["prompt_tokens"]
+    assert kept[2]["prefilled"] < kept[2]["prompt_tokens"]
