@@ -368,7 +368,7 @@ def configure_parser() -> argparse.ArgumentParser:
                             "SmolLM2 int8 peaks about a quarter lower, at 3-10%% fewer tokens/s (float32 graphs only)")
         r.add_argument("--strict-memory", action="store_true",
                        help="--low-memory, and a tied embedding held once instead of twice (the lm_head reads it "
-                            "unpacked): SmolLM2 int8 peaks ~27 MiB lower, decode ~1.5x slower")
+                            "unpacked): SmolLM2 int8 peaks ~27 MiB lower, decode ~1.3x slower")
         r.set_defaults(func=func)
 
     e = sub.add_parser("eval", help="quality of bundles against a float baseline (KL, perplexity, MMLU, ARC)")

