@@ -125,6 +125,23 @@ def test_next_turn_keeps_the_cache_and_equals_cpu(page, server, bundle_dir, name
     assert [g["tokens"] for g in got] == [w.token_ids for w in want]
 
 
+def test_next_turn_keeps_a_gpu_cache(page, server, bundle_dir):
+    """On WebGPU the KV cache lives in GPU buffers (kvOnDevice): rewind reads it back once and cuts it on the CPU."""
+    from converter.cli import open_chat_model
+    from converter.runtime.generate import SamplingConfig
+
+    open_loaded(page, server, "tiny-int8", "webgpu")
+    assert page.evaluate("window.tinyqmoe.state.session.kvOnDevice")
+    second = PROMPT + " jumps over the lazy dog and"
+    chat = open_chat_model(str(bundle_dir / "tiny-int8"))
+    want = [chat.generate(chat.prompt_ids(raw=p), SamplingConfig(max_new_tokens=8)) for p in (PROMPT, second)]
+    got = [page.evaluate("([p, n]) => window.tinyqmoe.generate(p, {max_new_tokens: n, raw: p, reuse: true})", [p, 8])
+           for p in (PROMPT, second)]
+    assert got[1]["cachedTokens"] == want[1].cached_tokens > 0
+    # SwiftShader accumulates in a different order: allow a late near-tie flip, never an early one
+    assert [g["tokens"][:6] for g in got] == [w.token_ids[:6] for w in want]
+
+
 def test_prompt_longer_than_the_context_is_refused_and_the_chat_goes_on(page, server):
     """The tiny model's context is 512 positions: a longer message gets the runtime's message, not a traceback, and
     the page still answers the next one."""

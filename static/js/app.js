@@ -174,7 +174,7 @@ async function generate(messages, sampling, onText = () => {}, raw = null, reuse
 
 async function generateReply(session, py, messages, sampling, onText, raw, reuse) {
   const start = await py.start(messages, sampling, raw, reuse ? session.reusableTokens() : []);
-  session.rewind(start.reused);
+  await session.rewind(start.reused);
   let ids = start.ids;
   const promptLen = ids.length + start.reused;
   const tokens = [];

@@ -115,17 +115,18 @@ export class DecoderSession {
     this.tokens = [];            // the ids the cache holds, in order (the runtime keeps the prefix a prompt repeats)
   }
 
-  /** The tokens whose cache a next prompt may keep (rewind): all of them, unless the cache lives in GPU buffers,
-   * which are not cut here (that prompt then runs whole). */
-  reusableTokens() { return this.kvOnDevice ? [] : this.tokens; }
+  /** The tokens whose cache a next prompt may keep (rewind). */
+  reusableTokens() { return this.tokens; }
 
-  /** Keep the cache of the first n tokens only; the next forward continues from position n. */
-  rewind(n) {
+  /** Keep the cache of the first n tokens only; the next forward continues from position n. A cache in GPU
+   * buffers (kvOnDevice) is read back once and cut on the CPU: the next run uploads it as its past, and its
+   * present.* are GPU buffers again. */
+  async rewind(n) {
     if (n === 0) { this.reset(); return; }
-    if (!(n > 0 && n <= this.length) || this.kvOnDevice) throw new Error(`cannot rewind a cache of ${this.length} to ${n}`);
+    if (!(n > 0 && n <= this.length)) throw new Error(`cannot rewind a cache of ${this.length} to ${n}`);
     const c = this.config, T = this.length, hd = c.head_dim, heads = c.num_key_value_heads;
     for (const [name, t] of Object.entries(this.past)) {
-      const data = /** @type {Float32Array|Uint16Array} */ (t.data);
+      const data = /** @type {Float32Array|Uint16Array} */ (t.location === "cpu" ? t.data : await t.getData());
       const cut = new data.constructor(heads * n * hd);          // [1, heads, T, hd] -> [1, heads, n, hd]
       for (let h = 0; h < heads; h++) cut.set(data.subarray(h * T * hd, h * T * hd + n * hd), h * n * hd);
       if (t.dispose) t.dispose();
