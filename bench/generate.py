@@ -41,7 +41,7 @@ def child(bundle: str, new_tokens: int, mode: str) -> dict:
     import numpy  # noqa: F401  (imported before the start figure, as onnxruntime is)
     import onnxruntime  # noqa: F401
 
-    from converter import codec
+    from converter import codec, wasm_codec
     from converter.bundle import load
     from converter.ort_session import OrtDecoder
     from converter.runtime.chat import ChatModel
@@ -54,7 +54,7 @@ def child(bundle: str, new_tokens: int, mode: str) -> dict:
     b = load(bundle)
     chat = ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], None)
     if codec.available_backend() == "wasm":
-        codec._backend().load()
+        wasm_codec.load()
     ready_rss = _rss_mib()
     chat.session = OrtDecoder(b, low_memory=MODES[mode])
     load_s = time.perf_counter() - t0
