@@ -47,7 +47,8 @@ async function fetchFile(url, expect, onBytes, stats) {
   }
   if (got !== buf.length) throw new BundleError(`${url}: ${got} bytes received, manifest lists ${buf.length}`);
   if (cache && !stats.failed) {
-    try { await cache.put(key, new Response(buf.slice())); } catch (e) { stats.cacheErrors.push(String(e)); }
+    // the Response copies the bytes as it is made (fetch spec: extract a body), so buf needs no copy of its own
+    try { await cache.put(key, new Response(buf)); } catch (e) { stats.cacheErrors.push(String(e)); }
   }
   return buf;
 }
@@ -222,6 +223,8 @@ async function loadFiles(base, pool, progress, variant, stats) {
       }
     }, stats);
     if (await sha256Hex(buf) !== b.sha256) throw new BundleError(`${b.file}: SHA-256 mismatch (corrupted download or cache)`);
+    // every chunk was copied out for the decoders as it arrived: the blob's bytes can go now, not at the next GC
+    buf.buffer.transfer?.(0);
   });
   const graph = fetchStoredFile(base, gi.file, gi, pool, stats);
   await Promise.all(blobs);
