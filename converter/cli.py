@@ -232,7 +232,7 @@ def cmd_chat(args) -> int:
         if not line:
             break
         history.append({"role": "user", "content": line})
-        history, dropped = chat.fit_messages(history, reserve=min(args.max_new_tokens, chat.context // 2))
+        history, dropped, ids = chat.fit_prompt(history, reserve=min(args.max_new_tokens, chat.context // 2))
         if dropped:
             print(f"[the conversation outgrew the model's context of {chat.context} tokens: "
                   f"the {dropped} oldest message(s) are left out]", file=sys.stderr)
@@ -243,7 +243,7 @@ def cmd_chat(args) -> int:
             sys.stdout.flush()
 
         try:
-            res = chat.generate(chat.prompt_ids(history), _sampling(args), on_text=emit,
+            res = chat.generate(ids, _sampling(args), on_text=emit,
                                 should_stop=lambda: cancelled["flag"])
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)

@@ -60,19 +60,26 @@ class ChatModel:
         return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
 
     def fit_messages(self, messages: Sequence[dict], reserve: int) -> tuple[list[dict], int]:
-        """(messages, how many were dropped): the oldest turns after any system message are left out until the
-        prompt leaves `reserve` positions of the context for the reply. The last message always stays (if it alone
-        is too long, Generation says so)."""
+        """(messages, how many were dropped): see fit_prompt."""
+        return self.fit_prompt(messages, reserve)[:2]
+
+    def fit_prompt(self, messages: Sequence[dict], reserve: int) -> tuple[list[dict], int, list[int]]:
+        """(messages, how many were dropped, their prompt ids): the oldest turns after any system message are left
+        out until the prompt leaves `reserve` positions of the context for the reply. The last message always stays
+        (if it alone is too long, Generation says so). The conversation is tokenized once per try, the kept one's ids
+        returned, so a turn is not tokenized twice."""
         msgs = list(messages)
         keep = 1 if msgs and msgs[0].get("role") == "system" else 0
         dropped = 0
-        while self.context and len(msgs) - keep > 1 and len(self.prompt_ids(msgs)) + reserve > self.context:
+        ids = self.prompt_ids(msgs)
+        while self.context and len(msgs) - keep > 1 and len(ids) + reserve > self.context:
             del msgs[keep]
             dropped += 1
             if len(msgs) - keep > 1 and msgs[keep].get("role") == "assistant":   # a reply without its question
                 del msgs[keep]
                 dropped += 1
-        return msgs, dropped
+            ids = self.prompt_ids(msgs)
+        return msgs, dropped, ids
 
     def generate(self, prompt_ids: list[int], sampling: SamplingConfig,
                  on_text: Callable[[str], None] | None = None,

@@ -33,9 +33,8 @@ def start(messages_json, sampling_json, raw, cached_json):
     if raw is not None:
         ids = _chat.prompt_ids(raw=raw)
     else:
-        messages, dropped = _chat.fit_messages(json.loads(messages_json),
-                                               reserve=min(cfg.max_new_tokens, _chat.context // 2))
-        ids = _chat.prompt_ids(messages)
+        messages, dropped, ids = _chat.fit_prompt(json.loads(messages_json),
+                                                  reserve=min(cfg.max_new_tokens, _chat.context // 2))
     try:
         _gen = Generation(_chat.tokenizer, ids, [] if s.get("ignore_eos") else _chat.eos_ids, cfg,  # bench: fixed length
                           cached=json.loads(cached_json or "[]"), context=_chat.context)
