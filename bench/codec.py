@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from converter import codec, lzw, wasm_codec  # noqa: E402
+from converter.quant.ternary import least_squares_scale  # noqa: E402
 import build_wasm  # noqa: E402
 
 CHUNK_SYMBOLS = 262_144  # the bundle's default chunk size
@@ -72,12 +73,14 @@ class Stream:
 
 
 def synthetic_streams(n: int, seed: int = 0) -> list[Stream]:
-    """Weight-like symbols: Gaussian int8 and int4 (scale = absmax of a Gaussian), ternary with 60% zeros."""
+    """Weight-like symbols: Gaussian int8 and int4 (clipped at 4 and 3 sigma), ternary at the least-squares scale
+    of converter.quant.ternary (about 46% zeros on a Gaussian)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal(n).astype(np.float32)
     int8 = np.clip(np.rint(w / (4.0 / 127)), -127, 127).astype(np.int8).view(np.uint8)  # clip at 4 sigma
     int4 = (np.clip(np.rint(w / (3.0 / 7)), -8, 7) + 8).astype(np.uint8)  # clip at 3 sigma
-    ternary = (np.clip(np.rint(w / np.abs(w).mean()), -1, 1) + 1).astype(np.uint8)  # absmean, ~ BitNet
+    scale = float(least_squares_scale(w.reshape(1, 1, -1))[0, 0])
+    ternary = (np.clip(np.rint(w / scale), -1, 1) + 1).astype(np.uint8)
     return [
         Stream("synthetic int8", 256, lzw.LAYOUT_U8, 0, int8),
         Stream("synthetic int4", 16, lzw.LAYOUT_U4, 0, int4),
