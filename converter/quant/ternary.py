@@ -8,7 +8,8 @@ weight takes its nearest code in {-s, 0, s} (the error reported is the error of 
 BitNet b1.58's absmean (s = mean|w| over the whole row, threshold s/2) is what this scheme was before. On SmolLM2 it
 made a third of the codes zero (order-0 entropy 1.584 bits, i.e. log2 3), with relative RMS error 0.52-0.61; the
 least-squares scale makes about half of them zero (entropy 1.35-1.53 bits) at relative RMS error 0.44-0.53, so it is
-both smaller after LZW and closer to the float weights (bench/frontier.py has the KL).
+both smaller after LZW and closer to the float weights. (Post-training ternary is garbage either way: the KL of
+both is in docs/quality.md.)
 
 Symbols are q + 1 in {0, 1, 2} (alphabet 3); decoding with bias 1 yields int8 -1/0/+1 bytes directly.
 """
