@@ -497,7 +497,12 @@ def valid_vectors_v3() -> list[Vector]:
     for name, what, chunk in (
             ("v3_escape_int8", "int8-like codes, sigma 2, A=256", encode3(int8_symbols(60, 20000, 2.0), 256, U8)),
             ("v3_escape_u4", "A=16 in nibbles, sigma 1.5", encode3(gauss_symbols(60, 2001, 16, sigma=1.5), 16, U4)),
-            ("v3_escape_a10", "A=10, sigma 1.5", encode3(gauss_symbols(73, 1500, 10, sigma=1.5), 10, U8))):
+            ("v3_escape_a10", "A=10, sigma 1.5", encode3(gauss_symbols(73, 1500, 10, sigma=1.5), 10, U8)),
+            # one-bit escapes (the two signs of ternary codes share the escape; the decoders' group path)
+            ("v3_escape_ternary", "ternary as int8, 70% zeros, n = 3001",
+             encode3(ternary_symbols(81, 3001, p_zero=0.7), 3, U8, bias=1)),
+            ("v3_escape_ternary_u2", "ternary in crumbs, 80% zeros, n = 2003",
+             encode3(ternary_symbols(82, 2003, p_zero=0.8), 3, lzw.LAYOUT_U2))):
         h, _ = _escaped(chunk)
         v.append(Vector(name, f"{what}: k={h.model.split_bits}, M={h.model.classes}, "
                               f"escape_bits={h.model.escape_bits}", chunk, "ok"))
@@ -530,6 +535,28 @@ def invalid_vectors_v3() -> list[Vector]:
                                            f">= A >> k = {limit}", wide, "BAD_CODE"),
         Vector("v3_codes_padding", "nonzero padding bits after the last code, before the escape section",
                _codes_padding_defect(good), "TRAILING"),
+        *_one_bit_defects(),
+    ]
+
+
+def _one_bit_defects() -> list[Vector]:
+    """The same defects on a chunk with one-bit escapes (escape_bits 1), which the decoders resolve eight classes at
+    a time: its errors must still be the reference's."""
+    good = encode3(ternary_symbols(82, 1603, p_zero=0.6), 3, lzw.LAYOUT_U8, bias=1)
+    h, esc = _escaped(good)
+    if h.model.escape_bits != 1:
+        raise AssertionError(f"expected one-bit escapes, got {h.model.escape_bits}")
+    if (len(good) - h.header_size - esc) * 8 == _escape_count(good, h):
+        raise AssertionError("v3_one_bit_padding needs padding bits in the escape section")
+    return [
+        Vector("v3_one_bit_truncated", "one-bit escapes, escape section missing its last byte", good[:-1],
+               "TRUNCATED"),
+        Vector("v3_one_bit_half", "one-bit escapes, escape section cut to half", good[:h.header_size + esc
+               + (len(good) - h.header_size - esc) // 2], "TRUNCATED"),
+        Vector("v3_one_bit_trailing_byte", "one-bit escapes, one zero byte after the escape section", good + b"\0",
+               "TRAILING"),
+        Vector("v3_one_bit_padding", "one-bit escapes, nonzero padding bits after the escape section",
+               good[:-1] + bytes([good[-1] | 0x80]), "TRAILING"),
     ]
 
 

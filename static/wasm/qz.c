@@ -97,6 +97,7 @@ enum { COPY_SLACK = 16 };
 
 QZ_INLINE u64 load64(const u8 *p) { u64 v; __builtin_memcpy(&v, p, 8); return v; }
 QZ_INLINE void store32(u8 *p, u32 v) { __builtin_memcpy(p, &v, 4); }
+QZ_INLINE void store64(u8 *p, u64 v) { __builtin_memcpy(p, &v, 8); }
 QZ_INLINE void store16(u8 *p, u16 v) { __builtin_memcpy(p, &v, 2); }
 /* 16-byte vectors (GCC >= 12 and clang vector extensions; v128 on wasm, SSE natively). */
 typedef u8 v16u8 __attribute__((vector_size(16)));
@@ -762,32 +763,108 @@ static cached_tree *cached_primed_tree(const qz_header *h, const u8 *byte_of_cla
     return victim;
 }
 
-/* Version 3: each escape in cls (class M-1, held as (M-1) << k) becomes the class M-1 + the next escape_bits of the
- * escape section `sec`, which must hold exactly those bits, zero-padded (converter/lzw.py _escapes). */
-static int primed_escapes(u8 *cls, u32 n, const qz_header *h, const u8 *sec, u32 len) {
+/* One-bit escapes, four classes at a time: deposit4[(m << 4) | b] spreads the low popcount(m) bits of b, in order,
+ * onto the set bits of the 4-bit escape mask m, one per byte (byte j = bit of class j): what a branch per class
+ * would add to the four classes. pop4[m] = popcount(m). Filled on first use (1 KiB + 16 bytes). */
+static u32 deposit4[256];
+static u8 pop4[16];
+static int deposit4_ready;
+
+static void deposit4_init(void) {
+    for (u32 m = 0; m < 16u; m++) {
+        pop4[m] = (u8)((m & 1u) + ((m >> 1) & 1u) + ((m >> 2) & 1u) + ((m >> 3) & 1u));
+        for (u32 b = 0; b < 16u; b++) {
+            u32 spread = 0, used = 0;
+            for (u32 j = 0; j < 4u; j++) {
+                if (!(m >> j & 1u)) continue;
+                spread |= ((b >> used) & 1u) << (8u * j);
+                used++;
+            }
+            deposit4[(m << 4) | b] = spread;
+        }
+    }
+    deposit4_ready = 1;
+}
+
+/* The escape section's bits from bit `off` on (at least 32 of them; zeros past its end). */
+QZ_INLINE u64 escape_bits_at(const u8 *sec, u32 len, u64 off) {
+    const u64 at = off >> 3;
+    if (at + 8u <= len) return load64(sec + at) >> (off & 7u);
+    u64 v = 0;
+    for (u64 b = at; b < len && b < at + 8u; b++) v |= (u64)sec[b] << (8u * (b - at));
+    return v >> (off & 7u);
+}
+
+/* Version 3 with one-bit escapes that can never name an invalid class (the case of ternary codes whose two signs
+ * share the escape: an escape in ~40 % of the symbols). Eight classes at a time: the escape mask of the group, and
+ * its bits read at the group's own offset in the section (no chain of refills from group to group), spread onto
+ * the escapes by two lookups in deposit4. The only errors possible are the reference's TRUNCATED (more escapes than
+ * bits) and TRAILING, both decided by the total. */
+QZ_HOT_LOOP int escapes_one_bit(u8 *cls, u32 n, const u8 *sec, u32 len, u8 esc, u8 flip) {
+    const u64 ones = 0x0101010101010101ull, highs = 0x8080808080808080ull, lows = 0x7F7F7F7F7F7F7F7Full;
+    const u64 pattern = ones * esc, flips = (u64)flip;
+    u64 off = 0;
+    u32 i = 0;
+    for (; i + 8u <= n; i += 8u) {
+        const u64 x = load64(cls + i) ^ pattern;
+        const u64 zero = ~(((x & lows) + lows) | x) & highs;         /* 0x80 in each byte that is the escape */
+        const u32 m = (u32)(((zero >> 7) * 0x0102040810204080ull) >> 56);   /* bit j: class j is the escape */
+        if (!m) continue;
+        const u32 lo = m & 15u, hi = m >> 4, t_lo = pop4[lo];
+        const u32 b = (u32)escape_bits_at(sec, len, off);
+        const u64 spread = deposit4[(lo << 4) | (b & 15u)] | (u64)deposit4[(hi << 4) | ((b >> t_lo) & 15u)] << 32;
+        store64(cls + i, load64(cls + i) ^ spread * flips);                  /* bytes 0/1 times flip: no carries */
+        off += t_lo + pop4[hi];
+    }
+    for (; i < n; i++) {
+        if (cls[i] != esc) continue;
+        cls[i] ^= (u8)(flip & (0u - ((u32)escape_bits_at(sec, len, off) & 1u)));
+        off++;
+    }
+    if (off > (u64)len * 8u) return QZ_TRUNCATED;
+    if ((off + 7u) / 8u != len || ((off & 7u) && (sec[len - 1u] >> (off & 7u)) != 0)) return QZ_TRAILING;
+    return QZ_OK;
+}
+
+/* Version 3: each escape in cls (class M-1, held as byte_of[M-1]) becomes the class M-1 + the next escape_bits of
+ * the escape section `sec` (held as byte_of[that class]), which must hold exactly those bits, zero-padded
+ * (converter/lzw.py _escapes). byte_of: the class's output byte (k = 0, layout u8), its symbol (k = 0, u4/u2), or
+ * class << k (the raw low bits are combined after). One-bit escapes go to escapes_one_bit; otherwise eight classes
+ * at a time, a group without the escape skipped (SWAR), a group with one resolved class by class without a branch
+ * on the class (a branch per class mispredicts where escapes are frequent), in the reference's order of errors. */
+static int primed_escapes(u8 *cls, u32 n, const qz_header *h, const u8 *sec, u32 len, const u8 *byte_of) {
     const u32 k = h->split_bits, e = h->escape_bits, top = h->classes - 1u, limit = h->alphabet >> k;
-    const u8 esc = (u8)(top << k);
+    const u32 emask = (1u << e) - 1u;
+    const u8 esc = byte_of[top];
+    if (e == 1u && top + 1u < limit) {
+        if (!deposit4_ready) deposit4_init();
+        return escapes_one_bit(cls, n, sec, len, esc, (u8)(byte_of[top] ^ byte_of[top + 1u]));
+    }
     u64 bitbuf = 0, bits = 0;
     u32 bitcnt = 0, pos = 0;
     const u64 ones = 0x0101010101010101ull, highs = 0x8080808080808080ull, pattern = ones * esc;
-    for (u32 i = 0; i < n; i++) {
-        /* 8 classes at a time while none is the escape (SWAR: a zero byte of x ^ pattern is a match) */
-        while (i + 8u <= n) {
+    for (u32 i = 0; i < n; i += 8u) {
+        const u32 end = n - i < 8u ? n : i + 8u;
+        if (end == i + 8u) {
             u64 x = load64(cls + i) ^ pattern;
-            if ((x - ones) & ~x & highs) break;
-            i += 8u;
+            if (!((x - ones) & ~x & highs)) continue;       /* no escape among these eight */
         }
-        if (i >= n) break;
-        if (cls[i] != esc) continue;
-        while (bitcnt < e) {
-            if (pos >= len) return QZ_TRUNCATED;
-            bitbuf |= (u64)sec[pos++] << bitcnt;
-            bitcnt += 8u;
+        for (u32 j = i; j < end; j++) {
+            const u32 is = cls[j] == esc;
+            const u32 take = e & (0u - is);
+            if (UNLIKELY(take > bitcnt)) {
+                while (bitcnt <= 56u && pos < len) {
+                    bitbuf |= (u64)sec[pos++] << bitcnt;
+                    bitcnt += 8u;
+                }
+                if (take > bitcnt) return QZ_TRUNCATED;
+            }
+            const u32 c = top + ((u32)bitbuf & emask);
+            if (UNLIKELY(is & (c >= limit))) return QZ_BAD_CODE;
+            const u32 old = cls[j], mask = 0u - is;                   /* is: all ones, else zero (no branch) */
+            cls[j] = (u8)(old ^ ((old ^ byte_of[c & 255u]) & mask));
+            bitbuf >>= take; bitcnt -= take; bits += take;
         }
-        u32 c = top + ((u32)bitbuf & ((1u << e) - 1u));
-        bitbuf >>= e; bitcnt -= e; bits += e;
-        if (c >= limit) return QZ_BAD_CODE;
-        cls[i] = (u8)(c << k);
     }
     if ((bits + 7u) / 8u != len || bitbuf != 0) return QZ_TRAILING;
     return QZ_OK;
@@ -796,10 +873,10 @@ static int primed_escapes(u8 *cls, u32 n, const qz_header *h, const u8 *sec, u32
 static int primed_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *out) {
     const u32 n = h->n_symbols, k = h->split_bits, width = h->max_code_bits;
     u8 map[256];            /* rank -> output byte (layout u8) or symbol (u4 / u2) */
-    u8 byte_of_class[256];  /* what the arena holds for a class: its output byte (k = 0), or class << k */
+    u8 byte_of_class[256];  /* what the arena holds for a class: its output byte / symbol (k = 0), or class << k */
     for (u32 r = 0; r < h->alphabet; r++) map[r] = h->layout == LAYOUT_U8 ? (u8)(h->perm[r] - h->bias) : h->perm[r];
-    /* with escapes the arena holds c << k for every k (the classes must be seen before they become output) */
-    for (u32 c = 0; c < h->classes; c++) byte_of_class[c] = k || h->escape_bits ? (u8)(c << k) : map[c];
+    /* every class the escapes can name too (they resolve to these bytes in place); the rest stays 0 */
+    for (u32 c = 0; c < 256u; c++) byte_of_class[c] = c >= h->alphabet >> k ? 0u : k ? (u8)(c << k) : map[c];
 
     u8 *arena = 0;  /* scratch arena of a wide tree (freed below), else 0 */
     const qz_entry *table;
@@ -824,7 +901,7 @@ static int primed_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *ou
     if (plen < low_len) err = QZ_TRUNCATED;
     else if ((low_bits & 7u) && (payload[low_len - 1] >> (low_bits & 7u)) != 0) err = QZ_TRAILING;
 
-    int direct = k == 0 && h->layout == LAYOUT_U8 && !h->escape_bits;  /* the arena holds output bytes: in place */
+    int direct = k == 0 && h->layout == LAYOUT_U8;  /* the arena holds output bytes: in place */
     u8 *scratch = 0;  /* the class / symbol buffer when not direct */
     if (!err && !direct) {
         scratch = n <= 0xFFFFFFFFu - PHRASE_SLACK ? scratch_get(n + PHRASE_SLACK) : 0;
@@ -834,11 +911,11 @@ static int primed_decode(const qz_header *h, const u8 *payload, u32 plen, u8 *ou
     if (!err) err = primed_codes(payload + low_len, plen - low_len, width, table, leaves, direct ? out : scratch, n,
                                  direct ? n : n + PHRASE_SLACK, h->escape_bits ? &codes_len : 0);
     if (err == QZ_OK && h->escape_bits)
-        err = primed_escapes(scratch, n, h, payload + low_len + codes_len, plen - low_len - codes_len);
+        err = primed_escapes(direct ? out : scratch, n, h, payload + low_len + codes_len, plen - low_len - codes_len,
+                             byte_of_class);
     if (err == QZ_OK && !direct) {
         u8 *sym = h->layout == LAYOUT_U8 ? out : scratch;  /* u8: straight to the output; u4/u2: symbols, pack */
         if (k) primed_combine(scratch, n, payload, low_len, k, map, h->alphabet, sym);
-        else if (h->escape_bits) for (u32 i = 0; i < n; i++) sym[i] = map[scratch[i]];
         if (h->layout != LAYOUT_U8) pack_symbols(scratch, n, h->layout, out);
     }
     if (scratch) scratch_put(scratch);
