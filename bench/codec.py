@@ -151,7 +151,8 @@ class Native:
         self.lib = lib
 
     def encode(self, sym: np.ndarray, s: Stream) -> bytes:
-        flags = wasm_codec.ENC_RESET | wasm_codec.ENC_V2  # what codec.encode_chunk writes by default
+        # what codec.encode_chunk writes by default: version 2, or 3 where an escape class pays
+        flags = wasm_codec.ENC_RESET | wasm_codec.ENC_V2 | wasm_codec.ENC_V3
         cap = self.lib.qz_encode_bound(len(sym), s.layout, flags)
         out = np.empty(cap, np.uint8)
         n = self.lib.qz_encode(sym.ctypes.data, len(sym), s.alphabet, s.layout, s.bias, 16, flags,
