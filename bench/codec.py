@@ -211,6 +211,7 @@ class Encoded:
     out_bytes: int        # output bytes of the whole stream
     stored: list[bytes]
     lzw_forced: list[bytes]
+    out_lengths: list[int]   # output bytes of each chunk
 
 
 def bench_stream(s: Stream, native: Native, raw: WasmRaw, repeat: int,
@@ -258,7 +259,7 @@ def bench_stream(s: Stream, native: Native, raw: WasmRaw, repeat: int,
     t_dec = best_time(lambda: [native.decode_into(ch, out) for ch in chunks], repeat)
     t_lzw = best_time(lambda: [native.decode_into(ch, out) for ch in lzw_chunks], repeat)
     rows.append(_row(common, "native gcc -O3", n, out_bytes, t_enc, t_dec, t_lzw))
-    return rows, Encoded(s, common, out_bytes, chunks, lzw_chunks)
+    return rows, Encoded(s, common, out_bytes, chunks, lzw_chunks, [lzw.layout_nbytes(s.layout, len(p)) for p in parts])
 
 
 def _row(common: dict, backend: str, n: int, out_bytes: int, t_enc: float | None, t_dec: float,
@@ -278,11 +279,18 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-
                   "--disable-sync", "--no-first-run"]  # as e2e/conftest.py, without WebGPU (not needed here)
 WARMUP = 2  # untimed passes first: V8 compiles wasm with Liftoff, then tiers hot functions up to TurboFan
 
-# window.__qzBench[key] = [ArrayBuffer per chunk], cut from one fetched file per stream
+# window.__qzBench[key] = [ArrayBuffer per chunk], cut from one fetched file per stream; window.__qzOut[key] =
+# [Uint8Array per chunk]: views of one SharedArrayBuffer the size of the stream's output, for decodeInto
 LOAD_JS = """
 async (files) => {
   window.__qzBench = {};
-  for (const [key, url, lengths] of files) {
+  window.__qzOut = {};
+  for (const [key, url, lengths, outLengths] of files) {
+    if (typeof SharedArrayBuffer !== 'undefined') {
+      const all = new SharedArrayBuffer(outLengths.reduce((a, b) => a + b, 0));
+      let o = 0;
+      window.__qzOut[key] = outLengths.map((n) => { const v = new Uint8Array(all, o, n); o += n; return v; });
+    }
     const res = await fetch(url);
     if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
     const buf = await res.arrayBuffer();
@@ -311,17 +319,20 @@ async (sizes) => {
 
 # Best wall-clock ms of decoding every chunk of a stream through a pool (all queued at once), and the best sum of
 # the ms the workers report for their decode calls. The copies are made before the clock starts: decode()
-# transfers (detaches) its ArrayBuffer.
+# transfers (detaches) its ArrayBuffer. into: decodeInto the stream's SharedArrayBuffer views (what the page does
+# when it is cross-origin isolated) instead of decode() returning a new ArrayBuffer per chunk.
 TIME_POOL_JS = """
-async ([key, size, repeat, warmup]) => {
+async ([key, size, repeat, warmup, into]) => {
   const pool = window.__qzPools[size];
   const chunks = window.__qzBench[key];
+  const outs = window.__qzOut[key];
   let best = Infinity, bestWorker = Infinity;
   for (let r = 0; r < warmup + repeat; r++) {
     const copies = chunks.map((c) => c.slice(0));
     const before = pool.decodeMs;
     const t0 = performance.now();
-    await Promise.all(copies.map((c) => pool.decode(c, key)));
+    if (into) await Promise.all(copies.map((c, i) => pool.decodeInto(c, { bytes: outs[i].length, dst: outs[i] }, key)));
+    else await Promise.all(copies.map((c) => pool.decode(c, key)));
     const ms = performance.now() - t0;
     if (r >= warmup) { best = Math.min(best, ms); bestWorker = Math.min(bestWorker, pool.decodeMs - before); }
   }
@@ -329,11 +340,20 @@ async ([key, size, repeat, warmup]) => {
 }
 """
 
-# One more pass through a pool, outputs concatenated and hashed: the bytes the page got are the bytes Python gets.
+# One more pass through a pool, outputs concatenated and hashed: the bytes the page got are the bytes Python gets
+# (into: through decodeInto and the stream's SharedArrayBuffer, zeroed first).
 CHECK_JS = """
-async ([key, size]) => {
+async ([key, size, into]) => {
   const pool = window.__qzPools[size];
-  const outs = await Promise.all(window.__qzBench[key].map((c, i) => pool.decode(c.slice(0), `${key}[${i}]`)));
+  let outs;
+  if (into) {
+    outs = window.__qzOut[key];
+    for (const o of outs) o.fill(0);
+    const n = await Promise.all(window.__qzBench[key].map((c, i) => pool.decodeInto(c.slice(0), { bytes: outs[i].length, dst: outs[i] }, `${key}[${i}]`)));
+    n.forEach((k, i) => { if (k !== outs[i].length) throw new Error(`${key}[${i}]: decoded ${k} bytes, expected ${outs[i].length}`); });
+  } else {
+    outs = await Promise.all(window.__qzBench[key].map((c, i) => pool.decode(c.slice(0), `${key}[${i}]`)));
+  }
   const all = new Uint8Array(outs.reduce((n, o) => n + o.length, 0));
   let at = 0;
   for (const o of outs) { all.set(o, at); at += o.length; }
@@ -421,14 +441,14 @@ def serve(bundle_dir: Path):
 
 def write_served_chunks(folder: Path, encoded: list[Encoded]) -> list[list]:
     """Each stream's chunks (as stored, and LZW forced) concatenated into one file the server can serve;
-    returns [key, url, chunk lengths] for LOAD_JS."""
+    returns [key, url, chunk lengths, output lengths] for LOAD_JS."""
     folder.mkdir(parents=True)
     files = []
     for i, e in enumerate(encoded):
         for variant, chunks in (("stored", e.stored), ("lzw", e.lzw_forced)):
             name = f"{i}-{variant}.qzb"
             (folder / name).write_bytes(b"".join(chunks))
-            files.append([f"{i}-{variant}", f"/bundles/{folder.name}/{name}", [len(c) for c in chunks]])
+            files.append([f"{i}-{variant}", f"/bundles/{folder.name}/{name}", [len(c) for c in chunks], e.out_lengths])
     return files
 
 
@@ -444,7 +464,8 @@ def wait_for_pyodide(page) -> str:
 
 
 def bench_chromium(encoded: list[Encoded], native: Native, repeat: int, settle: float) -> tuple[list[dict], dict]:
-    """Rows "chromium raw (main thread)", "chromium 1 worker", "chromium pool (N workers)" and NATIVE_BACKEND for
+    """Rows "chromium raw (main thread)", "chromium 1 worker, ...", "chromium pool (N workers), ..." (copy out, and
+    into shared buffer when the page is cross-origin isolated) and NATIVE_BACKEND for
     every stream, and what the run was (Chromium version, hardwareConcurrency, load average, the cold numbers).
     The native decoder is timed again in the same rounds as the page, so that the ratio compares two numbers taken
     under the same load (the machine this was written on is shared and its load swings within a minute).
@@ -470,13 +491,14 @@ def bench_chromium(encoded: list[Encoded], native: Native, repeat: int, settle: 
             sizes = sorted({1, n_pool})
             page.evaluate(LOAD_JS, files)
             page.evaluate(START_POOLS_JS, sizes)
-            info["cold"] = _cold_numbers(page, encoded[0])
+            info["cold"] = _cold_numbers(page, encoded[0], bool(info["cross_origin_isolated"]))
             print(f"chromium: Pyodide {info['pyodide']}; letting V8's background compilation settle for {settle:.0f} s")
             time.sleep(settle)
             info.update(settle_s=settle, loadavg_start=os.getloadavg())
+            modes = [False, True] if info["cross_origin_isolated"] else [False]
             for i, e in enumerate(encoded):
-                _check_in_page(page, i, e, n_pool)
-            best = _interleaved_timings(page, encoded, native, sizes, repeat)
+                _check_in_page(page, i, e, n_pool, modes)
+            best = _interleaved_timings(page, encoded, native, sizes, repeat, modes)
             for i, e in enumerate(encoded):
                 rows += _chromium_rows(e, best[i])
         finally:
@@ -485,34 +507,41 @@ def bench_chromium(encoded: list[Encoded], native: Native, repeat: int, settle: 
     return rows, info
 
 
-def _cold_numbers(page, e: Encoded) -> dict:
+def _cold_numbers(page, e: Encoded, into: bool) -> dict:
     """Decode MB/s of the first stream (LZW forced) right after Pyodide is ready: what a page load sees."""
     raw_ms = page.evaluate(RAW_JS, ["0-lzw", 3, 1])
-    t = page.evaluate(TIME_POOL_JS, ["0-lzw", 1, 3, 1])
-    return dict(stream=e.stream.name, chunks="LZW forced", raw_out_mb_s=e.out_bytes / raw_ms / 1e3,
+    t = page.evaluate(TIME_POOL_JS, ["0-lzw", 1, 3, 1, into])
+    return dict(stream=e.stream.name, chunks="LZW forced", backend=_pool_backend(1, into),
+                raw_out_mb_s=e.out_bytes / raw_ms / 1e3,
                 worker_out_mb_s=e.out_bytes / t["ms"] / 1e3, in_worker_out_mb_s=e.out_bytes / t["workerMs"] / 1e3)
 
 
-def _check_in_page(page, i: int, e: Encoded, n_pool: int) -> None:
-    """The page's output for every chunk of stream i (both variants) hashes like Python's."""
+def _check_in_page(page, i: int, e: Encoded, n_pool: int, modes: list[bool]) -> None:
+    """The page's output for every chunk of stream i (both variants, each way of returning it) hashes like
+    Python's."""
     for variant, chunks in (("stored", e.stored), ("lzw", e.lzw_forced)):
         want = hashlib.sha256(b"".join(codec.decode_chunk(c) for c in chunks)).hexdigest()
-        got = page.evaluate(CHECK_JS, [f"{i}-{variant}", n_pool])
-        if (got["length"], got["sha256"]) != (e.out_bytes, want):
-            raise RuntimeError(f"{e.stream.name} ({variant}): the page decoded {got['length']} bytes with sha256 "
-                               f"{got['sha256']}, Python {e.out_bytes} bytes with sha256 {want}")
+        for into in modes:
+            got = page.evaluate(CHECK_JS, [f"{i}-{variant}", n_pool, into])
+            if (got["length"], got["sha256"]) != (e.out_bytes, want):
+                raise RuntimeError(f"{e.stream.name} ({variant}, {_pool_backend(n_pool, into)}): the page decoded "
+                                   f"{got['length']} bytes with sha256 {got['sha256']}, Python {e.out_bytes} bytes "
+                                   f"with sha256 {want}")
 
 
 RAW_BACKEND = "chromium raw (main thread)"
 NATIVE_BACKEND = "native gcc -O3 (Chromium rounds)"
 
 
-def _pool_backend(size: int) -> str:
-    return "chromium 1 worker" if size == 1 else f"chromium pool ({size} workers)"
+def _pool_backend(size: int, into: bool) -> str:
+    """into: DecoderPool.decodeInto a SharedArrayBuffer (the page's path when cross-origin isolated); else
+    decode(), which returns a new ArrayBuffer per chunk (the page's path otherwise)."""
+    how = "into shared buffer" if into else "copy out"
+    return f"chromium 1 worker, {how}" if size == 1 else f"chromium pool ({size} workers), {how}"
 
 
 def _interleaved_timings(page, encoded: list[Encoded], native: Native, sizes: list[int],
-                         repeat: int) -> list[dict[str, dict[str, float]]]:
+                         repeat: int, modes: list[bool]) -> list[dict[str, dict[str, float]]]:
     """best[stream][backend][variant] = best ms of one pass over the stream's chunks, variant "stored" or "lzw"
     (pools also "stored_worker" / "lzw_worker": the workers' own clocks). Each round makes one pass of every
     measurement, so a burst of load from elsewhere on the machine costs one pass of several measurements rather
@@ -533,8 +562,9 @@ def _interleaved_timings(page, encoded: list[Encoded], native: Native, sizes: li
                 times = {NATIVE_BACKEND: {variant: native_ms(chunks)},
                          RAW_BACKEND: {variant: page.evaluate(RAW_JS, [key, 1, 0])}}
                 for size in sizes:
-                    t = page.evaluate(TIME_POOL_JS, [key, size, 1, 0])
-                    times[_pool_backend(size)] = {variant: t["ms"], variant + "_worker": t["workerMs"]}
+                    for into in modes:
+                        t = page.evaluate(TIME_POOL_JS, [key, size, 1, 0, into])
+                        times[_pool_backend(size, into)] = {variant: t["ms"], variant + "_worker": t["workerMs"]}
                 if r < WARMUP:
                     continue
                 for backend, measured in times.items():
@@ -605,28 +635,34 @@ def print_table(rows: list[dict]) -> None:
 
 VERSUS_COLUMNS = [("stream", "stream", "{}"), ("chunks", "chunks", "{}"), ("native", "native", "{:.0f}"),
                   ("native own run", "native_own_run", "{:.0f}"), ("wasmtime raw", "wasmtime", "{:.0f}"),
-                  ("Chromium raw", "raw", "{:.0f}"), ("Chromium 1 worker", "worker", "{:.0f}"),
-                  ("in-worker", "in_worker", "{:.0f}"), ("Chromium pool", "pool", "{:.0f}"),
+                  ("Chromium raw", "raw", "{:.0f}"), ("1 worker, copy out", "worker_copy", "{:.0f}"),
+                  ("1 worker", "worker", "{:.0f}"), ("in-worker", "in_worker", "{:.0f}"), ("pool", "pool", "{:.0f}"),
                   ("1 worker / native", "ratio", "{:.2f}"), (f">={TARGET_WORKER_MB_S:.0f}", "meets_speed", "{}"),
                   (f">={TARGET_NATIVE_RATIO}x", "meets_ratio", "{}")]
 
 
 def versus_native(rows: list[dict]) -> list[dict]:
     """One row per (stream, chunks as stored / LZW forced): decode MB/s of output of every backend side by side,
-    and the targets checked on the Chromium 1-worker figure (wall clock, messaging included) against native timed
-    in the same rounds ("own run": native in its own earlier measurement, best of --repeat)."""
+    and the targets checked on the Chromium 1-worker figure (wall clock, messaging included) of the page's path
+    (into a shared buffer when the page is cross-origin isolated, else copy out) against native timed in the same
+    rounds ("own run": native in its own earlier measurement, best of --repeat)."""
     by = {(r["stream"], r["backend"]): r for r in rows}
     out = []
     for stream in dict.fromkeys(r["stream"] for r in rows if r["backend"].startswith("chromium")):
-        pool = next(r for r in rows if r["stream"] == stream and r["backend"].startswith("chromium pool"))
+        into = (stream, _pool_backend(1, True)) in by
+        pool = by[(stream, next(r["backend"] for r in rows if r["stream"] == stream
+                                and r["backend"].startswith("chromium pool")
+                                and r["backend"].endswith("into shared buffer" if into else "copy out")))]
         for label, key in (("as stored", "decode_out_mb_s"), ("LZW forced", "lzw_decode_out_mb_s")):
-            worker = by[(stream, "chromium 1 worker")]
+            worker = by[(stream, _pool_backend(1, into))]
+            worker_copy = by[(stream, _pool_backend(1, False))]
             native = by[(stream, NATIVE_BACKEND)][key]
             ratio = worker[key] / native
             in_worker = worker["in_worker_out_mb_s" if key == "decode_out_mb_s" else "lzw_in_worker_out_mb_s"]
             out.append(dict(stream=stream, chunks=label, native=native, native_own_run=by[(stream, "native gcc -O3")][key],
                             wasmtime=by[(stream, "wasm (raw decode)")][key],
-                            raw=by[(stream, "chromium raw (main thread)")][key], worker=worker[key],
+                            raw=by[(stream, "chromium raw (main thread)")][key], worker_copy=worker_copy[key],
+                            worker=worker[key], worker_backend=worker["backend"],
                             in_worker=in_worker, pool=pool[key], pool_backend=pool["backend"], ratio=ratio,
                             meets_speed="yes" if worker[key] >= TARGET_WORKER_MB_S else "no",
                             meets_ratio="yes" if ratio >= TARGET_NATIVE_RATIO else "no"))

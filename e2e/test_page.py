@@ -35,6 +35,15 @@ def page_tokens(page, prompt, n, raw=True, **sampling):
                          [prompt, n, raw, sampling])
 
 
+def _chunk_counts(bundle_path):
+    """(chunks the workers put in place in a shared buffer, chunks put in place by the page: float byte planes)."""
+    from converter.bundle import load
+
+    m = load(bundle_path).manifest
+    into = sum(len(e["chunks"]) for e in m["initializers"] if e.get("planes", 1) == 1)
+    return into, sum(len(e["chunks"]) for e in m["initializers"]) - into
+
+
 def test_bundle_list(page, server):
     page.goto(server)
     names = page.evaluate("window.tinyqmoe.ready.then(l => l.map(b => b.name))")
@@ -67,6 +76,13 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
         assert len(set(sampled)) > 3                    # a real sequence, not one repeated token
     assert "WASM" in page.inner_text("#ep-badge")
     assert page.evaluate("window.tinyqmoe.state.ortBuild") == "wasm"      # the plain build runs the WASM EP
+    # on this cross-origin isolated page the workers put the decoded weights in place in SharedArrayBuffers,
+    # the WASM graph's transposed codes included (DecoderPool.decodeInto); only float byte planes go via the page
+    t = page.evaluate("window.tinyqmoe.state.loadTimings")
+    assert page.evaluate("self.crossOriginIsolated")
+    assert (t["chunksInto"], t["chunksCopied"]) == _chunk_counts(bundle_dir / name), t
+    if name != "tiny-f32":   # (the norms are floats in planes in every bundle)
+        assert t["chunksInto"] > 0, t
     if page.evaluate("navigator.hardwareConcurrency") <= 2:               # measured faster there (README)
         assert page.evaluate("window.tinyqmoe.state.numThreads") == 1
 

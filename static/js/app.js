@@ -2,7 +2,8 @@
 // Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt or messages, opts)} (used by e2e/ and bench/).
 // URL parameters: bundle, ep, autoload, workers (decoder pool size), threads (onnxruntime-web wasm threads),
 // kv (cpu: WebGPU KV cache round-trips through the CPU), yield (frame: wait for a frame between tokens) — the last
-// two bring back the behaviour before the bench's fixes, for A/B runs), graph (auto | fp16 | fp32 | wasm: which graph
+// two bring back the behaviour before the bench's fixes, for A/B runs; so does into=0: decoded chunks come back to
+// the page, which copies them into place, instead of the workers writing them into shared buffers), graph (auto | fp16 | fp32 | wasm: which graph
 // runs; auto = model.fp16.onnx on a WebGPU adapter with shader-f16, model.wasm.onnx on the WASM EP when the bundle has
 // one (group schemes), else model.onnx).
 import { DecoderPool } from "./qz.js";
@@ -74,7 +75,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
     const bundle = await loadBundle(`/bundles/${encodeURIComponent(name)}/`, pool, (p) => {
       $("progress").value = p.done / p.total;
       $("progress-text").textContent = `${p.stage}: ${mb(p.done)} / ${mb(p.total)} (${(100 * p.done / p.total).toFixed(0)}%)`;
-    }, graphVariant(ep, f16));
+    }, graphVariant(ep, f16), { into: params.get("into") !== "0" });
     $("progress").value = 1;
     stage("download", bundle.timings.downloadMs);
     stage("decode (after download)", bundle.timings.decodeAfterDownloadMs);

@@ -62,11 +62,6 @@ async function forgetCached(stats) {
   if (cache) await Promise.all(stats.cacheKeys.map((k) => cache.delete(k).catch(() => false)));
 }
 
-/**
- * @param {string} base bundle URL ending in "/"
- * @param {import("./qz.js").DecoderPool} pool
- * @param {(p: {stage: string, done: number, total: number}) => void} progress
- */
 /** A graph or tokenizer file stored as QZ chunks (manifest "qz": file, bytes, chunk table): fetched (or read from the cache
  * under the decoded file's SHA-256) and decoded in the worker pool like the weights. */
 async function fetchQzFile(base, name, info, pool, stats) {
@@ -118,20 +113,24 @@ async function fetchStoredFile(base, name, info, pool, stats) {
 }
 
 /**
+ * @param {string} base bundle URL ending in "/"
+ * @param {import("./qz.js").DecoderPool} pool
+ * @param {(p: {stage: string, done: number, total: number}) => void} progress
  * @param {string} variant the graph that will run: "graph" (model.onnx), "graph_fp16" or "graph_wasm"; model.onnx
  *   when the bundle has no such variant (the result's graphVariant says which was fetched)
+ * @param {{into?: boolean}} opts into: false keeps the copy path even on an isolated page (for A/B runs)
  */
-export async function loadBundle(base, pool, progress, variant = "graph") {
+export async function loadBundle(base, pool, progress, variant = "graph", { into = true } = {}) {
   const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [], cacheKeys: [], failed: false };
   try {
-    return await loadFiles(base, pool, progress, variant, stats);
+    return await loadFiles(base, pool, progress, variant, stats, into);
   } catch (e) {
     await forgetCached(stats);
     throw e;
   }
 }
 
-async function loadFiles(base, pool, progress, variant, stats) {
+async function loadFiles(base, pool, progress, variant, stats, into) {
   const t = { start: performance.now() };
   let manifestText;
   const cache = await openCache();
@@ -185,21 +184,24 @@ async function loadFiles(base, pool, progress, variant, stats) {
       }
     }
   };
-  // one output buffer per initializer the graph reads; chunks grouped by blob
+  // One output buffer per initializer the graph reads; chunks grouped by blob. On a cross-origin isolated page the
+  // buffers are SharedArrayBuffers and the workers put each chunk's bytes in place themselves, transposed codes
+  // included (DecoderPool.decodeInto): no buffer per chunk, and this thread copies nothing (bench/codec.py). Only
+  // float byte planes are put back here. onnxruntime-web copies the initializers into its own heap either way.
+  const direct = (e) => into && pool.constructor.canDecodeInto && (e.planes ?? 1) === 1;
   const outputs = new Map();
   const byBlob = m.blobs.map(() => []);
   for (const e of m.initializers) {
-    if (e.name in transposed) {
-      outputs.set(e.name + ".kn", new Uint8Array(e.shape[0] * e.shape[1] * e.shape[2] * perByte(e)));
-    }
-    if (!(e.name in transposed) || transposed[e.name]) outputs.set(e.name, new Uint8Array(e.nbytes));
+    const alloc = (n) => new Uint8Array(direct(e) ? new SharedArrayBuffer(n) : n);
+    if (e.name in transposed) outputs.set(e.name + ".kn", alloc(e.shape[0] * e.shape[1] * e.shape[2] * perByte(e)));
+    if (transposed[e.name] ?? true) outputs.set(e.name, alloc(e.nbytes));
     e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
   }
   for (const list of byBlob) list.sort((a, b) => a.off - b.off);
   const graphVariant = m[variant] ? variant : "graph";
   const gi = m[graphVariant];
   const totalBytes = m.blobs.reduce((s, b) => s + b.bytes, 0) + (gi.qz || gi.deflate || gi).bytes;
-  let received = 0;
+  let received = 0, chunksInto = 0, chunksCopied = 0;
   const decodes = [];
   t.decodeStart = null;
 
@@ -213,9 +215,25 @@ async function loadFiles(base, pool, progress, variant, stats) {
         const c = list[next++];
         if (t.decodeStart === null) t.decodeStart = performance.now();
         const where = `${b.file}: initializer ${c.init.name} chunk ${c.k} at byte offset ${c.off}`;
+        const expectLen = (c.k + 1 < c.init.chunks.length ? c.init.chunks[c.k + 1][4] : c.init.nbytes) - c.outOff;
+        const wrong = (n) => new BundleError(`${where}: decoded ${n} bytes, manifest says ${expectLen}`);
+        if (direct(c.init)) {
+          if (c.outOff < 0 || expectLen < 0 || c.outOff + expectLen > c.init.nbytes) throw new BundleError(`${where}: outside its initializer`);
+          const name = c.init.name, into = { bytes: expectLen };
+          if (outputs.has(name)) into.dst = outputs.get(name).subarray(c.outOff, c.outOff + expectLen);
+          if (name in transposed) {
+            const per = perByte(c.init);
+            into.kn = { dst: outputs.get(name + ".kn"), per, N: c.init.shape[0], K: c.init.shape[1] * c.init.shape[2] * per, outOff: c.outOff };
+          }
+          chunksInto++;
+          decodes.push(pool.decodeInto(data.slice(c.off, c.off + c.len).buffer, into, where).then((n) => {
+            if (n !== expectLen) throw wrong(n);
+          }));
+          continue;
+        }
+        chunksCopied++;
         decodes.push(pool.decode(data.slice(c.off, c.off + c.len).buffer, where).then((out) => {
-          const expectLen = (c.k + 1 < c.init.chunks.length ? c.init.chunks[c.k + 1][4] : c.init.nbytes) - c.outOff;
-          if (out.length !== expectLen) throw new BundleError(`${where}: decoded ${out.length} bytes, manifest says ${expectLen}`);
+          if (out.length !== expectLen) throw wrong(out.length);
           const name = c.init.name;
           if (name in transposed) placeKn(outputs.get(name + ".kn"), out, c.outOff, c.init);
           if (outputs.has(name)) place(outputs.get(name), out, c.outOff, c.init);
@@ -254,7 +272,7 @@ async function loadFiles(base, pool, progress, variant, stats) {
     externalData: [...outputs].map(([path, data]) => ({ path, data })),
     timings: { downloadMs: t.downloaded - t.start, decodeMs: t.decoded - (t.decodeStart ?? t.decoded),
                decodeAfterDownloadMs: t.decoded - t.downloaded, totalMs: t.end - t.start,
-               workerDecodeMs: pool.decodeMs },
+               workerDecodeMs: pool.decodeMs, chunksInto, chunksCopied },
     stats,
   };
 }

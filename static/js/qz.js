@@ -1,5 +1,7 @@
 // The only module that touches the QZ decoder (static/wasm/qz.wasm): a pool of workers, one wasm instance each.
-// decode(chunk: ArrayBuffer) -> Promise<Uint8Array> (the runtime bytes of that chunk).
+// decode(chunk: ArrayBuffer) -> Promise<Uint8Array> (the runtime bytes of that chunk);
+// decodeInto(chunk, {bytes, dst, kn}) -> Promise<number>: the bytes go straight to their places in views of
+// SharedArrayBuffers, written by the worker (needs a cross-origin isolated page, see DecoderPool.canDecodeInto).
 
 export class DecodeError extends Error {
   /** @param {string} name @param {number} code @param {string} where */
@@ -45,10 +47,29 @@ export class DecoderPool {
     await Promise.all(ready);
   }
 
-  /** @param {ArrayBuffer} chunk @param {string} where names the chunk in errors */
+  /** Whether decodeInto can be used: SharedArrayBuffer exists only on cross-origin isolated pages. */
+  static get canDecodeInto() { return typeof SharedArrayBuffer !== "undefined" && self.crossOriginIsolated === true; }
+
+  /** @param {ArrayBuffer} chunk (transferred to the worker) @param {string} where names the chunk in errors */
   decode(chunk, where = "chunk") {
     return new Promise((resolve, reject) => {
       this.queue.push({ id: this.nextId++, chunk, resolve, reject, where });
+      this._pump();
+    });
+  }
+
+  /** Decode a chunk of `bytes` decoded bytes into views of SharedArrayBuffers: dst (a Uint8Array of `bytes`
+   * bytes) gets them as they are, kn = {dst, per, N, K, outOff} the codes transposed (qz-worker.js says how).
+   * Resolves to the decoded size; a size other than `bytes` writes nothing and resolves to that size (the caller
+   * names the mismatch). @param {ArrayBuffer} chunk @param {{bytes: number, dst?: Uint8Array, kn?: object}} into
+   * @param {string} where */
+  decodeInto(chunk, into, where = "chunk") {
+    for (const v of [into.dst, into.kn?.dst]) {
+      if (v && !(v.buffer instanceof SharedArrayBuffer)) throw new TypeError(`${where}: decodeInto writes only to views of a SharedArrayBuffer`);
+    }
+    if (into.dst && into.dst.length !== into.bytes) throw new RangeError(`${where}: dst holds ${into.dst.length} bytes, not ${into.bytes}`);
+    return new Promise((resolve, reject) => {
+      this.queue.push({ id: this.nextId++, chunk, into, resolve, reject, where });
       this._pump();
     });
   }
@@ -64,7 +85,7 @@ export class DecoderPool {
         batch.push(job);
       }
       for (const job of batch) this.inflight.set(job.id, job);
-      w.postMessage({ batch: batch.map((j) => ({ id: j.id, chunk: j.chunk })) }, batch.map((j) => j.chunk));
+      w.postMessage({ batch: batch.map((j) => ({ id: j.id, chunk: j.chunk, into: j.into })) }, batch.map((j) => j.chunk));
     }
   }
 
@@ -75,7 +96,7 @@ export class DecoderPool {
       const job = this.inflight.get(r.id);
       this.inflight.delete(r.id);
       if (r.error) job.reject(new DecodeError(r.error, r.code, job.where));
-      else job.resolve(new Uint8Array(r.out));
+      else job.resolve(r.out ? new Uint8Array(r.out) : r.n);
     }
     this._pump();
   }
