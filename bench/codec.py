@@ -17,10 +17,12 @@ ternary-g64) and laid out by converter.layouts.linear_initializers, cut into chu
 
 The Chromium part (needs playwright, Debian's chromium and node_modules, like e2e/) starts the real server
 (web.app.create_app over a temporary bundle folder holding the chunks), opens the page, fetches the chunks into
-it, then times only the decoding: DecoderPool.decode of every chunk of a stream, all queued at once, from the
-first call until the last output arrives (the chunks are copied before the clock starts, because decode()
-transfers its ArrayBuffer to the worker). "in-worker" is the time the workers report for their decode calls
-(copy into wasm memory, qz_decode, copy out), without the messaging. "chromium raw" is qz_decode called on the
+it, then times only the decoding: every chunk of a stream through a DecoderPool, all queued at once, from the
+first call until the last output arrives (the chunks are copied before the clock starts, because the pool
+transfers each ArrayBuffer to its worker), two ways: "copy out" (decode(): the worker returns a new ArrayBuffer
+per chunk) and "into shared buffer" (decodeInto(): the worker writes into a SharedArrayBuffer, the page's path
+when it is cross-origin isolated, which the targets are checked on). "in-worker" is the time the workers report
+for their decode calls (copy into wasm memory, qz_decode, copy out), without the messaging. "chromium raw" is qz_decode called on the
 page's main thread with the input already in wasm memory: the same measurement as "wasm (raw decode)".
 """
 from __future__ import annotations
