@@ -87,6 +87,15 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
         assert page.evaluate("window.tinyqmoe.state.numThreads") == 1
 
 
+def test_page_copy_path_equals_cpu_reference(page, server, bundle_dir):
+    """?into=0: the path of a page that is not cross-origin isolated (no SharedArrayBuffer) — decoded chunks come
+    back to the page, which puts them in place, the WASM graph's transposed codes included."""
+    open_loaded(page, server, "tiny-int4", "wasm", extra="&into=0")
+    t = page.evaluate("window.tinyqmoe.state.loadTimings")
+    assert t["chunksInto"] == 0 and t["chunksCopied"] == sum(_chunk_counts(bundle_dir / "tiny-int4")), t
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4", PROMPT, 12, graph="wasm")
+
+
 def test_wasm_ep_runs_model_onnx_when_asked(page, server, bundle_dir):
     """?graph=fp32 on the WASM EP: the group scheme runs model.onnx (MatMulNBits), as the CPU reference does."""
     open_loaded(page, server, "tiny-int4", "wasm", extra="&graph=fp32")
