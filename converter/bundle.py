@@ -38,7 +38,8 @@ import numpy as np
 from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
-from .layouts import KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, kn_shape, linear_initializers
+from .layouts import (KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, group_table_codes, group_table_shape,
+                      kn_shape, linear_initializers)
 from .quant import entropy, errors, get_scheme, quantize_rows
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
@@ -436,24 +437,33 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
 
 
 def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list[dict], scheme: str,
-                embed_scheme: str, tensor_schemes: dict) -> tuple[bytes, dict[str, bool]]:
-    """The serialized wasm graph, and its manifest "transposed" table: group-scheme codes NAME.q that it reads as
+                embed_scheme: str, tensor_schemes: dict) -> tuple[bytes, dict[str, bool], dict[str, bool]]:
+    """The serialized wasm graph and its manifest tables "transposed": group-scheme codes NAME.q that it reads as
     NAME.q.kn (layouts.transposed_codes) -> whether it also reads NAME.q itself (the Gather of a group-quantized
-    embedding that the lm_head shares). The export is offered every codes initializer in both forms; the ones no
-    node reads are then removed from it (one export instead of a second one without them)."""
+    embedding that the lm_head shares), and "group_tables": their scales and zero points that it reads as NAME.kn
+    (layouts.group_table) -> likewise. The export is offered every codes, scales and zeros initializer in both
+    forms; the ones no node reads are then removed from it (one export instead of a second one without them)."""
     from .onnx_export import check_graph, export_model
     nbits = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "nbits" for i in t["initializers"]}
     codes = {e["name"]: e for e in initializers if e["name"] in nbits and e["name"].endswith(".q")}
     types = dict(weight_types)
     types.update({n + KN_SUFFIX: ("uint8", kn_shape(e["shape"], e["layout"])) for n, e in codes.items()})
+    tables = {}     # NAME.scales / NAME.zeros -> the codes entry they belong to
+    for n, e in codes.items():
+        for part in (".scales", ".zeros"):
+            name = n[:-len(".q")] + part
+            if name in weight_types:
+                tables[name] = e
+                types[name + KN_SUFFIX] = ("float32" if part == ".scales" else "uint8", group_table_shape(e["shape"]))
     model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True)
     used = {i for node in model.graph.node for i in node.input}
-    offered = set(codes) | {n + KN_SUFFIX for n in codes}
+    offered = {n + KN_SUFFIX for n in list(codes) + list(tables)} | set(codes) | set(tables)
     kept = [t for t in model.graph.initializer if t.name in used or t.name not in offered]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     check_graph(model)
-    return model.SerializeToString(), {n: n in used for n in codes if n + KN_SUFFIX in used}
+    return (model.SerializeToString(), {n: n in used for n in codes if n + KN_SUFFIX in used},
+            {n: n in used for n in tables if n + KN_SUFFIX in used})
 
 
 def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None):
@@ -495,10 +505,10 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts)}
     if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
-        wasm_bytes, transposed = _wasm_graph(cfg, weight_types, initializers, tensors, opts.scheme, embed_scheme,
-                                             tensor_schemes)
+        wasm_bytes, transposed, group_tables = _wasm_graph(cfg, weight_types, initializers, tensors, opts.scheme,
+                                                           embed_scheme, tensor_schemes)
         graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts),
-                                "transposed": transposed}
+                                "transposed": transposed, "group_tables": group_tables}
 
     tok_entries = {fname: _write_file(folder, fname, data, opts)
                    for fname, data in sorted(_stored_tokenizer_files(checkpoint).items())}
@@ -769,6 +779,7 @@ def load(path: str | Path) -> Bundle:
     _want(not unlisted, str(path), f"holds file(s) the manifest does not list: {', '.join(unlisted[:5])}")
     _validate_initializers(m, cfg)
     _validate_transposed(m)
+    _validate_group_tables(m)
     _validate_tensors(m, cfg)
     _validate_graph(path, m, GRAPH)
     for key, fname in GRAPH_VARIANTS.items():
@@ -937,15 +948,22 @@ def _validate_tensors(m: dict, cfg: LlamaConfig):
 
 def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list[int]]]:
     """name -> (dtype, shape) of the external initializers the graph `key` reads: the manifest's, except that the
-    wasm graph reads the codes its "transposed" table lists as NAME.kn (and NAME itself only where the table says
-    so)."""
+    wasm graph reads the codes its "transposed" table lists, and the scales and zero points its "group_tables"
+    table lists, as NAME.kn (and NAME itself only where the table says so)."""
     out = {e["name"]: (e["dtype"], e["shape"]) for e in m["initializers"]}
     by_name = {e["name"]: e for e in m["initializers"]}
     for name, keep in m.get(key, {}).get("transposed", {}).items():
         out[name + KN_SUFFIX] = ("uint8", list(kn_shape(by_name[name]["shape"], by_name[name]["layout"])))
         if not keep:
             del out[name]
+    for name, keep in m.get(key, {}).get("group_tables", {}).items():
+        codes = by_name[group_table_codes(name)]
+        out[name + KN_SUFFIX] = ("float32" if by_name[name]["dtype"] == "float16" else "uint8",
+                                 list(group_table_shape(codes["shape"])))
+        if not keep:
+            del out[name]
     return out
+
 
 
 def _validate_transposed(m: dict):
@@ -962,6 +980,33 @@ def _validate_transposed(m: dict):
         _want(type(keep) is bool, f"{where}.{name}", "expected true or false")
         _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in LAYOUT_BITS,
               f"{where}.{name}", "is not a packed (rows, blocks, bytes) uint8 codes initializer")
+
+
+def _validate_group_tables(m: dict):
+    """graph_wasm.group_tables: name -> bool, each the float16 scales or the packed uint8 zero points of a codes
+    initializer the transposed table lists, sized for its (rows, blocks) groups."""
+    table = m.get("graph_wasm", {}).get("group_tables")
+    if table is None:
+        return
+    where = f"{MANIFEST}: graph_wasm.group_tables"
+    _want(isinstance(table, dict), where, "expected an object of initializer name -> true/false")
+    by_name = {e["name"]: e for e in m["initializers"]}
+    transposed = m["graph_wasm"].get("transposed") or {}
+    for name, keep in table.items():
+        e = by_name.get(name)
+        at = f"{where}.{name}"
+        _want(e is not None, at, "is not an initializer of this bundle")
+        _want(type(keep) is bool, at, "expected true or false")
+        codes = group_table_codes(name)
+        _want(name.endswith((".scales", ".zeros")) and codes in transposed, at,
+              "is not the scales or zeros of a codes initializer in graph_wasm.transposed")
+        rows, blocks, _ = by_name[codes]["shape"]
+        if name.endswith(".scales"):
+            ok = e["dtype"] == "float16" and e["nbytes"] == 2 * rows * blocks
+        else:
+            per = 8 // LAYOUT_BITS[by_name[codes]["layout"]]
+            ok = e["dtype"] == "uint8" and e["nbytes"] == rows * -(-blocks // per)
+        _want(ok, at, f"does not hold one value per group of {codes} ({rows} rows x {blocks} groups)")
 
 
 def _validate_graph(path: Path, m: dict, fname: str):
@@ -1027,7 +1072,7 @@ def _validate_schema(m: dict):
     for key in GRAPH_VARIANTS:
         if key in m:
             optional = _stored_forms(m[key], m, f"{M}: {key}") | \
-                ({"transposed"} & set(m[key] if key == "graph_wasm" and isinstance(m[key], dict) else ()))
+                ({"transposed", "group_tables"} & set(m[key] if key == "graph_wasm" and isinstance(m[key], dict) else ()))
             _keys(m[key], {"file", "bytes", "sha256"} | optional, f"{M}: {key}")
     if "calibration" in m:
         _validate_calibration(m["calibration"])

@@ -124,6 +124,40 @@ def kn_shape(shape: list[int] | tuple[int, ...], layout: int) -> tuple[int, int,
     return n_blocks, 1, block_bytes * 8 // LAYOUT_BITS[layout], rows
 
 
+# ---- the wasm graph's per-group tables ------------------------------------------------------------------------------
+# The group-GEMM graph scales group j of output n by table[j, 0, 0, n]: float32 scales and one-per-byte zero points
+# in (n_blocks, 1, 1, N). Built in the graph from the stored float16 scales and packed zero points (Cast, Reshape,
+# Transpose; unpacking), onnxruntime folded them at session creation — and the folding's intermediate copies raised
+# onnxruntime-web's wasm heap, which never shrinks, from 172 to 207 MiB for SmolLM2 int4-g32 (README). So loaders
+# derive them, as NAME.kn for NAME = the scales or zeros initializer (manifest graph_wasm.group_tables), from the
+# decoded initializer and its codes' (N, n_blocks, block_bytes) shape.
+
+
+def group_table_shape(codes_shape) -> tuple[int, int, int, int]:
+    """(n_blocks, 1, 1, N) of the per-group tables of a (N, n_blocks, block_bytes) codes initializer."""
+    rows, n_blocks, _ = codes_shape
+    return n_blocks, 1, 1, rows
+
+
+def group_table_codes(name: str) -> str:
+    """The codes initializer whose groups a scales / zeros initializer describes (NAME.scales -> NAME.q)."""
+    return name.rsplit(".", 1)[0] + ".q"
+
+
+def group_table(values: np.ndarray, codes_shape, codes_layout: int) -> np.ndarray:
+    """float16 scales [N * n_blocks] -> float32 (n_blocks, 1, 1, N); packed zero points (each row's n_blocks codes
+    low bits first in whole bytes, the codes' bit width) -> uint8 (n_blocks, 1, 1, N), one per byte."""
+    nb, _, _, n = group_table_shape(codes_shape)
+    if values.dtype == np.float16:
+        table = values.reshape(n, nb).astype(np.float32)
+    else:
+        bits = LAYOUT_BITS[codes_layout]
+        flat = values.reshape(n, -1)
+        table = np.stack([(flat >> (bits * j)) & ((1 << bits) - 1) for j in range(8 // bits)], axis=-1)
+        table = table.reshape(n, -1)[:, :nb].astype(np.uint8)
+    return np.ascontiguousarray(table.T).reshape(nb, 1, 1, n)
+
+
 def transposed_codes(packed: np.ndarray, layout: int) -> np.ndarray:
     """(N, n_blocks, block_bytes) packed codes (low bits first) -> uint8 (K, N) one code per byte, in the shape
     kn_shape gives."""

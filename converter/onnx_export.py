@@ -145,16 +145,15 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
         return int8_linear(g, x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"),
                            n_in, prefix)
     bits, block = nbits_of(scheme)
-    # the wasm graph reads the codes transposed (NAME.q.kn, layouts.transposed_codes), every other graph packed
-    q = hf_name + ".q" if g.group_gemm else g.weight(hf_name + ".q")
+    if g.group_gemm:   # the wasm graph reads the codes transposed (NAME.q.kn, layouts.transposed_codes)
+        return group_gemm_linear(g, x, hf_name, bits, block, n_in, n_out, prefix)
+    q = g.weight(hf_name + ".q")
     scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
-    if bits == 8 and not g.group_gemm:
+    if bits == 8:
         return nbits8_linear(g, x, q, scales, n_in, n_out, block, prefix)
-    if hf_name + ".mins" in g.weights and not g.group_gemm:
+    if hf_name + ".mins" in g.weights:
         return offset_linear(g, x, q, scales, to_f32(g, g.weight(hf_name + ".mins"), f"{prefix}/mins"), n_in, n_out,
                              block, prefix)
-    if g.group_gemm:
-        return group_gemm_linear(g, x, hf_name, q, scales, bits, block, n_in, n_out, prefix)
     zeros = [g.weight(hf_name + ".zeros")] if hf_name + ".zeros" in g.weights else []
     return matmul_nbits(g, [x, q, scales] + zeros, n_in, n_out, bits, block, f"{prefix}/MatMulNBits")
 
@@ -251,14 +250,15 @@ def _unpack_u8(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
 
 
 # weights: codes u8 W [K/b,1,b,N] one per byte (NAME.q.kn: the (K,N) transposed codes, made by the loader)
-#   scales [N·K/b] ─► [N,K/b,1,1] ─► Transpose ─► [K/b,1,1,N];  zero points likewise (or the scheme's constant)
-#   (onnxruntime folds these at session creation)
+#   scales f32 and zero points u8 [K/b,1,1,N] (NAME.scales.kn, NAME.zeros.kn: layouts.group_table, made by the
+#   loader; where the bundle offers no tables: scales [N·K/b] ─► Cast ─► [N,K/b,1,1] ─► Transpose, zero points
+#   unpacked likewise, which onnxruntime folds at session creation) — or the scheme's constant zero point
 # per call (3 nodes per linear plus the quantization, shared by the linears that read the same x):
 #   x [B,S,K] ─► quantize_blocks ─► u8 [K/b,B,S,b], scale s_x [K/b,B,S,1]   (one scale per group of a row)
 #   ─► MatMulIntegerToFloat(·, W, 1, scales, 128, zero points) ─► [K/b,B,S,N] ─► × s_x ─► ReduceSum(0) ─► [B,S,N]
 #   (q4_1: + the block sums of x times the minimums, as offset_linear)
-def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str, bits: int, block: int, n_in: int,
-                      n_out: int, prefix: str) -> str:
+def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: int, n_in: int, n_out: int,
+                      prefix: str) -> str:
     """Group-quantized weights as one batched integer GEMM per linear: group j's K-slice of x times group j's
     codes, scaled by the group's weight scales and the slice's activation scale, summed over the groups.
 
@@ -268,15 +268,19 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, q: str, scales: str
     the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it."""
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
-    w = g.weight(q + KN_SUFFIX)                                                                # [nb,1,b,N]
+    w = g.weight(hf_name + ".q" + KN_SUFFIX)                                                  # [nb,1,b,N]
     def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,1,N]
         table = g.op1("Reshape", [t, i64([n_out, nb, 1, 1])], f"{p}/{tag}/Table")
         return g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 2, 3, 0])
 
-    s = per_group(scales, "scales")
+    tables = hf_name + ".scales" + KN_SUFFIX in g.weights     # the loader makes them (layouts.group_table)
+    s = g.weight(hf_name + ".scales" + KN_SUFFIX) if tables else \
+        per_group(to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"), "scales")
     mins = hf_name + ".mins" in g.weights
     if bits == 8:
         zp = g.const(128, np.uint8)                                                           # codes are q + 128
+    elif tables and hf_name + ".zeros" + KN_SUFFIX in g.weights:
+        zp = g.weight(hf_name + ".zeros" + KN_SUFFIX)
     elif hf_name + ".zeros" in g.weights:
         z = g.op1("Reshape", [_unpack_u8(g, g.weight(hf_name + ".zeros"), bits, f"{p}/zeros/unpack"),
                               i64([n_out, -1])], f"{p}/zeros/Flatten")                        # [N, padded nb]

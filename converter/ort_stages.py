@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layouts import KN_SUFFIX, transposed_codes
+from .layouts import KN_SUFFIX, group_table, group_table_codes, transposed_codes
 from .ort_session import BORROW_BUFFERS
 
 LAYER = re.compile(r"^/(?:model|quantize)/layers\.(\d+)/")
@@ -171,6 +171,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
         shared.update(seen & set(st.initializers))
         seen.update(st.initializers)
     transposed = bundle.manifest.get(variant, {}).get("transposed", {})   # wasm graph: NAME.kn from NAME's codes
+    tables = bundle.manifest.get(variant, {}).get("group_tables", {})     # and from their scales and zero points
     entries = {e["name"]: e for e in bundle.initializers}
     in_memory = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")   # onnxruntime >= 1.29
     kept: dict[str, np.ndarray] = {}    # shared initializers, borrowed by every stage that reads them
@@ -182,6 +183,10 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
             if name.endswith(KN_SUFFIX) and name[:-len(KN_SUFFIX)] in transposed:
                 base = name[:-len(KN_SUFFIX)]
                 return transposed_codes(read(base), entries[base]["layout"])
+            if name.endswith(KN_SUFFIX) and name[:-len(KN_SUFFIX)] in tables:
+                base = name[:-len(KN_SUFFIX)]
+                c = entries[group_table_codes(base)]
+                return group_table(read(base), c["shape"], c["layout"])
             return np.ascontiguousarray(read(name))
 
         for s, st in enumerate(stages):

@@ -1,6 +1,7 @@
 """Config, loaders (HF folder and GGUF), quantization round trips and the bundle format."""
 import json
 import shutil
+import re
 import sys
 
 import numpy as np
@@ -577,3 +578,27 @@ def test_data_packages_are_found_without_importing_them(tmp_path, monkeypatch):
     assert package_dir("broken_data_pkg") == pkg.resolve()
     assert "broken_data_pkg" not in sys.modules
     assert package_dir("no_such_package_here") is None
+
+
+def test_lying_group_tables_are_named(tmp_path, tiny_bundles):
+    """graph_wasm.group_tables: every entry the scales or zero points of codes the wasm graph reads transposed,
+    sized for their groups — a bundle that says otherwise is refused, naming the entry."""
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int4-g32"), dst)
+    m = read_manifest(dst)
+    tables = m["graph_wasm"]["group_tables"]
+    scales = next(n for n in tables if n.endswith(".scales"))
+    cases = [({**tables, "model.norm.weight": False}, "group_tables.model.norm.weight: is not the scales or zeros"),
+             ({**tables, "no.such.scales": False}, "group_tables.no.such.scales: is not an initializer"),
+             ({**tables, scales: "yes"}, f"group_tables.{re.escape(scales)}: expected true or false")]
+    for table, message in cases:
+        m["graph_wasm"]["group_tables"] = table
+        _rewrite(dst, m)
+        with pytest.raises(BundleError, match=message):
+            load(dst)
+    m["graph_wasm"]["group_tables"] = tables
+    codes = next(e for e in m["initializers"] if e["name"] == scales[:-len(".scales")] + ".q")
+    codes["shape"][1], codes["shape"][2] = codes["shape"][1] // 2, codes["shape"][2] * 2   # same bytes, fewer groups
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match=f"{re.escape(scales)}: does not hold one value per group"):
+        load(dst)

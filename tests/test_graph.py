@@ -169,10 +169,12 @@ def _act_blocks(ck, bundle) -> dict[str, int]:
                                     "q8_0"])
 def test_group_gemm_linear_is_exact(scheme):
     """One linear of the wasm graph equals x quantized per group (uint8, zero point 128, max|x| / 127) times the
-    dequantized weights, to float32 rounding: the unpacking, transposes and zero points are right."""
+    dequantized weights, to float32 rounding: the unpacking, transposes and zero points are right. With the scales
+    and zero points as the loaders' tables (layouts.group_table, what bundles offer now) the output is bit for bit
+    the graph's own unpacking of the stored initializers (what onnxruntime folded before)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from converter.layouts import linear_initializers, transposed_codes
+    from converter.layouts import group_table, linear_initializers, transposed_codes
     from converter.lzw import pack_symbols
     from converter.onnx_export import MS_DOMAIN, OPSET, GraphBuilder, linear
     from converter.quant import get_scheme
@@ -184,17 +186,35 @@ def test_group_gemm_linear_is_exact(scheme):
     arrays = {i.name: np.frombuffer(pack_symbols(i.symbols.tobytes(), i.layout, i.bias), i.dtype).reshape(i.shape)
               for i in inits}
     layout = next(i.layout for i in inits if i.name == "w.q")
+    codes_shape = arrays["w.q"].shape
     arrays["w.q.kn"] = transposed_codes(arrays.pop("w.q"), layout)                 # as the loaders derive it
-    g = GraphBuilder({n: (a.dtype.name, a.shape) for n, a in arrays.items()}, group_gemm=True)
-    g.nodes.append(helper.make_node("Identity", [linear(g, "x", "w", scheme, K, N, "/lin")], ["y"]))
-    tensors = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
-    model = helper.make_model(helper.make_graph(
-        g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=g.consts + tensors),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], ir_version=10)
-    assert "MatMulNBits" not in {n.op_type for n in model.graph.node}
+    tabled = dict(arrays)
+    for part in ("w.scales", "w.zeros"):
+        if part in tabled:
+            tabled[part + ".kn"] = group_table(tabled.pop(part), codes_shape, layout)
     x = rng.standard_normal((1, 3, K)).astype(np.float32)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    def run(arrays):
+        g = GraphBuilder({n: (a.dtype.name, a.shape) for n, a in arrays.items()}, group_gemm=True)
+        g.nodes.append(helper.make_node("Identity", [linear(g, "x", "w", scheme, K, N, "/lin")], ["y"]))
+        tensors = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
+        model = helper.make_model(helper.make_graph(
+            g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=g.consts + tensors),
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], ir_version=10)
+        ops = {n.op_type for n in model.graph.node}
+        assert "MatMulNBits" not in ops
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # no folding: the graph's own
+        return ops, ort.InferenceSession(model.SerializeToString(), so,
+                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    ops, got = run(arrays)
+    tabled_ops, got_tabled = run(tabled)
+    if "w.scales.kn" in tabled:                                   # no Cast of the scales, no unpacking of zeros
+        assert "Cast" in ops and not {"BitShift", "BitwiseAnd"} & tabled_ops
+        assert "Cast" not in tabled_ops or "w.mins" in arrays                   # (q4_1's minimums stay a Cast)
+    assert np.array_equal(got, got_tabled)
     x64, w64 = x[0].astype(np.float64), s.dequantize(q).astype(np.float64)
     offsets = 0.0
     if q.mins is not None:       # q4_1's w = d*q + m: the m part multiplies the float x (its block sums)

@@ -6,6 +6,17 @@ const CACHE_NAME = "tiny-qmoe-v1";
 
 export class BundleError extends Error {}
 
+const F32 = new Float32Array(1), U32 = new Uint32Array(F32.buffer);
+/** IEEE half (as its 16 bits) -> number, exactly. */
+function halfToFloat(h) {
+  const sign = (h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  if (exp === 0x1f) U32[0] = sign | 0x7f800000 | (mant << 13);            // inf, NaN
+  else if (exp !== 0) U32[0] = sign | ((exp + 112) << 23) | (mant << 13);  // normal: rebias 15 -> 127
+  else if (mant === 0) U32[0] = sign;                                      // zero
+  else return (sign ? -1 : 1) * mant * 2 ** -24;                           // subnormal
+  return F32[0];
+}
+
 async function sha256Hex(bytes) {
   const d = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
   return Array.from(d, (b) => b.toString(16).padStart(2, "0")).join("");
@@ -171,6 +182,27 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   // NAME.kn as the chunk is placed, so onnxruntime never sees the packed copy (converter/layouts.transposed_codes).
   const transposed = (m[variant] && m[variant].transposed) || {};   // (a variant the bundle lacks: none)
   const perByte = (e) => 8 / [8, 4, 2][e.layout];                   // codes per byte of layout u8 / u4 / u2
+  // ... and the scales and zero points of those codes as (n_blocks, 1, 1, N) tables, float32 scales and one zero
+  // point per byte (manifest graph_wasm.group_tables: NAME -> whether NAME itself is read too), made once NAME is
+  // decoded (converter/layouts.group_table). Built in the graph instead, onnxruntime-web folded them at session
+  // creation, and its wasm heap, which never shrinks, kept the peak of that: 207 instead of 172 MiB for SmolLM2
+  // int4-g32 (README).
+  const groupTables = (m[variant] && m[variant].group_tables) || {};
+  const byName = new Map(m.initializers.map((e) => [e.name, e]));
+  const groupTable = (src, e, codes) => {
+    if (!src || !e || !codes) throw new BundleError(`graph_wasm.group_tables: ${e ? e.name : "an entry"} has no codes initializer`);
+    const [N, nb] = codes.shape, per = perByte(codes), bits = 8 / per, rowBytes = Math.ceil(nb / per);
+    const want = e.dtype === "float16" ? 2 * N * nb : N * rowBytes;
+    if (src.length !== want) throw new BundleError(`${e.name}: ${src.length} bytes, but ${codes.name} has ${N} x ${nb} groups (${want} bytes)`);
+    if (e.dtype === "float16") {
+      const h = new Uint16Array(src.buffer, src.byteOffset, N * nb), out = new Float32Array(nb * N);
+      for (let n = 0; n < N; n++) for (let j = 0; j < nb; j++) out[j * N + n] = halfToFloat(h[n * nb + j]);
+      return new Uint8Array(out.buffer);
+    }
+    const out = new Uint8Array(nb * N), mask = (1 << bits) - 1;
+    for (let n = 0; n < N; n++) for (let j = 0; j < nb; j++) out[j * N + n] = (src[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask;
+    return out;
+  };
   const placeKn = (dst, out, outOff, e) => {
     const per = perByte(e), bits = 8 / per, mask = (1 << bits) - 1;
     const N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
@@ -248,6 +280,15 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   await Promise.all(blobs);
   t.downloaded = performance.now();
   await Promise.all(decodes);
+  for (const [name, keep] of Object.entries(groupTables)) {
+    outputs.set(name + ".kn", groupTable(outputs.get(name), byName.get(name), byName.get(name.replace(/\.[a-z]+$/, ".q"))));
+    if (!keep) {
+      const src = outputs.get(name);
+      outputs.delete(name);
+      const shared = typeof SharedArrayBuffer !== "undefined" && src.buffer instanceof SharedArrayBuffer;
+      if (!shared) src.buffer.transfer?.(0);                                    // now, not at the next GC
+    }
+  }
   t.decoded = performance.now();
   const graphBytes = await graph;
   const tok = {};
