@@ -965,38 +965,35 @@ def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list
     return out
 
 
-
-def _validate_transposed(m: dict):
-    """graph_wasm.transposed: name -> bool, each a 3-D uint8 codes initializer of a packed layout."""
-    table = m.get("graph_wasm", {}).get("transposed")
+def _wasm_graph_table(m: dict, key: str):
+    """(name, manifest entry, where) of each entry of the table graph_wasm[key] (name -> bool): an initializer of
+    the bundle, true or false."""
+    table = m.get("graph_wasm", {}).get(key)
     if table is None:
         return
-    where = f"{MANIFEST}: graph_wasm.transposed"
+    where = f"{MANIFEST}: graph_wasm.{key}"
     _want(isinstance(table, dict), where, "expected an object of initializer name -> true/false")
     by_name = {e["name"]: e for e in m["initializers"]}
     for name, keep in table.items():
         e = by_name.get(name)
         _want(e is not None, f"{where}.{name}", "is not an initializer of this bundle")
         _want(type(keep) is bool, f"{where}.{name}", "expected true or false")
+        yield name, e, f"{where}.{name}"
+
+
+def _validate_transposed(m: dict):
+    """graph_wasm.transposed: name -> bool, each a 3-D uint8 codes initializer of a packed layout."""
+    for _, e, at in _wasm_graph_table(m, "transposed"):
         _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in LAYOUT_BITS,
-              f"{where}.{name}", "is not a packed (rows, blocks, bytes) uint8 codes initializer")
+              at, "is not a packed (rows, blocks, bytes) uint8 codes initializer")
 
 
 def _validate_group_tables(m: dict):
     """graph_wasm.group_tables: name -> bool, each the float16 scales or the packed uint8 zero points of a codes
     initializer the transposed table lists, sized for its (rows, blocks) groups."""
-    table = m.get("graph_wasm", {}).get("group_tables")
-    if table is None:
-        return
-    where = f"{MANIFEST}: graph_wasm.group_tables"
-    _want(isinstance(table, dict), where, "expected an object of initializer name -> true/false")
     by_name = {e["name"]: e for e in m["initializers"]}
-    transposed = m["graph_wasm"].get("transposed") or {}
-    for name, keep in table.items():
-        e = by_name.get(name)
-        at = f"{where}.{name}"
-        _want(e is not None, at, "is not an initializer of this bundle")
-        _want(type(keep) is bool, at, "expected true or false")
+    transposed = m.get("graph_wasm", {}).get("transposed") or {}
+    for name, e, at in _wasm_graph_table(m, "group_tables"):
         codes = group_table_codes(name)
         _want(name.endswith((".scales", ".zeros")) and codes in transposed, at,
               "is not the scales or zeros of a codes initializer in graph_wasm.transposed")

@@ -2,6 +2,8 @@
 // bytes have arrived -> SHA-256 checked -> initializer buffers for onnxruntime-web. Compressed files are kept in
 // the Cache API under their SHA-256, so a reload needs no network and a new bundle version misses the cache.
 
+import { placeKn } from "./kn.js";
+
 const CACHE_NAME = "tiny-qmoe-v1";
 
 export class BundleError extends Error {}
@@ -203,18 +205,9 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     for (let n = 0; n < N; n++) for (let j = 0; j < nb; j++) out[j * N + n] = (src[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask;
     return out;
   };
-  const placeKn = (dst, out, outOff, e) => {
-    const per = perByte(e), bits = 8 / per, mask = (1 << bits) - 1;
-    const N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
-    const s = outOff * per;
-    let n = Math.floor(s / K), k = s - n * K, at = k * N + n;
-    for (let i = 0; i < out.length; i++) {
-      let v = out[i];
-      for (let j = 0; j < per; j++, v >>= bits) {
-        dst[at] = v & mask;
-        if (++k === K) { k = 0; n++; at = n; } else at += N;
-      }
-    }
+  const knTarget = (name, e, outOff) => {   // where placeKn (kn.js) puts a chunk of e's codes
+    const per = perByte(e);
+    return { dst: outputs.get(name + ".kn"), per, N: e.shape[0], K: e.shape[1] * e.shape[2] * per, outOff };
   };
   // One output buffer per initializer the graph reads; chunks grouped by blob. On a cross-origin isolated page the
   // buffers are SharedArrayBuffers and the workers put each chunk's bytes in place themselves, transposed codes
@@ -253,10 +246,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
           if (c.outOff < 0 || expectLen < 0 || c.outOff + expectLen > c.init.nbytes) throw new BundleError(`${where}: outside its initializer`);
           const name = c.init.name, into = { bytes: expectLen };
           if (outputs.has(name)) into.dst = outputs.get(name).subarray(c.outOff, c.outOff + expectLen);
-          if (name in transposed) {
-            const per = perByte(c.init);
-            into.kn = { dst: outputs.get(name + ".kn"), per, N: c.init.shape[0], K: c.init.shape[1] * c.init.shape[2] * per, outOff: c.outOff };
-          }
+          if (name in transposed) into.kn = knTarget(name, c.init, c.outOff);
           chunksInto++;
           decodes.push(pool.decodeInto(data.slice(c.off, c.off + c.len).buffer, into, where).then((n) => {
             if (n !== expectLen) throw wrong(n);
@@ -267,7 +257,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
         decodes.push(pool.decode(data.slice(c.off, c.off + c.len).buffer, where).then((out) => {
           if (out.length !== expectLen) throw wrong(out.length);
           const name = c.init.name;
-          if (name in transposed) placeKn(outputs.get(name + ".kn"), out, c.outOff, c.init);
+          if (name in transposed) placeKn(out, knTarget(name, c.init, c.outOff));
           if (outputs.has(name)) place(outputs.get(name), out, c.outOff, c.init);
         }));
       }

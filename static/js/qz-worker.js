@@ -8,6 +8,8 @@
 // places of the (K, N) array dst (the WASM graph's transposed layout, converter/layouts.transposed_codes). Only
 // the byte count comes back: no buffer per chunk, and the page's thread copies nothing. A chunk whose decoded
 // size is not `bytes` writes nothing and reports that size, for the caller's error.
+import { placeKn } from "./kn.js";   // (a module worker: qz.js starts it with type "module")
+
 let qz = null;
 
 const ERROR_NAMES = {1: "BAD_HEADER", 2: "TRUNCATED", 3: "BAD_CODE", 4: "OVERRUN", 5: "TRAILING",
@@ -17,20 +19,6 @@ async function init(module) {
   // the pool compiles qz.wasm once and posts the compiled module: workers only instantiate it
   const instance = await WebAssembly.instantiate(module, {});
   qz = instance.exports;
-}
-
-/** The codes of one chunk at their transposed places (see the header). */
-function placeKn(src, { dst, per, N, K, outOff }) {
-  const bits = 8 / per, mask = (1 << bits) - 1;
-  const s = outOff * per;
-  let n = Math.floor(s / K), k = s - n * K, at = k * N + n;
-  for (let i = 0; i < src.length; i++) {
-    let v = src[i];
-    for (let j = 0; j < per; j++, v >>= bits) {
-      dst[at] = v & mask;
-      if (++k === K) { k = 0; n++; at = n; } else at += N;
-    }
-  }
 }
 
 function decode(chunk, into) {

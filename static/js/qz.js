@@ -30,7 +30,7 @@ export class DecoderPool {
     const module = await WebAssembly.compileStreaming(fetch(this.wasmUrl));   // once, shared by every worker
     const ready = [];
     for (let i = 0; i < this.size; i++) {
-      const w = new Worker(new URL("./qz-worker.js", import.meta.url));
+      const w = new Worker(new URL("./qz-worker.js", import.meta.url), { type: "module" });
       this.workers.push(w);
       ready.push(new Promise((resolve, reject) => {
         w.onmessage = (ev) => {

@@ -1,0 +1,18 @@
+// The WASM graph's transposed codes (converter/layouts.transposed_codes), placed chunk by chunk: shared by the
+// decoder workers (qz-worker.js, which place them in SharedArrayBuffers) and the loader (loader.js, on a page that
+// is not cross-origin isolated).
+
+/** Put a decoded chunk's codes — `per` codes a byte, low bits first, rows of K codes starting at byte outOff of an
+ * (N, K) tensor — one per byte at their [k][n] places of the (K, N) array dst. */
+export function placeKn(src, { dst, per, N, K, outOff }) {
+  const bits = 8 / per, mask = (1 << bits) - 1;
+  const s = outOff * per;
+  let n = Math.floor(s / K), k = s - n * K, at = k * N + n;
+  for (let i = 0; i < src.length; i++) {
+    let v = src[i];
+    for (let j = 0; j < per; j++, v >>= bits) {
+      dst[at] = v & mask;
+      if (++k === K) { k = 0; n++; at = n; } else at += N;
+    }
+  }
+}
