@@ -244,11 +244,11 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
         const wrong = (n) => new BundleError(`${where}: decoded ${n} bytes, manifest says ${expectLen}`);
         if (direct(c.init)) {
           if (c.outOff < 0 || expectLen < 0 || c.outOff + expectLen > c.init.nbytes) throw new BundleError(`${where}: outside its initializer`);
-          const name = c.init.name, into = { bytes: expectLen };
-          if (outputs.has(name)) into.dst = outputs.get(name).subarray(c.outOff, c.outOff + expectLen);
-          if (name in transposed) into.kn = knTarget(name, c.init, c.outOff);
+          const name = c.init.name, target = { bytes: expectLen };
+          if (outputs.has(name)) target.dst = outputs.get(name).subarray(c.outOff, c.outOff + expectLen);
+          if (name in transposed) target.kn = knTarget(name, c.init, c.outOff);
           chunksInto++;
-          decodes.push(pool.decodeInto(data.slice(c.off, c.off + c.len).buffer, into, where).then((n) => {
+          decodes.push(pool.decodeInto(data.slice(c.off, c.off + c.len).buffer, target, where).then((n) => {
             if (n !== expectLen) throw wrong(n);
           }));
           continue;
