@@ -20,9 +20,10 @@ The Chromium part (needs playwright, Debian's chromium and node_modules, like e2
 it, then times only the decoding: every chunk of a stream through a DecoderPool, all queued at once, from the
 first call until the last output arrives (the chunks are copied before the clock starts, because the pool
 transfers each ArrayBuffer to its worker), two ways: "copy out" (decode(): the worker returns a new ArrayBuffer
-per chunk) and "into shared buffer" (decodeInto(): the worker writes into a SharedArrayBuffer, the page's path
-when it is cross-origin isolated, which the targets are checked on). "in-worker" is the time the workers report
-for their decode calls (copy into wasm memory, qz_decode, copy out), without the messaging. "chromium raw" is qz_decode called on the
+per chunk) and "whole tensors" (decodeTensor(): the page's path, which the targets are checked on — the chunks of
+a tensor go to one worker, which writes them into the tensor's buffer and hands it back whole; here the stream is
+cut into tensors of TENSOR_CHUNKS chunks). "in-worker" is the time the workers report for their decode calls
+(copy into wasm memory, qz_decode, copy out), without the messaging. "chromium raw" is qz_decode called on the
 page's main thread with the input already in wasm memory: the same measurement as "wasm (raw decode)".
 """
 from __future__ import annotations
@@ -281,18 +282,20 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-
                   "--disable-sync", "--no-first-run"]  # as e2e/conftest.py, without WebGPU (not needed here)
 WARMUP = 2  # untimed passes first: V8 compiles wasm with Liftoff, then tiers hot functions up to TurboFan
 
-# window.__qzBench[key] = [ArrayBuffer per chunk], cut from one fetched file per stream; window.__qzOut[key] =
-# [Uint8Array per chunk]: views of one SharedArrayBuffer the size of the stream's output, for decodeInto
+# window.__qzBench[key] = [ArrayBuffer per chunk], cut from one fetched file per stream; window.__qzTensors[key] =
+# the decodeTensor target of each chunk: the stream cut into tensors of TENSOR_CHUNKS chunks (SmolLM2's projections
+# are 2-6 chunks each), keyed per round so that every pass builds new ones
+TENSOR_CHUNKS = 4
 LOAD_JS = """
-async (files) => {
+async ([files, per]) => {
   window.__qzBench = {};
-  window.__qzOut = {};
+  window.__qzTensors = {};
   for (const [key, url, lengths, outLengths] of files) {
-    if (typeof SharedArrayBuffer !== 'undefined') {
-      const all = new SharedArrayBuffer(outLengths.reduce((a, b) => a + b, 0));
-      let o = 0;
-      window.__qzOut[key] = outLengths.map((n) => { const v = new Uint8Array(all, o, n); o += n; return v; });
-    }
+    window.__qzTensors[key] = outLengths.map((n, i) => {
+      const first = i - i % per, members = outLengths.slice(first, first + per);
+      return { tensor: Math.floor(i / per), chunks: members.length, nbytes: members.reduce((a, b) => a + b, 0),
+               kn: null, outOff: outLengths.slice(first, i).reduce((a, b) => a + b, 0), bytes: n };
+    });
     const res = await fetch(url);
     if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
     const buf = await res.arrayBuffer();
@@ -320,20 +323,22 @@ async (sizes) => {
 """
 
 # Best wall-clock ms of decoding every chunk of a stream through a pool (all queued at once), and the best sum of
-# the ms the workers report for their decode calls. The copies are made before the clock starts: decode()
-# transfers (detaches) its ArrayBuffer. into: decodeInto the stream's SharedArrayBuffer views (what the page does
-# when it is cross-origin isolated) instead of decode() returning a new ArrayBuffer per chunk.
+# the ms the workers report for their decode calls. The copies are made before the clock starts: the pool
+# transfers (detaches) each ArrayBuffer. into: decodeTensor (what the page does: each tensor's buffers built by
+# one worker and handed back whole) instead of decode() returning a new ArrayBuffer per chunk.
 TIME_POOL_JS = """
 async ([key, size, repeat, warmup, into]) => {
   const pool = window.__qzPools[size];
   const chunks = window.__qzBench[key];
-  const outs = window.__qzOut[key];
+  const targets = window.__qzTensors[key];
+  pool.onTensor = () => {};
   let best = Infinity, bestWorker = Infinity;
   for (let r = 0; r < warmup + repeat; r++) {
     const copies = chunks.map((c) => c.slice(0));
     const before = pool.decodeMs;
+    const round = `${key}/${performance.now()}/`;
     const t0 = performance.now();
-    if (into) await Promise.all(copies.map((c, i) => pool.decodeInto(c, { bytes: outs[i].length, dst: outs[i] }, key)));
+    if (into) await Promise.all(copies.map((c, i) => pool.decodeTensor(c, { ...targets[i], key: round + targets[i].tensor }, key)));
     else await Promise.all(copies.map((c) => pool.decode(c, key)));
     const ms = performance.now() - t0;
     if (r >= warmup) { best = Math.min(best, ms); bestWorker = Math.min(bestWorker, pool.decodeMs - before); }
@@ -343,16 +348,17 @@ async ([key, size, repeat, warmup, into]) => {
 """
 
 # One more pass through a pool, outputs concatenated and hashed: the bytes the page got are the bytes Python gets
-# (into: through decodeInto and the stream's SharedArrayBuffer, zeroed first).
+# (into: the tensors decodeTensor hands back, in order).
 CHECK_JS = """
 async ([key, size, into]) => {
   const pool = window.__qzPools[size];
   let outs;
   if (into) {
-    outs = window.__qzOut[key];
-    for (const o of outs) o.fill(0);
-    const n = await Promise.all(window.__qzBench[key].map((c, i) => pool.decodeInto(c.slice(0), { bytes: outs[i].length, dst: outs[i] }, `${key}[${i}]`)));
-    n.forEach((k, i) => { if (k !== outs[i].length) throw new Error(`${key}[${i}]: decoded ${k} bytes, expected ${outs[i].length}`); });
+    const targets = window.__qzTensors[key], got = new Map(), round = `${key}/check${performance.now()}/`;
+    pool.onTensor = (k, { plain }) => got.set(k, new Uint8Array(plain));
+    const n = await Promise.all(window.__qzBench[key].map((c, i) => pool.decodeTensor(c.slice(0), { ...targets[i], key: round + targets[i].tensor }, `${key}[${i}]`)));
+    n.forEach((k, i) => { if (k !== targets[i].bytes) throw new Error(`${key}[${i}]: decoded ${k} bytes, expected ${targets[i].bytes}`); });
+    outs = [...new Set(targets.map((t) => t.tensor))].map((t) => got.get(round + t));
   } else {
     outs = await Promise.all(window.__qzBench[key].map((c, i) => pool.decode(c.slice(0), `${key}[${i}]`)));
   }
@@ -467,7 +473,7 @@ def wait_for_pyodide(page) -> str:
 
 def bench_chromium(encoded: list[Encoded], native: Native, repeat: int, settle: float) -> tuple[list[dict], dict]:
     """Rows "chromium raw (main thread)", "chromium 1 worker, ...", "chromium pool (N workers), ..." (copy out, and
-    into shared buffer when the page is cross-origin isolated) and NATIVE_BACKEND for
+    whole tensors) and NATIVE_BACKEND for
     every stream, and what the run was (Chromium version, hardwareConcurrency, load average, the cold numbers).
     The native decoder is timed again in the same rounds as the page, so that the ratio compares two numbers taken
     under the same load (the machine this was written on is shared and its load swings within a minute).
@@ -491,13 +497,13 @@ def bench_chromium(encoded: list[Encoded], native: Native, repeat: int, settle: 
                         cross_origin_isolated=page.evaluate("self.crossOriginIsolated"))
             n_pool = max(1, int(info["hardware_concurrency"]))
             sizes = sorted({1, n_pool})
-            page.evaluate(LOAD_JS, files)
+            page.evaluate(LOAD_JS, [files, TENSOR_CHUNKS])
             page.evaluate(START_POOLS_JS, sizes)
             info["cold"] = _cold_numbers(page, encoded[0], bool(info["cross_origin_isolated"]))
             print(f"chromium: Pyodide {info['pyodide']}; letting V8's background compilation settle for {settle:.0f} s")
             time.sleep(settle)
             info.update(settle_s=settle, loadavg_start=os.getloadavg())
-            modes = [False, True] if info["cross_origin_isolated"] else [False]
+            modes = [False, True]
             for i, e in enumerate(encoded):
                 _check_in_page(page, i, e, n_pool, modes)
             best = _interleaved_timings(page, encoded, native, sizes, repeat, modes)
@@ -536,9 +542,9 @@ NATIVE_BACKEND = "native gcc -O3 (Chromium rounds)"
 
 
 def _pool_backend(size: int, into: bool) -> str:
-    """into: DecoderPool.decodeInto a SharedArrayBuffer (the page's path when cross-origin isolated); else
-    decode(), which returns a new ArrayBuffer per chunk (the page's path otherwise)."""
-    how = "into shared buffer" if into else "copy out"
+    """into: DecoderPool.decodeTensor, the page's path (whole tensors, built by one worker each); else decode(),
+    which returns a new ArrayBuffer per chunk (the page's path with ?into=0, and for float byte planes)."""
+    how = "whole tensors" if into else "copy out"
     return f"chromium 1 worker, {how}" if size == 1 else f"chromium pool ({size} workers), {how}"
 
 
@@ -646,7 +652,7 @@ VERSUS_COLUMNS = [("stream", "stream", "{}"), ("chunks", "chunks", "{}"), ("nati
 def versus_native(rows: list[dict]) -> list[dict]:
     """One row per (stream, chunks as stored / LZW forced): decode MB/s of output of every backend side by side,
     and the targets checked on the Chromium 1-worker figure (wall clock, messaging included) of the page's path
-    (into a shared buffer when the page is cross-origin isolated, else copy out) against native timed in the same
+    (whole tensors) against native timed in the same
     rounds ("own run": native in its own earlier measurement, best of --repeat)."""
     by = {(r["stream"], r["backend"]): r for r in rows}
     out = []
@@ -654,7 +660,7 @@ def versus_native(rows: list[dict]) -> list[dict]:
         into = (stream, _pool_backend(1, True)) in by
         pool = by[(stream, next(r["backend"] for r in rows if r["stream"] == stream
                                 and r["backend"].startswith("chromium pool")
-                                and r["backend"].endswith("into shared buffer" if into else "copy out")))]
+                                and r["backend"].endswith("whole tensors" if into else "copy out")))]
         for label, key in (("as stored", "decode_out_mb_s"), ("LZW forced", "lzw_decode_out_mb_s")):
             worker = by[(stream, _pool_backend(1, into))]
             worker_copy = by[(stream, _pool_backend(1, False))]

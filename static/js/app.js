@@ -3,7 +3,7 @@
 // URL parameters: bundle, ep, autoload, workers (decoder pool size), threads (onnxruntime-web wasm threads),
 // kv (cpu: WebGPU KV cache round-trips through the CPU), yield (frame: wait for a frame between tokens) — the last
 // two bring back the behaviour before the bench's fixes, for A/B runs; so does into=0: decoded chunks come back to
-// the page, which copies them into place, instead of the workers writing them into shared buffers), graph (auto | fp16 | fp32 | wasm: which graph
+// the page, which copies them into place, instead of the workers building whole tensors), graph (auto | fp16 | fp32 | wasm: which graph
 // runs; auto = model.fp16.onnx on a WebGPU adapter with shader-f16, model.wasm.onnx on the WASM EP when the bundle has
 // one (group schemes), else model.onnx).
 import { DecoderPool } from "./qz.js";

@@ -131,7 +131,8 @@ async function fetchStoredFile(base, name, info, pool, stats) {
  * @param {(p: {stage: string, done: number, total: number}) => void} progress
  * @param {string} variant the graph that will run: "graph" (model.onnx), "graph_fp16" or "graph_wasm"; model.onnx
  *   when the bundle has no such variant (the result's graphVariant says which was fetched)
- * @param {{into?: boolean}} opts into: false keeps the copy path even on an isolated page (for A/B runs)
+ * @param {{into?: boolean}} opts into: false: every chunk comes back to this thread to be put in place (the old
+ *   path, for A/B runs)
  */
 export async function loadBundle(base, pool, progress, variant = "graph", { into = true } = {}) {
   const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [], cacheKeys: [], failed: false };
@@ -205,21 +206,22 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     for (let n = 0; n < N; n++) for (let j = 0; j < nb; j++) out[j * N + n] = (src[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask;
     return out;
   };
-  const knTarget = (name, e, outOff) => {   // where placeKn (kn.js) puts a chunk of e's codes
-    const per = perByte(e);
-    return { dst: outputs.get(name + ".kn"), per, N: e.shape[0], K: e.shape[1] * e.shape[2] * per, outOff };
-  };
-  // One output buffer per initializer the graph reads; chunks grouped by blob. On a cross-origin isolated page the
-  // buffers are SharedArrayBuffers and the workers put each chunk's bytes in place themselves, transposed codes
-  // included (DecoderPool.decodeInto): no buffer per chunk, and this thread copies nothing (bench/codec.py). Only
-  // float byte planes are put back here. onnxruntime-web copies the initializers into its own heap either way.
-  const direct = (e) => into && pool.constructor.canDecodeInto && (e.planes ?? 1) === 1;
+  const knShape = (e) => { const per = perByte(e); return { per, N: e.shape[0], K: e.shape[1] * e.shape[2] * per }; };
+  // One output buffer per initializer the graph reads; chunks grouped by blob. A tensor's buffers are made and
+  // filled by the one worker that decodes all of its chunks, transposed codes included, and come back whole
+  // (DecoderPool.decodeTensor): no buffer per chunk and no copy on this thread (bench/codec.py), and they are
+  // ordinary ArrayBuffers, which the page frees the moment onnxruntime-web has copied them into its heap. Only
+  // float byte planes (and, with ?into=0, everything: the old path, for A/B runs) are put in place here.
+  const direct = (e) => into && (e.planes ?? 1) === 1;
   const outputs = new Map();
+  pool.onTensor = (name, { plain, kn }) => {
+    if (plain) outputs.set(name, new Uint8Array(plain));
+    if (kn) outputs.set(name + ".kn", new Uint8Array(kn));
+  };
   const byBlob = m.blobs.map(() => []);
   for (const e of m.initializers) {
-    const alloc = (n) => new Uint8Array(direct(e) ? new SharedArrayBuffer(n) : n);
-    if (e.name in transposed) outputs.set(e.name + ".kn", alloc(e.shape[0] * e.shape[1] * e.shape[2] * perByte(e)));
-    if (transposed[e.name] ?? true) outputs.set(e.name, alloc(e.nbytes));
+    if (!direct(e) && e.name in transposed) outputs.set(e.name + ".kn", new Uint8Array(e.shape[0] * e.shape[1] * e.shape[2] * perByte(e)));
+    if (!direct(e) && (transposed[e.name] ?? true)) outputs.set(e.name, new Uint8Array(e.nbytes));
     e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
   }
   for (const list of byBlob) list.sort((a, b) => a.off - b.off);
@@ -244,11 +246,12 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
         const wrong = (n) => new BundleError(`${where}: decoded ${n} bytes, manifest says ${expectLen}`);
         if (direct(c.init)) {
           if (c.outOff < 0 || expectLen < 0 || c.outOff + expectLen > c.init.nbytes) throw new BundleError(`${where}: outside its initializer`);
-          const name = c.init.name, target = { bytes: expectLen };
-          if (outputs.has(name)) target.dst = outputs.get(name).subarray(c.outOff, c.outOff + expectLen);
-          if (name in transposed) target.kn = knTarget(name, c.init, c.outOff);
+          const e = c.init, name = e.name;
+          const kn = name in transposed ? { bytes: e.shape[0] * e.shape[1] * e.shape[2] * perByte(e), ...knShape(e) } : null;
+          const target = { key: name, chunks: e.chunks.length, nbytes: (transposed[name] ?? true) ? e.nbytes : 0, kn,
+                           outOff: c.outOff, bytes: expectLen };
           chunksInto++;
-          decodes.push(pool.decodeInto(data.slice(c.off, c.off + c.len).buffer, target, where).then((n) => {
+          decodes.push(pool.decodeTensor(data.slice(c.off, c.off + c.len).buffer, target, where).then((n) => {
             if (n !== expectLen) throw wrong(n);
           }));
           continue;
@@ -257,7 +260,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
         decodes.push(pool.decode(data.slice(c.off, c.off + c.len).buffer, where).then((out) => {
           if (out.length !== expectLen) throw wrong(out.length);
           const name = c.init.name;
-          if (name in transposed) placeKn(out, knTarget(name, c.init, c.outOff));
+          if (name in transposed) placeKn(out, { dst: outputs.get(name + ".kn"), ...knShape(c.init), outOff: c.outOff });
           if (outputs.has(name)) place(outputs.get(name), out, c.outOff, c.init);
         }));
       }
@@ -273,10 +276,8 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   for (const [name, keep] of Object.entries(groupTables)) {
     outputs.set(name + ".kn", groupTable(outputs.get(name), byName.get(name), byName.get(name.replace(/\.[a-z]+$/, ".q"))));
     if (!keep) {
-      const src = outputs.get(name);
+      outputs.get(name).buffer.transfer?.(0);                                   // now, not at the next GC
       outputs.delete(name);
-      const shared = typeof SharedArrayBuffer !== "undefined" && src.buffer instanceof SharedArrayBuffer;
-      if (!shared) src.buffer.transfer?.(0);                                    // now, not at the next GC
     }
   }
   t.decoded = performance.now();

@@ -1,7 +1,9 @@
 // The only module that touches the QZ decoder (static/wasm/qz.wasm): a pool of workers, one wasm instance each.
-// decode(chunk: ArrayBuffer) -> Promise<Uint8Array> (the runtime bytes of that chunk);
-// decodeInto(chunk, {bytes, dst, kn}) -> Promise<number>: the bytes go straight to their places in views of
-// SharedArrayBuffers, written by the worker (needs a cross-origin isolated page, see DecoderPool.canDecodeInto).
+// decode(chunk: ArrayBuffer) -> Promise<Uint8Array>: the runtime bytes of one chunk, in a new buffer.
+// decodeTensor(chunk, target) -> Promise<number>: one chunk of a tensor whose buffers the worker owns until the
+//   tensor is complete (qz-worker.js): every chunk of a tensor goes to the same worker, which writes it in place;
+//   the finished buffers come back to onTensor(key, {plain, kn}) once, transferred (no copy on this thread, and
+//   the page can release them the moment onnxruntime holds its own copy).
 
 export class DecodeError extends Error {
   /** @param {string} name @param {number} code @param {string} where */
@@ -19,11 +21,14 @@ export class DecoderPool {
     this.size = Math.max(1, size);
     this.wasmUrl = new URL(wasmUrl, location.href).href;
     this.workers = [];
-    this.queue = [];       // pending {id, chunk, resolve, reject, where}
+    this.queue = [];       // pending {id, chunk, resolve, reject, where, worker?, tensor?}
     this.inflight = new Map();
     this.idle = [];        // one entry per free slot (two per worker)
     this.nextId = 1;
     this.decodeMs = 0;
+    this.owner = new Map();   // tensor key -> the worker that decodes all of its chunks
+    this.load = [];           // output bytes of the tensors given to each worker
+    this.onTensor = () => {}; // (key, {plain: ArrayBuffer?, kn: ArrayBuffer?}) when a tensor is complete
   }
 
   async start() {
@@ -32,6 +37,7 @@ export class DecoderPool {
     for (let i = 0; i < this.size; i++) {
       const w = new Worker(new URL("./qz-worker.js", import.meta.url), { type: "module" });
       this.workers.push(w);
+      this.load.push(0);
       ready.push(new Promise((resolve, reject) => {
         w.onmessage = (ev) => {
           if (ev.data.type === "ready") {
@@ -47,9 +53,6 @@ export class DecoderPool {
     await Promise.all(ready);
   }
 
-  /** Whether decodeInto can be used: SharedArrayBuffer exists only on cross-origin isolated pages. */
-  static get canDecodeInto() { return typeof SharedArrayBuffer !== "undefined" && self.crossOriginIsolated === true; }
-
   /** @param {ArrayBuffer} chunk (transferred to the worker) @param {string} where names the chunk in errors */
   decode(chunk, where = "chunk") {
     return new Promise((resolve, reject) => {
@@ -58,34 +61,42 @@ export class DecoderPool {
     });
   }
 
-  /** Decode a chunk of `bytes` decoded bytes into views of SharedArrayBuffers: dst (a Uint8Array of `bytes`
-   * bytes) gets them as they are, kn = {dst, per, N, K, outOff} the codes transposed (qz-worker.js says how).
-   * Resolves to the decoded size; a size other than `bytes` writes nothing and resolves to that size (the caller
-   * names the mismatch). @param {ArrayBuffer} chunk @param {{bytes: number, dst?: Uint8Array, kn?: object}} into
-   * @param {string} where */
-  decodeInto(chunk, into, where = "chunk") {
-    for (const v of [into.dst, into.kn?.dst]) {
-      if (v && !(v.buffer instanceof SharedArrayBuffer)) throw new TypeError(`${where}: decodeInto writes only to views of a SharedArrayBuffer`);
+  /** One chunk of a tensor: target = {key, chunks (the tensor's chunk count), nbytes (its plain buffer, 0 for
+   * none), kn: {bytes, per, N, K} (its transposed-codes buffer, or null), outOff, bytes (this chunk's decoded
+   * size)}. Resolves to the decoded size; a size other than `bytes` writes nothing and resolves to that size
+   * (the caller names the mismatch). The tensor's buffers go to onTensor when its last chunk is in.
+   * @param {ArrayBuffer} chunk @param {object} target @param {string} where */
+  decodeTensor(chunk, target, where = "chunk") {
+    let w = this.owner.get(target.key);
+    if (w === undefined) {   // the least loaded worker takes the whole tensor
+      w = this.load.indexOf(Math.min(...this.load));
+      this.load[w] += target.nbytes + (target.kn ? target.kn.bytes : 0);
+      this.owner.set(target.key, w);
     }
-    if (into.dst && into.dst.length !== into.bytes) throw new RangeError(`${where}: dst holds ${into.dst.length} bytes, not ${into.bytes}`);
     return new Promise((resolve, reject) => {
-      this.queue.push({ id: this.nextId++, chunk, into, resolve, reject, where });
+      this.queue.push({ id: this.nextId++, chunk, tensor: target, worker: this.workers[w], resolve, reject, where });
       this._pump();
     });
   }
 
   _pump() {
     while (this.idle.length && this.queue.length) {
-      const w = this.idle.pop();
-      const batch = [this.queue.shift()];
-      let bytes = batch[0].chunk.byteLength;
-      while (this.queue.length && batch.length < BATCH_CHUNKS && bytes + this.queue[0].chunk.byteLength <= BATCH_BYTES) {
-        const job = this.queue.shift();
+      // the first idle slot whose worker has a job: a job bound to a worker waits for that worker
+      const slot = this.idle.findIndex((w) => this.queue.some((j) => !j.worker || j.worker === w));
+      if (slot < 0) return;
+      const w = this.idle.splice(slot, 1)[0];
+      const mine = (j) => !j.worker || j.worker === w;
+      const batch = [];
+      let bytes = 0;
+      for (let i = 0; i < this.queue.length && batch.length < BATCH_CHUNKS;) {
+        const job = this.queue[i];
+        if (!mine(job) || (batch.length && bytes + job.chunk.byteLength > BATCH_BYTES)) { i++; continue; }
+        this.queue.splice(i, 1);
         bytes += job.chunk.byteLength;
         batch.push(job);
       }
       for (const job of batch) this.inflight.set(job.id, job);
-      w.postMessage({ batch: batch.map((j) => ({ id: j.id, chunk: j.chunk, into: j.into })) }, batch.map((j) => j.chunk));
+      w.postMessage({ batch: batch.map((j) => ({ id: j.id, chunk: j.chunk, tensor: j.tensor })) }, batch.map((j) => j.chunk));
     }
   }
 
@@ -95,8 +106,9 @@ export class DecoderPool {
     for (const r of msg.results) {
       const job = this.inflight.get(r.id);
       this.inflight.delete(r.id);
-      if (r.error) job.reject(new DecodeError(r.error, r.code, job.where));
-      else job.resolve(r.out ? new Uint8Array(r.out) : r.n);
+      if (r.error) { job.reject(new DecodeError(r.error, r.code, job.where)); continue; }
+      if (r.complete) this.onTensor(r.complete.key, r.complete);
+      job.resolve(r.out ? new Uint8Array(r.out) : r.n);
     }
     this._pump();
   }
