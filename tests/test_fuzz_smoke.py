@@ -31,5 +31,5 @@ def test_atheris_wasm_smoke(tmp_path):
                         str(corpus)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = int(re.search(r"Done (\d+) runs", r.stderr).group(1))
-    assert runs == 600
+    assert runs >= 600      # libFuzzer may finish its last batch past -runs (610 seen once)
     print(f"atheris (wasm vs reference): {runs} executions without a finding")

@@ -273,6 +273,15 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   await Promise.all(blobs);
   t.downloaded = performance.now();
   await Promise.all(decodes);
+  for (const e of m.initializers) {   // every tensor the workers built is back (a chunkless one is empty)
+    if (!direct(e)) continue;
+    const want = [...((transposed[e.name] ?? true) ? [e.name] : []), ...(e.name in transposed ? [e.name + ".kn"] : [])];
+    for (const name of want) {
+      if (outputs.has(name)) continue;
+      if (e.chunks.length || e.nbytes) throw new BundleError(`initializer ${e.name}: its chunks did not fill it`);
+      outputs.set(name, new Uint8Array(0));
+    }
+  }
   for (const [name, keep] of Object.entries(groupTables)) {
     outputs.set(name + ".kn", groupTable(outputs.get(name), byName.get(name), byName.get(name.replace(/\.[a-z]+$/, ".q"))));
     if (!keep) {
