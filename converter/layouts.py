@@ -158,6 +158,21 @@ def group_table(values: np.ndarray, codes_shape, codes_layout: int) -> np.ndarra
     return np.ascontiguousarray(table.T).reshape(nb, 1, 1, n)
 
 
+def kn_tables(graph: dict) -> dict[str, bool]:
+    """NAME -> whether the graph reads NAME itself too, for every initializer a graph's manifest entry says it reads
+    as NAME.kn: the codes of its "transposed" table and the scales / zero points of its "group_tables"."""
+    return {**graph.get("transposed", {}), **graph.get("group_tables", {})}
+
+
+def kn_initializer(name: str, values: np.ndarray, entries: dict[str, dict]) -> np.ndarray:
+    """NAME.kn from initializer NAME's decoded values (entries: the manifest's initializers by name): the transposed
+    codes of a codes initializer (NAME.q), the per-group table of its scales or zero points."""
+    if name.endswith(".q"):
+        return transposed_codes(values, entries[name]["layout"])
+    codes = entries[group_table_codes(name)]
+    return group_table(values, codes["shape"], codes["layout"])
+
+
 def transposed_codes(packed: np.ndarray, layout: int) -> np.ndarray:
     """(N, n_blocks, block_bytes) packed codes (low bits first) -> uint8 (K, N) one code per byte, in the shape
     kn_shape gives."""

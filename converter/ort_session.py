@@ -17,7 +17,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import TinyQMoEError
-from .layouts import KN_SUFFIX, group_table, group_table_codes, transposed_codes
+from .layouts import KN_SUFFIX, kn_initializer, kn_tables
 from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
 
@@ -36,20 +36,14 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     so.log_severity_level = 3
     names, arrays = [], []
     variant = "graph_fp16" if float16 else variant
-    graph = getattr(bundle, "manifest", {}).get(variant, {})
-    transposed = graph.get("transposed", {})            # wasm graph: NAME.kn of codes ...
-    tables = graph.get("group_tables", {})              # ... and of their scales and zero points
-    codes = {e["name"]: e for e in getattr(bundle, "initializers", [])}
+    kn = kn_tables(getattr(bundle, "manifest", {}).get(variant, {}))   # wasm graph: NAME.kn -> NAME read too
+    entries = {e["name"]: e for e in getattr(bundle, "initializers", [])}
     for entry, arr in bundle.decode_initializers(verify=verify):
         name = entry["name"]
-        if name in transposed or name in tables:
+        if name in kn:
             names.append(name + KN_SUFFIX)
-            if name in transposed:
-                arrays.append(transposed_codes(arr, entry["layout"]))
-            else:
-                c = codes[group_table_codes(name)]
-                arrays.append(group_table(arr, c["shape"], c["layout"]))
-            if not (transposed | tables)[name]:
+            arrays.append(kn_initializer(name, arr, entries))
+            if not kn[name]:
                 continue
         names.append(name)
         arrays.append(np.ascontiguousarray(arr))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layouts import KN_SUFFIX, group_table, group_table_codes, transposed_codes
+from .layouts import KN_SUFFIX, kn_initializer, kn_tables
 from .ort_session import BORROW_BUFFERS
 
 LAYER = re.compile(r"^/(?:model|quantize)/layers\.(\d+)/")
@@ -170,8 +170,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
     for st in stages:
         shared.update(seen & set(st.initializers))
         seen.update(st.initializers)
-    transposed = bundle.manifest.get(variant, {}).get("transposed", {})   # wasm graph: NAME.kn from NAME's codes
-    tables = bundle.manifest.get(variant, {}).get("group_tables", {})     # and from their scales and zero points
+    kn = kn_tables(bundle.manifest.get(variant, {}))   # wasm graph: NAME.kn from NAME's codes, scales, zero points
     entries = {e["name"]: e for e in bundle.initializers}
     in_memory = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")   # onnxruntime >= 1.29
     kept: dict[str, np.ndarray] = {}    # shared initializers, borrowed by every stage that reads them
@@ -180,13 +179,9 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
         def array(name: str) -> np.ndarray:
             if name in kept:
                 return kept[name]
-            if name.endswith(KN_SUFFIX) and name[:-len(KN_SUFFIX)] in transposed:
-                base = name[:-len(KN_SUFFIX)]
-                return transposed_codes(read(base), entries[base]["layout"])
-            if name.endswith(KN_SUFFIX) and name[:-len(KN_SUFFIX)] in tables:
-                base = name[:-len(KN_SUFFIX)]
-                c = entries[group_table_codes(base)]
-                return group_table(read(base), c["shape"], c["layout"])
+            base = name[:-len(KN_SUFFIX)]
+            if name.endswith(KN_SUFFIX) and base in kn:
+                return kn_initializer(base, read(base), entries)
             return np.ascontiguousarray(read(name))
 
         for s, st in enumerate(stages):

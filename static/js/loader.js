@@ -206,7 +206,10 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     for (let n = 0; n < N; n++) for (let j = 0; j < nb; j++) out[j * N + n] = (src[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask;
     return out;
   };
-  const knShape = (e) => { const per = perByte(e); return { per, N: e.shape[0], K: e.shape[1] * e.shape[2] * per }; };
+  const knShape = (e) => {   // the (K, N) one-per-byte transposed codes of codes initializer e
+    const per = perByte(e), N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
+    return { per, N, K, bytes: K * N };
+  };
   // One output buffer per initializer the graph reads; chunks grouped by blob. A tensor's buffers are made and
   // filled by the one worker that decodes all of its chunks, transposed codes included, and come back whole
   // (DecoderPool.decodeTensor): no buffer per chunk and no copy on this thread (bench/codec.py), and they are
@@ -220,7 +223,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   };
   const byBlob = m.blobs.map(() => []);
   for (const e of m.initializers) {
-    if (!direct(e) && e.name in transposed) outputs.set(e.name + ".kn", new Uint8Array(e.shape[0] * e.shape[1] * e.shape[2] * perByte(e)));
+    if (!direct(e) && e.name in transposed) outputs.set(e.name + ".kn", new Uint8Array(knShape(e).bytes));
     if (!direct(e) && (transposed[e.name] ?? true)) outputs.set(e.name, new Uint8Array(e.nbytes));
     e.chunks.forEach((c, k) => byBlob[e.blob].push({ init: e, k, off: c[0], len: c[1], outOff: c[4] }));
   }
@@ -247,7 +250,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
         if (direct(c.init)) {
           if (c.outOff < 0 || expectLen < 0 || c.outOff + expectLen > c.init.nbytes) throw new BundleError(`${where}: outside its initializer`);
           const e = c.init, name = e.name;
-          const kn = name in transposed ? { bytes: e.shape[0] * e.shape[1] * e.shape[2] * perByte(e), ...knShape(e) } : null;
+          const kn = name in transposed ? knShape(e) : null;
           const target = { key: name, chunks: e.chunks.length, nbytes: (transposed[name] ?? true) ? e.nbytes : 0, kn,
                            outOff: c.outOff, bytes: expectLen };
           chunksInto++;
