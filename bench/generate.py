@@ -34,7 +34,6 @@ def _rss_mib() -> float:
 
 def child(bundle: str, new_tokens: int, mode: str) -> dict:
     """One measurement in this process (called with --child)."""
-    import resource
     import time
 
     sys.path.insert(0, str(ROOT))
@@ -42,6 +41,7 @@ def child(bundle: str, new_tokens: int, mode: str) -> dict:
     import onnxruntime  # noqa: F401
 
     from converter import codec, wasm_codec
+    from converter.cli import peak_rss_mib
     from converter.bundle import load
     from converter.ort_session import OrtDecoder
     from converter.runtime.chat import ChatModel
@@ -62,7 +62,7 @@ def child(bundle: str, new_tokens: int, mode: str) -> dict:
     res = generate(chat.session, chat.tokenizer, ids, eos_ids=[], cfg=SamplingConfig(max_new_tokens=new_tokens))
     return {"load_s": load_s, "prompt_tokens": len(ids), "new_tokens": len(res.token_ids),
             "prefill_tok_s": res.prefill_tok_s, "decode_tok_s": res.decode_tok_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_rss_mib": start_rss,
+            "peak_rss_mib": peak_rss_mib(), "start_rss_mib": start_rss,
             "ready_rss_mib": ready_rss}
 
 

@@ -34,10 +34,11 @@ def probe(model: Path, prompt: str) -> str | None:
 def measure(model: str, threads: int, prompt: str, new_tokens: int) -> dict:
     """Prefill = one eval of the whole prompt; decode = eval of one greedy token at a time (argmax of the last
     logits, eos ignored) — the same split as our runtime's forward calls."""
-    import resource
-
     import numpy as np
     from llama_cpp import Llama
+
+    sys.path.insert(0, str(ROOT))
+    from converter.cli import peak_rss_mib
 
     t0 = time.perf_counter()
     llm = Llama(model_path=model, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
@@ -60,7 +61,7 @@ def measure(model: str, threads: int, prompt: str, new_tokens: int) -> dict:
     return {"load_s": load_s, "prompt_tokens": len(ids), "new_tokens": len(tokens), "threads": threads,
             "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": (len(tokens) - 1) / decode_s if decode_s else None,
             "first_token_ms": 1000 * prefill_s, "tokens": tokens,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def run(model: Path, threads: int, prompt: str, new_tokens: int, timeout: float = 900) -> dict:

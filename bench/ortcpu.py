@@ -17,13 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(bundle: str, threads: int, prompt: str, new_tokens: int) -> dict:
     """Load the bundle, prefill `prompt` (raw text, the page's tokenization) and decode `new_tokens` greedy
     tokens with eos ignored. Times are session.forward only (runtime/generate.py), like the page's."""
-    import resource
-
     sys.path.insert(0, str(ROOT))
-    from converter.cli import open_chat_model
+    from converter.cli import open_chat_model, peak_rss_mib
     from converter.runtime.generate import SamplingConfig, generate
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = peak_rss_mib()
     t0 = time.perf_counter()
     chat = open_chat_model(bundle, threads=threads)
     load_s = time.perf_counter() - t0
@@ -35,7 +33,7 @@ def measure(bundle: str, threads: int, prompt: str, new_tokens: int) -> dict:
             "prefill_tok_s": res.prefill_tok_s, "decode_tok_s": res.decode_tok_s,
             "first_token_ms": 1000 * res.prefill_seconds,
             "e2e_decode_tok_s": max(len(res.token_ids) - 1, 0) / max(wall - res.prefill_seconds, 1e-9),
-            "tokens": res.token_ids, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tokens": res.token_ids, "peak_rss_mib": peak_rss_mib(),
             "imports_rss_mib": rss0}
 
 

@@ -52,3 +52,28 @@ def test_chat_turns_bench_reuses_the_cache(bundles, tmp_path):
     assert len(kept) == len(whole) == 3
     assert kept[0]["prefilled"] == kept[0]["prompt_tokens"] and whole[2]["prefilled"] == whole[2]["prompt_tokens"]
     assert kept[2]["prefilled"] < kept[2]["prompt_tokens"]
+
+
+def test_scaling_bench_end_to_end(tmp_path):
+    """bench/scaling.py on its smoke shape: the sharded checkpoint, a measured build, the three memory modes."""
+    out = tmp_path / "scaling.json"
+    run(["bench/scaling.py", "--shape", "smoke", "--schemes", "int8", "--work", str(tmp_path / "w"),
+         "--new-tokens", "3", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    ckpt = json.loads((tmp_path / "w" / "llama-3.2-smoke-random" / "model.safetensors.index.json").read_text())
+    assert len(set(ckpt["weight_map"].values())) == 3          # embedding, layers 0-3, layer 4 + final norm
+    assert doc["builds"][0]["seconds"] > 0 and doc["builds"][0]["peak_rss_mib"] > 20
+    assert [r["mode"] for r in doc["runs"]] == ["default", "low-memory", "strict"]
+    for r in doc["runs"]:
+        assert r["new_tokens"] == 3 and r["decode_tok_s"] > 0
+        assert r["peak_rss_mib"] > r["above_start_mib"] > r["session_mib"] > 0
+
+
+def test_peak_rss_is_this_process_own(tmp_path):
+    """A child started by a process holding 300 MiB reports its own peak, not the parent's (ru_maxrss would)."""
+    import numpy as np
+    held = np.ones(300 << 20, np.uint8)
+    out = subprocess.run([sys.executable, "-c", "from converter.cli import peak_rss_mib; print(peak_rss_mib())"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert float(out) < 200, out
+    del held
