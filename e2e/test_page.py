@@ -95,6 +95,18 @@ def test_page_copy_path_equals_cpu_reference(page, server, bundle_dir):
     assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4", PROMPT, 12, graph="wasm")
 
 
+@pytest.mark.parametrize("name", ["tiny-int4", "tiny-f32"])
+def test_prefill_in_pieces_equals_cpu_reference(page, server, bundle_dir, name):
+    """?prefill=2: the prompt runs as several session.runs of two positions, the cache fed back in between (what
+    prefillRows does for large group-scheme models) — the same tokens as the CPU's one run, sampled ones too."""
+    open_loaded(page, server, name, "wasm", extra="&prefill=2")
+    got = page_tokens(page, PROMPT, 12)
+    assert got["promptTokens"] >= 3 and got["profile"]["prefillSession"]["runs"] == (got["promptTokens"] + 1) // 2
+    assert got["tokens"] == cpu_tokens(bundle_dir / name, PROMPT, 12, graph="wasm" if name == "tiny-int4" else "model")
+    if name == "tiny-f32":
+        assert page_tokens(page, PROMPT, 24, **SAMPLED)["tokens"] == cpu_tokens(bundle_dir / name, PROMPT, 24, **SAMPLED)
+
+
 def test_wasm_ep_runs_model_onnx_when_asked(page, server, bundle_dir):
     """?graph=fp32 on the WASM EP: the group scheme runs model.onnx (MatMulNBits), as the CPU reference does."""
     open_loaded(page, server, "tiny-int4", "wasm", extra="&graph=fp32")

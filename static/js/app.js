@@ -8,7 +8,7 @@
 // one (group schemes), else model.onnx).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
-import { chooseProvider, DecoderSession, webgpuDevice } from "./ort-session.js";
+import { chooseProvider, DecoderSession, prefillRows, webgpuDevice } from "./ort-session.js";
 import { PyRuntime } from "./py-runtime.js";
 
 const $ = (id) => document.getElementById(id);
@@ -48,6 +48,9 @@ async function listBundles() {
   }
   return list;
 }
+
+/** Positions per onnxruntime run: ?prefill=N, else what keeps the graph's prefill activations small. */
+const maxRows = (manifest, variant) => Number(params.get("prefill")) || prefillRows(manifest, variant);
 
 const GRAPH_NAMES = { graph: "model.onnx", graph_fp16: "float16 graph", graph_wasm: "wasm graph" };
 
@@ -91,7 +94,8 @@ async function load(name, wanted = "auto", keepNotice = false) {
       }
       const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep,
                                            threads, { ...sessionOpts, float16: bundle.graphVariant === "graph_fp16",
-                                                      build: ep === "webgpu" ? "webgpu" : sessionOpts.build });
+                                                      build: ep === "webgpu" ? "webgpu" : sessionOpts.build,
+                                                      maxRows: maxRows(bundle.manifest, bundle.graphVariant) });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
@@ -102,7 +106,8 @@ async function load(name, wanted = "auto", keepNotice = false) {
       // model.onnx: the decoded weights are laid out for the graph chosen for WebGPU (packed codes), which the
       // wasm graph (transposed codes) cannot read
       const g = bundle.graphVariant === "graph" ? bundle.graph : await bundle.fetchGraph("graph");
-      session = await DecoderSession.create(g, bundle.externalData, bundle.manifest.config, ep, threads, sessionOpts);
+      session = await DecoderSession.create(g, bundle.externalData, bundle.manifest.config, ep, threads,
+                                            { ...sessionOpts, maxRows: maxRows(bundle.manifest, "graph") });
     }
     pool.terminate();
     // onnxruntime owns the weights now (copied into its heap): free our copies. Dropping the references alone

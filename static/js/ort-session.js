@@ -21,6 +21,20 @@ export async function ortBuild(build) {
   return ortBuilds[build];
 }
 
+/** Positions per session.run that keep a prefill's activations near `budget` bytes. The wasm graph (group
+ * schemes) multiplies each group of 32 or 64 inputs separately and sums the groups after: its GEMMs make
+ * float32 [groups, positions, N] partial sums, 4 * groups * N bytes per position. SmolLM2 int4-g32: 108 KiB per
+ * position, no limit in practice (151 positions); Llama-3.2-1B: 2 MiB (the MLP's 64 x 8192 and 256 x 2048), and a
+ * 41-token prompt in one run grew onnxruntime-web's heap, which never shrinks, from 1.45 to 2.95 GiB (README). */
+export function prefillRows(manifest, variant, budget = 16 << 20) {
+  const transposed = (manifest[variant] && manifest[variant].transposed) || {};
+  let perRow = 0;
+  for (const e of manifest.initializers) {
+    if (e.name in transposed) perRow = Math.max(perRow, 4 * e.shape[0] * e.shape[1]);   // codes (N, groups, bytes)
+  }
+  return perRow ? Math.max(1, Math.floor(budget / perRow)) : Infinity;
+}
+
 export const TOP_CANDIDATES = 256;   // must equal converter/runtime/generate.py TOP_CANDIDATES
 
 /** Which execution provider to use and why. @param {string} wanted "auto" | "webgpu" | "wasm" */
@@ -78,6 +92,7 @@ export class DecoderSession {
     const session = await ort.InferenceSession.create(graph, options);
     const decoder = new DecoderSession(ort, session, config, ep, kvOnDevice, !!opts.float16, build);
     decoder.numThreads = ort.env.wasm.numThreads;   // what the wasm module runs with (fixed at its first session)
+    decoder.maxRows = opts.maxRows || Infinity;
     return decoder;
   }
 
@@ -90,6 +105,7 @@ export class DecoderSession {
     this.kvOnDevice = kvOnDevice;
     this.float16 = float16;
     this.profile = newProfile();
+    this.maxRows = Infinity;     // positions per session.run (forward splits longer prompts): prefillRows
     this.reset();
   }
 
@@ -138,6 +154,29 @@ export class DecoderSession {
 
   /** @param {number[]} ids new tokens after the cache @returns {Promise<{ids: Int32Array, values: Float32Array}>} */
   async forward(ids) {
+    // a long prompt runs as several runs of at most maxRows positions each, the cache fed back in between: the
+    // same logits (each position attends to the same cache), with the activations of maxRows positions at most
+    let i = 0;
+    for (; ids.length - i > this.maxRows; i += this.maxRows) {
+      const logits = await this.run(ids.slice(i, i + this.maxRows));
+      if (logits.dispose) logits.dispose();
+    }
+    const logits = await this.run(ids.slice(i));
+    const p = this.profile, V = this.config.vocab_size;
+    const t3 = performance.now();
+    const data = /** @type {Float32Array} */ (await logits.getData());
+    const rows = logits.dims[1];                    // 1, or S for a graph that returns every position
+    const last = data.subarray((rows - 1) * V, rows * V);
+    const t4 = performance.now();
+    const top = topK(last, TOP_CANDIDATES);
+    if (logits.dispose) logits.dispose();
+    const t5 = performance.now();
+    p.calls++; p.logitsMs += t4 - t3; p.topkMs += t5 - t4;
+    return top;
+  }
+
+  /** One session.run over `ids` after the cache; keeps the new cache, returns the logits tensor. */
+  async run(ids) {
     const p = this.profile, t0 = performance.now();
     const S = ids.length, T = this.length + S;
     const ort = this.ort;
@@ -163,22 +202,12 @@ export class DecoderSession {
     }
     this.length = T;
     for (const id of ids) this.tokens.push(id);
-    const logits = out.logits;
-    const V = this.config.vocab_size;
-    const t3 = performance.now();
-    const data = /** @type {Float32Array} */ (await logits.getData());
-    const rows = logits.dims[1];                    // 1, or S for a graph that returns every position
-    const last = data.subarray((rows - 1) * V, rows * V);
-    const t4 = performance.now();
-    const top = topK(last, TOP_CANDIDATES);
-    if (logits.dispose) logits.dispose();
-    const t5 = performance.now();
-    p.calls++; p.feedsMs += t1 - t0; p.runMs += t2 - t1; p.kvMs += t3 - t2; p.logitsMs += t4 - t3; p.topkMs += t5 - t4;
-    return top;
+    p.runs++; p.feedsMs += t1 - t0; p.runMs += t2 - t1; p.kvMs += performance.now() - t2;
+    return out.logits;
   }
 }
 
-function newProfile() { return { calls: 0, feedsMs: 0, runMs: 0, kvMs: 0, logitsMs: 0, topkMs: 0 }; }
+function newProfile() { return { calls: 0, runs: 0, feedsMs: 0, runMs: 0, kvMs: 0, logitsMs: 0, topkMs: 0 }; }
 
 /** The k largest values, by (value desc, index asc) — the same order as the Python reference. */
 export function topK(values, k) {
