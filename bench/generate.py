@@ -1,12 +1,13 @@
 """Tokens/s and peak memory of the reference path (pure-Python runtime + onnxruntime CPU) per SmolLM2 bundle.
 
     python bench/generate.py [--bundles bundles] [--schemes f32,int8,int4-g32,ternary]
-                             [--modes default,low-memory,strict] [--reps 3] [--new-tokens 64] [--out JSON]
+                             [--modes default,low-memory,strict[,int8-compute]] [--reps 3] [--new-tokens 64] [--out JSON]
 
 Builds the missing bundles, then runs each scheme and mode in its own process (so peak RSS is that run's alone),
 A/B interleaved over `--reps` rounds: a fixed prompt (27 tokens for SmolLM2; the JSON has the count), 64 greedy
 tokens (eos ignored), 1 thread. Modes: `default` (one onnxruntime session), `low-memory` (one per stage of layers,
-converter/ort_stages.py) and `strict` (the same, a tied embedding held once: ort_stages.STRICT). Peak RSS is reported
+converter/ort_stages.py), `strict` (the same, a tied embedding held once: ort_stages.STRICT) and, when asked for,
+`int8-compute` (one session, the group schemes' MatMulNBits multiplying in int8: --int8-compute). Peak RSS is reported
 whole, above the process's RSS just before the bundle is opened (Python, numpy, onnxruntime and our imports), and
 above the RSS once the manifest, the tokenizer and the wasm codec are loaded ("session": what onnxruntime and the
 weights add), each also as a ratio to the runtime weight bytes + the KV cache of the run. Prints a table of medians
@@ -56,7 +57,7 @@ def child(bundle: str, new_tokens: int, mode: str) -> dict:
     if codec.available_backend() == "wasm":
         wasm_codec.load()
     ready_rss = _rss_mib()
-    chat.session = OrtDecoder(b, low_memory=MODES[mode])
+    chat.session = OrtDecoder(b, **MODES[mode])
     load_s = time.perf_counter() - t0
     ids = chat.tokenizer.encode(PROMPT)[:41]
     res = generate(chat.session, chat.tokenizer, ids, eos_ids=[], cfg=SamplingConfig(max_new_tokens=new_tokens))
@@ -66,7 +67,8 @@ def child(bundle: str, new_tokens: int, mode: str) -> dict:
             "ready_rss_mib": ready_rss}
 
 
-MODES = {"default": False, "low-memory": True, "strict": "strict"}    # OrtDecoder(low_memory=...)
+MODES = {"default": {}, "low-memory": {"low_memory": True}, "strict": {"low_memory": "strict"},   # OrtDecoder(**...)
+         "int8-compute": {"int8_compute": True}}
 
 
 def main() -> int:

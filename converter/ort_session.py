@@ -25,9 +25,44 @@ PROVIDERS = {"cpu": "CPUExecutionProvider"}
 BORROW_BUFFERS = "session.use_external_initializer_file_buffers_directly"  # onnxruntime session config key
 
 
-def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False, variant: str = "graph"):
+INT8_COMPUTE = 4      # MatMulNBits accuracy_level: int8 activations (onnxruntime's CompInt8 kernels)
+
+
+def set_int8_compute(model) -> int:
+    """Let every MatMulNBits of an onnx ModelProto multiply in int8 (accuracy_level 4): onnxruntime CPU quantizes
+    the activations per block of the weights' group, symmetric int8, and runs integer kernels (AVX-512 VNNI / AVX2
+    here) instead of dequantizing the weights to float32. Measured, 1 thread: SmolLM2 int4-g32 decode 86-88 ->
+    120-144 tok/s, Llama-3.2-1B-shaped int4-g32 14.0 -> 27.8 tok/s; the price is +25 MiB of prepacked block sums
+    and scales for SmolLM2 and numerics like the int8 schemes' (activations rounded to 8 bits). Returns how many
+    nodes changed; the bundle's graph is left as it is (model.onnx stays float compute for every EP)."""
+    from onnx import helper
+
+    n = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in list(node.attribute):
+                if a.name == "accuracy_level":
+                    node.attribute.remove(a)
+            node.attribute.append(helper.make_attribute("accuracy_level", INT8_COMPUTE))
+            n += 1
+    return n
+
+
+def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool) -> bytes:
+    """The bundle's graph, with int8 compute when asked (set_int8_compute)."""
+    data = bundle.graph_bytes(float16, variant)
+    if not int8_compute:
+        return data
+    import onnx
+    model = onnx.load_from_string(data)
+    return model.SerializeToString() if set_int8_compute(model) else data
+
+
+def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False, variant: str = "graph",
+                   int8_compute: bool = False):
     """An onnxruntime CPU session over the bundle's decoded weights. variant: which graph runs ("graph" = model.onnx,
-    "graph_fp16", "graph_wasm"; bundle.GRAPH_VARIANTS); float16=True is variant="graph_fp16"."""
+    "graph_fp16", "graph_wasm"; bundle.GRAPH_VARIANTS); float16=True is variant="graph_fp16"; int8_compute:
+    set_int8_compute."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -50,11 +85,11 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     if not hasattr(so, "add_external_initializers_from_files_in_memory"):
         # older onnxruntime without the Python binding for in-memory files: it copies the OrtValues, ours can go
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-        return ort.InferenceSession(bundle.graph_bytes(float16, variant), so, providers=[PROVIDERS["cpu"]])
+        return ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute), so, providers=[PROVIDERS["cpu"]])
     so.add_session_config_entry(BORROW_BUFFERS, "1")
     files = [a.reshape(-1).view(np.uint8) for a in arrays]                   # the raw bytes of each "file"
     so.add_external_initializers_from_files_in_memory(names, files, [f.nbytes for f in files])
-    sess = ort.InferenceSession(bundle.graph_bytes(float16, variant), so, providers=[PROVIDERS["cpu"]])
+    sess = ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute), so, providers=[PROVIDERS["cpu"]])
     # onnxruntime reads the borrowed buffers as long as the session runs but holds no reference to them (without
     # this attribute the next run reads freed memory); weights it prepacked are read only once, but which those are
     # is onnxruntime's business, so all of them live and die with the session
@@ -67,22 +102,26 @@ class OrtDecoder:
 
     Holds the KV cache between calls; `forward_full` returns all positions' logits (evaluation uses it).
     low_memory: run the graph as a chain of sessions over stages of layers (converter/ort_stages.py); "strict": the
-    same, with a tied embedding held once, unpacked (slower lm_head; ort_stages.STRICT).
+    same, with a tied embedding held once, unpacked (slower lm_head; ort_stages.STRICT). int8_compute: the group
+    schemes' MatMulNBits multiply in int8 (set_int8_compute: faster, a little more memory, float32 graphs only).
     """
 
     def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False,
-                 variant: str = "graph", low_memory: bool | str = False):
+                 variant: str = "graph", low_memory: bool | str = False, int8_compute: bool = False):
         self.config = bundle.config
         float16 = float16 or variant == "graph_fp16"
+        if int8_compute and float16:      # CompInt8 takes float32 activations
+            raise TinyQMoEError("int8 compute runs the float32 graphs only (model.onnx)")
         if low_memory:   # a session per stage of layers, created in turn: less memory, a little slower (ort_stages.py)
             from .ort_stages import create_staged_session
             if float16:  # float16 tensors between stages are rounded where one session keeps float32: not the same
                 raise TinyQMoEError("low-memory mode runs the float32 graphs only (model.onnx, model.wasm.onnx)")
             if low_memory not in (True, "strict"):
                 raise TinyQMoEError(f"low_memory: True or 'strict', not {low_memory!r}")
-            self.session = create_staged_session(bundle, threads, verify, variant, strict=low_memory == "strict")
+            self.session = create_staged_session(bundle, threads, verify, variant, strict=low_memory == "strict",
+                                                 int8_compute=int8_compute)
         else:
-            self.session = create_session(bundle, threads, verify, float16, variant)
+            self.session = create_session(bundle, threads, verify, float16, variant, int8_compute)
         self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
         self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}

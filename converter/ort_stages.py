@@ -155,14 +155,18 @@ NO_PREPACKING = "session.disable_prepacking"      # onnxruntime session config k
 
 
 def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant: str = "graph",
-                          layers: int | None = None, strict: bool = False) -> StagedSession:
+                          layers: int | None = None, strict: bool = False, int8_compute: bool = False) -> StagedSession:
     """layers: per stage (default layers_per_stage(bundle)). strict: the stages that share a weight (a tied
-    embedding: the Gather of stage 0 and the lm_head) read it unpacked, so it exists once (STRICT below)."""
+    embedding: the Gather of stage 0 and the lm_head) read it unpacked, so it exists once (STRICT below).
+    int8_compute: ort_session.set_int8_compute."""
     import onnx
     import onnxruntime as ort
 
     _shared_arena(ort)
     model = onnx.load_from_string(bundle.graph_bytes(variant == "graph_fp16", variant))
+    if int8_compute:
+        from .ort_session import set_int8_compute
+        set_int8_compute(model)
     stages = plan_stages(model.graph, layers or layers_per_stage(bundle))
     external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     seen: set[str] = set()

@@ -251,6 +251,41 @@ def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
     assert (got.argmax(-1) == want.argmax(-1))[clear].all()
 
 
+@pytest.mark.parametrize("scheme,embed", [("int4-g32", "int4-g32"), ("int4-g64", None), ("int2-g64", None)])
+def test_int8_compute_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
+    """OrtDecoder(int8_compute=True): every MatMulNBits multiplies in int8 (accuracy_level 4), the bundle's graph
+    unchanged. The logits move off the float-compute ones and follow the dequantized forward with activations
+    quantized per group, with the wasm graph's bound (a float32 rounding that moves an activation across a code
+    boundary moves it by a whole code) and the same greedy choices where the reference has no near-tie; the staged
+    sessions get it too."""
+    from converter.ort_session import set_int8_compute
+    folder, _ = tiny_hf
+    ck = open_checkpoint(folder)
+    bundle = load(tiny_bundles(scheme, embed))
+    model = onnx.load_from_string(bundle.graph_bytes())
+    n = sum(node.op_type == "MatMulNBits" for node in model.graph.node)
+    assert n > 0 and set_int8_compute(model) == n
+    assert all(a.i == 4 for node in model.graph.node if node.op_type == "MatMulNBits"
+               for a in node.attribute if a.name == "accuracy_level")
+    w = reference.dequantized_weights(ck, scheme, bundle.manifest["embed_scheme"])
+    want = reference.forward(ck.config, w, IDS, act_blocks=_act_blocks(ck, bundle))
+    floats = OrtDecoder(bundle).forward_full(IDS)
+    got = OrtDecoder(bundle, int8_compute=True).forward_full(IDS)
+    assert _rel(got, floats) > 1e-5                       # it does change the kernels
+    assert _rel(got, want) < 6e-2, scheme
+    top2 = np.sort(want, -1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1))[clear].all()
+    staged = OrtDecoder(bundle, int8_compute=True, low_memory=True).forward_full(IDS)
+    np.testing.assert_array_equal(staged, got)
+
+
+def test_int8_compute_needs_the_float32_graph(tiny_bundles):
+    from converter.errors import TinyQMoEError
+    with pytest.raises(TinyQMoEError, match="float32 graphs only"):
+        OrtDecoder(load(tiny_bundles("int4-g32")), float16=True, int8_compute=True)
+
+
 def test_wasm_graph_only_for_group_schemes(tiny_bundles):
     from converter.errors import BundleError
     assert "graph_wasm" in load(tiny_bundles("int4-g32")).manifest

@@ -174,3 +174,14 @@ def test_cli_run_low_and_strict_memory_say_the_same(tiny_bundles, capsys):
         assert main(["run", path, "--prompt", "hello there", "--max-new-tokens", "8", *extra]) == 0
         texts.append(capsys.readouterr().out.splitlines()[0])
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_cli_int8_compute_runs_with_every_memory_mode(tiny_bundles, capsys):
+    """run --int8-compute, alone and with the staged modes: the staged sessions run the same int8 kernels, so the
+    same text."""
+    path = str(tiny_bundles("int4-g32"))
+    texts = []
+    for extra in ([], ["--low-memory"], ["--strict-memory"]):
+        assert main(["run", path, "--prompt", "hello there", "--max-new-tokens", "8", "--int8-compute", *extra]) == 0
+        texts.append(capsys.readouterr().out.splitlines()[0])
+    assert texts[0] == texts[1] == texts[2]

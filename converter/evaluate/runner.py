@@ -36,6 +36,7 @@ class EvalOptions:
     arc_file: str | None = None   # AI2 ARC JSONL (the arc task needs it)
     threads: int = 1              # onnxruntime intra-op threads
     graph: str = "graph"          # graph the candidates run where they have it (manifest key: graph, graph_wasm, ..)
+    int8_compute: bool = False    # the candidates' MatMulNBits multiply in int8 (ort_session.set_int8_compute)
 
 
 def parse_tasks(spec: str) -> tuple[str, ...]:
@@ -192,7 +193,9 @@ def evaluate(bundles: list[str | Path], baseline: str | Path | None, opts: EvalO
         progress(f"{m['name']}: loading", 0, 1)
         variant = opts.graph if role == "candidate" and opts.graph in m else "graph"
         row["graph"] = "model.onnx" if variant == "graph" else m[variant]["file"]
-        dec = OrtDecoder(b, opts.threads, variant=variant)
+        int8 = opts.int8_compute and role == "candidate" and variant == "graph"
+        row["int8_compute"] = int8
+        dec = OrtDecoder(b, opts.threads, variant=variant, int8_compute=int8)
         row["load_seconds"] = time.perf_counter() - t0
         for task in opts.tasks:
             items = inputs[task].questions if task in ("mmlu", "arc") else inputs[task]
