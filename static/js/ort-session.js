@@ -154,8 +154,9 @@ export class DecoderSession {
 
   /** @param {number[]} ids new tokens after the cache @returns {Promise<{ids: Int32Array, values: Float32Array}>} */
   async forward(ids) {
-    // a long prompt runs as several runs of at most maxRows positions each, the cache fed back in between: the
-    // same logits (each position attends to the same cache), with the activations of maxRows positions at most
+    // a long prompt runs as several runs of at most maxRows positions each, the cache fed back in between: each
+    // position attends to the same keys and values as in one run (the logits agree up to float rounding), and
+    // the activations are those of maxRows positions at most
     let i = 0;
     for (; ids.length - i > this.maxRows; i += this.maxRows) {
       const logits = await this.run(ids.slice(i, i + this.maxRows));
