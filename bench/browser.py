@@ -255,8 +255,7 @@ def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_t
             result["ep"] = g.pop("ep")
             result["ort_build"] = page.evaluate("window.tinyqmoe.state.ortBuild")
             result["page_memory"] = page.evaluate(PAGE_MEMORY_JS)
-            cores = result["page_memory"]["hardwareConcurrency"] or 1
-            result["threads"] = threads or (min(4, cores) if cores > 2 else 1)   # ort-session.js's default
+            result["threads"] = page.evaluate("window.tinyqmoe.state.numThreads")   # what onnxruntime-web runs with
             if warm:
                 mem.mark("reload")
                 page.reload()

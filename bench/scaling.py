@@ -1,7 +1,7 @@
 """Measured, not extrapolated: a random checkpoint of Llama-3.2-1B's (or 3B's) exact shape, converted and run like
 SmolLM2, so docs/scaling.md can put measured numbers next to its arithmetic.
 
-    python bench/scaling.py [--shape 1b|3b] [--schemes int8,int4-g32] [--modes default,low-memory,strict]
+    python bench/scaling.py [--shape 1b|3b|360m] [--schemes int8,int4-g32] [--modes default,low-memory,strict]
                             [--work /tmp/tinyqmoe-scaling] [--new-tokens 32] [--out bench/results/scaling-1b.json]
 
 1. Writes the checkpoint once (HF folder: config.json with Llama-3.2's dimensions and llama3 rope scaling, bf16
@@ -40,6 +40,9 @@ SHAPES = {
                num_key_value_heads=8, head_dim=64, vocab_size=128256),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    # between SmolLM2-135M and Llama-3.2-1B: SmolLM2-360M's dimensions (its config.json), the Llama architecture
+    "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, head_dim=64, vocab_size=49152),
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=512),
 }

@@ -107,6 +107,19 @@ def test_prefill_in_pieces_equals_cpu_reference(page, server, bundle_dir, name):
         assert page_tokens(page, PROMPT, 24, **SAMPLED)["tokens"] == cpu_tokens(bundle_dir / name, PROMPT, 24, **SAMPLED)
 
 
+def test_default_threads_follow_the_cores_and_the_model_size(page, server):
+    """ort-session.js defaultThreads: on 2 cores a second onnxruntime-web thread only for ≥ 512 MB of weights
+    (measured faster there, slower for SmolLM2); on more cores up to 4; 1 without cross-origin isolation."""
+    page.goto(server)
+    cores, isolated, small, large = page.evaluate("""() => import('/static/js/ort-session.js').then((m) =>
+        [navigator.hardwareConcurrency, self.crossOriginIsolated, m.defaultThreads(135e6), m.defaultThreads(1.2e9)])""")
+    assert isolated
+    if cores > 2:
+        assert small == large == min(4, cores)
+    else:
+        assert (small, large) == (1, cores)
+
+
 def test_wasm_ep_runs_model_onnx_when_asked(page, server, bundle_dir):
     """?graph=fp32 on the WASM EP: the group scheme runs model.onnx (MatMulNBits), as the CPU reference does."""
     open_loaded(page, server, "tiny-int4", "wasm", extra="&graph=fp32")

@@ -35,6 +35,23 @@ export function prefillRows(manifest, variant, budget = 16 << 20) {
   return perRow ? Math.max(1, Math.floor(budget / perRow)) : Infinity;
 }
 
+/** From this many bytes of weights on the WASM EP a second thread pays on 2 cores (defaultThreads). */
+export const TWO_THREADS_FROM_BYTES = 512e6;
+
+/** onnxruntime-web threads when the page does not say (?threads=): 1 without cross-origin isolation (no shared
+ * memory); up to 4 on more than 2 cores; on 2 cores, 2 only for a model of TWO_THREADS_FROM_BYTES of weights or
+ * more. Measured on 2 cores (README, bench/results/session12), 1 -> 2 threads: SmolLM2-135M int4-g32 decode 21.7
+ * -> 17.2 tok/s (the second thread competes with Pyodide and the page for the same cores and the per-op overhead
+ * dominates); a SmolLM2-360M-shaped model a wash (int8 decode 11.1 -> 11.1, prefill +45 %; int4-g32 decode -3 to
+ * +20 %, prefill -12 %); a Llama-3.2-1B-shaped model +22 % decode (int8 3.08 -> 3.80, int4-g32 3.71 -> 4.52) and
+ * +27-52 % prefill. */
+export function defaultThreads(weightBytes) {
+  if (!self.crossOriginIsolated) return 1;
+  const cores = navigator.hardwareConcurrency || 1;
+  if (cores > 2) return Math.min(4, cores);
+  return cores === 2 && weightBytes >= TWO_THREADS_FROM_BYTES ? 2 : 1;
+}
+
 export const TOP_CANDIDATES = 256;   // must equal converter/runtime/generate.py TOP_CANDIDATES
 
 /** Which execution provider to use and why. @param {string} wanted "auto" | "webgpu" | "wasm" */
@@ -66,7 +83,7 @@ export class DecoderSession {
    * @param {{path: string, data: Uint8Array}[]} externalData decoded initializers
    * @param {object} config the manifest's LlamaConfig dict
    * @param {string} ep "webgpu" | "wasm"
-   * @param {number} threads wasm threads, 0 = default (1 on ≤ 2 cores, else up to 4 when crossOriginIsolated)
+   * @param {number} threads wasm threads, 0 = defaultThreads (by the cores and the size of the weights)
    * @param {{kvOnDevice?: boolean, float16?: boolean, build?: string}} opts kvOnDevice: on WebGPU, keep present.*
    *   in GPU buffers and feed them back as the next past (no download + upload of the whole cache per token);
    *   float16: the graph is model.fp16.onnx (float16 KV cache); build: onnxruntime-web build, "auto" (default:
@@ -76,11 +93,7 @@ export class DecoderSession {
     const build = !opts.build || opts.build === "auto" ? (ep === "webgpu" ? "webgpu" : "wasm") : opts.build;
     if (ep === "webgpu" && build !== "webgpu") throw new Error(`the ${build} build of onnxruntime-web has no WebGPU EP`);
     const ort = await ortBuild(build);
-    // default: 1 thread on 2 cores or fewer — measured there, a second onnxruntime-web thread slows our graphs
-    // (SmolLM2 int4-g32 decode 10.5 vs 12.4 tok/s, prefill 54 vs 67; int8 likewise: README, bench) because it
-    // competes with Pyodide and the page for the same cores; more cores: up to 4, when crossOriginIsolated
-    const cores = navigator.hardwareConcurrency || 1;
-    ort.env.wasm.numThreads = threads || (self.crossOriginIsolated && cores > 2 ? Math.min(4, cores) : 1);
+    ort.env.wasm.numThreads = threads || defaultThreads(externalData.reduce((n, x) => n + x.data.byteLength, 0));
     const kvOnDevice = ep === "webgpu" && !!opts.kvOnDevice;
     const options = { executionProviders: [ep], externalData, graphOptimizationLevel: "all" };
     if (kvOnDevice) {
