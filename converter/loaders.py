@@ -212,7 +212,7 @@ class HFCheckpoint(Checkpoint):
                     a[...] = f.get_tensor(t.source_name)
                 else:
                     part = f.get_slice(t.source_name)
-                    step = max(1, BLOCK_BYTES // max(1, a[0].nbytes))
+                    step = max(1, BLOCK_BYTES // max(1, 4 * int(np.prod(t.shape[1:]))))    # rows per block
                     for r in range(0, t.shape[0], step):
                         a[r:r + step] = part[r:min(r + step, t.shape[0])]     # (it does not clip the end)
         _check_finite(a, t)
