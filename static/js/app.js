@@ -30,10 +30,10 @@ function showError(msg) { $("error").textContent = msg; $("error").hidden = fals
 /** An error as the user reads it. onnxruntime-web reports a full wasm heap as "std::bad_alloc" (and a failed
  * allocation of a large buffer is a RangeError): measured with a Llama-3.2-3B-shaped int4 bundle, whose 3.7 GiB
  * of weights left too little of wasm32's 4 GiB for a 120-token prompt in one run. Say what it means. */
-function explain(e, when) {
+function explain(e, when, manifest) {
   const msg = e.message || String(e);
   if (!/bad_alloc|out of memory|Memory\.grow|Maximum memory size|Array buffer allocation failed/i.test(msg)) return `${when}: ${msg}`;
-  const m = state.manifest, weights = m ? ` (this model's weights: ${mb(m.totals.runtime_bytes)})` : "";
+  const weights = manifest ? ` (this model's weights: ${mb(manifest.totals.runtime_bytes)})` : "";
   return `${when}: out of memory — ${msg}. On the WASM EP the whole model lives in onnxruntime-web's heap, which ` +
     `cannot grow past 4 GiB${weights}. A shorter message may still fit; a smaller model or scheme will (on the WASM ` +
     `EP int8 needs less memory than int4, whose codes are held one per byte there).`;
@@ -81,6 +81,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
   $("load-btn").disabled = true;
   const t0 = performance.now();
   const pool = new DecoderPool(workers());
+  let manifest = null;                  // the bundle being loaded, once its manifest is in (for error messages)
   try {
     await pool.start();
     const poolReadyAt = performance.now();
@@ -91,6 +92,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       $("progress").value = p.done / p.total;
       $("progress-text").textContent = `${p.stage}: ${mb(p.done)} / ${mb(p.total)} (${(100 * p.done / p.total).toFixed(0)}%)`;
     }, graphVariant(ep, f16), { into: params.get("into") !== "0" });
+    manifest = bundle.manifest;
     $("progress").value = 1;
     stage("download", bundle.timings.downloadMs);
     stage("decode (after download)", bundle.timings.decodeAfterDownloadMs);
@@ -148,7 +150,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
     return { ep, why, timings: state.loadTimings };
   } catch (e) {
     pool.terminate();
-    showError(explain(e, "loading failed"));
+    showError(explain(e, "loading failed", manifest));
     document.body.dataset.ready = "error";
     throw e;
   } finally {
@@ -306,7 +308,7 @@ async function onSend(ev) {
     if (state.session !== session) return;
     if (state.history.at(-1)?.role === "user") state.history.pop();   // unanswered: not part of the conversation
     if (state.ep === "webgpu") gpuFailed(`WebGPU failed during generation (${e.message})`).catch(() => {});
-    else showError(explain(e, "generation failed"));
+    else showError(explain(e, "generation failed", state.manifest));
   }
   finally { $("send-btn").disabled = false; $("stop-btn").disabled = true; }
 }
