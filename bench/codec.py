@@ -25,6 +25,11 @@ a tensor go to one worker, which writes them into the tensor's buffer and hands 
 cut into tensors of TENSOR_CHUNKS chunks). "in-worker" is the time the workers report for their decode calls
 (copy into wasm memory, qz_decode, copy out), without the messaging. "chromium raw" is qz_decode called on the
 page's main thread with the input already in wasm memory: the same measurement as "wasm (raw decode)".
+
+Two native rows are timed in the Chromium rounds: decoding every chunk into one reused, cache-warm buffer (the
+decoder's own speed), and the page's job done natively (whole tensors written into fresh anonymous mappings,
+so that the native side pays the page faults and zeroing the workers' fresh ArrayBuffers pay). The 1-worker
+figure is reported against both; the second is the like-for-like WASM/native ratio.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import mmap
 import os
 import platform
 import re
@@ -152,6 +158,7 @@ class Native:
         lib.qz_encode_bound.argtypes = [u32, u32, u32]
         lib.qz_encode_bound.restype = u32
         self.lib = lib
+        self._mapped: list[tuple[int, int]] = []   # (address, size) of decode_tensors_fresh's mappings
 
     def encode(self, sym: np.ndarray, s: Stream) -> bytes:
         # what codec.encode_chunk writes by default: version 2, or 3 where an escape class pays
@@ -167,6 +174,47 @@ class Native:
         n = self.lib.qz_decode(chunk, len(chunk), out.ctypes.data, len(out))
         assert n >= 0, n
         return n
+
+    def decode_tensors_fresh(self, chunks: list[bytes], targets: list[dict]) -> int:
+        """What a native loader does with the same chunks as the page's decodeTensor: every tensor (chunks grouped
+        as window.__qzTensors groups them) gets a fresh anonymous mapping, whose pages fault in and are zeroed by
+        the kernel as the decoder writes them, and each chunk is decoded in place at its offset. Returns bytes
+        written; the mappings stay until release(), outside the clock (a page's buffers outlive the decode too)."""
+        maps: dict[int, int] = {}
+        written = 0
+        for c, t in zip(chunks, targets):
+            base = maps.get(t["tensor"])
+            if base is None:
+                base = maps[t["tensor"]] = _libc_mmap(t["nbytes"])
+            n = self.lib.qz_decode(c, len(c), base + t["outOff"], t["bytes"])
+            assert n == t["bytes"], (n, t)
+            written += n
+        sizes = {t["tensor"]: t["nbytes"] for t in targets}
+        self._mapped += [(base, sizes[k]) for k, base in maps.items()]
+        return written
+
+    def fresh_bytes(self) -> bytes:
+        """The tensors the last decode_tensors_fresh wrote, concatenated (for checking them)."""
+        return b"".join(ctypes.string_at(base, size) for base, size in self._mapped)
+
+    def release(self) -> None:
+        for base, size in self._mapped:
+            _LIBC.munmap(ctypes.c_void_p(base), ctypes.c_size_t(size))
+        self._mapped = []
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _libc_mmap(size: int) -> int:
+    """A fresh private anonymous read/write mapping (what a large malloc or a new ArrayBuffer gets)."""
+    addr = _LIBC.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"mmap of {size} bytes failed")
+    return addr
 
 
 class WasmRaw:
@@ -287,15 +335,11 @@ WARMUP = 2  # untimed passes first: V8 compiles wasm with Liftoff, then tiers ho
 # are 2-6 chunks each), keyed per round so that every pass builds new ones
 TENSOR_CHUNKS = 4
 LOAD_JS = """
-async ([files, per]) => {
+async ([files]) => {
   window.__qzBench = {};
   window.__qzTensors = {};
-  for (const [key, url, lengths, outLengths] of files) {
-    window.__qzTensors[key] = outLengths.map((n, i) => {
-      const first = i - i % per, members = outLengths.slice(first, first + per);
-      return { tensor: Math.floor(i / per), chunks: members.length, nbytes: members.reduce((a, b) => a + b, 0),
-               kn: null, outOff: outLengths.slice(first, i).reduce((a, b) => a + b, 0), bytes: n };
-    });
+  for (const [key, url, lengths, targets] of files) {
+    window.__qzTensors[key] = targets.map((t) => ({ ...t, kn: null }));
     const res = await fetch(url);
     if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
     const buf = await res.arrayBuffer();
@@ -308,6 +352,19 @@ async ([files, per]) => {
   return Object.keys(window.__qzBench).length;
 }
 """
+
+
+def tensor_targets(out_lengths: list[int], per: int = TENSOR_CHUNKS) -> list[dict]:
+    """The decodeTensor target of every chunk: the stream cut into tensors of `per` consecutive chunks, each chunk
+    at its offset in its tensor. The page (LOAD_JS) and the native fresh-memory decoder use the same list."""
+    targets = []
+    for i, n in enumerate(out_lengths):
+        first = i - i % per
+        members = out_lengths[first:first + per]
+        targets.append(dict(tensor=i // per, chunks=len(members), nbytes=sum(members),
+                            outOff=sum(out_lengths[first:i]), bytes=n))
+    return targets
+
 
 START_POOLS_JS = """
 async (sizes) => {
@@ -456,7 +513,8 @@ def write_served_chunks(folder: Path, encoded: list[Encoded]) -> list[list]:
         for variant, chunks in (("stored", e.stored), ("lzw", e.lzw_forced)):
             name = f"{i}-{variant}.qzb"
             (folder / name).write_bytes(b"".join(chunks))
-            files.append([f"{i}-{variant}", f"/bundles/{folder.name}/{name}", [len(c) for c in chunks], e.out_lengths])
+            files.append([f"{i}-{variant}", f"/bundles/{folder.name}/{name}", [len(c) for c in chunks],
+                          tensor_targets(e.out_lengths)])
     return files
 
 
@@ -497,7 +555,7 @@ def bench_chromium(encoded: list[Encoded], native: Native, repeat: int, settle: 
                         cross_origin_isolated=page.evaluate("self.crossOriginIsolated"))
             n_pool = max(1, int(info["hardware_concurrency"]))
             sizes = sorted({1, n_pool})
-            page.evaluate(LOAD_JS, [files, TENSOR_CHUNKS])
+            page.evaluate(LOAD_JS, [files])
             page.evaluate(START_POOLS_JS, sizes)
             info["cold"] = _cold_numbers(page, encoded[0], bool(info["cross_origin_isolated"]))
             print(f"chromium: Pyodide {info['pyodide']}; letting V8's background compilation settle for {settle:.0f} s")
@@ -506,6 +564,7 @@ def bench_chromium(encoded: list[Encoded], native: Native, repeat: int, settle: 
             modes = [False, True]
             for i, e in enumerate(encoded):
                 _check_in_page(page, i, e, n_pool, modes)
+                _check_native_fresh(native, e)
             best = _interleaved_timings(page, encoded, native, sizes, repeat, modes)
             for i, e in enumerate(encoded):
                 rows += _chromium_rows(e, best[i])
@@ -537,8 +596,20 @@ def _check_in_page(page, i: int, e: Encoded, n_pool: int, modes: list[bool]) -> 
                                    f"with sha256 {want}")
 
 
+def _check_native_fresh(native: Native, e: Encoded) -> None:
+    """The native fresh-memory path writes, tensor by tensor, the bytes Python decodes."""
+    for variant, chunks in (("stored", e.stored), ("lzw", e.lzw_forced)):
+        native.decode_tensors_fresh(chunks, tensor_targets(e.out_lengths))
+        got = native.fresh_bytes()
+        native.release()
+        if got != b"".join(codec.decode_chunk(c) for c in chunks):
+            raise RuntimeError(f"{e.stream.name} ({variant}): native decoding into fresh tensors differs from Python")
+
+
 RAW_BACKEND = "chromium raw (main thread)"
 NATIVE_BACKEND = "native gcc -O3 (Chromium rounds)"
+# the same C decoding what the page's workers decode, the way they write it: whole tensors into fresh memory
+NATIVE_FRESH_BACKEND = "native gcc -O3, whole tensors into fresh memory (Chromium rounds)"
 
 
 def _pool_backend(size: int, into: bool) -> str:
@@ -563,11 +634,19 @@ def _interleaved_timings(page, encoded: list[Encoded], native: Native, sizes: li
             native.decode_into(c, out)
         return (time.perf_counter() - t) * 1e3
 
+    def native_fresh_ms(chunks: list[bytes], targets: list[dict]) -> float:
+        t = time.perf_counter()
+        native.decode_tensors_fresh(chunks, targets)
+        ms = (time.perf_counter() - t) * 1e3
+        native.release()
+        return ms
+
     for r in range(WARMUP + repeat):
         for i, e in enumerate(encoded):
             for variant, chunks in (("stored", e.stored), ("lzw", e.lzw_forced)):
                 key = f"{i}-{variant}"
                 times = {NATIVE_BACKEND: {variant: native_ms(chunks)},
+                         NATIVE_FRESH_BACKEND: {variant: native_fresh_ms(chunks, tensor_targets(e.out_lengths))},
                          RAW_BACKEND: {variant: page.evaluate(RAW_JS, [key, 1, 0])}}
                 for size in sizes:
                     for into in modes:
@@ -587,14 +666,15 @@ def _chromium_rows(e: Encoded, best: dict[str, dict[str, float]]) -> list[dict]:
     """Table rows from the best times; every Chromium row carries its ratio to NATIVE_BACKEND of the same rounds."""
     rows = []
     n = len(e.stream.symbols)
-    native = best[NATIVE_BACKEND]
+    native, fresh = best[NATIVE_BACKEND], best[NATIVE_FRESH_BACKEND]
     for backend, t in best.items():
         row = _row(e.common, backend, n, e.out_bytes, None, t["stored"] / 1e3, t["lzw"] / 1e3)
         if "stored_worker" in t:   # pools: the same throughput from the workers' own clocks (sum over workers)
             row.update(in_worker_out_mb_s=e.out_bytes / t["stored_worker"] / 1e3,
                        lzw_in_worker_out_mb_s=e.out_bytes / t["lzw_worker"] / 1e3)
-        if backend != NATIVE_BACKEND:
-            row.update(native_ratio=native["stored"] / t["stored"], lzw_native_ratio=native["lzw"] / t["lzw"])
+        if not backend.startswith("native"):
+            row.update(native_ratio=native["stored"] / t["stored"], lzw_native_ratio=native["lzw"] / t["lzw"],
+                       native_fresh_ratio=fresh["stored"] / t["stored"], lzw_native_fresh_ratio=fresh["lzw"] / t["lzw"])
         rows.append(row)
     return rows
 
@@ -642,18 +722,19 @@ def print_table(rows: list[dict]) -> None:
 
 
 VERSUS_COLUMNS = [("stream", "stream", "{}"), ("chunks", "chunks", "{}"), ("native", "native", "{:.0f}"),
-                  ("native own run", "native_own_run", "{:.0f}"), ("wasmtime raw", "wasmtime", "{:.0f}"),
+                  ("native own run", "native_own_run", "{:.0f}"), ("native, fresh tensors", "native_fresh", "{:.0f}"), ("wasmtime raw", "wasmtime", "{:.0f}"),
                   ("Chromium raw", "raw", "{:.0f}"), ("1 worker, copy out", "worker_copy", "{:.0f}"),
                   ("1 worker", "worker", "{:.0f}"), ("in-worker", "in_worker", "{:.0f}"), ("pool", "pool", "{:.0f}"),
-                  ("1 worker / native", "ratio", "{:.2f}"), (f">={TARGET_WORKER_MB_S:.0f}", "meets_speed", "{}"),
-                  (f">={TARGET_NATIVE_RATIO}x", "meets_ratio", "{}")]
+                  ("1 worker / native", "ratio", "{:.2f}"), ("1 worker / native fresh", "ratio_fresh", "{:.2f}"),
+                  (f">={TARGET_WORKER_MB_S:.0f}", "meets_speed", "{}"),
+                  (f">={TARGET_NATIVE_RATIO}x (warm / fresh)", "meets_ratio", "{}")]
 
 
 def versus_native(rows: list[dict]) -> list[dict]:
     """One row per (stream, chunks as stored / LZW forced): decode MB/s of output of every backend side by side,
     and the targets checked on the Chromium 1-worker figure (wall clock, messaging included) of the page's path
-    (whole tensors) against native timed in the same
-    rounds ("own run": native in its own earlier measurement, best of --repeat)."""
+    (whole tensors) against native timed in the same rounds ("own run": native in its own earlier measurement, best
+    of --repeat), both native ways: into one warm buffer, and whole tensors into fresh memory as the workers do."""
     by = {(r["stream"], r["backend"]): r for r in rows}
     out = []
     for stream in dict.fromkeys(r["stream"] for r in rows if r["backend"].startswith("chromium")):
@@ -665,15 +746,18 @@ def versus_native(rows: list[dict]) -> list[dict]:
             worker = by[(stream, _pool_backend(1, into))]
             worker_copy = by[(stream, _pool_backend(1, False))]
             native = by[(stream, NATIVE_BACKEND)][key]
-            ratio = worker[key] / native
+            native_fresh = by[(stream, NATIVE_FRESH_BACKEND)][key]
+            ratio, ratio_fresh = worker[key] / native, worker[key] / native_fresh
             in_worker = worker["in_worker_out_mb_s" if key == "decode_out_mb_s" else "lzw_in_worker_out_mb_s"]
             out.append(dict(stream=stream, chunks=label, native=native, native_own_run=by[(stream, "native gcc -O3")][key],
                             wasmtime=by[(stream, "wasm (raw decode)")][key],
                             raw=by[(stream, "chromium raw (main thread)")][key], worker_copy=worker_copy[key],
                             worker=worker[key], worker_backend=worker["backend"],
                             in_worker=in_worker, pool=pool[key], pool_backend=pool["backend"], ratio=ratio,
+                            native_fresh=native_fresh, ratio_fresh=ratio_fresh,
                             meets_speed="yes" if worker[key] >= TARGET_WORKER_MB_S else "no",
-                            meets_ratio="yes" if ratio >= TARGET_NATIVE_RATIO else "no"))
+                            meets_ratio=" / ".join("yes" if r >= TARGET_NATIVE_RATIO else "no"
+                                                   for r in (ratio, ratio_fresh))))
     return out
 
 
