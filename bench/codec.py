@@ -148,8 +148,8 @@ def chunks_of(symbols: np.ndarray) -> list[np.ndarray]:
 class Native:
     """qz.c built with gcc -O3 -march=native, called through ctypes (no copies: numpy buffers are passed)."""
 
-    def __init__(self, workdir: Path):
-        lib = ctypes.CDLL(str(build_wasm.build_native(workdir / "libqz.so")))
+    def __init__(self, workdir: Path, compiler: str = "gcc"):
+        lib = ctypes.CDLL(str(build_wasm.build_native(workdir / "libqz.so", compiler)))
         u32, ptr = ctypes.c_uint32, ctypes.c_void_p
         lib.qz_decode.argtypes = [ptr, u32, ptr, u32]
         lib.qz_decode.restype = ctypes.c_int32

@@ -1,10 +1,14 @@
 """Smoke runs of the single-purpose benchmarks on the tiny model (their numbers mean nothing here; that they run
-and write what the README quotes does): bench/generate.py (the three memory modes) and bench/chat_turns.py."""
+and write what the README quotes does): bench/generate.py (the three memory modes) and bench/chat_turns.py; and
+bench/codec.py's native decoder that writes whole tensors into fresh memory."""
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from converter.bundle import BuildOptions, write_bundle
@@ -77,3 +81,28 @@ def test_peak_rss_is_this_process_own(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert float(out) < 200, out
     del held
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("gcc", "clang")),
+                    reason="no C compiler (tools/setup.sh installs clang)")
+def test_codec_bench_native_fresh_tensors_decode_what_python_decodes(tmp_path):
+    """bench/codec.py's like-for-like native row: chunks grouped into tensors as the page groups them, each tensor
+    a fresh mapping, every chunk decoded at its offset — the bytes must be Python's, tensor by tensor."""
+    spec = importlib.util.spec_from_file_location("bench_codec", ROOT / "bench" / "codec.py")
+    bench_codec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_codec)
+    from converter import codec, lzw
+
+    rng = np.random.default_rng(7)
+    symbols = np.clip(np.rint(rng.normal(0, 20, 5 * 4096)), -127, 127).astype(np.int8).view(np.uint8)
+    chunks = [codec.encode_chunk(symbols[i:i + 4096], 256, lzw.LAYOUT_U8) for i in range(0, len(symbols), 4096)]
+    lengths = [len(codec.decode_chunk(c)) for c in chunks]
+    targets = bench_codec.tensor_targets(lengths, per=2)
+    assert [t["tensor"] for t in targets] == [0, 0, 1, 1, 2]
+    assert [t["outOff"] for t in targets] == [0, lengths[0], 0, lengths[2], 0]
+    assert [t["nbytes"] for t in targets] == [lengths[0] + lengths[1]] * 2 + [lengths[2] + lengths[3]] * 2 + [lengths[4]]
+    native = bench_codec.Native(tmp_path, "gcc" if shutil.which("gcc") else "clang")
+    assert native.decode_tensors_fresh(chunks, targets) == sum(lengths)
+    assert native.fresh_bytes() == b"".join(codec.decode_chunk(c) for c in chunks)
+    native.release()
+    assert native.fresh_bytes() == b""
