@@ -89,7 +89,7 @@ def test_codec_bench_native_fresh_tensors_decode_what_python_decodes(tmp_path):
     """bench/codec.py's like-for-like native row: chunks grouped into tensors as the page groups them, each tensor
     a fresh mapping, every chunk decoded at its offset — the bytes must be Python's, tensor by tensor."""
     spec = importlib.util.spec_from_file_location("bench_codec", ROOT / "bench" / "codec.py")
-    bench_codec = importlib.util.module_from_spec(spec)
+    bench_codec = sys.modules["bench_codec"] = importlib.util.module_from_spec(spec)   # dataclasses look it up
     spec.loader.exec_module(bench_codec)
     from converter import codec, lzw
 
