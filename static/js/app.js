@@ -8,7 +8,7 @@
 // one (group schemes), else model.onnx).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
-import { chooseProvider, DecoderSession, prefillRows, webgpuDevice } from "./ort-session.js";
+import { chooseProvider, DecoderSession, prefillBudget, prefillRows, webgpuDevice } from "./ort-session.js";
 import { PyRuntime } from "./py-runtime.js";
 
 const $ = (id) => document.getElementById(id);
@@ -61,8 +61,10 @@ async function listBundles() {
   return list;
 }
 
-/** Positions per onnxruntime run: ?prefill=N, else what keeps the graph's prefill activations small. */
-const maxRows = (manifest, variant) => Number(params.get("prefill")) || prefillRows(manifest, variant);
+/** Positions per onnxruntime run: ?prefill=N, else what keeps the graph's prefill activations small for weights
+ * of this size (prefillBudget). */
+const maxRows = (manifest, variant, weightBytes) =>
+  Number(params.get("prefill")) || prefillRows(manifest, variant, prefillBudget(weightBytes));
 
 const GRAPH_NAMES = { graph: "model.onnx", graph_fp16: "float16 graph", graph_wasm: "wasm graph" };
 
@@ -99,6 +101,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
     $("progress-text").textContent = `${mb(bundle.stats.networkBytes)} from network, ${mb(bundle.stats.cachedBytes)} from cache`;
     const ts = performance.now();
     const bundleDoneAt = ts;
+    const weightBytes = bundle.externalData.reduce((n, x) => n + x.data.byteLength, 0);
     let session;
     try {
       const wantVariant = graphVariant(ep, f16), asked = (params.get("graph") || "auto") !== "auto";
@@ -109,7 +112,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep,
                                            threads, { ...sessionOpts, float16: bundle.graphVariant === "graph_fp16",
                                                       build: ep === "webgpu" ? "webgpu" : sessionOpts.build,
-                                                      maxRows: maxRows(bundle.manifest, bundle.graphVariant) });
+                                                      maxRows: maxRows(bundle.manifest, bundle.graphVariant, weightBytes) });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
@@ -121,7 +124,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       // wasm graph (transposed codes) cannot read
       const g = bundle.graphVariant === "graph" ? bundle.graph : await bundle.fetchGraph("graph");
       session = await DecoderSession.create(g, bundle.externalData, bundle.manifest.config, ep, threads,
-                                            { ...sessionOpts, maxRows: maxRows(bundle.manifest, "graph") });
+                                            { ...sessionOpts, maxRows: maxRows(bundle.manifest, "graph", weightBytes) });
     }
     pool.terminate();
     // onnxruntime owns the weights now (copied into its heap): free our copies. Dropping the references alone
