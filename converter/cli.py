@@ -205,9 +205,19 @@ def _low_memory(args) -> bool | str:
     return "strict" if args.strict_memory else args.low_memory
 
 
+def _int8_compute(args) -> bool:
+    """--int8-compute / --float-compute, else int8 compute where it is what a user running the model wants: one
+    session on model.onnx (float32). The memory modes keep float compute (int8 compute prepacks more: +25 MiB for
+    SmolLM2 int4-g32), and so do the float16 graph (CompInt8 takes float32 activations) and the wasm graph (no
+    MatMulNBits). Bundles without group schemes are the same either way."""
+    if args.int8_compute is not None:
+        return args.int8_compute
+    return not (args.fp16 or args.graph != "model" or _low_memory(args))
+
+
 def cmd_run(args) -> int:
     t0 = time.perf_counter()
-    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), args.int8_compute)
+    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args))
     load_s = time.perf_counter() - t0
     if args.raw or not chat.has_template:
         ids = chat.prompt_ids(raw=args.prompt)
@@ -230,7 +240,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), args.int8_compute)
+    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args))
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("Chat with the model. Empty line or Ctrl-D quits; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
@@ -378,10 +388,15 @@ def configure_parser() -> argparse.ArgumentParser:
         r.add_argument("--strict-memory", action="store_true",
                        help="--low-memory, and a tied embedding held once instead of twice (the lm_head reads it "
                             "unpacked): SmolLM2 int8 peaks ~27 MiB lower, decode ~1.3x slower")
-        r.add_argument("--int8-compute", action="store_true",
-                       help="group schemes (int4-gN, int2): multiply in int8, activations quantized per group, as the "
-                            "int8 schemes do: SmolLM2 int4-g32 decode ~1.4x, Llama-3.2-1B-shaped ~2x faster here, "
-                            "+25 MiB for SmolLM2")
+        compute = r.add_mutually_exclusive_group()
+        compute.add_argument("--int8-compute", dest="int8_compute", action="store_const", const=True, default=None,
+                             help="group schemes (int4-gN, int2): multiply in int8, activations quantized per group, "
+                                  "as the int8 schemes do: SmolLM2 int4-g32 decode ~1.4x, Llama-3.2-1B-shaped ~2x "
+                                  "faster here, +25 MiB for SmolLM2. The default with one session on model.onnx; "
+                                  "the memory modes and the other graphs default to float compute")
+        compute.add_argument("--float-compute", dest="int8_compute", action="store_const", const=False,
+                             help="group schemes multiply in float32 (the weights dequantized per group), as the "
+                                  "reference path and evaluation do: the default of --low-memory / --strict-memory")
         r.set_defaults(func=func)
 
     e = sub.add_parser("eval", help="quality of bundles against a float baseline (KL, perplexity, MMLU, ARC)")

@@ -109,6 +109,7 @@ class OrtDecoder:
     def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False,
                  variant: str = "graph", low_memory: bool | str = False, int8_compute: bool = False):
         self.config = bundle.config
+        self.int8_compute = int8_compute
         float16 = float16 or variant == "graph_fp16"
         if int8_compute and float16:      # CompInt8 takes float32 activations
             raise TinyQMoEError("int8 compute runs the float32 graphs only (model.onnx)")

@@ -185,3 +185,33 @@ def test_cli_int8_compute_runs_with_every_memory_mode(tiny_bundles, capsys):
         assert main(["run", path, "--prompt", "hello there", "--max-new-tokens", "8", "--int8-compute", *extra]) == 0
         texts.append(capsys.readouterr().out.splitlines()[0])
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_cli_multiplies_in_int8_by_default_on_one_float32_session(tiny_bundles, capsys, monkeypatch):
+    """run/chat default to int8 compute with one session on model.onnx (the fast path a user wants), and to float
+    compute in the memory modes and on the other graphs; --int8-compute / --float-compute say it outright. The
+    default's text is --int8-compute's."""
+    from converter.cli import _int8_compute, configure_parser
+
+    path = str(tiny_bundles("int4-g32"))
+
+    def decided(*extra):
+        return _int8_compute(configure_parser().parse_args(["run", path, "--prompt", "x", *extra]))
+
+    assert decided() is True
+    assert [decided(x) for x in ("--low-memory", "--strict-memory", "--fp16")] == [False, False, False]
+    assert [decided("--graph", g) for g in ("wasm", "fp16")] == [False, False]
+    assert decided("--float-compute") is False and decided("--int8-compute", "--low-memory") is True
+    with pytest.raises(SystemExit):
+        configure_parser().parse_args(["run", path, "--prompt", "x", "--int8-compute", "--float-compute"])
+    capsys.readouterr()
+    made = []
+    init = OrtDecoder.__init__
+    monkeypatch.setattr(OrtDecoder, "__init__", lambda self, *a, **k: (made.append(k.get("int8_compute")),
+                                                                      init(self, *a, **k))[1])
+    texts = []
+    for extra in ([], ["--int8-compute"], ["--float-compute"], ["--low-memory"]):
+        assert main(["run", path, "--prompt", "hello there", "--max-new-tokens", "8", *extra]) == 0
+        texts.append(capsys.readouterr().out.splitlines()[0])
+    assert made == [True, True, False, False]
+    assert texts[0] == texts[1]
