@@ -142,7 +142,7 @@ export class DecoderSession {
 
   reset() {
     const c = this.config;
-    for (const t of Object.values(this.past || {})) if (t.dispose) t.dispose();
+    for (const t of Object.values(this.past || {})) release(t);
     this.past = {};
     for (let i = 0; i < c.num_hidden_layers; i++) {
       for (const kind of ["key", "value"]) {
@@ -221,7 +221,7 @@ export class DecoderSession {
     for (let i = 0; i < this.config.num_hidden_layers; i++) {
       for (const kind of ["key", "value"]) {
         const old = this.past[`past_key_values.${i}.${kind}`];
-        if (old.dispose && old !== out[`present.${i}.${kind}`]) old.dispose();
+        if (old !== out[`present.${i}.${kind}`]) release(old);
         this.past[`past_key_values.${i}.${kind}`] = out[`present.${i}.${kind}`];
       }
     }
@@ -230,6 +230,18 @@ export class DecoderSession {
     p.runs++; p.feedsMs += t1 - t0; p.runMs += t2 - t1; p.kvMs += performance.now() - t2;
     return out.logits;
   }
+}
+
+/** Free a tensor the session no longer needs. A CPU tensor's data (the cache fed as past: onnxruntime-web copied
+ * it into its heap for the run, and the run's outputs are new arrays) is detached at once with
+ * ArrayBuffer.transfer(0): dispose() alone leaves the bytes to the next garbage collection, and with a cache one
+ * position longer at every step the old ones piled up (SmolLM2 int8, 801 positions: see README). */
+function release(t) {
+  if (t.location === "cpu") {
+    const buf = t.data && t.data.buffer;
+    if (buf && !(typeof SharedArrayBuffer !== "undefined" && buf instanceof SharedArrayBuffer) && buf.transfer) buf.transfer(0);
+  }
+  if (t.dispose) t.dispose();
 }
 
 function newProfile() { return { calls: 0, runs: 0, feedsMs: 0, runMs: 0, kvMs: 0, logitsMs: 0, topkMs: 0 }; }
