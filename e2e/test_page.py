@@ -120,22 +120,21 @@ def test_default_threads_follow_the_cores_and_the_model_size(page, server):
         assert (small, large) == (1, cores)
 
 
-def test_prefill_budget_follows_the_room_under_the_wasm_heap_cap(page, server, bundle_dir):
-    """ort-session.js prefillBudget: 32 MiB of partial sums per prefill piece while the weights fill at most half of
-    wasm32's 4 GiB, 16 MiB above; prefillRows turns a budget into positions (1B-shaped int4-g32: 2 MiB each)."""
+def test_prefill_pieces_follow_the_room_under_the_wasm_heap_cap(page, server, bundle_dir):
+    """ort-session.js prefillRows: 16 MiB of partial sums per prefill piece; twice that, up to 16 positions, where
+    16 MiB leaves shorter pieces and the weights fill at most half of wasm32's 4 GiB (a 1B-shaped MLP: 2 MiB a
+    position -> 16; above 2 GiB of weights 8); a SmolLM2-shaped one (108 KiB a position) keeps 151."""
     page.goto(server)
     got = page.evaluate("""() => import('/static/js/ort-session.js').then((m) => {
-        const manifest = { graph_wasm: { transposed: { w: 1 } }, initializers: [{ name: 'w', shape: [8192, 64, 32] }] };
-        return [m.prefillBudget(135e6), m.prefillBudget(1.4e9), m.prefillBudget(3.4e9),
-                m.prefillRows(manifest, 'graph_wasm', m.prefillBudget(1.4e9)),
-                m.prefillRows(manifest, 'graph_wasm', m.prefillBudget(3.4e9)), m.prefillRows(manifest, 'graph')]; })""")
-    assert got[:3] == [32 << 20, 32 << 20, 16 << 20]
-    assert got[3:5] == [16, 8]
-    assert got[5] == float("inf")      # a graph without transposed group codes is never cut
+        const big = { graph_wasm: { transposed: { w: 1 } }, initializers: [{ name: 'w', shape: [8192, 64, 32] }] };
+        const small = { graph_wasm: { transposed: { w: 1 } }, initializers: [{ name: 'w', shape: [1536, 18, 16] }] };
+        return [m.prefillRows(big, 'graph_wasm', 1.4e9), m.prefillRows(big, 'graph_wasm', 3.4e9),
+                m.prefillRows(small, 'graph_wasm', 1.4e8), m.prefillRows(big, 'graph')]; })""")
+    assert got == [16, 8, 151, float("inf")]       # a graph without transposed group codes is never cut
     open_loaded(page, server, "tiny-int4", "wasm")
     rows, want = page.evaluate("""() => import('/static/js/ort-session.js').then((m) => {
         const s = window.tinyqmoe.state;
-        return [s.session.maxRows, m.prefillRows(s.manifest, 'graph_wasm', 32 << 20)]; })""")
+        return [s.session.maxRows, m.prefillRows(s.manifest, 'graph_wasm', 1e6)]; })""")
     assert rows == want and rows != float("inf")
 
 

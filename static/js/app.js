@@ -8,7 +8,7 @@
 // one (group schemes), else model.onnx).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
-import { chooseProvider, DecoderSession, prefillBudget, prefillRows, webgpuDevice } from "./ort-session.js";
+import { chooseProvider, DecoderSession, prefillRows, webgpuDevice } from "./ort-session.js";
 import { PyRuntime } from "./py-runtime.js";
 
 const $ = (id) => document.getElementById(id);
@@ -62,9 +62,9 @@ async function listBundles() {
 }
 
 /** Positions per onnxruntime run: ?prefill=N, else what keeps the graph's prefill activations small for weights
- * of this size (prefillBudget). */
+ * of this size (prefillRows). */
 const maxRows = (manifest, variant, weightBytes) =>
-  Number(params.get("prefill")) || prefillRows(manifest, variant, prefillBudget(weightBytes));
+  Number(params.get("prefill")) || prefillRows(manifest, variant, weightBytes);
 
 const GRAPH_NAMES = { graph: "model.onnx", graph_fp16: "float16 graph", graph_wasm: "wasm graph" };
 
