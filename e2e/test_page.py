@@ -123,14 +123,17 @@ def test_default_threads_follow_the_cores_and_the_model_size(page, server):
 def test_prefill_pieces_follow_the_room_under_the_wasm_heap_cap(page, server, bundle_dir):
     """ort-session.js prefillRows: 16 MiB of partial sums per prefill piece; twice that, up to 16 positions, where
     16 MiB leaves shorter pieces and the weights fill at most half of wasm32's 4 GiB (a 1B-shaped MLP: 2 MiB a
-    position -> 16; above 2 GiB of weights 8); a SmolLM2-shaped one (108 KiB a position) keeps 151."""
+    position -> 16; above 2 GiB of weights 8); on the WASM EP never more than 64, whatever the graph (a
+    SmolLM2-shaped MLP, 108 KiB a position: 151 -> 64)."""
     page.goto(server)
     got = page.evaluate("""() => import('/static/js/ort-session.js').then((m) => {
         const big = { graph_wasm: { transposed: { w: 1 } }, initializers: [{ name: 'w', shape: [8192, 64, 32] }] };
         const small = { graph_wasm: { transposed: { w: 1 } }, initializers: [{ name: 'w', shape: [1536, 18, 16] }] };
         return [m.prefillRows(big, 'graph_wasm', 1.4e9), m.prefillRows(big, 'graph_wasm', 3.4e9),
-                m.prefillRows(small, 'graph_wasm', 1.4e8), m.prefillRows(big, 'graph')]; })""")
-    assert got == [16, 8, 151, float("inf")]       # a graph without transposed group codes is never cut
+                m.prefillRows(small, 'graph_wasm', 1.4e8), m.prefillRows(big, 'graph'),
+                m.prefillRows(big, 'graph', 1.4e9, 'webgpu'), m.prefillRows(big, 'graph_wasm', 1.4e9, 'webgpu')]; })""")
+    # model.onnx (no transposed group codes): pieces of 64 on the WASM EP, whole prompts on WebGPU
+    assert got == [16, 8, 64, 64, float("inf"), 16]
     open_loaded(page, server, "tiny-int4", "wasm")
     rows, want = page.evaluate("""() => import('/static/js/ort-session.js').then((m) => {
         const s = window.tinyqmoe.state;

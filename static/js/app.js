@@ -63,8 +63,8 @@ async function listBundles() {
 
 /** Positions per onnxruntime run: ?prefill=N, else what keeps the graph's prefill activations small for weights
  * of this size (prefillRows). */
-const maxRows = (manifest, variant, weightBytes) =>
-  Number(params.get("prefill")) || prefillRows(manifest, variant, weightBytes);
+const maxRows = (manifest, variant, weightBytes, ep) =>
+  Number(params.get("prefill")) || prefillRows(manifest, variant, weightBytes, ep);
 
 const GRAPH_NAMES = { graph: "model.onnx", graph_fp16: "float16 graph", graph_wasm: "wasm graph" };
 
@@ -112,7 +112,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep,
                                            threads, { ...sessionOpts, float16: bundle.graphVariant === "graph_fp16",
                                                       build: ep === "webgpu" ? "webgpu" : sessionOpts.build,
-                                                      maxRows: maxRows(bundle.manifest, bundle.graphVariant, weightBytes) });
+                                                      maxRows: maxRows(bundle.manifest, bundle.graphVariant, weightBytes, ep) });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
@@ -124,7 +124,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       // wasm graph (transposed codes) cannot read
       const g = bundle.graphVariant === "graph" ? bundle.graph : await bundle.fetchGraph("graph");
       session = await DecoderSession.create(g, bundle.externalData, bundle.manifest.config, ep, threads,
-                                            { ...sessionOpts, maxRows: maxRows(bundle.manifest, "graph", weightBytes) });
+                                            { ...sessionOpts, maxRows: maxRows(bundle.manifest, "graph", weightBytes, ep) });
     }
     pool.terminate();
     // onnxruntime owns the weights now (copied into its heap): free our copies. Dropping the references alone

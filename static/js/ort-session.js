@@ -24,29 +24,35 @@ export async function ortBuild(build) {
 /** Positions per session.run that keep a prefill's activations near PREFILL_BUDGET bytes. The wasm graph (group
  * schemes) multiplies each group of 32 or 64 inputs separately and sums the groups after: its GEMMs make
  * float32 [groups, positions, N] partial sums, 4 * groups * N bytes per position. SmolLM2 int4-g32: 108 KiB per
- * position, no limit in practice (151 positions); Llama-3.2-1B: 2 MiB (the MLP's 64 x 8192 and 256 x 2048), and a
+ * position (151 positions, cut to MAX_PIECE); Llama-3.2-1B: 2 MiB (the MLP's 64 x 8192 and 256 x 2048), and a
  * 41-token prompt in one run grew onnxruntime-web's heap, which never shrinks, from 1.45 to 2.95 GiB (README).
  * Where the budget leaves pieces shorter than MIN_PIECE positions and the weights (`weightBytes`, what the
  * session is given) fill at most half of the 4 GiB a wasm32 heap can reach, the budget doubles, up to MIN_PIECE
  * positions. Measured (docs/scaling.md): a Llama-3.2-1B-shaped int4-g32 model, 8 -> 16 positions a piece,
  * prefills 13.7 -> 16.5 tok/s for 1,477 -> 1,578 MiB of page memory (1.12 -> 1.19x its weights); a 3B-shaped
  * one would gain too but sits too close to the cap; SmolLM2 int4-g32, 151 -> 302 positions, prefilled a
- * 769-token prompt no faster (159-168 against 153-161 tok/s) for 404 -> 475 MiB, hence the cap at MIN_PIECE. */
-export function prefillRows(manifest, variant, weightBytes = Infinity) {
+ * 769-token prompt no faster (159-168 against 153-161 tok/s) for 404 -> 475 MiB, hence the cap at MIN_PIECE.
+ * And on the WASM EP no piece is longer than MAX_PIECE positions, whatever the graph: SmolLM2 int4-g32 prefilled
+ * that prompt as fast in pieces of 64 as of 151 (160 against 155-159 tok/s; 32: 141) and the page then held 345
+ * instead of 404 MiB; SmolLM2 int8 (model.onnx, no partial sums) 244 against 229-239 tok/s in one run, 276
+ * instead of 321 MiB. On WebGPU (not measurable here: SwiftShader) model.onnx prompts still run whole. */
+export function prefillRows(manifest, variant, weightBytes = Infinity, ep = "wasm") {
+  const cap = ep === "wasm" ? MAX_PIECE : Infinity;
   const transposed = (manifest[variant] && manifest[variant].transposed) || {};
   let perRow = 0;
   for (const e of manifest.initializers) {
     if (e.name in transposed) perRow = Math.max(perRow, 4 * e.shape[0] * e.shape[1]);   // codes (N, groups, bytes)
   }
-  if (!perRow) return Infinity;
+  if (!perRow) return cap;
   const rows = (budget) => Math.max(1, Math.floor(budget / perRow));
   let n = rows(PREFILL_BUDGET);
   if (n < MIN_PIECE && weightBytes <= 2 * 2 ** 30) n = Math.min(MIN_PIECE, rows(2 * PREFILL_BUDGET));
-  return n;
+  return Math.min(n, cap);
 }
 
 export const PREFILL_BUDGET = 16 << 20;
 export const MIN_PIECE = 16;
+export const MAX_PIECE = 64;
 
 /** From this many bytes of weights on the WASM EP a second thread pays on 2 cores (defaultThreads). */
 export const TWO_THREADS_FROM_BYTES = 512e6;
