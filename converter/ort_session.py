@@ -123,7 +123,8 @@ class OrtDecoder:
                                                  int8_compute=int8_compute)
         else:
             self.session = create_session(bundle, threads, verify, float16, variant, int8_compute)
-        self.kv_dtype = np.float16 if float16 else np.float32  # the float16 graph keeps its KV cache in float16
+        # the KV cache's type as the graph declares it: float16 in the float16 graph and in the wasm graph
+        self.kv_dtype = np.float16 if _input_type(self.session, kv_names(0)[0]) == "tensor(float16)" else np.float32
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
         self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
         self.reset()
@@ -182,6 +183,18 @@ class OrtDecoder:
     def forward_full(self, ids: list[int]) -> np.ndarray:
         self.reset()
         return self.run(np.asarray([ids], np.int64))[0]
+
+
+def _input_type(session, name: str) -> str | None:
+    """An input's onnxruntime type string ("tensor(float16)"), from a session's NodeArgs or, for a StagedSession,
+    the graph's ValueInfoProtos."""
+    for i in session.get_inputs():
+        if i.name == name:
+            if isinstance(i.type, str):
+                return i.type
+            from onnx import helper
+            return f"tensor({helper.tensor_dtype_to_string(i.type.tensor_type.elem_type).split('.')[-1].lower()})"
+    return None
 
 
 def top_k_sorted(logits: np.ndarray, k: int) -> tuple[list[int], list[float]]:

@@ -251,6 +251,25 @@ def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
     assert (got.argmax(-1) == want.argmax(-1))[clear].all()
 
 
+def test_wasm_graph_keeps_its_kv_cache_in_float16(tiny_bundles):
+    """The wasm graph stores the cache in float16 (half the bytes the page copies in and out of onnxruntime-web's
+    heap at every step) and attends in float32; model.onnx keeps float32. Both runtimes read the type from the
+    graph: one session and the staged sessions feed float16, and their logits agree with each other."""
+    bundle = load(tiny_bundles("int4-g32", "int8-g32"))
+    for variant, want in (("graph_wasm", onnx.TensorProto.FLOAT16), ("graph", onnx.TensorProto.FLOAT)):
+        model = onnx.load_from_string(bundle.graph_bytes(variant=variant))
+        kv = [v for v in list(model.graph.input) + list(model.graph.output) if "key" in v.name or "value" in v.name]
+        assert kv and {v.type.tensor_type.elem_type for v in kv} == {want}, variant
+    one = OrtDecoder(bundle, variant="graph_wasm")
+    staged = OrtDecoder(bundle, variant="graph_wasm", low_memory=True)
+    assert one.kv_dtype == staged.kv_dtype == np.float16
+    assert OrtDecoder(bundle).kv_dtype == np.float32
+    a = one.run(np.asarray([IDS[:5]]))[0, -1]
+    b = staged.run(np.asarray([IDS[:5]]))[0, -1]
+    assert one.past["past_key_values.0.key"].dtype == np.float16 and np.array_equal(a, b)
+    assert np.array_equal(one.run(np.asarray([[IDS[5]]]))[0, -1], staged.run(np.asarray([[IDS[5]]]))[0, -1])
+
+
 @pytest.mark.parametrize("scheme,embed", [("int4-g32", "int4-g32"), ("int4-g64", None), ("int2-g64", None)])
 def test_int8_compute_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
     """OrtDecoder(int8_compute=True): every MatMulNBits multiplies in int8 (accuracy_level 4), the bundle's graph

@@ -122,7 +122,10 @@ export class DecoderSession {
       }
     }
     const session = await ort.InferenceSession.create(graph, options);
-    const decoder = new DecoderSession(ort, session, config, ep, kvOnDevice, !!opts.float16, build);
+    // the KV cache's type as the graph declares it: float16 in the float16 graph and in the wasm graph
+    const kvMeta = (session.inputMetadata || []).find((m) => m.name === "past_key_values.0.key");
+    const kv16 = !!opts.float16 || (kvMeta && kvMeta.type === "float16");
+    const decoder = new DecoderSession(ort, session, config, ep, kvOnDevice, kv16, build);
     decoder.numThreads = ort.env.wasm.numThreads;   // what the wasm module runs with (fixed at its first session)
     decoder.maxRows = opts.maxRows || Infinity;
     return decoder;
