@@ -77,6 +77,7 @@ class BuildOptions:
     force: bool = False
     name: str | None = None
     calibration: Any = None                  # calibrate.CalibrationOptions: GPTQ / clip search / mixed precision
+    smooth: float | None = None              # int8: activation smoothing with this alpha (converter/smooth.py)
     fp16_graph: bool = True                  # also write model.fp16.onnx (same weights, float16 activations)
     wasm_graph: bool = True                  # also write model.wasm.onnx when a tensor uses a group scheme
     byte_planes: bool = True                 # store float byte streams as byte planes where that codes smaller
@@ -390,6 +391,30 @@ def _passthrough(checkpoint, name: str, scheme: str, w: np.ndarray):
     return dataclasses.replace(q, max_error=mx, rms_error=rms)
 
 
+SMOOTH_SCHEMES = ("int8",)   # per-channel int8 with per-token int8 activations: where smoothing was measured
+
+
+def _smoothed(checkpoint, opts: BuildOptions, embed_scheme: str, progress):
+    """The checkpoint with activation smoothing applied as it is loaded (converter/smooth.py): scales from a float
+    pass over 2,048 calibration tokens (the end of pydoc_data.topics, disjoint from the perplexity windows)."""
+    import json as _json
+
+    from .calibrate import CalibrationOptions, calibration_ids
+    from .smooth import SmoothedCheckpoint, smoothing_scales
+
+    if opts.scheme not in SMOOTH_SCHEMES:
+        raise BundleError(f"--smooth applies to {', '.join(SMOOTH_SCHEMES)} (per-token int8 activations), "
+                          f"not {opts.scheme}")
+    if not 0 < opts.smooth <= 1:
+        raise BundleError(f"--smooth: alpha in (0, 1], got {opts.smooth}")
+    tok = checkpoint.tokenizer_files().get("tokenizer.json")
+    if tok is None:
+        raise BundleError("--smooth needs the checkpoint's tokenizer.json (for the calibration text)")
+    ids, text = calibration_ids(_json.loads(tok), CalibrationOptions(sequences=8, seq_len=256))
+    return SmoothedCheckpoint(checkpoint, smoothing_scales(checkpoint, checkpoint.config, ids, opts.smooth, text,
+                                                           progress))
+
+
 def write_bundle(checkpoint, out: Path, opts: BuildOptions,
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Convert `checkpoint` (a loaders.Checkpoint) into a bundle folder at `out`; returns the manifest."""
@@ -421,6 +446,8 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     calib = None
     try:
+        if opts.smooth is not None:           # int8: per-channel scales folded into the weights before quantizing
+            checkpoint = _smoothed(checkpoint, opts, embed_scheme, progress)
         if opts.calibration is not None:      # GPTQ & co. need activations: quantize first, layer by layer
             from .calibrate import calibrate
             calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress)
@@ -542,6 +569,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     }
     if calib is not None:
         manifest["calibration"] = calib.record
+    if getattr(checkpoint, "smoothing", None) is not None:
+        manifest["smoothing"] = checkpoint.smoothing.record()
     manifest["totals"]["bundle_bytes"] += len(_dump(manifest))  # close enough: the manifest counts itself
     manifest["totals"]["bits_per_weight_all_in"] = round(8 * manifest["totals"]["bundle_bytes"] / max(n_params, 1), 4)
     manifest["integrity"] = {"sha256": manifest_digest(manifest)}
@@ -1065,7 +1094,8 @@ def _str(v, where: str) -> str:
 
 def _validate_schema(m: dict):
     M = MANIFEST
-    _keys(m, _TOP | (({"calibration"} | set(GRAPH_VARIANTS)) & set(m)) | ({"tables"} if m["version"] >= 2 else set()), M)
+    _keys(m, _TOP | (({"calibration", "smoothing"} | set(GRAPH_VARIANTS)) & set(m)) |
+          ({"tables"} if m["version"] >= 2 else set()), M)
     for key in GRAPH_VARIANTS:
         if key in m:
             optional = _stored_forms(m[key], m, f"{M}: {key}") | \
@@ -1073,6 +1103,14 @@ def _validate_schema(m: dict):
             _keys(m[key], {"file", "bytes", "sha256"} | optional, f"{M}: {key}")
     if "calibration" in m:
         _validate_calibration(m["calibration"])
+    if "smoothing" in m:
+        sm = m["smoothing"]
+        _want(isinstance(sm, dict) and set(sm) == {"alpha", "tokens", "text"}, f"{M}: smoothing",
+              "expected alpha, tokens and text")
+        _num(sm["alpha"], f"{M}: smoothing.alpha", 0, 1)
+        _int(sm["tokens"], f"{M}: smoothing.tokens", 1, 1 << 24)
+        _want(isinstance(sm["text"], dict) and len(json.dumps(sm["text"])) < 4096, f"{M}: smoothing.text",
+              "expected a short object")
     _keys(m["codec"], {"name", "version", "chunk_symbols", "max_code_bits"}, f"{M}: codec")
     _want(m["codec"]["name"] == "qz" and type(m["codec"]["version"]) is int and m["codec"]["version"] == 1,
           f"{M}: codec", "expected qz version 1")

@@ -1,0 +1,135 @@
+"""Activation smoothing for the int8 scheme (SmoothQuant-style): move each input channel's range from the
+activations into the weights before quantizing, by per-channel scales that cancel exactly in float.
+
+Why. The int8 scheme quantizes every activation row to 8 bits at run time (one scale per token, the int8 graph's
+DynamicQuantizeMatMul). SmolLM2's activations have a few channels hundreds of times larger than the rest (the
+down_proj input reaches 2,374 in layer 28 where most channels are below 10), so one token's step is set by those
+channels and the others keep a handful of levels. Measured on SmolLM2 (`converter eval --tasks kl`, 10 texts):
+the per-row int8 weights alone, run with float activations, cost KL 0.0046; the int8 bundle costs 0.049, so nine
+tenths of it is the activations. Dividing channel j of an activation by s_j and multiplying column j of the
+weight that reads it by s_j leaves the product unchanged and flattens the activation row (README "Quality").
+
+Where the scales go (each folds into the float tensor that makes the activation, so the graph is unchanged):
+
+    input_layernorm.weight / s1  ->  q/k/v_proj columns * s1
+    v_proj rows / s4            ->  o_proj columns * s4 (one scale per value channel, shared by the heads of a group)
+    post_attention_layernorm / s2 -> gate/up_proj columns * s2
+    up_proj rows / s3           ->  down_proj columns * s3   (the down input is silu(gate) * up)
+
+s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha), from a float pass over calibration text (the end of
+pydoc_data.topics, as converter.calibrate uses), clipped to [1e-2, 1e2]. The pass keeps one layer's activations
+at a time; the scales are applied as each weight is loaded (SmoothedCheckpoint), so memory stays bounded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import LlamaConfig
+
+SCALE_RANGE = (1e-2, 1e2)
+
+
+@dataclass
+class Smoothing:
+    """The scales of every decoder layer: name -> (column scale or None, row divisor or None) per weight."""
+    alpha: float
+    tokens: int
+    text: dict
+    scales: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"alpha": self.alpha, "tokens": self.tokens, "text": self.text}
+
+
+def channel_scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha), clipped to SCALE_RANGE."""
+    s = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1.0 - alpha)
+    return np.clip(s, *SCALE_RANGE).astype(np.float32)
+
+
+def smoothing_scales(checkpoint, cfg: LlamaConfig, ids: np.ndarray, alpha: float, text: dict,
+                     progress=None) -> Smoothing:
+    """A float pass over `ids` (sequences, seq_len), one layer at a time, measuring each linear input's per-channel
+    maximum; returns the scales (module docstring). The smoothed model computes the same activations up to the
+    scaled channels, so the unsmoothed pass measures what every layer sees."""
+    from .calibrate import _attention, _rms_norm
+
+    n, s = ids.shape
+    hd, nh, kvh = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    rep = nh // kvh
+    emb = checkpoint.load("model.embed_tokens.weight")
+    x = emb[ids.reshape(-1)].astype(np.float32)                                 # (n·s, H)
+    del emb
+    out = Smoothing(alpha, int(ids.size), text)
+    col_max = lambda ws: np.max([np.abs(w).max(0) for w in ws], axis=0)  # noqa: E731
+    L = cfg.num_hidden_layers
+    for i in range(L):
+        if progress:
+            progress(f"smoothing: layer {i}", i, L)
+        p = f"model.layers.{i}."
+        load = lambda name: checkpoint.load(p + name + ".weight").astype(np.float32)  # noqa: E731
+        wq, wk, wv, wo = (load("self_attn." + t) for t in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        h = _rms_norm(x, load("input_layernorm"), cfg.rms_norm_eps)
+        s1 = channel_scales(np.abs(h).max(0), col_max([wq, wk, wv]), alpha)
+        ctx = _attention(cfg, h @ wq.T, h @ wk.T, h @ wv.T, n, s)                  # (n·s, nh·hd)
+        # o_proj's input channel (head, d) is value channel (head // rep, d): one scale per value channel
+        c_max = np.abs(ctx).max(0).reshape(kvh, rep, hd).max(1).reshape(-1)
+        o_max = np.abs(wo).max(0).reshape(kvh, rep, hd).max(1).reshape(-1)
+        s4 = channel_scales(c_max, o_max, alpha)
+        x = x + ctx @ wo.T
+        del h, ctx
+        wg, wu, wd = (load("mlp." + t) for t in ("gate_proj", "up_proj", "down_proj"))
+        h2 = _rms_norm(x, load("post_attention_layernorm"), cfg.rms_norm_eps)
+        s2 = channel_scales(np.abs(h2).max(0), col_max([wg, wu]), alpha)
+        gate, up = h2 @ wg.T, h2 @ wu.T
+        a = (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
+        s3 = channel_scales(np.abs(a).max(0), np.abs(wd).max(0), alpha)
+        x = (x + a @ wd.T).astype(np.float32)
+        del h2, gate, up, a
+        s4_o = np.repeat(s4.reshape(kvh, 1, hd), rep, axis=1).reshape(-1)
+        out.scales.update({
+            p + "input_layernorm.weight": (None, s1),
+            p + "self_attn.q_proj.weight": (s1, None),
+            p + "self_attn.k_proj.weight": (s1, None),
+            p + "self_attn.v_proj.weight": (s1, s4),
+            p + "self_attn.o_proj.weight": (s4_o, None),
+            p + "post_attention_layernorm.weight": (None, s2),
+            p + "mlp.gate_proj.weight": (s2, None),
+            p + "mlp.up_proj.weight": (s2, s3),
+            p + "mlp.down_proj.weight": (s3, None),
+        })
+    if progress:
+        progress("smoothing", L, L)
+    return out
+
+
+def apply(name: str, w: np.ndarray, smoothing: Smoothing) -> np.ndarray:
+    """The smoothed tensor: a weight (out, in) times its column scales and divided by its row divisors; a norm
+    weight (1-D) divided by its scales."""
+    if name not in smoothing.scales:
+        return w
+    cols, rows = smoothing.scales[name]
+    w = w.astype(np.float32)
+    if w.ndim == 1:
+        return (w / rows).astype(np.float32)
+    if cols is not None:
+        w = w * cols[None, :]
+    if rows is not None:
+        w = w / rows[:, None]
+    return w.astype(np.float32)
+
+
+class SmoothedCheckpoint:
+    """A loaders checkpoint whose load() returns smoothed tensors; everything else is the wrapped checkpoint's."""
+
+    def __init__(self, checkpoint, smoothing: Smoothing):
+        self._checkpoint = checkpoint
+        self.smoothing = smoothing
+
+    def __getattr__(self, name):
+        return getattr(self._checkpoint, name)
+
+    def load(self, name: str) -> np.ndarray:
+        return apply(name, self._checkpoint.load(name), self.smoothing)
