@@ -394,11 +394,9 @@ def _passthrough(checkpoint, name: str, scheme: str, w: np.ndarray):
 SMOOTH_SCHEMES = ("int8",)   # per-channel int8 with per-token int8 activations: where smoothing was measured
 
 
-def _smoothed(checkpoint, opts: BuildOptions, embed_scheme: str, progress):
+def _smoothed(checkpoint, opts: BuildOptions, progress):
     """The checkpoint with activation smoothing applied as it is loaded (converter/smooth.py): scales from a float
     pass over 2,048 calibration tokens (the end of pydoc_data.topics, disjoint from the perplexity windows)."""
-    import json as _json
-
     from .calibrate import CalibrationOptions, calibration_ids
     from .smooth import SmoothedCheckpoint, smoothing_scales
 
@@ -410,7 +408,7 @@ def _smoothed(checkpoint, opts: BuildOptions, embed_scheme: str, progress):
     tok = checkpoint.tokenizer_files().get("tokenizer.json")
     if tok is None:
         raise BundleError("--smooth needs the checkpoint's tokenizer.json (for the calibration text)")
-    ids, text = calibration_ids(_json.loads(tok), CalibrationOptions(sequences=8, seq_len=256))
+    ids, text = calibration_ids(json.loads(tok), CalibrationOptions(sequences=8, seq_len=256))
     return SmoothedCheckpoint(checkpoint, smoothing_scales(checkpoint, checkpoint.config, ids, opts.smooth, text,
                                                            progress))
 
@@ -447,7 +445,7 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     calib = None
     try:
         if opts.smooth is not None:           # int8: per-channel scales folded into the weights before quantizing
-            checkpoint = _smoothed(checkpoint, opts, embed_scheme, progress)
+            checkpoint = _smoothed(checkpoint, opts, progress)
         if opts.calibration is not None:      # GPTQ & co. need activations: quantize first, layer by layer
             from .calibrate import calibrate
             calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress)
