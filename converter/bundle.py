@@ -391,7 +391,9 @@ def _passthrough(checkpoint, name: str, scheme: str, w: np.ndarray):
     return dataclasses.replace(q, max_error=mx, rms_error=rms)
 
 
-SMOOTH_SCHEMES = ("int8",)   # per-channel int8 with per-token int8 activations: where smoothing was measured
+# where smoothing was measured (README "Quality"): int8 (per-token int8 activations at run time) and the 4-bit
+# group schemes, whose weights it quantizes where the activations are large, finer (as AWQ does)
+SMOOTH_SCHEMES = ("int8", "int4-g32", "int4-g64")
 
 
 def _smoothed(checkpoint, opts: BuildOptions, progress):
@@ -401,8 +403,7 @@ def _smoothed(checkpoint, opts: BuildOptions, progress):
     from .smooth import SmoothedCheckpoint, smoothing_scales
 
     if opts.scheme not in SMOOTH_SCHEMES:
-        raise BundleError(f"--smooth applies to {', '.join(SMOOTH_SCHEMES)} (per-token int8 activations), "
-                          f"not {opts.scheme}")
+        raise BundleError(f"--smooth applies to {', '.join(SMOOTH_SCHEMES)} (where it was measured), not {opts.scheme}")
     if not 0 < opts.smooth <= 1:
         raise BundleError(f"--smooth: alpha in (0, 1], got {opts.smooth}")
     tok = checkpoint.tokenizer_files().get("tokenizer.json")

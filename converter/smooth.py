@@ -1,5 +1,5 @@
-"""Activation smoothing for the int8 scheme (SmoothQuant-style): move each input channel's range from the
-activations into the weights before quantizing, by per-channel scales that cancel exactly in float.
+"""Activation smoothing (SmoothQuant-style) for the int8 and 4-bit group schemes: move each input channel's range
+from the activations into the weights before quantizing, by per-channel scales that cancel exactly in float.
 
 Why. The int8 scheme quantizes every activation row to 8 bits at run time (one scale per token, the int8 graph's
 DynamicQuantizeMatMul). SmolLM2's activations have a few channels hundreds of times larger than the rest (the
@@ -8,6 +8,10 @@ channels and the others keep a handful of levels. Measured on SmolLM2 (`converte
 the per-row int8 weights alone, run with float activations, cost KL 0.0046; the int8 bundle costs 0.049, so nine
 tenths of it is the activations. Dividing channel j of an activation by s_j and multiplying column j of the
 weight that reads it by s_j leaves the product unchanged and flattens the activation row (README "Quality").
+For the 4-bit group schemes the same scales work on the weights' side: columns that meet large activations are
+scaled up before rounding, so their rounding error, which those activations multiply, shrinks relative to the
+weight (AWQ's observation): SmolLM2 int4-g32 KL 0.353 -> 0.162 on model.onnx (float compute), 0.358 -> 0.162 on
+the wasm graph.
 
 Where the scales go (each folds into the float tensor that makes the activation, so the graph is unchanged):
 

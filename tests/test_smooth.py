@@ -1,5 +1,5 @@
-"""Activation smoothing for the int8 scheme (converter/smooth.py): exact in float, recorded in the manifest, refused
-where it was not measured, and its record checked like every other manifest field."""
+"""Activation smoothing (converter/smooth.py): exact in float, recorded in the manifest, refused where it was not
+measured, and its record checked like every other manifest field."""
 import numpy as np
 import pytest
 
@@ -36,24 +36,29 @@ def test_smoothing_is_exact_in_float(tiny_hf):
                           ws["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_int8_bundle_with_smoothing_records_it_and_runs(tiny_hf, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_bundle_with_smoothing_records_it_and_runs(tiny_hf, tmp_path, scheme):
     folder, _ = tiny_hf
     out = tmp_path / "smoothed"
-    m = write_bundle(open_checkpoint(folder), out, BuildOptions(scheme="int8", smooth=0.5, chunk_symbols=4096))
+    m = write_bundle(open_checkpoint(folder), out, BuildOptions(scheme=scheme, smooth=0.5, chunk_symbols=4096))
     assert m["smoothing"]["alpha"] == 0.5 and m["smoothing"]["tokens"] == 2048
     assert m["smoothing"]["text"]["corpus"]
     logits = OrtDecoder(load(out)).forward_full(IDS)
-    write_bundle(open_checkpoint(folder), tmp_path / "plain", BuildOptions(scheme="int8", chunk_symbols=4096))
-    ref = OrtDecoder(load(tmp_path / "plain")).forward_full(IDS)
-    # the same model up to int8 rounding of differently scaled numbers: close, not equal
-    assert np.isfinite(logits).all() and not np.array_equal(logits, ref)
-    assert np.abs(logits - ref).max() / np.abs(ref).max() < 0.1
+    write_bundle(open_checkpoint(folder), tmp_path / "plain", BuildOptions(scheme=scheme, chunk_symbols=4096))
+    plain = OrtDecoder(load(tmp_path / "plain")).forward_full(IDS)
+    ck = open_checkpoint(folder)
+    want = reference.forward(ck.config, {name: ck.load(name) for name in ck.tensors}, IDS)
+    err = lambda x: np.abs(x - want).max() / np.abs(want).max()  # noqa: E731
+    # the same float model, rounded differently: not equal to the plain bundle, and about as close to the float
+    # model (the tiny random model has no outlier channels for smoothing to win on; SmolLM2 does: README)
+    assert np.isfinite(logits).all() and not np.array_equal(logits, plain)
+    assert err(logits) < 1.5 * err(plain) + 0.02, (err(logits), err(plain))
 
 
 def test_smoothing_is_refused_where_it_was_not_measured(tiny_hf, tmp_path):
     folder, _ = tiny_hf
-    with pytest.raises(BundleError, match="--smooth applies to int8"):
-        write_bundle(open_checkpoint(folder), tmp_path / "x", BuildOptions(scheme="int4-g32", smooth=0.5))
+    with pytest.raises(BundleError, match="--smooth applies to int8, int4-g32, int4-g64"):
+        write_bundle(open_checkpoint(folder), tmp_path / "x", BuildOptions(scheme="ternary", smooth=0.5))
     with pytest.raises(BundleError, match="alpha in"):
         write_bundle(open_checkpoint(folder), tmp_path / "y", BuildOptions(scheme="int8", smooth=1.5))
 
