@@ -124,7 +124,7 @@ class OrtDecoder:
         else:
             self.session = create_session(bundle, threads, verify, float16, variant, int8_compute)
         # the KV cache's type as the graph declares it: float16 in the float16 graph and in the wasm graph
-        self.kv_dtype = np.float16 if _input_type(self.session, kv_names(0)[0]) == "tensor(float16)" else np.float32
+        self.kv_dtype = _kv_dtype(self.session)
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
         self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
         self.reset()
@@ -185,16 +185,16 @@ class OrtDecoder:
         return self.run(np.asarray([ids], np.int64))[0]
 
 
-def _input_type(session, name: str) -> str | None:
-    """An input's onnxruntime type string ("tensor(float16)"), from a session's NodeArgs or, for a StagedSession,
-    the graph's ValueInfoProtos."""
+def _kv_dtype(session) -> type:
+    """The KV cache's numpy type, as the graph declares past_key_values.0.key: a session's NodeArg gives
+    "tensor(float16)", a StagedSession's ValueInfoProto an onnx element type."""
+    from onnx import TensorProto
+
     for i in session.get_inputs():
-        if i.name == name:
-            if isinstance(i.type, str):
-                return i.type
-            from onnx import helper
-            return f"tensor({helper.tensor_dtype_to_string(i.type.tensor_type.elem_type).split('.')[-1].lower()})"
-    return None
+        if i.name == kv_names(0)[0]:
+            t = i.type if isinstance(i.type, str) else i.type.tensor_type.elem_type
+            return np.float16 if t in ("tensor(float16)", TensorProto.FLOAT16) else np.float32
+    return np.float32
 
 
 def top_k_sorted(logits: np.ndarray, k: int) -> tuple[list[int], list[float]]:
