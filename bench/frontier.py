@@ -73,6 +73,9 @@ OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "
                    ("int8-e3", "int8-e3.5", "gptq"),
                    # more calibration text (12,288 tokens instead of 4,096): better token probabilities
                    ("source", "int8-e4.3", "gptq", 12288), ("source", "int8-e4.4", "gptq", 12288)]
+# The int4 schemes are smoothed by default (converter.bundle.SEARCH_SCHEMES, `--smooth auto`): their OURS points
+# are the default builds (folders ending in -smooth); these are the same bundles built with --smooth off
+OURS_UNSMOOTHED = [("int4-g32", "source"), ("int4-g32", "int8"), ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64")]
 # llama.cpp points: (type of the linear layers, type of the embedding)
 LLAMA_CPP = [("Q8_0", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q8_0"), ("Q4_1", "Q8_0"), ("Q4_0", "Q8_0"),
              ("Q4_1", "Q4_1"), ("Q4_0", "Q4_0"), ("TQ2_0", "Q4_0"), ("TQ1_0", "Q4_0")]
@@ -244,11 +247,10 @@ def main(argv=None) -> int:
     if args.only != "llama.cpp":
         root = Path(args.bundles)
         from converter.calibrate import CalibrationOptions
-        for scheme, embed, *method in OURS + OURS_CALIBRATED:
+        todo = [(p, None) for p in OURS + OURS_CALIBRATED] + [(p, "off") for p in OURS_UNSMOOTHED]
+        for (scheme, embed, *method), smooth in todo:
             tokens = method[1] if len(method) > 1 else 4096
-            out = root / (f"smollm2-{scheme}-emb-{embed or 'default'}"
-                          + (f"-cal-{method[0].replace('+', '-')}" if method else "")
-                          + (f"-t{tokens}" if tokens != 4096 else ""))
+            out = root / bundle_name(scheme, embed, method[0] if method else None, tokens, smooth)
             calibration = CalibrationOptions(method=method[0], embedding="calibrated",
                                              sequences=tokens // 256) if method else None
             if args.rebuild or not (out / "manifest.json").exists():
@@ -256,7 +258,8 @@ def main(argv=None) -> int:
                 log(f"build {out.name}")
                 # model.onnx only: the optional graphs (float16, wasm) are not what these points measure
                 write_bundle(ck, out, BuildOptions(scheme=scheme, embed_scheme=embed, force=True, name=out.name,
-                                                   fp16_graph=False, wasm_graph=False, calibration=calibration))
+                                                   fp16_graph=False, wasm_graph=False, calibration=calibration,
+                                                   smooth=smooth))
             paths.append(out)
     else:                                      # --only llama.cpp: keep our points measured before
         points += [p for (kind, _), p in done.items() if kind == "ours"]
@@ -269,6 +272,8 @@ def main(argv=None) -> int:
             c = m["calibration"]
             label += f" ({c['method']}" + (f", mixed → {c['mixed']['high']}" if "mixed" in c else "") + \
                 (f", {c['text']['tokens']:,} tokens" if c["text"]["tokens"] != 4096 else "") + ")"
+        if "smoothing" in m:
+            label += f", smoothed ({m['smoothing']['alpha']})"
         label = f"source: {label}" if path.name.startswith("smollm2-source") else label
         weights = weights_fingerprint(m)
         old = done.get(("ours", label))
@@ -293,6 +298,16 @@ def main(argv=None) -> int:
     plot(report, Path(args.plot))
     log(f"wrote {args.out} and {args.plot}")
     return 0
+
+
+def bundle_name(scheme: str, embed: str | None, method: str | None = None, tokens: int = 4096,
+                smooth: str | None = None) -> str:
+    """A point's folder (bench/sizes.py uses the same names): default builds of the int4 schemes are smoothed and
+    say so (-smooth), so a folder built before smoothing became their default is never taken for one."""
+    from converter.bundle import SEARCH_SCHEMES
+    return (f"smollm2-{scheme}-emb-{embed or 'default'}" + (f"-cal-{method.replace('+', '-')}" if method else "")
+            + (f"-t{tokens}" if tokens != 4096 else "") + ("-smooth" if scheme in SEARCH_SCHEMES and smooth is None
+                                                           else ""))
 
 
 def weights_fingerprint(manifest: dict) -> str:

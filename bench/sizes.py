@@ -33,7 +33,8 @@ EMBED = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def bundle_dir(root: Path, scheme: str, embed: str | None) -> Path:
-    return root / f"smollm2-{scheme}-emb-{embed or 'default'}"          # bench/frontier.py's names
+    from frontier import bundle_name                                    # bench/frontier.py's names
+    return root / bundle_name(scheme, embed)
 
 
 def count(path: Path) -> dict:

@@ -63,7 +63,7 @@ def cmd_build(args) -> int:
                             chunk_symbols=args.chunk_symbols, name=f"{default_name}-{scheme}",
                             calibration=_calibration_options(args),
                             smooth=args.smooth if scheme in SMOOTH_SCHEMES else None)
-        if args.smooth is not None and scheme not in SMOOTH_SCHEMES:
+        if args.smooth not in (None, "off") and scheme not in SMOOTH_SCHEMES:
             console.print(f"{scheme}: --smooth applies to {', '.join(SMOOTH_SCHEMES)} only; built without it")
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -91,7 +91,9 @@ def cmd_build(args) -> int:
         console.print(share)
         if "smoothing" in m:
             sm = m["smoothing"]
-            console.print(f"smoothed: alpha {sm['alpha']} on {sm['tokens']} tokens of {sm['text']['corpus']}")
+            picks = (" (" + ", ".join(f"{k}: {v}" for k, v in sm["chosen"].items()) + " layer groups)"
+                     if "chosen" in sm else "")
+            console.print(f"smoothed: alpha {sm['alpha']}{picks} on {sm['tokens']} tokens of {sm['text']['corpus']}")
         if "calibration" in m:
             c = m["calibration"]
             errs = [f"linear layers' relative output error mean {c['mean_output_error']:.5f}, max "
@@ -103,6 +105,18 @@ def cmd_build(args) -> int:
                           + (f"; {len(c['mixed']['promoted'])} tensors promoted to {c['mixed']['high']} "
                              f"({c['mixed']['nominal_bits']:.3f} nominal bits/weight)" if "mixed" in c else ""))
     return 0
+
+
+def _smooth_arg(v: str):
+    if v in ("auto", "off", "on"):
+        return v
+    try:
+        a = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an alpha in (0, 1], auto or off, got {v!r}") from None
+    if not 0 < a <= 1:
+        raise argparse.ArgumentTypeError(f"alpha must be in (0, 1], got {a}")
+    return a
 
 
 def _calibration_options(args):
@@ -350,11 +364,12 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("--bundles", default="bundles", help="parent folder for default outputs")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")
     b.add_argument("--chunk-symbols", type=int, default=1 << 18, help="symbols per independently decodable chunk")
-    b.add_argument("--smooth", nargs="?", type=float, const=0.5, default=None, metavar="ALPHA",
-                   help="int8, int4-g32, int4-g64: fold per-channel activation scales into the weights before "
-                        "quantizing (SmoothQuant-style, alpha 0.5 by default; a float pass over 2,048 tokens of "
-                        "pydoc_data.topics). SmolLM2 KL against the float model: int8 0.049 -> 0.022, int4-g32 "
-                        "0.353 -> 0.162, int4-g64 0.392 -> 0.232")
+    b.add_argument("--smooth", nargs="?", type=_smooth_arg, const="on", default=None, metavar="ALPHA|auto|off",
+                   help="fold per-channel activation scales into the weights before quantizing (SmoothQuant/AWQ-"
+                        "style; a float pass over 2,048 tokens of pydoc_data.topics). int4-g32/g64: on by default, "
+                        "'auto' (each layer group's alpha chosen from none, 0.25, 0.5, 0.75 by its quantized output "
+                        "error); int8: opt-in, alpha 0.5 when given bare. 'off' disables. SmolLM2 KL against the "
+                        "float model: int4-g32 0.353 -> 0.152, int4-g64 0.392 -> 0.235, int8 0.049 -> 0.022")
     b.add_argument("--calibrate", nargs="?", const="gptq+clip", default=None,
                    choices=("rtn", "clip", "gptq", "gptq+clip"),
                    help="calibrated quantization on a slice of pydoc_data.topics: gptq+clip (default: GPTQ with a "

@@ -33,6 +33,8 @@ import numpy as np
 from .config import LlamaConfig
 
 SCALE_RANGE = (1e-2, 1e2)
+SEARCH_ALPHAS = (None, 0.25, 0.5, 0.75)   # alpha=None in smoothing_scales: pick per layer group among these
+SEARCH_ROWS = 512                          # activation rows the search measures each candidate's output error on
 
 
 @dataclass
@@ -42,9 +44,12 @@ class Smoothing:
     tokens: int
     text: dict
     scales: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = field(default_factory=dict)
+    chosen: dict[str, int] = field(default_factory=dict)   # searched: how many layer groups took each candidate
 
     def record(self) -> dict:
-        return {"alpha": self.alpha, "tokens": self.tokens, "text": self.text}
+        if self.alpha is not None:
+            return {"alpha": self.alpha, "tokens": self.tokens, "text": self.text}
+        return {"alpha": "auto", "tokens": self.tokens, "text": self.text, "chosen": dict(sorted(self.chosen.items()))}
 
 
 def channel_scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
@@ -53,8 +58,28 @@ def channel_scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.nda
     return np.clip(s, *SCALE_RANGE).astype(np.float32)
 
 
-def smoothing_scales(checkpoint, cfg: LlamaConfig, ids: np.ndarray, alpha: float, text: dict,
-                     progress=None) -> Smoothing:
+def _search(x: np.ndarray, ws: list[np.ndarray], x_max: np.ndarray, w_max: np.ndarray, alphas, qdq,
+            expand=None) -> tuple[np.ndarray, float | None]:
+    """The scales of the candidate (None = no smoothing, else an alpha) whose quantized weights best reproduce
+    these layers' outputs on the activation rows `x`: argmin sum_w |x w^T - (x / s) qdq(w * s)^T|^2, as AWQ chooses
+    its scales. `expand` maps the scales to the weights' columns (o_proj: one scale per value channel)."""
+    refs = [x @ w.T for w in ws]
+    best = None
+    for a in alphas:
+        s = np.ones_like(x_max, dtype=np.float32) if a is None else channel_scales(x_max, w_max, a)
+        cols = s if expand is None else expand(s)
+        xs = x / cols
+        err = 0.0
+        for w, r in zip(ws, refs):
+            d = xs @ qdq(w * cols[None, :]).T - r
+            err += float(np.einsum("ij,ij->", d, d))
+        if best is None or err < best[0]:
+            best = (err, s, a)
+    return best[1], best[2]
+
+
+def smoothing_scales(checkpoint, cfg: LlamaConfig, ids: np.ndarray, alpha: float | None, text: dict,
+                     progress=None, qdq=None) -> Smoothing:
     """A float pass over `ids` (sequences, seq_len), one layer at a time, measuring each linear input's per-channel
     maximum; returns the scales (module docstring). The smoothed model computes the same activations up to the
     scaled channels, so the unsmoothed pass measures what every layer sees."""
@@ -67,6 +92,16 @@ def smoothing_scales(checkpoint, cfg: LlamaConfig, ids: np.ndarray, alpha: float
     x = emb[ids.reshape(-1)].astype(np.float32)                                 # (n·s, H)
     del emb
     out = Smoothing(alpha, int(ids.size), text)
+    rows = np.unique(np.linspace(0, ids.size - 1, min(SEARCH_ROWS, ids.size)).astype(np.int64))
+
+    def pick(x, ws, x_max, w_max, expand=None):
+        if alpha is not None:
+            return channel_scales(x_max, w_max, alpha)
+        sc, a = _search(x[rows], ws, x_max, w_max, SEARCH_ALPHAS, qdq, expand)
+        key = "off" if a is None else str(a)
+        out.chosen[key] = out.chosen.get(key, 0) + 1
+        return sc
+
     col_max = lambda ws: np.max([np.abs(w).max(0) for w in ws], axis=0)  # noqa: E731
     L = cfg.num_hidden_layers
     for i in range(L):
@@ -76,23 +111,24 @@ def smoothing_scales(checkpoint, cfg: LlamaConfig, ids: np.ndarray, alpha: float
         load = lambda name: checkpoint.load(p + name + ".weight").astype(np.float32)  # noqa: E731
         wq, wk, wv, wo = (load("self_attn." + t) for t in ("q_proj", "k_proj", "v_proj", "o_proj"))
         h = _rms_norm(x, load("input_layernorm"), cfg.rms_norm_eps)
-        s1 = channel_scales(np.abs(h).max(0), col_max([wq, wk, wv]), alpha)
+        s1 = pick(h, [wq, wk, wv], np.abs(h).max(0), col_max([wq, wk, wv]))
         ctx = _attention(cfg, h @ wq.T, h @ wk.T, h @ wv.T, n, s)                  # (n·s, nh·hd)
         # o_proj's input channel (head, d) is value channel (head // rep, d): one scale per value channel
         c_max = np.abs(ctx).max(0).reshape(kvh, rep, hd).max(1).reshape(-1)
         o_max = np.abs(wo).max(0).reshape(kvh, rep, hd).max(1).reshape(-1)
-        s4 = channel_scales(c_max, o_max, alpha)
+        expand = lambda sv: np.repeat(sv.reshape(kvh, 1, hd), rep, axis=1).reshape(-1)  # noqa: E731
+        s4 = pick(ctx, [wo], c_max, o_max, expand)
         x = x + ctx @ wo.T
         del h, ctx
         wg, wu, wd = (load("mlp." + t) for t in ("gate_proj", "up_proj", "down_proj"))
         h2 = _rms_norm(x, load("post_attention_layernorm"), cfg.rms_norm_eps)
-        s2 = channel_scales(np.abs(h2).max(0), col_max([wg, wu]), alpha)
+        s2 = pick(h2, [wg, wu], np.abs(h2).max(0), col_max([wg, wu]))
         gate, up = h2 @ wg.T, h2 @ wu.T
         a = (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
-        s3 = channel_scales(np.abs(a).max(0), np.abs(wd).max(0), alpha)
+        s3 = pick(a, [wd], np.abs(a).max(0), np.abs(wd).max(0))
         x = (x + a @ wd.T).astype(np.float32)
         del h2, gate, up, a
-        s4_o = np.repeat(s4.reshape(kvh, 1, hd), rep, axis=1).reshape(-1)
+        s4_o = expand(s4)
         out.scales.update({
             p + "input_layernorm.weight": (None, s1),
             p + "self_attn.q_proj.weight": (s1, None),

@@ -20,7 +20,9 @@ def tiny_hf(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tmp_path_factory, tiny_hf):
-    """Bundles of the tiny model per scheme, built lazily and cached for the session."""
+    """Bundles of the tiny model per scheme, built lazily and cached for the session. Without the int4 schemes'
+    default activation smoothing, so that tests can compare them against the checkpoint's own weights quantized;
+    tests/test_smooth.py checks the smoothed default against its own reference."""
     from converter.bundle import BuildOptions, write_bundle
     from converter.loaders import open_checkpoint
 
@@ -32,7 +34,7 @@ def tiny_bundles(tmp_path_factory, tiny_hf):
         if key not in cache:
             out = root / f"{scheme}-{embed_scheme or 'default'}"
             write_bundle(open_checkpoint(tiny_hf[0]), out,
-                         BuildOptions(scheme=scheme, embed_scheme=embed_scheme, chunk_symbols=4096))
+                         BuildOptions(scheme=scheme, embed_scheme=embed_scheme, chunk_symbols=4096, smooth="off"))
             cache[key] = out
         return cache[key]
 

@@ -162,6 +162,7 @@ def _calibrated_weights(ck, scheme, embed_scheme, opts):
 def test_calibrated_bundle_matches_its_dequantized_reference(tmp_path, tiny_hf, opts):
     ck = open_checkpoint(tiny_hf[0])
     write_bundle(ck, tmp_path / "b", BuildOptions(scheme="int4-g32", embed_scheme="int8-g32", chunk_symbols=4096,
+                                                  smooth="off",
                                                   calibration=opts))
     bundle = load(tmp_path / "b")
     m = bundle.manifest
@@ -181,7 +182,7 @@ def test_calibrated_bundle_matches_its_dequantized_reference(tmp_path, tiny_hf, 
 
 def test_rtn_calibration_writes_the_plain_bundle_blobs(tmp_path, tiny_hf, tiny_bundles):
     ck = open_checkpoint(tiny_hf[0])
-    write_bundle(ck, tmp_path / "b", BuildOptions(scheme="int4-g32", chunk_symbols=4096,
+    write_bundle(ck, tmp_path / "b", BuildOptions(scheme="int4-g32", chunk_symbols=4096, smooth="off",
                                                   calibration=CalibrationOptions(method="rtn", **SMALL)))
     plain = load(tiny_bundles("int4-g32")).manifest
     got = load(tmp_path / "b").manifest

@@ -134,7 +134,7 @@ def test_calibrated_embedding_weighs_tokens_by_probability(tmp_path, tiny_hf):
     ck = open_checkpoint(tiny_hf[0])
     opts = CalibrationOptions(method="gptq", embedding="calibrated", **SMALL)
     write_bundle(ck, tmp_path / "b", BuildOptions(scheme="int4-g32", embed_scheme="int8-e4", chunk_symbols=4096,
-                                                  calibration=opts))
+                                                  smooth="off", calibration=opts))
     bundle = load(tmp_path / "b")
     assert "probability" in bundle.manifest["calibration"]["token_importance"]
     c = calibrate(ck, "int4-g32", "int8-e4", opts)
