@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-chunks", type=int, default=4, help="perplexity windows of 512 tokens")
     ap.add_argument("--only", choices=("ours", "llama.cpp"), help="evaluate one kind of point")
     ap.add_argument("--extra", nargs="*", default=[], help="more bundles of the same model to evaluate")
+    ap.add_argument("--match", nargs="*", default=[],
+                    help="build and evaluate only our points whose folder name contains one of these strings; "
+                         "the other points of --out are kept as measured")
     ap.add_argument("--fresh", action="store_true",
                     help="re-evaluate every point (default: reuse the points of --out measured with the same tokens; "
                          "the file is saved after each point, so an interrupted run resumes)")
@@ -251,6 +254,8 @@ def main(argv=None) -> int:
         for (scheme, embed, *method), smooth in todo:
             tokens = method[1] if len(method) > 1 else 4096
             out = root / bundle_name(scheme, embed, method[0] if method else None, tokens, smooth)
+            if args.match and not any(m in out.name for m in args.match):
+                continue
             calibration = CalibrationOptions(method=method[0], embedding="calibrated",
                                              sequences=tokens // 256) if method else None
             if args.rebuild or not (out / "manifest.json").exists():
@@ -264,6 +269,10 @@ def main(argv=None) -> int:
     else:                                      # --only llama.cpp: keep our points measured before
         points += [p for (kind, _), p in done.items() if kind == "ours"]
     paths += [Path(p) for p in args.extra]
+    if args.match:                             # keep our points measured before that this run does not touch
+        names = {p.name for p in paths}
+        points += [p for (kind, _), p in done.items()
+                   if kind == "ours" and Path(p.get("path", "")).name not in names]
     for path in paths:
         b = load(path)
         m = b.manifest
