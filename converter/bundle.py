@@ -433,7 +433,7 @@ def _smoothed(checkpoint, opts: BuildOptions, progress):
             raise BundleError(f"--smooth auto searches the weight-only schemes {', '.join(SEARCH_SCHEMES)}; "
                               f"{opts.scheme} takes an alpha (0.5 measured best for int8)")
         sch = get_scheme(opts.scheme)
-        qdq = lambda w: sch.dequantize(quantize_rows(sch, w))  # noqa: E731
+        qdq = sch.roundtrip or (lambda w: sch.dequantize(quantize_rows(sch, w)))
     elif not (isinstance(opts.smooth, (int, float)) and 0 < opts.smooth <= 1):
         raise BundleError(f"--smooth: alpha in (0, 1] or 'auto', got {opts.smooth!r}")
     tok = checkpoint.tokenizer_files().get("tokenizer.json")

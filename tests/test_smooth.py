@@ -166,3 +166,13 @@ def test_default_int4_bundle_matches_its_smoothed_dequantized_reference(tiny_hf,
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
     plain = reference.forward(ck.config, reference.dequantized_weights(ck, scheme, "int8-g32"), IDS)
     assert np.abs(got - want).max() < np.abs(got - plain).max()           # it is the smoothed model, not the plain
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g64", "int4-g128"])
+def test_roundtrip_is_dequantize_of_quantize(scheme):
+    """The search's fast quantize -> dequantize is bit for bit the scheme's own, outliers and zero groups too."""
+    sch = get_scheme(scheme)
+    w = np.random.default_rng(2).standard_t(3, (40, 256)).astype(np.float32)
+    w[3, :128] = 0.0
+    w[7, 5] = 1e3
+    assert np.array_equal(sch.roundtrip(w), sch.dequantize(sch.quantize(w)))

@@ -50,6 +50,7 @@ class Scheme:
     description: str = ""
     row_local: bool = True             # quantize(w[a:b]) == quantize(w)[a:b], so big weights may go in row blocks
     target_bits: float | None = None   # int8-eB: the order-0 entropy its steps are chosen for
+    roundtrip: Callable[[np.ndarray], np.ndarray] | None = None   # dequantize(quantize(w)), faster, where defined
 
 
 SCHEMES: dict[str, Scheme] = {}
