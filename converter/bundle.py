@@ -403,8 +403,8 @@ SEARCH_SCHEMES = ("int4-g32", "int4-g64")
 
 def resolve_smooth(checkpoint, opts: BuildOptions) -> float | str | None:
     """What opts.smooth means for this scheme and checkpoint: an alpha, "auto", or None (no smoothing). By default
-    the weight-only int4 schemes search (SmolLM2 int4-g32 KL against the float model 0.353 -> 0.153, int4-g64
-    0.392 -> 0.238, README "Quality"), when the checkpoint has a tokenizer for the calibration text; int8 smooths
+    the weight-only int4 schemes search (SmolLM2 int4-g32 KL against the float model 0.353 -> 0.147, int4-g64
+    0.392 -> 0.194, README "Quality"), when the checkpoint has a tokenizer for the calibration text; int8 smooths
     only when asked (it flips a near-tie of the README's first prompt)."""
     v = opts.smooth
     if v is None:

@@ -9,7 +9,8 @@ from converter.bundle import BuildOptions, BundleError, load, write_bundle
 from converter.loaders import open_checkpoint
 from converter.ort_session import OrtDecoder
 from converter.quant import get_scheme, quantize_rows
-from converter.smooth import SEARCH_ALPHAS, SmoothedCheckpoint, _search, apply, channel_scales, smoothing_scales
+from converter.smooth import (SEARCH_CANDIDATES, SmoothedCheckpoint, _search, apply, candidate_name,
+                              candidate_scales, smoothing_scales)
 from manifests import read_manifest, write_manifest
 
 IDS = [1, 5, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12]
@@ -89,13 +90,13 @@ def test_search_never_does_worse_than_no_smoothing_and_finds_outlier_channels():
     x_out = x.copy()
     x_out[:, [3, 40, 77]] *= 100
     for xs, outliers in ((x_out, True), (x, False)):
-        s, a = _search(xs, [w], np.abs(xs).max(0), np.abs(w).max(0), SEARCH_ALPHAS, _int4_qdq)
+        stats = np.abs(xs).max(0), np.abs(xs).mean(0), np.abs(w).max(0)
+        s, a = _search(xs, [w], *stats, SEARCH_CANDIDATES, _int4_qdq)
         none = _output_error(xs, w, np.ones(128, np.float32))
-        assert a in SEARCH_ALPHAS
+        assert a in SEARCH_CANDIDATES
         assert _output_error(xs, w, s) <= none
-        for cand in SEARCH_ALPHAS[1:]:   # it is the argmin over the candidates
-            assert _output_error(xs, w, s) <= _output_error(xs, w, channel_scales(np.abs(xs).max(0),
-                                                                                  np.abs(w).max(0), cand)) + 1e-6
+        for cand in SEARCH_CANDIDATES[1:]:   # it is the argmin over the candidates
+            assert _output_error(xs, w, s) <= _output_error(xs, w, candidate_scales(cand, *stats)) + 1e-6
         if outliers:
             assert a is not None and _output_error(xs, w, s) < 0.5 * none, (a, _output_error(xs, w, s), none)
 
@@ -106,7 +107,7 @@ def test_int4_is_smoothed_by_default_and_int8_only_when_asked(tiny_hf, tmp_path)
     m = write_bundle(open_checkpoint(folder), tmp_path / "i4", BuildOptions(scheme="int4-g32", chunk_symbols=4096))
     sm = m["smoothing"]
     assert sm["alpha"] == "auto" and sum(sm["chosen"].values()) == 4 * layers   # q/k/v, o, gate/up, down
-    assert set(sm["chosen"]) <= {"off"} | {str(a) for a in SEARCH_ALPHAS[1:]}
+    assert set(sm["chosen"]) <= {candidate_name(c) for c in SEARCH_CANDIDATES}
     assert load(tmp_path / "i4").manifest["smoothing"] == sm                    # the record validates
     assert "smoothing" not in write_bundle(open_checkpoint(folder), tmp_path / "i8",
                                            BuildOptions(scheme="int8", chunk_symbols=4096))
@@ -117,8 +118,8 @@ def test_int4_is_smoothed_by_default_and_int8_only_when_asked(tiny_hf, tmp_path)
 
 
 @pytest.mark.parametrize("bad", [{"alpha": 2.0}, {"tokens": -1}, {"text": "x"}, {"extra": 1}, {"alpha": "auto"},
-                                 {"alpha": "auto", "chosen": {"0.5": -1}}, {"alpha": "auto", "chosen": [1]},
-                                 {"alpha": 0.5, "chosen": {"0.5": 1}}])
+                                 {"alpha": "auto", "chosen": {"max0.5": -1}}, {"alpha": "auto", "chosen": [1]},
+                                 {"alpha": 0.5, "chosen": {"max0.5": 1}}])
 def test_a_manifest_lying_about_its_smoothing_is_refused(tiny_hf, tmp_path, bad):
     folder, _ = tiny_hf
     out = tmp_path / "s"
@@ -176,3 +177,15 @@ def test_roundtrip_is_dequantize_of_quantize(scheme):
     w[3, :128] = 0.0
     w[7, 5] = 1e3
     assert np.array_equal(sch.roundtrip(w), sch.dequantize(sch.quantize(w)))
+
+
+def test_candidate_scales_forms():
+    """off is ones; the max form is SmoothQuant's; the mean form is AWQ's, centred so that its extremes multiply
+    to 1 (the weights' overall range stays put), larger where the mean activation is."""
+    x_max, x_mean, w_max = np.array([1.0, 4.0, 16.0]), np.array([0.5, 2.0, 8.0]), np.array([2.0, 2.0, 2.0])
+    assert np.array_equal(candidate_scales(None, x_max, x_mean, w_max), np.ones(3, np.float32))
+    np.testing.assert_allclose(candidate_scales(("max", 0.5), x_max, x_mean, w_max), [0.5 ** 0.5, 2 ** 0.5, 8 ** 0.5],
+                               rtol=1e-6)
+    s = candidate_scales(("mean", 0.5), x_max, x_mean, w_max)
+    np.testing.assert_allclose(s, [0.5, 1.0, 2.0], rtol=1e-6)
+    assert [candidate_name(c) for c in (None, ("mean", 0.75))] == ["off", "mean0.75"]
