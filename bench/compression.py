@@ -175,6 +175,38 @@ def entropy_bits(chunk: np.ndarray, alphabet: int) -> float:
     return float(-(p * np.log2(p)).sum() * chunk.size)
 
 
+def tunstall_phrase_length(p: np.ndarray, leaves: int) -> float:
+    """Expected phrase length (symbols) of Tunstall's parse tree with at most `leaves` leaves over an i.i.d. source
+    of probabilities p: the likeliest leaf is expanded into all len(p) children while the tree stays within
+    `leaves` (Tunstall 1967: the largest expected length of any complete parse tree that size)."""
+    import heapq
+
+    heap, n_leaves, length = [-1.0], 1, 0.0
+    while n_leaves + len(p) - 1 <= leaves:
+        q = -heapq.heappop(heap)
+        length += q
+        for c in p:
+            heapq.heappush(heap, -q * c)
+        n_leaves += len(p) - 1
+    return length
+
+
+def tunstall_bound(chunk: np.ndarray, alphabet: int, width: int = 16) -> float:
+    """Bits of the best order-0 fixed-width code of `width` bits in QZ's form, over the whole chunk: symbols ranked
+    by frequency, the rank's low k bits sent raw and its class (rank >> k) parsed by an optimal Tunstall tree of
+    2^width leaves, the best k of 0..7. Headers and the model are not counted: a floor under what QZ version 2
+    (at most 16-bit codes) can reach on this chunk, measured, not a bound on every conceivable coder (version 3's
+    escape class already goes below it on int8-e4)."""
+    counts = np.bincount(chunk, minlength=alphabet)
+    ranked = np.sort(counts[counts > 0])[::-1].astype(np.float64) / chunk.size
+    best = math.inf
+    for k in range(8):
+        cls = np.add.reduceat(ranked, np.arange(0, len(ranked), 1 << k))
+        rate = k if len(cls) == 1 else width / tunstall_phrase_length(np.sort(cls)[::-1], 1 << width) + k
+        best = min(best, rate)
+    return best * chunk.size
+
+
 def general_compressors() -> dict[str, callable]:
     out = {"zlib -9": lambda b: zlib.compress(b, 9), "lzma -9": lambda b: lzma.compress(b, preset=9)}
     try:
@@ -195,12 +227,14 @@ def general_compressors() -> dict[str, callable]:
 def measure_sizes(smp: Sample, compressors: dict[str, callable]) -> dict:
     """Bits per weight of every coder over the sample."""
     a, layout, bias = smp.alphabet, smp.layout, smp.bias
-    bits = {"entropy": 0.0, "packed": 0, "qz v1": 0, "qz v1 LZW only": 0, "qz v2": 0, "qz v3": 0}
+    bits = {"entropy": 0.0, "packed": 0, "qz v1": 0, "qz v1 LZW only": 0, "qz v2": 0, "qz v3": 0,
+            "Tunstall 16-bit floor": 0.0}
     bits.update({name: 0 for name in compressors})
     v2_choices, worst = [], 0.0
     for chunk in smp.chunks:
         h_chunk = entropy_bits(chunk, a)
         bits["entropy"] += h_chunk
+        bits["Tunstall 16-bit floor"] += tunstall_bound(chunk, a)
         packed = lzw.pack_symbols(chunk.tobytes(), layout, bias)
         bits["packed"] += 8 * len(packed)
         bits["qz v1"] += 8 * len(wasm_codec.encode_chunk(chunk, a, layout, bias, version=1))
@@ -363,7 +397,8 @@ def measure_ablation(smp: Sample, n_chunks: int) -> dict:
 # Tables
 # ---------------------------------------------------------------------------------------------------------------
 
-SIZE_COLUMNS = ["entropy", "packed", "qz v1", "qz v1 LZW only", "qz v2", "qz v3", "zstd -19", "brotli -11", "lzma -9", "zlib -9"]
+SIZE_COLUMNS = ["entropy", "packed", "qz v1", "qz v1 LZW only", "qz v2", "qz v3", "Tunstall 16-bit floor", "zstd -19",
+                "brotli -11", "lzma -9", "zlib -9"]
 
 
 def size_table(rows: list[dict]) -> str:

@@ -106,3 +106,26 @@ def test_codec_bench_native_fresh_tensors_decode_what_python_decodes(tmp_path):
     assert native.fresh_bytes() == b"".join(codec.decode_chunk(c) for c in chunks)
     native.release()
     assert native.fresh_bytes() == b""
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod            # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tunstall_floor_of_bench_compression():
+    """The 16-bit Tunstall floor the compression table reports: exact on a uniform alphabet (the raw bits alone),
+    above the entropy on a skewed one, falling as the tree grows, and never above what QZ itself writes."""
+    from converter import wasm_codec
+    c = _bench_module("compression")
+    rng = np.random.default_rng(0)
+    uniform = rng.integers(0, 16, 65536).astype(np.uint8)
+    assert c.tunstall_bound(uniform, 16) == pytest.approx(c.entropy_bits(uniform, 16), rel=1e-3)
+    skewed = rng.choice(8, 65536, p=[0.5, 0.2, 0.1, 0.08, 0.06, 0.03, 0.02, 0.01]).astype(np.uint8)
+    h = c.entropy_bits(skewed, 8)
+    floors = [c.tunstall_bound(skewed, 8, width=w) for w in (9, 12, 16)]
+    assert h < floors[2] < floors[1] < floors[0]
+    assert floors[2] <= 8 * len(wasm_codec.encode_chunk(skewed, 8, 0, 0))
