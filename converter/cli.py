@@ -90,10 +90,7 @@ def cmd_build(args) -> int:
                           f"{8 * stored / max(params, 1):.3f}")
         console.print(share)
         if "smoothing" in m:
-            sm = m["smoothing"]
-            picks = (" (" + ", ".join(f"{k}: {v}" for k, v in sm["chosen"].items()) + " layer groups)"
-                     if "chosen" in sm else "")
-            console.print(f"smoothed: alpha {sm['alpha']}{picks} on {sm['tokens']} tokens of {sm['text']['corpus']}")
+            console.print(_smoothing_line(m["smoothing"]))
         if "calibration" in m:
             c = m["calibration"]
             errs = [f"linear layers' relative output error mean {c['mean_output_error']:.5f}, max "
@@ -105,6 +102,12 @@ def cmd_build(args) -> int:
                           + (f"; {len(c['mixed']['promoted'])} tensors promoted to {c['mixed']['high']} "
                              f"({c['mixed']['nominal_bits']:.3f} nominal bits/weight)" if "mixed" in c else ""))
     return 0
+
+
+def _smoothing_line(sm: dict) -> str:
+    picks = (" (" + ", ".join(f"{k}: {v}" for k, v in sm["chosen"].items()) + " layer groups)"
+             if "chosen" in sm else "")
+    return f"smoothed: alpha {sm['alpha']}{picks} on {sm['tokens']} tokens of {sm['text']['corpus']}"
 
 
 def _smooth_arg(v: str):
@@ -178,6 +181,8 @@ def cmd_inspect(args) -> int:
     _console().print(f"parameters {tot['parameters']:,}  float32 {_mb(tot['float32_bytes'])}  "
                      f"bundle {_mb(tot['bundle_bytes'])}  ratio {tot['float32_bytes'] / tot['bundle_bytes']:.2f}×  "
                      f"bits/weight all-in {tot['bits_per_weight_all_in']:.3f}  runtime weights {_mb(tot['runtime_bytes'])}")
+    if "smoothing" in m:
+        _console().print(_smoothing_line(m["smoothing"]) + " (the errors above are against the smoothed weights)")
     return 0
 
 

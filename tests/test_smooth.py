@@ -189,3 +189,18 @@ def test_candidate_scales_forms():
     s = candidate_scales(("mean", 0.5), x_max, x_mean, w_max)
     np.testing.assert_allclose(s, [0.5, 1.0, 2.0], rtol=1e-6)
     assert [candidate_name(c) for c in (None, ("mean", 0.75))] == ["off", "mean0.75"]
+
+
+def test_inspect_lists_every_tensor_and_says_it_is_smoothed(tiny_hf, tmp_path, capsys):
+    from converter.cli import main
+
+    ck = open_checkpoint(tiny_hf[0])
+    write_bundle(ck, tmp_path / "s", BuildOptions(scheme="int4-g32", chunk_symbols=4096))
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    for name in ck.tensors:
+        assert name in out
+    assert "bits/weight all-in" in out and "smoothed: alpha auto (" in out and "layer groups)" in out
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "not a bundle folder" in err and "Traceback" not in err
