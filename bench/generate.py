@@ -1,7 +1,7 @@
 """Tokens/s and peak memory of the reference path (pure-Python runtime + onnxruntime CPU) per SmolLM2 bundle.
 
     python bench/generate.py [--bundles bundles] [--schemes f32,int8,int4-g32,ternary]
-                             [--modes default,low-memory,strict[,int8-compute]] [--reps 3] [--new-tokens 64] [--out JSON]
+                             [--modes default,low-memory,strict[,int8-compute,inplace,low-memory-inplace,strict-inplace]] [--reps 3] [--new-tokens 64] [--out JSON]
 
 Builds the missing bundles, then runs each scheme and mode in its own process (so peak RSS is that run's alone),
 A/B interleaved over `--reps` rounds: a fixed prompt (27 tokens for SmolLM2; the JSON has the count), 64 greedy
@@ -68,7 +68,10 @@ def child(bundle: str, new_tokens: int, mode: str) -> dict:
 
 
 MODES = {"default": {}, "low-memory": {"low_memory": True}, "strict": {"low_memory": "strict"},   # OrtDecoder(**...)
-         "int8-compute": {"int8_compute": True}}
+         "int8-compute": {"int8_compute": True},
+         # the KV cache written in place (converter/kv_inplace.py), in one session and in the memory modes
+         "inplace": {"kv": "inplace"}, "low-memory-inplace": {"low_memory": True, "kv": "inplace"},
+         "strict-inplace": {"low_memory": "strict", "kv": "inplace"}}
 
 
 def main() -> int:

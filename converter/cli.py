@@ -194,11 +194,12 @@ GRAPH_CHOICES = {"model": "graph", "fp16": "graph_fp16", "wasm": "graph_wasm"}  
 
 
 def open_chat_model(path: str, threads: int = 1, float16: bool = False, graph: str = "model",
-                    low_memory: bool | str = False, int8_compute: bool = False):
+                    low_memory: bool | str = False, int8_compute: bool = False, kv: str = "concat"):
     """Bundle -> ChatModel over an onnxruntime CPU session (the reference path; float16 or graph="fp16": the bundle's
     fp16 graph; graph="wasm": its group-GEMM graph, the one the page runs on the WASM EP; low_memory: one session per
     stage of layers, converter/ort_stages.py; "strict": a tied embedding held once, ort_stages.STRICT; int8_compute:
-    the group schemes multiply in int8, ort_session.set_int8_compute)."""
+    the group schemes multiply in int8, ort_session.set_int8_compute; kv="inplace": the KV cache written in place,
+    converter/kv_inplace.py)."""
     from .bundle import load
     from .ort_session import OrtDecoder
     from .runtime.chat import ChatModel
@@ -210,7 +211,8 @@ def open_chat_model(path: str, threads: int = 1, float16: bool = False, graph: s
     return ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], OrtDecoder(b, threads, float16=float16,
                                                                                       variant=GRAPH_CHOICES[graph],
                                                                                       low_memory=low_memory,
-                                                                                      int8_compute=int8_compute),
+                                                                                      int8_compute=int8_compute,
+                                                                                      kv=kv),
                      gen_cfg)
 
 
@@ -241,9 +243,19 @@ def _int8_compute(args) -> bool:
     return not (args.fp16 or args.graph != "model" or _low_memory(args))
 
 
+def _kv(args) -> str:
+    """--kv, else "inplace" wherever it runs (model.onnx, float32: one session or the memory modes): one copy of the
+    cache written in place instead of a longer copy every step (converter/kv_inplace.py; README: SmolLM2 decode
+    +8-12 %, at 553 positions -26 MiB in one session and -43 / -30 MiB with --strict-memory, prefill 3-17 % slower)."""
+    if args.kv != "auto":
+        return args.kv
+    return "concat" if args.fp16 or args.graph != "model" else "inplace"
+
+
 def cmd_run(args) -> int:
     t0 = time.perf_counter()
-    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args))
+    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args),
+                           _kv(args))
     load_s = time.perf_counter() - t0
     if args.raw or not chat.has_template:
         ids = chat.prompt_ids(raw=args.prompt)
@@ -266,7 +278,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args))
+    chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args),
+                           _kv(args))
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("Chat with the model. Empty line or Ctrl-D quits; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
@@ -421,6 +434,10 @@ def configure_parser() -> argparse.ArgumentParser:
         r.add_argument("--strict-memory", action="store_true",
                        help="--low-memory, and a tied embedding held once instead of twice (the lm_head reads it "
                             "unpacked): SmolLM2 int8 peaks ~27 MiB lower, decode ~1.3x slower")
+        r.add_argument("--kv", choices=("auto", "inplace", "concat"), default="auto",
+                       help="KV cache: inplace (one buffer of doubling capacity that onnxruntime's "
+                            "GroupQueryAttention writes in place; the default on model.onnx, in every memory mode) "
+                            "or concat (the bundle's graph as the page runs it: each step appends to a copy)")
         compute = r.add_mutually_exclusive_group()
         compute.add_argument("--int8-compute", dest="int8_compute", action="store_const", const=True, default=None,
                              help="group schemes (int4-gN, int2): multiply in int8, activations quantized per group, "

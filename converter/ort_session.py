@@ -48,21 +48,27 @@ def set_int8_compute(model) -> int:
     return n
 
 
-def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool) -> bytes:
-    """The bundle's graph, with int8 compute when asked (set_int8_compute)."""
+def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False) -> bytes:
+    """The bundle's graph, with int8 compute when asked (set_int8_compute) and rewritten for a KV cache written in
+    place (kv_inplace.inplace_kv_graph)."""
     data = bundle.graph_bytes(float16, variant)
-    if not int8_compute:
+    if not (int8_compute or kv_inplace):
         return data
     import onnx
     model = onnx.load_from_string(data)
-    return model.SerializeToString() if set_int8_compute(model) else data
+    if int8_compute:
+        set_int8_compute(model)
+    if kv_inplace:
+        from .kv_inplace import inplace_kv_graph
+        inplace_kv_graph(model, bundle.config)
+    return model.SerializeToString()
 
 
 def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False, variant: str = "graph",
-                   int8_compute: bool = False):
+                   int8_compute: bool = False, kv_inplace: bool = False):
     """An onnxruntime CPU session over the bundle's decoded weights. variant: which graph runs ("graph" = model.onnx,
     "graph_fp16", "graph_wasm"; bundle.GRAPH_VARIANTS); float16=True is variant="graph_fp16"; int8_compute:
-    set_int8_compute."""
+    set_int8_compute; kv_inplace: the graph rewritten around GroupQueryAttention (kv_inplace.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -85,11 +91,13 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     if not hasattr(so, "add_external_initializers_from_files_in_memory"):
         # older onnxruntime without the Python binding for in-memory files: it copies the OrtValues, ours can go
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-        return ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute), so, providers=[PROVIDERS["cpu"]])
+        return ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute, kv_inplace), so,
+                                    providers=[PROVIDERS["cpu"]])
     so.add_session_config_entry(BORROW_BUFFERS, "1")
     files = [a.reshape(-1).view(np.uint8) for a in arrays]                   # the raw bytes of each "file"
     so.add_external_initializers_from_files_in_memory(names, files, [f.nbytes for f in files])
-    sess = ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute), so, providers=[PROVIDERS["cpu"]])
+    sess = ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute, kv_inplace), so,
+                                providers=[PROVIDERS["cpu"]])
     # onnxruntime reads the borrowed buffers as long as the session runs but holds no reference to them (without
     # this attribute the next run reads freed memory); weights it prepacked are read only once, but which those are
     # is onnxruntime's business, so all of them live and die with the session
@@ -104,15 +112,38 @@ class OrtDecoder:
     low_memory: run the graph as a chain of sessions over stages of layers (converter/ort_stages.py); "strict": the
     same, with a tied embedding held once, unpacked (slower lm_head; ort_stages.STRICT). int8_compute: the group
     schemes' MatMulNBits multiply in int8 (set_int8_compute: faster, a little more memory, float32 graphs only).
+    kv: "concat" (the bundle's graph: each step appends to a copy of the cache) or "inplace" (kv_inplace.py: one
+    cache of doubling capacity written in place; batch 1 without padding, model.onnx, one session or stages).
     """
 
     def __init__(self, bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False,
-                 variant: str = "graph", low_memory: bool | str = False, int8_compute: bool = False):
+                 variant: str = "graph", low_memory: bool | str = False, int8_compute: bool = False,
+                 kv: str = "concat"):
         self.config = bundle.config
         self.int8_compute = int8_compute
         float16 = float16 or variant == "graph_fp16"
         if int8_compute and float16:      # CompInt8 takes float32 activations
             raise TinyQMoEError("int8 compute runs the float32 graphs only (model.onnx)")
+        if kv not in ("concat", "inplace"):
+            raise TinyQMoEError(f"kv: 'concat' or 'inplace', not {kv!r}")
+        self.inplace = None
+        if kv == "inplace":
+            if float16 or variant != "graph":
+                raise TinyQMoEError("the in-place KV cache runs model.onnx (not the float16 or the wasm graph)")
+            from .kv_inplace import InplaceCache
+            if low_memory:
+                from .ort_stages import create_staged_session
+                if low_memory not in (True, "strict"):
+                    raise TinyQMoEError(f"low_memory: True or 'strict', not {low_memory!r}")
+                self.session = create_staged_session(bundle, threads, verify, variant, strict=low_memory == "strict",
+                                                     int8_compute=int8_compute, kv_inplace=True)
+            else:
+                self.session = create_session(bundle, threads, verify, False, variant, int8_compute, kv_inplace=True)
+            self.inplace = InplaceCache(self.session, self.config)
+            self.kv_dtype = np.float32
+            self.has_logits_to_keep = True
+            self.reset()
+            return
         if low_memory:   # a session per stage of layers, created in turn: less memory, a little slower (ort_stages.py)
             from .ort_stages import create_staged_session
             if float16:  # float16 tensors between stages are rounded where one session keeps float32: not the same
@@ -131,6 +162,12 @@ class OrtDecoder:
 
     def reset(self, batch: int = 1) -> None:
         c = self.config
+        if self.inplace is not None:
+            if batch != 1:
+                raise TinyQMoEError("the in-place KV cache holds one sequence (batch 1)")
+            self.inplace.reset()
+            self.tokens = []
+            return
         empty = np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), self.kv_dtype)
         self.past = {n: empty for i in range(c.num_hidden_layers) for n in kv_names(i)[:2]}
         self.mask = np.zeros((batch, 0), np.int64)
@@ -138,6 +175,10 @@ class OrtDecoder:
 
     def rewind(self, n: int) -> None:
         """Keep the cache of the first n tokens only (batch 1): the next run continues from position n."""
+        if self.inplace is not None:
+            self.inplace.rewind(n)
+            del self.tokens[n:]
+            return
         if not 0 <= n <= self.cached or self.mask.shape[0] != 1:
             raise ValueError(f"cannot rewind a cache of {self.cached} positions (batch {self.mask.shape[0]}) to {n}")
         if n == 0:
@@ -149,12 +190,21 @@ class OrtDecoder:
 
     @property
     def cached(self) -> int:
-        return self.mask.shape[1]
+        return self.inplace.length if self.inplace is not None else self.mask.shape[1]
 
     def run(self, ids: np.ndarray, mask_new: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
         """ids [B, S] after the cache; returns logits [B, S, V] (last_only: [B, 1, V], the lm_head on the last
         position only) and extends the cache."""
         B, S = ids.shape
+        if self.inplace is not None:
+            if B != 1 or (mask_new is not None and not np.all(mask_new)):
+                raise TinyQMoEError("the in-place KV cache runs one sequence without padding (batch 1)")
+            start = self.inplace.length
+            logits = self.inplace.run({"input_ids": ids.astype(np.int64),
+                                       "position_ids": np.arange(start, start + S, dtype=np.int64)[None],
+                                       LOGITS_TO_KEEP: np.array(1 if last_only else 0, np.int64)})
+            self.tokens += [int(t) for t in ids[0]]
+            return logits
         if mask_new is None:
             mask_new = np.ones((B, S), np.int64)
         mask = np.concatenate([self.mask, mask_new.astype(np.int64)], axis=1)

@@ -137,6 +137,16 @@ class StagedSession:
             values.update(zip(outs, sess.run(outs, {k: values[k] for k in ins})))
         return [values[n] for n in (output_names or self._outputs)]
 
+    def run_bound(self, feeds: dict, buffers: dict) -> dict:
+        """Every stage through IOBinding, the tensors named in `buffers` read and written in place
+        (kv_inplace.run_bound_session); returns every other tensor the stages made, the logits among them."""
+        from .kv_inplace import run_bound_session
+
+        values = dict(feeds)
+        for sess in self.sessions:
+            values.update(run_bound_session(sess, values, buffers))
+        return values
+
 
 def layers_per_stage(bundle) -> int:
     """As many layers per stage as fit in STAGE_BYTES of weights (at least one): each session.run costs ~0.1-0.3 ms,
@@ -155,10 +165,12 @@ NO_PREPACKING = "session.disable_prepacking"      # onnxruntime session config k
 
 
 def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant: str = "graph",
-                          layers: int | None = None, strict: bool = False, int8_compute: bool = False) -> StagedSession:
+                          layers: int | None = None, strict: bool = False, int8_compute: bool = False,
+                          kv_inplace: bool = False) -> StagedSession:
     """layers: per stage (default layers_per_stage(bundle)). strict: the stages that share a weight (a tied
     embedding: the Gather of stage 0 and the lm_head) read it unpacked, so it exists once (STRICT below).
-    int8_compute: ort_session.set_int8_compute."""
+    int8_compute: ort_session.set_int8_compute. kv_inplace: the graph rewritten for a KV cache written in place
+    (kv_inplace.py; run it with StagedSession.run_bound)."""
     import onnx
     import onnxruntime as ort
 
@@ -167,6 +179,9 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
     if int8_compute:
         from .ort_session import set_int8_compute
         set_int8_compute(model)
+    if kv_inplace:
+        from .kv_inplace import inplace_kv_graph
+        inplace_kv_graph(model, bundle.config)
     stages = plan_stages(model.graph, layers or layers_per_stage(bundle))
     external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     seen: set[str] = set()
