@@ -157,7 +157,7 @@ class InplaceCache:
         c = self.cfg
         for i in range(c.num_hidden_layers):
             for name in kv_names(i)[:2]:
-                new = np.zeros((1, c.num_key_value_heads, cap, c.head_dim), np.float32)
+                new = _zeros_mapped((1, c.num_key_value_heads, cap, c.head_dim))
                 if self.length:
                     new[:, :, :self.length] = self.bufs[name][:, :, :self.length]
                 self.bufs[name] = new
@@ -180,6 +180,16 @@ class InplaceCache:
         out = run_bound(feeds, buffers) if run_bound else run_bound_session(self.session, feeds, buffers)
         self.length = total
         return out["logits"]
+
+
+def _zeros_mapped(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of zeros in its own anonymous mapping: the kernel hands out zeroed pages on first touch, so
+    the capacity not yet written costs no memory. (np.zeros would take these ~0.2-2 MB from the heap once onnxruntime
+    has freed large blocks — glibc then raises its mmap threshold — and calloc would write every byte.)"""
+    import mmap
+
+    n = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.float32, count=n // 4).reshape(shape)
 
 
 def run_bound_session(sess, feeds: dict[str, np.ndarray], buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
