@@ -245,8 +245,9 @@ def _int8_compute(args) -> bool:
 
 def _kv(args) -> str:
     """--kv, else "inplace" wherever it runs (model.onnx, float32: one session or the memory modes): one copy of the
-    cache written in place instead of a longer copy every step (converter/kv_inplace.py; README: SmolLM2 decode
-    +8-12 %, at 553 positions -26 MiB in one session and -43 / -30 MiB with --strict-memory, prefill 3-17 % slower)."""
+    cache written in place instead of a longer copy every step (converter/kv_inplace.py; README, SmolLM2 at 553
+    positions: decode +4-7 %, peak -37 MiB in one session and -42 / -56 MiB with --strict-memory; prefill up to 13 %
+    slower)."""
     if args.kv != "auto":
         return args.kv
     return "concat" if args.fp16 or args.graph != "model" else "inplace"
