@@ -680,12 +680,19 @@ QZ_INLINE u32 combine16(const u8 *cls, u32 n, const u8 *low, u32 low_len, const 
 #endif
 
 /* 8 symbols at a time, k a constant in each instance: their k-bit fields are exactly k bytes. Returns the symbols
- * done (a multiple of 8). map is the caller's 256-byte table (a local copy, so stores to dst cannot alias it). */
+ * done (a multiple of 8). map is the caller's 256-byte table (a local copy, so stores to dst cannot alias it).
+ * Two groups of 8 per iteration, with the offset into `low` carried rather than recomputed: int8 (k = 6) decodes
+ * ~15 % faster, in wasm and natively (session 15). */
 QZ_INLINE u32 combine8(const u8 *cls, u32 n, const u8 *low, u32 low_len, const u32 k, const u8 *map, u8 *dst) {
     const u32 mask = (1u << k) - 1u;
-    u32 i = 0;
-    for (; i + 8 <= n && (u64)(i >> 3) * k + 8u <= low_len; i += 8) {
-        u64 v = load64(low + (i >> 3) * k);
+    u32 i = 0, off = 0;   /* off = (i / 8) * k: where the fields of symbol i start */
+    for (; i + 16 <= n && off + k + 8u <= low_len; i += 16, off += 2 * k) {
+        const u64 v = load64(low + off), w = load64(low + off + k);
+        for (u32 j = 0; j < 8; j++) dst[i + j] = map[cls[i + j] | ((u32)(v >> (j * k)) & mask)];
+        for (u32 j = 0; j < 8; j++) dst[i + 8 + j] = map[cls[i + 8 + j] | ((u32)(w >> (j * k)) & mask)];
+    }
+    for (; i + 8 <= n && off + 8u <= low_len; i += 8, off += k) {
+        const u64 v = load64(low + off);
         for (u32 j = 0; j < 8; j++) dst[i + j] = map[cls[i + j] | ((u32)(v >> (j * k)) & mask)];
     }
     return i;
