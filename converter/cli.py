@@ -194,12 +194,14 @@ GRAPH_CHOICES = {"model": "graph", "fp16": "graph_fp16", "wasm": "graph_wasm"}  
 
 
 def open_chat_model(path: str, threads: int = 1, float16: bool = False, graph: str = "model",
-                    low_memory: bool | str = False, int8_compute: bool = False, kv: str = "concat"):
+                    low_memory: bool | str = False, int8_compute: bool = False, kv: str = "concat",
+                    kv_fallback: bool = False):
     """Bundle -> ChatModel over an onnxruntime CPU session (the reference path; float16 or graph="fp16": the bundle's
     fp16 graph; graph="wasm": its group-GEMM graph, the one the page runs on the WASM EP; low_memory: one session per
     stage of layers, converter/ort_stages.py; "strict": a tied embedding held once, ort_stages.STRICT; int8_compute:
     the group schemes multiply in int8, ort_session.set_int8_compute; kv="inplace": the KV cache written in place,
-    converter/kv_inplace.py)."""
+    converter/kv_inplace.py; kv_fallback: where the graph cannot be rewritten for it — a bundle from an older
+    exporter — say so and run the bundle's own graph instead)."""
     from .bundle import load
     from .ort_session import OrtDecoder
     from .runtime.chat import ChatModel
@@ -208,12 +210,20 @@ def open_chat_model(path: str, threads: int = 1, float16: bool = False, graph: s
     gen_cfg = None
     if (b.path / "generation_config.json").exists():
         gen_cfg = json.loads((b.path / "generation_config.json").read_text(encoding="utf-8"))
-    return ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], OrtDecoder(b, threads, float16=float16,
-                                                                                      variant=GRAPH_CHOICES[graph],
-                                                                                      low_memory=low_memory,
-                                                                                      int8_compute=int8_compute,
-                                                                                      kv=kv),
-                     gen_cfg)
+    from .kv_inplace import REFUSAL as INPLACE_REFUSAL
+
+    def decoder(kv: str):
+        return OrtDecoder(b, threads, float16=float16, variant=GRAPH_CHOICES[graph], low_memory=low_memory,
+                          int8_compute=int8_compute, kv=kv)
+
+    try:
+        session = decoder(kv)
+    except TinyQMoEError as e:
+        if not (kv_fallback and kv == "inplace" and str(e).startswith(INPLACE_REFUSAL)):
+            raise
+        print(f"[{path}: {e}; running the bundle's own graph (--kv concat)]", file=sys.stderr)
+        session = decoder("concat")
+    return ChatModel(b.tokenizer_json(), b.tokenizer_config(), b.manifest["config"], session, gen_cfg)
 
 
 def _sampling(args):
@@ -256,7 +266,7 @@ def _kv(args) -> str:
 def cmd_run(args) -> int:
     t0 = time.perf_counter()
     chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args),
-                           _kv(args))
+                           _kv(args), kv_fallback=args.kv == "auto")
     load_s = time.perf_counter() - t0
     if args.raw or not chat.has_template:
         ids = chat.prompt_ids(raw=args.prompt)
@@ -280,7 +290,7 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     chat = open_chat_model(args.bundle, args.threads, args.fp16, args.graph, _low_memory(args), _int8_compute(args),
-                           _kv(args))
+                           _kv(args), kv_fallback=args.kv == "auto")
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("Chat with the model. Empty line or Ctrl-D quits; Ctrl-C stops a reply.", file=sys.stderr)
     while True:

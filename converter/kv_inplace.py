@@ -31,6 +31,7 @@ from .onnx_export import MS_DOMAIN, kv_names
 SEQLENS = "seqlens_k"                       # int32 [B]: positions held after this run, minus one
 TOTAL = "total_sequence_length"             # int32 scalar: positions held after this run
 CAPACITY = "kv_capacity"                    # the dim_param of the cache's sequence axis
+REFUSAL = "in-place KV cache"               # how the rewrite's errors start (cli falls back to the Concat graph)
 
 
 def inplace_kv_graph(model, cfg):
@@ -52,7 +53,7 @@ def inplace_kv_graph(model, cfg):
             merge = by_name[f"{p}/ctx/Merge"].output[0]
             concat_k, concat_v = by_name[f"{p}/k_cache/Concat"], by_name[f"{p}/v_cache/Concat"]
         except KeyError as e:
-            raise TinyQMoEError(f"in-place KV cache: the graph has no node {e.args[0]} (not a float32 model.onnx "
+            raise TinyQMoEError(f"{REFUSAL}: the graph has no node {e.args[0]} (not a float32 model.onnx "
                                 "of this exporter)") from None
         _, pos, cos, sin = q_rope.input
         past_k, past_v, present_k, present_v = kv_names(i)
@@ -110,7 +111,7 @@ def _topological(nodes, available: set[str]) -> list:
             else:
                 rest.append(n)
         if len(rest) == len(pending):
-            raise TinyQMoEError(f"in-place KV cache: node {rest[0].name} reads a tensor nothing produces")
+            raise TinyQMoEError(f"{REFUSAL}: node {rest[0].name} reads a tensor nothing produces")
         pending = rest
     del done
     return out

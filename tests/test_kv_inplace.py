@@ -140,3 +140,20 @@ def test_cli_runs_inplace_where_it_can(tiny_bundles, capsys, monkeypatch):
         texts.append(capsys.readouterr().out.splitlines()[0])
     assert made == ["inplace", "concat", "inplace"]
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_cli_falls_back_where_the_graph_cannot_be_rewritten(tiny_bundles, capsys, monkeypatch):
+    """A bundle whose graph the rewrite does not know (an older exporter's) still runs under the default --kv auto:
+    the bundle's own graph, with a note; --kv inplace asked outright fails with the rewrite's one-line error."""
+    import converter.kv_inplace as K
+
+    def refuse(model, cfg):
+        raise TinyQMoEError(f"{K.REFUSAL}: the graph has no node /model/layers.0/attn/q/Reshape (test)")
+
+    monkeypatch.setattr(K, "inplace_kv_graph", refuse)
+    path = str(tiny_bundles("f32"))
+    assert main(["run", path, "--prompt", "hello there", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "running the bundle's own graph (--kv concat)" in out.err
+    assert main(["run", path, "--prompt", "hello there", "--max-new-tokens", "6", "--kv", "inplace"]) == 2
+    assert "in-place KV cache: the graph has no node" in capsys.readouterr().err
