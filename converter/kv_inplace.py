@@ -101,7 +101,7 @@ def inplace_kv_graph(model, cfg):
 def _topological(nodes, available: set[str]) -> list:
     """Nodes in an order where every input is produced first (stable: the given order wherever it already is)."""
     available = set(available) | {""}
-    done, out, pending = set(), [], list(nodes)
+    out, pending = [], list(nodes)
     while pending:
         rest = []
         for n in pending:
@@ -113,7 +113,6 @@ def _topological(nodes, available: set[str]) -> list:
         if len(rest) == len(pending):
             raise TinyQMoEError(f"{REFUSAL}: node {rest[0].name} reads a tensor nothing produces")
         pending = rest
-    del done
     return out
 
 
