@@ -126,24 +126,9 @@ class OrtDecoder:
             raise TinyQMoEError("int8 compute runs the float32 graphs only (model.onnx)")
         if kv not in ("concat", "inplace"):
             raise TinyQMoEError(f"kv: 'concat' or 'inplace', not {kv!r}")
-        self.inplace = None
-        if kv == "inplace":
-            if float16 or variant != "graph":
-                raise TinyQMoEError("the in-place KV cache runs model.onnx (not the float16 or the wasm graph)")
-            from .kv_inplace import InplaceCache
-            if low_memory:
-                from .ort_stages import create_staged_session
-                if low_memory not in (True, "strict"):
-                    raise TinyQMoEError(f"low_memory: True or 'strict', not {low_memory!r}")
-                self.session = create_staged_session(bundle, threads, verify, variant, strict=low_memory == "strict",
-                                                     int8_compute=int8_compute, kv_inplace=True)
-            else:
-                self.session = create_session(bundle, threads, verify, False, variant, int8_compute, kv_inplace=True)
-            self.inplace = InplaceCache(self.session, self.config)
-            self.kv_dtype = np.float32
-            self.has_logits_to_keep = True
-            self.reset()
-            return
+        inplace = kv == "inplace"
+        if inplace and (float16 or variant != "graph"):
+            raise TinyQMoEError("the in-place KV cache runs model.onnx (not the float16 or the wasm graph)")
         if low_memory:   # a session per stage of layers, created in turn: less memory, a little slower (ort_stages.py)
             from .ort_stages import create_staged_session
             if float16:  # float16 tensors between stages are rounded where one session keeps float32: not the same
@@ -151,9 +136,13 @@ class OrtDecoder:
             if low_memory not in (True, "strict"):
                 raise TinyQMoEError(f"low_memory: True or 'strict', not {low_memory!r}")
             self.session = create_staged_session(bundle, threads, verify, variant, strict=low_memory == "strict",
-                                                 int8_compute=int8_compute)
+                                                 int8_compute=int8_compute, kv_inplace=inplace)
         else:
-            self.session = create_session(bundle, threads, verify, float16, variant, int8_compute)
+            self.session = create_session(bundle, threads, verify, float16, variant, int8_compute, kv_inplace=inplace)
+        self.inplace = None
+        if inplace:
+            from .kv_inplace import InplaceCache
+            self.inplace = InplaceCache(self.session, self.config)
         # the KV cache's type as the graph declares it: float16 in the float16 graph and in the wasm graph
         self.kv_dtype = _kv_dtype(self.session)
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
