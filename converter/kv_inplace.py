@@ -135,7 +135,6 @@ class InplaceCache:
 
     def __init__(self, session, cfg):
         self.session, self.cfg = session, cfg
-        self.outputs = [o.name for o in session.get_outputs()]
         self.length = 0
         self.capacity = 0
         self.bufs: dict[str, np.ndarray] = {}
