@@ -380,6 +380,10 @@ def valid_vectors_v2() -> list[Vector]:
     s = int8_symbols(42, 2500, sigma=25.0)
     add("v2_u8_k7", "A=256, k = 7: two classes of 128 ranks, 7 raw bits per symbol",
         primed_chunk(s, 256, U8, split_bits=7, width=10), split_bits=7, width=10)
+    for seed, k, a, sigma in ((48, 4, 256, 12.0), (49, 5, 256, 18.0), (51, 6, 256, 20.0), (52, 5, 64, 9.0)):
+        s = int8_symbols(seed, 2003, sigma=sigma) if a == 256 else gauss_symbols(seed, 2003, a, sigma=sigma)
+        add(f"v2_u8_a{a}_k{k}", f"A={a}, k = {k}, 2003 symbols: the wasm build's two-pass combine (16 at a time) "
+            "and the scalar tail", primed_chunk(s, a, U8, split_bits=k, width=11), split_bits=k, width=11)
     s = gauss_symbols(43, 3001, 16, sigma=2.0)
     add("v2_u4_k1", "A=16, k = 1 (8 classes), u4", primed_chunk(s, 16, U4, split_bits=1, width=11),
         split_bits=1, width=11)
