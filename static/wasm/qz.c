@@ -111,6 +111,7 @@ QZ_INLINE void store16(u8 *p, u16 v) { __builtin_memcpy(p, &v, 2); }
 /* 16-byte vectors (GCC >= 12 and clang vector extensions; v128 on wasm, SSE natively). */
 typedef u8 v16u8 __attribute__((vector_size(16)));
 typedef u16 v8u16 __attribute__((vector_size(16)));
+typedef short v8i16 __attribute__((vector_size(16)));
 typedef u32 v4u32 __attribute__((vector_size(16)));
 QZ_INLINE v16u8 loadv(const u8 *p) { v16u8 v; __builtin_memcpy(&v, p, 16); return v; }
 QZ_INLINE void storev(u8 *p, v16u8 v) { __builtin_memcpy(p, &v, 16); }
@@ -657,35 +658,55 @@ QZ_HOT_LOOP int primed_codes(const u8 *payload, u32 plen, u32 width, const qz_en
 }
 
 #if HAVE_LOOKUP16
-/* 16 symbols at a time, for alphabets <= 16: their k-bit fields are 2k bytes; bit j of lane i is bit k*i + j of
- * them: pick byte (k*i + j) >> 3 into the lane, test bit (k*i + j) & 7, OR 1 << j into the rank; then the
- * rank -> output table is one lookup. k is a constant in each instance, so the selectors stay in registers.
- * Returns the symbols done (a multiple of 16). */
-QZ_INLINE u32 combine16(const u8 *cls, u32 n, const u8 *low, u32 low_len, const u32 k, const u8 *table, u8 *dst) {
-    u8 sel[3][16], bit[3][16];
-    for (u32 j = 0; j < 3; j++) {
-        for (u32 lane = 0; lane < 16; lane++) {
-            sel[j][lane] = (u8)((k * lane + j) >> 3);
-            bit[j][lane] = (u8)(1u << ((k * lane + j) & 7u));
+/* The k-bit fields (k = 1..7, LSB first) of 16 symbols, which take 2k bytes: lane i's 16-bit window starts at byte
+ * (k*i) >> 3, and multiplying it by 2^(8 - (k*i & 7)) moves its field to bits 8.. of the 16-bit lane; the high bytes
+ * of the two halves of 8 lanes are the fields, with the window's bits above each field left over (mask them).
+ * fields_for(k) makes the two selectors (the bytes of each window) and the two multipliers for one k. */
+typedef struct { v16u8 sel[2]; v8u16 mul[2]; } field_selectors;
+
+QZ_INLINE field_selectors fields_for(const u32 k) {
+    u8 sel[2][16];
+    u16 mul[2][8];
+    for (u32 half = 0; half < 2; half++) {
+        for (u32 lane = 0; lane < 8; lane++) {
+            const u32 bitpos = k * (8 * half + lane);
+            sel[half][2 * lane] = (u8)(bitpos >> 3);
+            sel[half][2 * lane + 1] = (u8)((bitpos >> 3) + 1u);   /* <= 14 for k = 7 */
+            mul[half][lane] = (u16)(1u << (8u - (bitpos & 7u)));
         }
     }
     /* Keep the selectors opaque: once they are constants, clang rewrites each swizzle as an i8x16.shuffle, which
-     * V8 compiles to slower code than a swizzle (SmolLM2 int4-g32 decodes ~10 % slower in wasm that way). */
+     * V8 compiles to slower code than a swizzle (session 15: SmolLM2 int4-g32 ~10 % slower in wasm that way). */
 #if defined(__wasm__)
-    __asm__ volatile("" : : "r"(sel), "r"(bit) : "memory");
+    __asm__ volatile("" : : "r"(sel), "r"(mul) : "memory");
 #endif
-    const v16u8 tv = loadv(table), zero = {0};
-    const v16u8 s0 = loadv(sel[0]), s1 = loadv(sel[1]), s2 = loadv(sel[2]);
-    const v16u8 b0 = loadv(bit[0]), b1 = loadv(bit[1]), b2 = loadv(bit[2]);
-    u32 i = 0;
-    for (; i + 16 <= n && (u64)(i >> 4) * 2u * k + 16u <= low_len; i += 16) {
-        const v16u8 bytes = loadv(low + (i >> 4) * 2u * k);
-        v16u8 rank = loadv(cls + i);
-        rank |= (v16u8)((lookup16(bytes, s0) & b0) != zero) & (u8)1;
-        if (k > 1) rank |= (v16u8)((lookup16(bytes, s1) & b1) != zero) & (u8)2;
-        if (k > 2) rank |= (v16u8)((lookup16(bytes, s2) & b2) != zero) & (u8)4;
-        storev(dst + i, lookup16(tv, rank));
-    }
+    field_selectors f;
+    __builtin_memcpy(&f.sel, sel, sizeof sel);
+    __builtin_memcpy(&f.mul, mul, sizeof mul);
+    return f;
+}
+
+QZ_INLINE v16u8 fields16(const u8 *low, const field_selectors *f) {
+    const v16u8 bytes = loadv(low);
+    const v8u16 w0 = (v8u16)lookup16(bytes, f->sel[0]) * f->mul[0], w1 = (v8u16)lookup16(bytes, f->sel[1]) * f->mul[1];
+#if defined(__wasm__)
+    return (v16u8)__builtin_wasm_narrow_u_i8x16_i16x8((v8i16)(w0 >> 8), (v8i16)(w1 >> 8));
+#else
+    return __builtin_shufflevector((v16u8)w0, (v16u8)w1, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#endif
+}
+
+/* 16 symbols at a time, for alphabets <= 16: the ranks are the classes ORed with the fields, and the rank ->
+ * output table is one lookup. Returns the symbols done (a multiple of 16). Session 16: the fields by multiplying
+ * (fields16) instead of testing one bit of each field at a time: SmolLM2 int4-g32 (k = 3) decodes ~18 % faster in
+ * V8 and ~21 % natively. */
+QZ_INLINE u32 combine16(const u8 *cls, u32 n, const u8 *low, u32 low_len, const u32 k, const u8 *table, u8 *dst) {
+    const field_selectors f = fields_for(k);
+    const v16u8 tv = loadv(table);
+    const u8 field_mask = (u8)((1u << k) - 1u);
+    u32 i = 0, off = 0;   /* off = (i / 16) * 2k */
+    for (; i + 16 <= n && off + 16u <= low_len; i += 16, off += 2 * k)
+        storev(dst + i, lookup16(tv, loadv(cls + i) | (fields16(low + off, &f) & field_mask)));
     return i;
 }
 #endif
@@ -710,40 +731,17 @@ QZ_INLINE u32 combine8(const u8 *cls, u32 n, const u8 *low, u32 low_len, const u
 }
 
 #if defined(__wasm__)
-/* The wasm build's path for k in 4..7 over up to 256 ranks (int8: k = 6), in two passes over 16 symbols at a time.
- * 1. The ranks, in SIMD: the k-bit fields of 16 symbols are 2k bytes; lane i's 16-bit window starts at byte
- *    (k*i) >> 3, and multiplying it by 2^(8 - (k*i & 7)) moves its field to bits 8.. of the lane (the bits above
- *    the field that survive are masked off); the high bytes of both halves are the 16 fields; OR in the classes.
- * 2. rank -> byte, four lookups per 32-bit load and store, in place.
+/* The wasm build's path for k in 4..7 over up to 256 ranks (int8: k = 6), in two passes over 16 symbols at a time:
+ * the ranks in SIMD (fields16), then rank -> byte, four lookups per 32-bit load and store, in place.
  * V8 runs combine8's scalar loop at ~0.66x gcc's speed; this path is ~20 % faster in V8 on SmolLM2 int8 (session
  * 16, Node, same chunks), and ~9 % slower natively, where combine8 stays (looking the table up in SIMD, 16
  * swizzles per 16 bytes, was slower in V8 than either). Returns the symbols done (a multiple of 16). */
-typedef u16 v8u16 __attribute__((vector_size(16)));
-typedef short v8i16 __attribute__((vector_size(16)));
 QZ_INLINE u32 combine_wide16(const u8 *cls, u32 n, const u8 *low, u32 low_len, const u32 k, const u8 *table, u8 *dst) {
-    u8 sel[2][16];
-    u16 mul[2][8];
-    for (u32 half = 0; half < 2; half++) {
-        for (u32 lane = 0; lane < 8; lane++) {
-            const u32 bitpos = k * (8 * half + lane);
-            sel[half][2 * lane] = (u8)(bitpos >> 3);
-            sel[half][2 * lane + 1] = (u8)((bitpos >> 3) + 1u);   /* <= 14 for k = 7 */
-            mul[half][lane] = (u16)(1u << (8u - (bitpos & 7u)));
-        }
-    }
-    __asm__ volatile("" : : "r"(sel), "r"(mul) : "memory");  /* opaque selectors: see combine16 */
-    v8u16 m0, m1;
-    __builtin_memcpy(&m0, mul[0], 16);
-    __builtin_memcpy(&m1, mul[1], 16);
-    const v16u8 s0 = loadv(sel[0]), s1 = loadv(sel[1]);
+    const field_selectors f = fields_for(k);
     const u8 field_mask = (u8)((1u << k) - 1u);
     u32 i = 0, off = 0;   /* off = (i / 16) * 2k */
-    for (; i + 16 <= n && off + 16u <= low_len; i += 16, off += 2 * k) {
-        const v16u8 bytes = loadv(low + off);
-        const v8u16 w0 = (v8u16)lookup16(bytes, s0) * m0, w1 = (v8u16)lookup16(bytes, s1) * m1;
-        const v16u8 fields = (v16u8)__builtin_wasm_narrow_u_i8x16_i16x8((v8i16)(w0 >> 8), (v8i16)(w1 >> 8));
-        storev(dst + i, loadv(cls + i) | (fields & field_mask));
-    }
+    for (; i + 16 <= n && off + 16u <= low_len; i += 16, off += 2 * k)
+        storev(dst + i, loadv(cls + i) | (fields16(low + off, &f) & field_mask));
     for (u32 j = 0; j < i; j += 4) {
         u32 r;
         __builtin_memcpy(&r, dst + j, 4);
