@@ -119,8 +119,9 @@ QZ_INLINE void storev(u8 *p, v16u8 v) { __builtin_memcpy(p, &v, 16); }
 QZ_INLINE void copy16(u8 *dst, const u8 *src) { storev(dst, loadv(src)); }
 QZ_INLINE u32 bit_length(u32 x) { return x ? 32u - (u32)__builtin_clz(x) : 0u; }
 
-/* lookup16(table, idx): byte i = table[idx[i]] for idx[i] < 16 — wasm i8x16.swizzle, or gcc's generic shuffle
- * (pshufb with SSSE3). Other compilers (clang natively: the fuzz build) take the scalar paths. */
+/* lookup16(table, idx): byte i = table[idx[i]] for idx[i] < 16 — wasm i8x16.swizzle, gcc's generic shuffle
+ * (pshufb with SSSE3), or clang's pshufb builtin natively with SSSE3 (the fuzz build: tools/fuzz.sh passes -mssse3,
+ * so AddressSanitizer watches the SIMD paths too). Other compilers take the scalar paths. */
 #if defined(__wasm__)
 typedef signed char v16i8 __attribute__((vector_size(16)));
 #define HAVE_LOOKUP16 1
@@ -130,6 +131,12 @@ QZ_INLINE v16u8 lookup16(v16u8 table, v16u8 idx) {
 #elif defined(__GNUC__) && !defined(__clang__)
 #define HAVE_LOOKUP16 1
 QZ_INLINE v16u8 lookup16(v16u8 table, v16u8 idx) { return __builtin_shuffle(table, idx); }
+#elif defined(__clang__) && defined(__SSSE3__)
+typedef char v16qi_pshufb __attribute__((vector_size(16)));
+#define HAVE_LOOKUP16 1
+QZ_INLINE v16u8 lookup16(v16u8 table, v16u8 idx) {
+    return (v16u8)__builtin_ia32_pshufb128((v16qi_pshufb)table, (v16qi_pshufb)idx);
+}
 #else
 #define HAVE_LOOKUP16 0
 #endif
