@@ -148,11 +148,17 @@ class StagedSession:
         return values
 
 
-def layers_per_stage(bundle) -> int:
-    """As many layers per stage as fit in STAGE_BYTES of weights (at least one): each session.run costs ~0.1-0.3 ms,
-    and while a stage is created its weights exist about three times (ours, onnxruntime's copy, the packed one)."""
+def layers_per_stage(bundle, half: bool = False) -> int:
+    """As many layers per stage as fit in STAGE_BYTES of weights (at least one), or in half that: each session.run
+    costs ~0.1-0.3 ms, and while a stage is created its weights exist about three times (ours, onnxruntime's copy,
+    the packed one). With --strict-memory and the in-place KV cache (create_staged_session) that creation is the
+    peak of a short run, so its stages are half as large. Session 16, SmolLM2, 64 steps after a 41-token prompt,
+    session's share at its peak: int4-g32 128.9 -> 120.8 MiB with half-size stages (6 -> 10 sessions), int8
+    166.3 -> 163.8; decode, both in one process, steps alternating: int4-g32 12.91 -> 13.25 ms a step, int8 13.49 ->
+    13.52. With the Concat cache the decode steps are the peak, and half-size stages did not lower it (int8 169.3 ->
+    171.3, int4-g32 127.3 -> 128.6)."""
     layer0 = sum(e["nbytes"] for e in bundle.initializers if e["name"].startswith("model.layers.0."))
-    return max(1, STAGE_BYTES // max(1, layer0))
+    return max(1, (STAGE_BYTES // 2 if half else STAGE_BYTES) // max(1, layer0))
 
 
 STAGE_BYTES = 16 << 20   # SmolLM2 int8: 4 layers (3.6 MB each); Llama-3.2-1B int8 (~61 MB a layer): 1
@@ -167,7 +173,7 @@ NO_PREPACKING = "session.disable_prepacking"      # onnxruntime session config k
 def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant: str = "graph",
                           layers: int | None = None, strict: bool = False, int8_compute: bool = False,
                           kv_inplace: bool = False) -> StagedSession:
-    """layers: per stage (default layers_per_stage(bundle)). strict: the stages that share a weight (a tied
+    """layers: per stage (default layers_per_stage: half-size stages for strict with kv_inplace). strict: the stages that share a weight (a tied
     embedding: the Gather of stage 0 and the lm_head) read it unpacked, so it exists once (STRICT below).
     int8_compute: ort_session.set_int8_compute. kv_inplace: the graph rewritten for a KV cache written in place
     (kv_inplace.py; run it with StagedSession.run_bound)."""
@@ -182,7 +188,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
     if kv_inplace:
         from .kv_inplace import inplace_kv_graph
         inplace_kv_graph(model, bundle.config)
-    stages = plan_stages(model.graph, layers or layers_per_stage(bundle))
+    stages = plan_stages(model.graph, layers or layers_per_stage(bundle, half=strict and kv_inplace))
     external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     seen: set[str] = set()
     shared: set[str] = set()

@@ -31,6 +31,11 @@ def test_layers_per_stage_follows_the_weight_bytes(tiny_bundles, monkeypatch):
     assert layers_per_stage(bundle) == 3
     staged = OrtDecoder(bundle, low_memory=True)
     assert len(staged.session.sessions) == 2 + -(-bundle.config.num_hidden_layers // 3)
+    monkeypatch.setattr(ort_stages, "STAGE_BYTES", 2 * layer0)      # --strict-memory in place: half the bytes
+    assert (layers_per_stage(bundle), layers_per_stage(bundle, half=True)) == (2, 1)
+    assert bundle.config.num_hidden_layers == 2
+    assert len(OrtDecoder(bundle, low_memory="strict", kv="inplace").session.sessions) == 2 + 2
+    assert len(OrtDecoder(bundle, low_memory="strict").session.sessions) == 2 + 1
     np.testing.assert_array_equal(staged.forward_full(IDS), OrtDecoder(bundle).forward_full(IDS))
 
 
