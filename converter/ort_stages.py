@@ -173,8 +173,9 @@ NO_PREPACKING = "session.disable_prepacking"      # onnxruntime session config k
 def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant: str = "graph",
                           layers: int | None = None, strict: bool = False, int8_compute: bool = False,
                           kv_inplace: bool = False) -> StagedSession:
-    """layers: per stage (default layers_per_stage: half-size stages for strict with kv_inplace). strict: the stages that share a weight (a tied
-    embedding: the Gather of stage 0 and the lm_head) read it unpacked, so it exists once (STRICT below).
+    """layers: per stage (default layers_per_stage, half-size stages for strict with kv_inplace). strict: the
+    stages that share a weight (a tied embedding: the Gather of stage 0 and the lm_head) read it unpacked, so it
+    exists once (STRICT below).
     int8_compute: ort_session.set_int8_compute. kv_inplace: the graph rewritten for a KV cache written in place
     (kv_inplace.py; run it with StagedSession.run_bound)."""
     import onnx
