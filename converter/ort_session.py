@@ -48,20 +48,24 @@ def set_int8_compute(model) -> int:
     return n
 
 
-def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False) -> bytes:
-    """The bundle's graph, with int8 compute when asked (set_int8_compute) and rewritten for a KV cache written in
-    place (kv_inplace.inplace_kv_graph)."""
-    data = bundle.graph_bytes(float16, variant)
-    if not (int8_compute or kv_inplace):
-        return data
+def graph_model(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False):
+    """The bundle's graph as an onnx ModelProto, with int8 compute when asked (set_int8_compute) and rewritten for a
+    KV cache written in place (kv_inplace.inplace_kv_graph). The staged sessions cut this model into stages."""
     import onnx
-    model = onnx.load_from_string(data)
+    model = onnx.load_from_string(bundle.graph_bytes(float16, variant))
     if int8_compute:
         set_int8_compute(model)
     if kv_inplace:
         from .kv_inplace import inplace_kv_graph
         inplace_kv_graph(model, bundle.config)
-    return model.SerializeToString()
+    return model
+
+
+def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False) -> bytes:
+    """graph_model serialized; the bundle's bytes as they are when nothing is rewritten."""
+    if not (int8_compute or kv_inplace):
+        return bundle.graph_bytes(float16, variant)
+    return graph_model(bundle, float16, variant, int8_compute, kv_inplace).SerializeToString()
 
 
 def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False, variant: str = "graph",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .layouts import KN_SUFFIX, kn_initializer, kn_tables
-from .ort_session import BORROW_BUFFERS
+from .ort_session import BORROW_BUFFERS, graph_model
 
 LAYER = re.compile(r"^/(?:model|quantize)/layers\.(\d+)/")
 HEAD = re.compile(r"^/(?:lm_head|quantize/lm_head|model/norm)(?:/|$)")
@@ -182,13 +182,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
     import onnxruntime as ort
 
     _shared_arena(ort)
-    model = onnx.load_from_string(bundle.graph_bytes(variant == "graph_fp16", variant))
-    if int8_compute:
-        from .ort_session import set_int8_compute
-        set_int8_compute(model)
-    if kv_inplace:
-        from .kv_inplace import inplace_kv_graph
-        inplace_kv_graph(model, bundle.config)
+    model = graph_model(bundle, variant == "graph_fp16", variant, int8_compute, kv_inplace)
     stages = plan_stages(model.graph, layers or layers_per_stage(bundle, half=strict and kv_inplace))
     external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     seen: set[str] = set()
