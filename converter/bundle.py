@@ -39,7 +39,7 @@ from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import (KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, group_table_codes, group_table_shape,
-                      kn_shape, linear_initializers)
+                      kn_shape, linear_initializers, multiplied_parts)
 from .quant import entropy, errors, get_scheme, quantize_rows
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
@@ -395,10 +395,10 @@ def _passthrough(checkpoint, name: str, scheme: str, w: np.ndarray):
 
 # where smoothing was measured (README "Quality"): int8 (per-token int8 activations at run time) and the 4-bit
 # group schemes, whose weights it quantizes where the activations are large, finer (as AWQ does)
-SMOOTH_SCHEMES = ("int8", "int4-g32", "int4-g64")
+SMOOTH_SCHEMES = ("int8", "int4-g32", "int4-g64", "int4-m32", "int4-m64")
 # where `--smooth auto` (the default for these) picks each layer group's alpha by its quantized output error: the
 # weight-only schemes, whose error that measures (int8's is mostly its run-time activation rounding)
-SEARCH_SCHEMES = ("int4-g32", "int4-g64")
+SEARCH_SCHEMES = ("int4-g32", "int4-g64", "int4-m32", "int4-m64")
 
 
 def resolve_smooth(checkpoint, opts: BuildOptions) -> float | str | None:
@@ -454,7 +454,9 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     opts = _resolve_source(checkpoint, opts)
     get_scheme(opts.scheme)
     embed_scheme = opts.resolved_embed_scheme()
-    get_scheme(embed_scheme)
+    if get_scheme(embed_scheme).name.startswith("int4-m"):
+        raise BundleError(f"--embed-scheme {embed_scheme}: int4-mG is for the linear layers (the graphs gather the "
+                          "embedding's rows with per-group scales); choose int8, int8-eB or int4-gG for the embedding")
     if opts.chunk_symbols <= 0 or opts.chunk_symbols % 4:
         raise BundleError(f"chunk_symbols must be a positive multiple of 4, got {opts.chunk_symbols}")
     if opts.file_codec not in ("deflate", "qz"):
@@ -504,10 +506,14 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     from .onnx_export import check_graph, export_model
     nbits = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "nbits" for i in t["initializers"]}
     codes = {e["name"]: e for e in initializers if e["name"] in nbits and e["name"].endswith(".q")}
+    multiplied = {n for n in codes if multiplied_parts(n)[1] in weight_types}     # int4-mG: int8 (q - z)·m
     types = dict(weight_types)
-    types.update({n + KN_SUFFIX: ("uint8", kn_shape(e["shape"], e["layout"])) for n, e in codes.items()})
+    types.update({n + KN_SUFFIX: ("int8" if n in multiplied else "uint8", kn_shape(e["shape"], e["layout"]))
+                  for n, e in codes.items()})
     tables = {}     # NAME.scales / NAME.zeros -> the codes entry they belong to
     for n, e in codes.items():
+        if n in multiplied:
+            continue
         for part in (".scales", ".zeros"):
             name = n[:-len(".q")] + part
             if name in weight_types:
@@ -515,13 +521,19 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
                 types[name + KN_SUFFIX] = ("float32" if part == ".scales" else "uint8", group_table_shape(e["shape"]))
     model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True)
     used = {i for node in model.graph.node for i in node.input}
-    offered = {n + KN_SUFFIX for n in list(codes) + list(tables)} | set(codes) | set(tables)
+    offered = {n + KN_SUFFIX for n in list(codes) + list(tables)} | set(codes) | set(tables) | \
+        {p for c in multiplied for p in multiplied_parts(c)}
     kept = [t for t in model.graph.initializer if t.name in used or t.name not in offered]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     check_graph(model)
-    return (model.SerializeToString(), {n: n in used for n in codes if n + KN_SUFFIX in used},
-            {n: n in used for n in tables if n + KN_SUFFIX in used})
+    unread = [n for c in multiplied for n in multiplied_parts(c) if n in used]
+    if unread:
+        raise BundleError(f"the wasm graph reads {unread[0]}, which its loaders fold into the int8 codes")
+    return (model.SerializeToString(),
+            {n: n in used for n in codes if n + KN_SUFFIX in used and n not in multiplied},
+            {n: n in used for n in tables if n + KN_SUFFIX in used},
+            {n: n in used for n in multiplied if n + KN_SUFFIX in used})
 
 
 def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None):
@@ -563,10 +575,11 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts)}
     if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
-        wasm_bytes, transposed, group_tables = _wasm_graph(cfg, weight_types, initializers, tensors, opts.scheme,
-                                                           embed_scheme, tensor_schemes)
+        wasm_bytes, transposed, group_tables, multiplied = _wasm_graph(cfg, weight_types, initializers, tensors,
+                                                                       opts.scheme, embed_scheme, tensor_schemes)
         graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts),
-                                "transposed": transposed, "group_tables": group_tables}
+                                "transposed": transposed, "group_tables": group_tables,
+                                **({"multiplied": multiplied} if multiplied else {})}
 
     tok_entries = {fname: _write_file(folder, fname, data, opts)
                    for fname, data in sorted(_stored_tokenizer_files(checkpoint).items())}
@@ -840,6 +853,7 @@ def load(path: str | Path) -> Bundle:
     _validate_initializers(m, cfg)
     _validate_transposed(m)
     _validate_group_tables(m)
+    _validate_multiplied(m)
     _validate_tensors(m, cfg)
     _validate_graph(path, m, GRAPH)
     for key, fname in GRAPH_VARIANTS.items():
@@ -1022,6 +1036,10 @@ def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list
                                  list(group_table_shape(codes["shape"])))
         if not keep:
             del out[name]
+    for name, keep in m.get(key, {}).get("multiplied", {}).items():
+        out[name + KN_SUFFIX] = ("int8", list(kn_shape(by_name[name]["shape"], by_name[name]["layout"])))
+        for part in [name] * (not keep) + list(multiplied_parts(name)):
+            out.pop(part, None)
     return out
 
 
@@ -1046,6 +1064,21 @@ def _validate_transposed(m: dict):
     for _, e, at in _wasm_graph_table(m, "transposed"):
         _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in LAYOUT_BITS,
               at, "is not a packed (rows, blocks, bytes) uint8 codes initializer")
+
+
+def _validate_multiplied(m: dict):
+    """graph_wasm.multiplied: name -> bool, each the packed uint8 codes of an int4-mG weight whose zero points and
+    multipliers (NAME.zeros, NAME.mults: one packed value per group) the bundle holds."""
+    by_name = {e["name"]: e for e in m["initializers"]}
+    for name, e, at in _wasm_graph_table(m, "multiplied"):
+        _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in LAYOUT_BITS and name.endswith(".q"),
+              at, "is not a packed (rows, blocks, bytes) uint8 codes initializer")
+        rows, blocks, _ = e["shape"]
+        per = 8 // LAYOUT_BITS[e["layout"]]
+        for part in multiplied_parts(name):
+            p = by_name.get(part)
+            _want(p is not None and p["dtype"] == "uint8" and p["nbytes"] == rows * -(-blocks // per), at,
+                  f"needs {part}: one packed value per group ({rows} rows x {blocks} groups)")
 
 
 def _validate_group_tables(m: dict):
@@ -1130,7 +1163,8 @@ def _validate_schema(m: dict):
     for key in GRAPH_VARIANTS:
         if key in m:
             optional = _stored_forms(m[key], m, f"{M}: {key}") | \
-                ({"transposed", "group_tables"} & set(m[key] if key == "graph_wasm" and isinstance(m[key], dict) else ()))
+                ({"transposed", "group_tables", "multiplied"} &
+                 set(m[key] if key == "graph_wasm" and isinstance(m[key], dict) else ()))
             _keys(m[key], {"file", "bytes", "sha256"} | optional, f"{M}: {key}")
     if "calibration" in m:
         _validate_calibration(m["calibration"])

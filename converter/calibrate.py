@@ -87,6 +87,10 @@ class CalibrationOptions:
                 raise QuantError(f"scheme {s} is a float scheme: there is nothing to calibrate")
             if not s.startswith(("int", "ternary")):      # the GGUF block schemes keep their own arithmetic
                 raise QuantError(f"calibration supports the int*/ternary* schemes, not {s}")
+            if get_scheme(s).name.startswith("int4-m"):
+                raise QuantError(f"calibration does not support {s}: its group steps depend on the whole row, and "
+                                 "GPTQ fixes each group's grid when it reaches the group (smoothing, the default, "
+                                 "does apply)")
         self._check_numbers()
 
     def _check_numbers(self) -> None:

@@ -6,7 +6,9 @@ This is the one table that ties a scheme to its runtime layout. Two op families 
            Used by per-channel int8 and ternary (codes -1/0/+1 as int8).
   "nbits"  com.microsoft MatMulNBits: B uint8 (out, n_blocks, block_bytes) = codes of each row, packed low bits
            first, per-block scales (out * n_blocks) and packed integer zero points. Used by the group schemes;
-           GGUF Q4_1 (q4_1) stores f16 block minimums (".mins") instead (onnx_export.offset_linear).
+           GGUF Q4_1 (q4_1) stores f16 block minimums (".mins") instead (onnx_export.offset_linear); int4-mG
+           stores ".row_scales" (f16, one per row) and ".mults" (packed like the zero points) instead of ".scales",
+           and the graph multiplies them into MatMulNBits' per-block scales (folded at session creation).
 
 and the float schemes use plain MatMul ("f32": B float32 (in, out); "f16": float16 + Cast).
 
@@ -94,8 +96,12 @@ def linear_initializers(prefix: str, q: Quantized) -> list[Initializer]:
         if q.mins is not None:
             zeros = None                                            # q4_1: float offsets instead (".mins")
     out = [Initializer(prefix + ".q", "uint8", (rows, n_blocks, group * bits // 8), codes.reshape(-1),
-                       256 if scheme.alphabet == 256 else scheme.alphabet, layout),
-           byte_stream(prefix + ".scales", q.scales.reshape(rows * n_blocks))]                # f16 (out*n_blocks,)
+                       256 if scheme.alphabet == 256 else scheme.alphabet, layout)]
+    if q.mults is not None:             # int4-mG: one f16 scale per row, a multiplier per group packed as zeros are
+        out += [byte_stream(prefix + ".row_scales", q.scales.reshape(rows)),
+                byte_stream(prefix + ".mults", _pack_zeros(q.mults, bits).reshape(-1))]
+    else:
+        out.append(byte_stream(prefix + ".scales", q.scales.reshape(rows * n_blocks)))       # f16 (out*n_blocks,)
     if zeros is not None:
         out.append(byte_stream(prefix + ".zeros", _pack_zeros(zeros, bits).reshape(-1)))
     if q.mins is not None:
@@ -186,3 +192,27 @@ def transposed_codes(packed: np.ndarray, layout: int) -> np.ndarray:
         mask = (1 << bits) - 1
         codes = np.stack([(flat >> (bits * j)) & mask for j in range(8 // bits)], axis=-1).reshape(n, k)
     return np.ascontiguousarray(codes.T, dtype=np.uint8).reshape(nb, 1, block, n)
+
+
+# ---- int4-mG in the wasm graph: int8 codes -----------------------------------------------------------------------
+# An int4-mG weight is exactly (q - z)·m times its row's scale, with (q - z)·m in [-120, 120] (quant/int4.py). The
+# wasm graph multiplies those int8 codes, in the shape kn_shape gives (manifest graph_wasm.multiplied: NAME.q ->
+# whether the graph reads NAME.q too), with one scale per row: no zero points and no per-group table. Loaders fold
+# the zero points and the multipliers into the transposed codes once all three are decoded.
+
+
+def multiplied_parts(codes_name: str) -> tuple[str, str]:
+    """The zero points and multipliers initializers of an int4-mG codes initializer (NAME.q)."""
+    base = codes_name[:-len(".q")]
+    return base + ".zeros", base + ".mults"
+
+
+def multiplied_codes(packed: np.ndarray, zeros: np.ndarray, mults: np.ndarray, layout: int) -> np.ndarray:
+    """(N, n_blocks, block_bytes) packed int4-mG codes, their packed zero points and multipliers -> int8
+    (n_blocks, 1, block, N) = (q - z)·m at the places transposed_codes puts q."""
+    kn = transposed_codes(packed, layout)
+    z = group_table(zeros, packed.shape, layout)
+    m = group_table(mults, packed.shape, layout)
+    out = np.subtract(kn, z, dtype=np.int16)
+    out *= m
+    return out.astype(np.int8)

@@ -153,7 +153,10 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
     if g.group_gemm:   # the wasm graph reads the codes transposed (NAME.q.kn, layouts.transposed_codes)
         return group_gemm_linear(g, x, hf_name, bits, block, n_in, n_out, prefix)
     q = g.weight(hf_name + ".q")
-    scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
+    if hf_name + ".row_scales" in g.weights:                     # int4-mG
+        scales = multiple_scales(g, hf_name, n_out, n_in // block, bits, prefix)
+    else:
+        scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
     if bits == 8:
         return nbits8_linear(g, x, q, scales, n_in, n_out, block, prefix)
     if hf_name + ".mins" in g.weights:
@@ -161,6 +164,22 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
                              block, prefix)
     zeros = [g.weight(hf_name + ".zeros")] if hf_name + ".zeros" in g.weights else []
     return matmul_nbits(g, [x, q, scales] + zeros, n_in, n_out, bits, block, f"{prefix}/MatMulNBits")
+
+
+# row_scales f16 [N] ─► Cast ─► Reshape [N,1] ──────────────────────────────────────┐
+# mults u8 [N·⌈nb/2⌉] (4 bits, packed) ─► unpack ─► [N,nb] (Slice) ─► Cast ─────── Mul ─► Reshape [N·nb] = scales
+def multiple_scales(g: GraphBuilder, hf_name: str, n_out: int, nb: int, bits: int, prefix: str) -> str:
+    """int4-mG's per-block scales for MatMulNBits: each row's scale times its groups' integer multipliers. Built
+    from initializers alone, so onnxruntime folds it at session creation (exact in float32)."""
+    p, i64 = f"{prefix}/scales", (lambda v: g.const(v, np.int64))
+    m = g.op1("Reshape", [_unpack_u8(g, g.weight(hf_name + ".mults"), bits, f"{p}/mults/unpack"), i64([n_out, -1])],
+              f"{p}/mults/Flatten")                                                        # [N, padded nb]
+    m = g.op1("Slice", [m, i64([0]), i64([nb]), i64([1])], f"{p}/mults/Slice")
+    m = g.op1("Cast", [m], f"{p}/mults/Cast", to=TensorProto.FLOAT)
+    r = g.op1("Reshape", [cast(g, g.weight(hf_name + ".row_scales"), TensorProto.FLOAT, f"{p}/rows/Cast"),
+                          i64([n_out, 1])], f"{p}/rows/Column")
+    s = g.op1("Reshape", [g.op1("Mul", [m, r], f"{p}/Mul"), i64([-1])], f"{p}/Flatten")       # [N·nb]
+    return s if g.ft == TensorProto.FLOAT else cast(g, s, g.ft, f"{p}/CastDown")
 
 
 def matmul_nbits(g: GraphBuilder, inputs: list[str], n_in: int, n_out: int, bits: int, block: int, name: str) -> str:
@@ -254,7 +273,8 @@ def _unpack_u8(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
     return g.op1("Concat", parts, f"{prefix}/Concat", axis=-1)
 
 
-# weights: codes u8 W [K/b,1,b,N] one per byte (NAME.q.kn: the (K,N) transposed codes, made by the loader)
+# weights: codes u8 W [K/b,1,b,N] one per byte (NAME.q.kn: the (K,N) transposed codes, made by the loader;
+#   int4-mG: int8 (q - z)·m, layouts.multiplied_codes, with its f16 row scales [N] and no zero points)
 #   scales f32 and zero points u8 [K/b,1,1,N] (NAME.scales.kn, NAME.zeros.kn: layouts.group_table, made by the
 #   loader; where the bundle offers no tables: scales [N·K/b] ─► Cast ─► [N,K/b,1,1] ─► Transpose, zero points
 #   unpacked likewise, which onnxruntime folds at session creation) — or the scheme's constant zero point
@@ -274,6 +294,16 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: i
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
     w = g.weight(hf_name + ".q" + KN_SUFFIX)                                                  # [nb,1,b,N]
+    key = (x, block)                                  # q/k/v and gate/up share their input's quantization
+    if hf_name + ".row_scales" in g.weights:          # int4-mG: int8 codes (q - z)·m, one scale per row
+        s = to_f32(g, g.weight(hf_name + ".row_scales"), f"{prefix}/scales")                 # [N]
+        if key not in g.quantized_x:
+            g.quantized_x[key] = quantize_blocks(g, x, nb, block, f"{prefix}/quantize_x")
+        a, sx = g.quantized_x[key]
+        y = g.op1("MatMulIntegerToFloat", [a, w, g.const(1.0, np.float32), s, g.const(128, np.uint8)],
+                  f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)                         # [nb,B,S,N]
+        return g.op1("ReduceSum", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), i64([0])], f"{prefix}/ReduceSum",
+                     keepdims=0)
     def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,1,N]
         table = g.op1("Reshape", [t, i64([n_out, nb, 1, 1])], f"{p}/{tag}/Table")
         return g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 2, 3, 0])
@@ -293,7 +323,6 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: i
         zp = per_group(z, "zeros")
     else:
         zp = g.const(0 if mins else 1 << (bits - 1), np.uint8)                                # MatMulNBits' default
-    key = (x, block)                                  # q/k/v and gate/up share their input's quantization
     if key not in g.quantized_x:
         g.quantized_x[key] = quantize_blocks(g, x, nb, block, f"{prefix}/quantize_x")
     a, sx = g.quantized_x[key]

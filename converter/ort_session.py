@@ -17,7 +17,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import TinyQMoEError
-from .layouts import KN_SUFFIX, kn_initializer, kn_tables
+from .layouts import KN_SUFFIX, kn_initializer, kn_tables, multiplied_codes, multiplied_parts
 from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
 
@@ -81,10 +81,26 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     so.log_severity_level = 3
     names, arrays = [], []
     variant = "graph_fp16" if float16 else variant
-    kn = kn_tables(getattr(bundle, "manifest", {}).get(variant, {}))   # wasm graph: NAME.kn -> NAME read too
+    graph = getattr(bundle, "manifest", {}).get(variant, {})
+    kn = kn_tables(graph)                                     # wasm graph: NAME.kn -> NAME read too
+    multiplied = graph.get("multiplied", {})                 # ... and int4-mG's int8 codes, from three initializers
+    parts = {p: c for c in multiplied for p in (c, *multiplied_parts(c))}
+    held: dict[str, np.ndarray] = {}
     entries = {e["name"]: e for e in getattr(bundle, "initializers", [])}
     for entry, arr in bundle.decode_initializers(verify=verify):
         name = entry["name"]
+        if name in parts:
+            held[name] = arr
+            codes = parts[name]
+            if all(p in held for p in (codes, *multiplied_parts(codes))):
+                zeros, mults = (held.pop(p) for p in multiplied_parts(codes))
+                names.append(codes + KN_SUFFIX)
+                arrays.append(multiplied_codes(held[codes], zeros, mults, entries[codes]["layout"]))
+                if multiplied[codes]:
+                    names.append(codes)
+                    arrays.append(np.ascontiguousarray(held[codes]))
+                del held[codes]
+            continue
         if name in kn:
             names.append(name + KN_SUFFIX)
             arrays.append(kn_initializer(name, arr, entries))

@@ -51,16 +51,17 @@ def test_bundle_list(page, server):
     assert "bits/weight" in page.inner_text("#bundle-select")
 
 
-@pytest.mark.parametrize("name", ["tiny-f32", "tiny-int4", "tiny-int8"])
+@pytest.mark.parametrize("name", ["tiny-f32", "tiny-int4", "tiny-int8", "tiny-int4m"])
 def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
-    """On the WASM EP a group-scheme bundle (tiny-int4) runs model.wasm.onnx, and only that graph is fetched."""
+    """On the WASM EP a group-scheme bundle (tiny-int4, tiny-int4m) runs model.wasm.onnx, and only that graph is
+    fetched."""
     fetched = []
     page.on("request", lambda r: fetched.append(r.url))
     open_loaded(page, server, name, "wasm")
     stages = page.inner_text("#stages")
     assert "download" in stages and "session" in stages
     assert page.evaluate("document.getElementById('progress').value") == 1
-    graph = "wasm" if name == "tiny-int4" else "model"
+    graph = "wasm" if name.startswith("tiny-int4") else "model"
     assert ("wasm graph" in page.inner_text("#ep-badge")) == (graph == "wasm")
     graphs = {u.rsplit("/", 1)[1].removesuffix(".qz").removesuffix(".zlib") for u in fetched if ".onnx" in u}
     assert graphs == ({"model.wasm.onnx"} if graph == "wasm" else {"model.onnx"}), graphs
@@ -86,13 +87,14 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
         assert page.evaluate("window.tinyqmoe.state.numThreads") == 1
 
 
-def test_page_copy_path_equals_cpu_reference(page, server, bundle_dir):
+@pytest.mark.parametrize("name", ["tiny-int4", "tiny-int4m"])
+def test_page_copy_path_equals_cpu_reference(page, server, bundle_dir, name):
     """?into=0: the old path — every decoded chunk comes back to the page, which puts it in place, the WASM
     graph's transposed codes included (still the path of float byte planes)."""
-    open_loaded(page, server, "tiny-int4", "wasm", extra="&into=0")
+    open_loaded(page, server, name, "wasm", extra="&into=0")
     t = page.evaluate("window.tinyqmoe.state.loadTimings")
-    assert t["chunksInto"] == 0 and t["chunksCopied"] == sum(_chunk_counts(bundle_dir / "tiny-int4")), t
-    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4", PROMPT, 12, graph="wasm")
+    assert t["chunksInto"] == 0 and t["chunksCopied"] == sum(_chunk_counts(bundle_dir / name)), t
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / name, PROMPT, 12, graph="wasm")
 
 
 @pytest.mark.parametrize("name", ["tiny-int4", "tiny-f32"])
@@ -163,7 +165,7 @@ def test_python_in_a_worker_equals_cpu_reference(page, server, bundle_dir):
     assert page_tokens(page, PROMPT, 16, **SAMPLED)["tokens"] == cpu_tokens(bundle_dir / "tiny-f32", PROMPT, 16, **SAMPLED)
 
 
-@pytest.mark.parametrize("name", ["tiny-int4", "tiny-int8"])
+@pytest.mark.parametrize("name", ["tiny-int4", "tiny-int8", "tiny-int4m"])
 def test_webgpu_tokens_equal_cpu_reference(page, server, bundle_dir, name):
     open_loaded(page, server, name, "webgpu")
     badge = page.inner_text("#ep-badge")

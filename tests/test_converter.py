@@ -171,7 +171,9 @@ def test_truncated_gguf_is_named(tmp_path, tiny_hf):
 BOUNDS = {"f32": 0, "f16": 1e-3, "int8": 0.5 / 127, "int8-g32": 0.5 / 127, "int4-g32": 0.5 / 15 * 1.01,
           "int4-g64": 0.5 / 15 * 1.01, "int4-g128": 0.5 / 15 * 1.01, "int2-g32": 0.5 / 3 * 1.01,
           "int2-g64": 0.5 / 3 * 1.01, "q8_0": 0.5 / 127, "q4_1": 0.5 / 15 * 1.01,
-          "q4_0": 1 / 8 / 4 * 1.01}   # q4_0: d = max / -8, so the opposite extreme clips by up to one step
+          "q4_0": 1 / 8 / 4 * 1.01,   # q4_0: d = max / -8, so the opposite extreme clips by up to one step
+          # int4-mG: a group may take a multiplier one below its own range (less error overall, its extremes clip)
+          "int4-m32": 1 / 15 * 1.01, "int4-m64": 1 / 15 * 1.01}
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
@@ -194,6 +196,40 @@ def test_scheme_round_trip_error_bound(name):
     rng_max = np.abs(w.reshape(48, -1, g)).max(axis=2) * (1 if s.symmetric else 2)
     step_bound = BOUNDS[name] * rng_max.max() * (2 if not s.symmetric else 1) + 1e-4
     assert q.max_error <= step_bound, (name, q.max_error, step_bound)
+
+
+@pytest.mark.parametrize("name", ["int4-m32", "int4-m64"])
+def test_int4_multiple_is_exactly_int8_with_a_row_scale(name):
+    """int4-mG: every group's step is its row's float16 scale times an integer 1..8, so (q - z)·m is an int8 code
+    (|·| <= 120) and w_hat = row scale × that code exactly; each group's multiplier reproduces its weights at
+    least as well as its neighbours would; the error stays near int4-gG's, for 8 bits of metadata per group
+    instead of 20."""
+    from converter.quant.int4 import MULT_MAX
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(4, (40, 256)) * 0.03).astype(np.float32)
+    w[3] *= 20                                                        # rows of very different ranges
+    w[5, :64] = 0                                                     # and empty groups
+    s = get_scheme(name)
+    q = s.quantize(w)
+    g, rows = s.group, w.shape[0]
+    assert q.mults.shape == (rows, 256 // g) and q.scales.shape == (rows, 1) and q.scales.dtype == np.float16
+    assert 1 <= q.mults.min() and q.mults.max() <= MULT_MAX
+    codes = (q.symbols.reshape(rows, -1, g).astype(np.int32) - q.zeros[..., None]) * q.mults[..., None]
+    assert np.abs(codes).max() <= 120
+    exact = codes.reshape(rows, -1).astype(np.float32) * q.scales.astype(np.float32)
+    np.testing.assert_array_equal(s.dequantize(q), exact)
+    np.testing.assert_array_equal(s.roundtrip(w), exact)
+    # no other multiplier in 1..8 (with its own zero point and rounding) fits a group better
+    wg, r = w.reshape(rows, -1, g), q.scales.astype(np.float32)
+    err = ((exact.reshape(wg.shape) - wg) ** 2).sum(axis=2)
+    for m in range(1, MULT_MAX + 1):
+        step = r * m
+        lo = np.minimum(wg.min(axis=2), 0)
+        z = np.clip(np.rint(-lo / step), 0, 15)
+        alt = (np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15) - z[..., None]) * step[..., None]
+        near = np.abs(q.mults.astype(int) - m) <= 2       # the candidates around each group's own range
+        assert (err[near] <= ((alt - wg) ** 2).sum(axis=2)[near] * (1 + 1e-5) + 1e-12).all(), m
+    assert q.rms_error < 1.15 * get_scheme(name.replace("-m", "-g")).quantize(w).rms_error
 
 
 @pytest.mark.parametrize("name", ["ternary", "ternary-g64"])

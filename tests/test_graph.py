@@ -10,7 +10,8 @@ from converter.onnx_export import check_graph
 from converter.ort_session import OrtDecoder
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 7, 300, 11]
-QUANT_SCHEMES = ["int8", "int8-g32", "int4-g32", "int4-g64", "int4-g128", "int2-g64", "ternary", "ternary-g64", "f16"]
+QUANT_SCHEMES = ["int8", "int8-g32", "int4-g32", "int4-g64", "int4-g128", "int4-m32", "int4-m64", "int2-g64", "ternary",
+                 "ternary-g64", "f16"]
 
 
 def _rel(a, b):
@@ -52,6 +53,7 @@ def test_embedding_schemes(tiny_hf, tiny_bundles, embed_scheme):
 @pytest.mark.parametrize("scheme,embed,tol,variant", [("f32", None, 1e-4, "graph"),
                                                       ("int4-g32", "int8-g32", 1e-4, "graph"),
                                                       ("int4-g32", "int8-g32", 1e-4, "graph_wasm"),
+                                                      ("int4-m32", "int8-g32", 1e-4, "graph_wasm"),
                                                       ("int8", "int8", 0.05, "graph")])
 def test_cached_decode_equals_full_recompute(tiny_bundles, scheme, embed, tol, variant):
     """Exact for float and MatMulNBits graphs, and for the wasm graph (activations quantized per group of a row, so
@@ -165,8 +167,8 @@ def _act_blocks(ck, bundle) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g128", "int2-g64", "ternary-g64", "int8-g32", "q4_0", "q4_1",
-                                    "q8_0"])
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g128", "int4-m32", "int4-m64", "int2-g64", "ternary-g64", "int8-g32",
+                                    "q4_0", "q4_1", "q8_0"])
 def test_group_gemm_linear_is_exact(scheme):
     """One linear of the wasm graph equals x quantized per group (uint8, zero point 128, max|x| / 127) times the
     dequantized weights, to float32 rounding: the unpacking, transposes and zero points are right. With the scales
@@ -174,7 +176,7 @@ def test_group_gemm_linear_is_exact(scheme):
     the graph's own unpacking of the stored initializers (what onnxruntime folded before)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from converter.layouts import group_table, linear_initializers, transposed_codes
+    from converter.layouts import group_table, linear_initializers, multiplied_codes, transposed_codes
     from converter.lzw import pack_symbols
     from converter.onnx_export import MS_DOMAIN, OPSET, GraphBuilder, linear
     from converter.quant import get_scheme
@@ -187,7 +189,11 @@ def test_group_gemm_linear_is_exact(scheme):
               for i in inits}
     layout = next(i.layout for i in inits if i.name == "w.q")
     codes_shape = arrays["w.q"].shape
-    arrays["w.q.kn"] = transposed_codes(arrays.pop("w.q"), layout)                 # as the loaders derive it
+    if "w.mults" in arrays:                # int4-mG: int8 (q - z)·m, the zero points and multipliers folded in
+        arrays["w.q.kn"] = multiplied_codes(arrays.pop("w.q"), arrays.pop("w.zeros"), arrays.pop("w.mults"), layout)
+        assert arrays["w.q.kn"].dtype == np.int8 and np.abs(arrays["w.q.kn"].astype(int)).max() <= 120
+    else:
+        arrays["w.q.kn"] = transposed_codes(arrays.pop("w.q"), layout)             # as the loaders derive it
     tabled = dict(arrays)
     for part in ("w.scales", "w.zeros"):
         if part in tabled:
@@ -225,6 +231,7 @@ def test_group_gemm_linear_is_exact(scheme):
 
 
 @pytest.mark.parametrize("scheme,embed", [("int4-g32", "int8-g32"), ("int4-g64", None), ("int4-g128", "int4-g32"),
+                                          ("int4-m32", "int8-g32"), ("int4-m64", None),
                                           ("int2-g64", None), ("ternary-g64", None), ("int8-g32", "int8")])
 def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
     """Same initializers as model.onnx, no MatMulNBits; the logits follow the dequantized numpy forward with
@@ -238,8 +245,12 @@ def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
     check_graph(model)
     ext = {t.name: list(t.dims) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     transposed = bundle.manifest["graph_wasm"]["transposed"]
-    assert transposed and {n: s for n, (_, s) in graph_initializers(bundle.manifest, "graph_wasm").items()} == ext
-    assert all(n + ".kn" in ext and (n in ext) == keep for n, keep in transposed.items())
+    multiplied = bundle.manifest["graph_wasm"].get("multiplied", {})    # int4-mG: int8 codes, no zeros or mults
+    assert bool(multiplied) == scheme.startswith("int4-m")
+    assert transposed or multiplied
+    assert {n: s for n, (_, s) in graph_initializers(bundle.manifest, "graph_wasm").items()} == ext
+    assert all(n + ".kn" in ext and (n in ext) == keep for n, keep in {**transposed, **multiplied}.items())
+    assert not any(n[:-2] + part in ext for n in multiplied for part in (".zeros", ".mults"))
     ops = {n.op_type for n in model.graph.node}
     assert "MatMulNBits" not in ops and "MatMulIntegerToFloat" in ops
     w = reference.dequantized_weights(ck, scheme, bundle.manifest["embed_scheme"])

@@ -9,7 +9,8 @@ Scales are stored as float16 (the quantizer rounds them to f16 *before* computin
 the error of what ships). Groups run along the input dimension (cols): a group is `group` consecutive weights of
 one output row. `group=0` means one group per row (per output channel).
 
-Names: "f32", "f16", "int8" (per channel), "int8-g32", "int4-g32|g64|g128", "int2-g32|g64", "ternary",
+Names: "f32", "f16", "int8" (per channel), "int8-g32", "int4-g32|g64|g128", "int4-m32|m64" (group steps that are
+integer multiples of a row step), "int2-g32|g64", "ternary",
 "ternary-g64", llama.cpp's GGUF block formats "q8_0", "q4_0", "q4_1" (ggml.py), and "int8-eB" (entropy.py: int8
 codes whose step is chosen for an order-0 entropy of B bits, e.g. int8-e4; made on first use). The registry maps
 each name to a `Scheme`.
@@ -36,6 +37,7 @@ class Quantized:
     rms_error: float = 0.0             # sqrt(mean((w - w_hat)^2))
     extra: dict = field(default_factory=dict)
     mins: np.ndarray | None = None     # float16 (rows, n_groups) additive offsets: GGUF Q4_1's w = d*q + m
+    mults: np.ndarray | None = None    # uint8 (rows, n_groups) 1..8: int4-mG's group step = row scale * mult
 
 
 @dataclass(frozen=True)
@@ -125,4 +127,5 @@ def quantize_rows(scheme: Scheme, w: np.ndarray, block_rows: int = 2048) -> Quan
     sq = sum(p.rms_error ** 2 * p.symbols.shape[0] for p in parts)
     return Quantized(first.scheme, tuple(w.shape), cat([p.symbols for p in parts]), cat([p.scales for p in parts]),
                      cat([p.zeros for p in parts]), group=first.group, max_error=max(p.max_error for p in parts),
-                     rms_error=float(np.sqrt(sq / w.shape[0])), extra=first.extra, mins=cat([p.mins for p in parts]))
+                     rms_error=float(np.sqrt(sq / w.shape[0])), extra=first.extra, mins=cat([p.mins for p in parts]),
+                     mults=cat([p.mults for p in parts]))

@@ -1,7 +1,12 @@
 """int4: asymmetric with an integer zero point, groups along the input dimension.
 
-w ≈ s * (q - z), q in [0, 15], z in [0, 15] per group, s = (max - min) / 15 (f16). The integer zero point is the
-layout onnxruntime's MatMulNBits consumes (packed nibbles for q and z).
+int4-gG: w ≈ s * (q - z), q in [0, 15], z in [0, 15] per group, s = (max - min) / 15 (f16). The integer zero point
+is the layout onnxruntime's MatMulNBits consumes (packed nibbles for q and z).
+
+int4-mG: the same codes and zero points, but a group's step is an integer multiple of its row's: s = r * m, r one
+float16 per row, m in 1..8 per group (4 bits, packed as the zero points are). A group costs 8 bits of metadata
+instead of 20, and (q - z) * m is an integer in [-120, 120]: the weights are exactly int8 codes with one scale per
+row. Each group takes the m (of the four around its own min/max step) whose grid reproduces its weights best.
 """
 from __future__ import annotations
 
@@ -55,3 +60,69 @@ def make(group: int):
 
 for _g in (32, 64, 128):
     make(_g)
+
+
+# ---- int4-mG: group steps that are integer multiples of the row's step ------------------------------------------
+MULT_MAX = 8        # |q - z| <= 15, so (q - z) * m stays within int8
+
+
+def _multiple_grid(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row scales f16 (rows, 1), multipliers uint8 (rows, n_groups), zero points, codes) of grouped weights."""
+    lo = np.minimum(wg.min(axis=2), 0.0)
+    hi = np.maximum(wg.max(axis=2), 0.0)
+    need = (hi - lo) / 15                                              # each group's own min/max step
+    widest = need.max(axis=1, keepdims=True)
+    r = f16_scale(widest / MULT_MAX)
+    short = r.astype(np.float32) * MULT_MAX < widest                   # rounded down: the widest group would clip
+    r = np.where(short, np.nextafter(r, np.float16(np.inf)), r).astype(np.float16)
+    r32 = r.astype(np.float32)
+    x = need / r32
+    best = None
+    for cand in (np.floor(x) - 1, np.floor(x), np.ceil(x), np.ceil(x) + 1):
+        m = np.clip(cand, 1, MULT_MAX)
+        step = r32 * m
+        z = np.clip(np.rint(-lo / step), 0, 15)
+        q = np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15)
+        err = np.square((q - z[..., None]) * step[..., None] - wg).sum(axis=2)
+        if best is None:
+            best = [err, m, z, q]
+            continue
+        better = err < best[0]
+        best[0] = np.where(better, err, best[0])
+        best[1] = np.where(better, m, best[1])
+        best[2] = np.where(better, z, best[2])
+        best[3] = np.where(better[..., None], q, best[3])
+    _, m, z, q = best
+    return r, m.astype(np.uint8), z.astype(np.uint8), q.astype(np.uint8)
+
+
+def _multiple_values(r: np.ndarray, m: np.ndarray, z: np.ndarray, q: np.ndarray) -> np.ndarray:
+    step = r.astype(np.float32) * m.astype(np.float32)                 # (rows, n_groups)
+    return (q.astype(np.float32) - z[..., None]) * step[..., None]
+
+
+def multiple(w: np.ndarray, group: int, name: str) -> Quantized:
+    wg = grouped(w, group, name)
+    r, m, z, q = _multiple_grid(wg)
+    out = Quantized(name, w.shape, q.reshape(w.shape), r, z, group=group, mults=m)
+    mx, rms = errors(w, dequantize_multiple(out))
+    return Quantized(name, w.shape, out.symbols, r, z, group=group, max_error=mx, rms_error=rms, mults=m)
+
+
+def dequantize_multiple(q: Quantized) -> np.ndarray:
+    rows, cols = q.shape
+    codes = q.symbols.reshape(rows, q.mults.shape[1], -1)
+    return _multiple_values(q.scales, q.mults, q.zeros, codes).reshape(rows, cols)
+
+
+def make_multiple(group: int):
+    name = f"int4-m{group}"
+    return register(Scheme(name, alphabet=16, bits=4, group=group, symmetric=False,
+                           quantize=lambda w: multiple(w, group, name), dequantize=dequantize_multiple,
+                           roundtrip=lambda w: _multiple_values(*_multiple_grid(grouped(w, group, name))).reshape(w.shape),
+                           description=f"asymmetric int4, groups of {group}, each group's step an integer multiple "
+                                       f"(1-{MULT_MAX}) of its row's: exactly int8 codes with a row scale"))
+
+
+for _g in (32, 64):
+    make_multiple(_g)

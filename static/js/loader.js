@@ -183,7 +183,10 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   // The wasm graph reads group-scheme codes transposed, one per byte (manifest graph_wasm.transposed: NAME ->
   // whether NAME itself is read too): each decoded chunk's codes go to their [k][n] places of the (K, N) array
   // NAME.kn as the chunk is placed, so onnxruntime never sees the packed copy (converter/layouts.transposed_codes).
-  const transposed = (m[variant] && m[variant].transposed) || {};   // (a variant the bundle lacks: none)
+  // int4-mG's codes (manifest graph_wasm.multiplied, likewise) are placed the same way; once their zero points and
+  // multipliers are decoded too, (q - z)·m is written over them as int8 (foldMultiplied, below).
+  const multiplied = (m[variant] && m[variant].multiplied) || {};
+  const transposed = { ...((m[variant] && m[variant].transposed) || {}), ...multiplied };   // (a variant the bundle lacks: none)
   const perByte = (e) => 8 / [8, 4, 2][e.layout];                   // codes per byte of layout u8 / u4 / u2
   // ... and the scales and zero points of those codes as (n_blocks, 1, 1, N) tables, float32 scales and one zero
   // point per byte (manifest graph_wasm.group_tables: NAME -> whether NAME itself is read too), made once NAME is
@@ -205,6 +208,34 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     const out = new Uint8Array(nb * N), mask = (1 << bits) - 1;
     for (let n = 0; n < N; n++) for (let j = 0; j < nb; j++) out[j * N + n] = (src[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask;
     return out;
+  };
+  // int4-mG in the wasm graph: the weights are exactly int8 (q - z)·m times one scale per row, m in 1..8
+  // (converter/layouts.multiplied_codes). Written over NAME.kn in place, group by group; the graph reads neither
+  // the zero points nor the multipliers, so they go.
+  const foldMultiplied = (name) => {
+    const e = byName.get(name), base = name.replace(/\.q$/, "");
+    const [zeros, mults] = [outputs.get(base + ".zeros"), outputs.get(base + ".mults")];
+    const kn = outputs.get(name + ".kn");
+    const [N, nb] = e.shape, per = perByte(e), bits = 8 / per, mask = (1 << bits) - 1, rowBytes = Math.ceil(nb / per);
+    const block = knShape(e).K / nb;
+    for (const [part, src] of [[".zeros", zeros], [".mults", mults]]) {
+      if (!src || src.length !== N * rowBytes) throw new BundleError(`${base}${part}: needs ${N * rowBytes} bytes (${N} rows x ${nb} groups) to fold into ${name}`);
+    }
+    const z = new Int16Array(N), mu = new Int16Array(N);
+    for (let j = 0; j < nb; j++) {
+      const byte = Math.floor(j / per), shift = bits * (j % per);
+      for (let n = 0; n < N; n++) {
+        z[n] = (zeros[n * rowBytes + byte] >> shift) & mask;
+        mu[n] = (mults[n * rowBytes + byte] >> shift) & mask;
+      }
+      for (let i = 0, at = j * block * N; i < block; i++) {
+        for (let n = 0; n < N; n++, at++) kn[at] = (kn[at] - z[n]) * mu[n];   // a Uint8Array keeps the low byte: int8
+      }
+    }
+    for (const part of [".zeros", ".mults"]) {
+      outputs.get(base + part).buffer.transfer?.(0);                            // now, not at the next GC
+      outputs.delete(base + part);
+    }
   };
   const knShape = (e) => {   // the (K, N) one-per-byte transposed codes of codes initializer e
     const per = perByte(e), N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
@@ -292,6 +323,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
       outputs.delete(name);
     }
   }
+  for (const name of Object.keys(multiplied)) foldMultiplied(name);
   t.decoded = performance.now();
   const graphBytes = await graph;
   const tok = {};
