@@ -39,7 +39,7 @@ from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import (KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, group_table_codes, group_table_shape,
-                      kn_shape, linear_initializers, multiplied_parts)
+                      kn_shape, linear_initializers, multiplied_parts, multiplied_shape)
 from .quant import entropy, errors, get_scheme, quantize_rows
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
@@ -506,9 +506,9 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     from .onnx_export import check_graph, export_model
     nbits = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "nbits" for i in t["initializers"]}
     codes = {e["name"]: e for e in initializers if e["name"] in nbits and e["name"].endswith(".q")}
-    multiplied = {n for n in codes if multiplied_parts(n)[1] in weight_types}     # int4-mG: int8 (q - z)·m
+    multiplied = {n for n in codes if multiplied_parts(n)[1] in weight_types}     # int4-mG: 8-bit (q - z)·m
     types = dict(weight_types)
-    types.update({n + KN_SUFFIX: ("int8" if n in multiplied else "uint8", kn_shape(e["shape"], e["layout"]))
+    types.update({n + KN_SUFFIX: ("uint8", (multiplied_shape if n in multiplied else kn_shape)(e["shape"], e["layout"]))
                   for n, e in codes.items()})
     tables = {}     # NAME.scales / NAME.zeros -> the codes entry they belong to
     for n, e in codes.items():
@@ -529,7 +529,7 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     check_graph(model)
     unread = [n for c in multiplied for n in multiplied_parts(c) if n in used]
     if unread:
-        raise BundleError(f"the wasm graph reads {unread[0]}, which its loaders fold into the int8 codes")
+        raise BundleError(f"the wasm graph reads {unread[0]}, which its loaders fold into its 8-bit codes")
     return (model.SerializeToString(),
             {n: n in used for n in codes if n + KN_SUFFIX in used and n not in multiplied},
             {n: n in used for n in tables if n + KN_SUFFIX in used},
@@ -1037,7 +1037,7 @@ def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list
         if not keep:
             del out[name]
     for name, keep in m.get(key, {}).get("multiplied", {}).items():
-        out[name + KN_SUFFIX] = ("int8", list(kn_shape(by_name[name]["shape"], by_name[name]["layout"])))
+        out[name + KN_SUFFIX] = ("uint8", list(multiplied_shape(by_name[name]["shape"], by_name[name]["layout"])))
         for part in [name] * (not keep) + list(multiplied_parts(name)):
             out.pop(part, None)
     return out

@@ -194,11 +194,12 @@ def transposed_codes(packed: np.ndarray, layout: int) -> np.ndarray:
     return np.ascontiguousarray(codes.T, dtype=np.uint8).reshape(nb, 1, block, n)
 
 
-# ---- int4-mG in the wasm graph: int8 codes -----------------------------------------------------------------------
+# ---- int4-mG in the wasm graph: 8-bit codes ----------------------------------------------------------------------
 # An int4-mG weight is exactly (q - z)·m times its row's scale, with (q - z)·m in [-120, 120] (quant/int4.py). The
-# wasm graph multiplies those int8 codes, in the shape kn_shape gives (manifest graph_wasm.multiplied: NAME.q ->
-# whether the graph reads NAME.q too), with one scale per row: no zero points and no per-group table. Loaders fold
-# the zero points and the multipliers into the transposed codes once all three are decoded.
+# wasm graph multiplies those codes as uint8 (q - z)·m + 128 (zero point 128) in a (K, N) matrix (manifest
+# graph_wasm.multiplied: NAME.q -> whether the graph reads NAME.q too), with one scale per row: one integer GEMM
+# per linear, as the int8 schemes run (onnx_export.int8_linear). Loaders place the codes transposed as they are
+# decoded, then fold in the zero points and multipliers once those are decoded too.
 
 
 def multiplied_parts(codes_name: str) -> tuple[str, str]:
@@ -207,12 +208,19 @@ def multiplied_parts(codes_name: str) -> tuple[str, str]:
     return base + ".zeros", base + ".mults"
 
 
+def multiplied_shape(shape: list[int] | tuple[int, ...], layout: int) -> tuple[int, int]:
+    """(K, N) of the 8-bit codes of a packed (N, n_blocks, block_bytes) int4-mG codes initializer."""
+    nb, _, block, n = kn_shape(shape, layout)
+    return nb * block, n
+
+
 def multiplied_codes(packed: np.ndarray, zeros: np.ndarray, mults: np.ndarray, layout: int) -> np.ndarray:
-    """(N, n_blocks, block_bytes) packed int4-mG codes, their packed zero points and multipliers -> int8
-    (n_blocks, 1, block, N) = (q - z)·m at the places transposed_codes puts q."""
+    """(N, n_blocks, block_bytes) packed int4-mG codes, their packed zero points and multipliers -> uint8 (K, N)
+    = (q - z)·m + 128, weight [n][k] at [k][n]."""
     kn = transposed_codes(packed, layout)
     z = group_table(zeros, packed.shape, layout)
     m = group_table(mults, packed.shape, layout)
     out = np.subtract(kn, z, dtype=np.int16)
     out *= m
-    return out.astype(np.int8)
+    out += 128
+    return out.astype(np.uint8).reshape(multiplied_shape(packed.shape, layout))

@@ -273,8 +273,7 @@ def _unpack_u8(g: GraphBuilder, packed: str, bits: int, prefix: str) -> str:
     return g.op1("Concat", parts, f"{prefix}/Concat", axis=-1)
 
 
-# weights: codes u8 W [K/b,1,b,N] one per byte (NAME.q.kn: the (K,N) transposed codes, made by the loader;
-#   int4-mG: int8 (q - z)·m, layouts.multiplied_codes, with its f16 row scales [N] and no zero points)
+# weights: codes u8 W [K/b,1,b,N] one per byte (NAME.q.kn: the (K,N) transposed codes, made by the loader)
 #   scales f32 and zero points u8 [K/b,1,1,N] (NAME.scales.kn, NAME.zeros.kn: layouts.group_table, made by the
 #   loader; where the bundle offers no tables: scales [N·K/b] ─► Cast ─► [N,K/b,1,1] ─► Transpose, zero points
 #   unpacked likewise, which onnxruntime folds at session creation) — or the scheme's constant zero point
@@ -290,20 +289,20 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: i
     The same weights as MatMulNBits. The activations are quantized to 8 bits per group of the row (the group of
     the weights: an outlier spoils only its own 32 values; per whole row, SmolLM2 int4-g32 drifted 3x further from
     the MatMulNBits graph). onnxruntime-web's wasm MatMulNBits runs ~10x slower than its integer GEMM (README), so
-    the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it."""
+    the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it.
+
+    int4-mG weights are exactly 8-bit codes (q - z)·m with one scale per row (NAME.q.kn, [K,N], zero point 128:
+    layouts.multiplied_codes), so they take int8_linear instead: one GEMM over the whole row, activations quantized
+    per token. SmolLM2 int4-m32 in the page: decode 22.4 against 20.1 tok/s with the group GEMM, KL 0.163 against
+    0.159 (README)."""
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
+    if hf_name + ".row_scales" in g.weights:          # int4-mG: 8-bit codes (q - z)·m + 128 [K,N], a scale per row
+        return int8_linear(g, x, g.weight(hf_name + ".q" + KN_SUFFIX),
+                           to_f32(g, g.weight(hf_name + ".row_scales"), f"{prefix}/scales"), n_in, prefix,
+                           w_zero_point=128)
     w = g.weight(hf_name + ".q" + KN_SUFFIX)                                                  # [nb,1,b,N]
     key = (x, block)                                  # q/k/v and gate/up share their input's quantization
-    if hf_name + ".row_scales" in g.weights:          # int4-mG: int8 codes (q - z)·m, one scale per row
-        s = to_f32(g, g.weight(hf_name + ".row_scales"), f"{prefix}/scales")                 # [N]
-        if key not in g.quantized_x:
-            g.quantized_x[key] = quantize_blocks(g, x, nb, block, f"{prefix}/quantize_x")
-        a, sx = g.quantized_x[key]
-        y = g.op1("MatMulIntegerToFloat", [a, w, g.const(1.0, np.float32), s, g.const(128, np.uint8)],
-                  f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)                         # [nb,B,S,N]
-        return g.op1("ReduceSum", [g.op1("Mul", [y, sx], f"{prefix}/MulXScale"), i64([0])], f"{prefix}/ReduceSum",
-                     keepdims=0)
     def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,1,N]
         table = g.op1("Reshape", [t, i64([n_out, nb, 1, 1])], f"{p}/{tag}/Table")
         return g.op1("Transpose", [table], f"{p}/{tag}/Transpose", perm=[1, 2, 3, 0])
@@ -347,11 +346,13 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: i
 # (the first linear reading x builds the quantize_x nodes; later linears on the same x reuse them; 5 + 2 nodes where
 # Div/Round/Add/Cast and MatMulInteger/Cast/Mul/Mul took 8 + 4: onnxruntime-web's session creation grows faster
 # than linearly with the node count)
-def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, prefix: str) -> str:
+def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, prefix: str,
+                w_zero_point: int | None = None) -> str:
     """int8 weights with activations quantized per row (token). onnxruntime's DynamicQuantizeMatMul uses one scale
     for the whole call, so in a prefill the first token's activation outliers set the scale of every row (KL vs f32
     0.60 on SmolLM2) and a row's result depends on its neighbours; per-row scales keep rows independent (decode ==
-    prefill) and use the same u8×s8 integer kernels, which have WebAssembly SIMD paths."""
+    prefill) and use the same u8×s8 integer kernels, which have WebAssembly SIMD paths. w_zero_point: uint8
+    weights with that zero point (int4-mG in the wasm graph) instead of int8 ones."""
     if g.ft != TensorProto.FLOAT:
         # float16 graph: quantize and rescale in float32 (the int32 accumulator reaches ~16129 * K, far past
         # float16's 65504, and the activation scale can fall below its smallest normal number)
@@ -362,7 +363,8 @@ def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, pref
     f32 = np.float32
     # com.microsoft MatMulIntegerToFloat: the u8×s8 integer GEMM of MatMulInteger with the output scaled by
     # a_scale·b_scale[n] in its epilogue (a_scale must be a scalar there, so the per-row scale is one Mul after)
-    y = g.op1("MatMulIntegerToFloat", [xq, w_q, g.const(1.0, f32), w_scale, g.const(128, np.uint8)],
+    zp = [] if w_zero_point is None else [g.const(w_zero_point, np.uint8)]
+    y = g.op1("MatMulIntegerToFloat", [xq, w_q, g.const(1.0, f32), w_scale, g.const(128, np.uint8)] + zp,
               f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)
     y = g.op1("Mul", [y, sx], f"{prefix}/MulXScale")
     return y if g.ft == TensorProto.FLOAT else cast(g, y, g.ft, f"{prefix}/CastDown")

@@ -38,8 +38,7 @@ export async function ortBuild(build) {
  * instead of 321 MiB. On WebGPU (not measurable here: SwiftShader) model.onnx prompts still run whole. */
 export function prefillRows(manifest, variant, weightBytes = Infinity, ep = "wasm") {
   const cap = ep === "wasm" ? MAX_PIECE : Infinity;
-  const transposed = { ...((manifest[variant] && manifest[variant].transposed) || {}),
-                       ...((manifest[variant] && manifest[variant].multiplied) || {}) };
+  const transposed = (manifest[variant] && manifest[variant].transposed) || {};
   let perRow = 0;
   for (const e of manifest.initializers) {
     if (e.name in transposed) perRow = Math.max(perRow, 4 * e.shape[0] * e.shape[1]);   // codes (N, groups, bytes)
