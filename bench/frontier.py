@@ -60,6 +60,8 @@ OURS = [("source", None), ("source", "q4_1"), ("source", "int4-g32"), ("q8_0", "
         ("int8-g32", "int8-g32"), ("q4_0", "q4_0"), ("int4-g32", "source"), ("int4-g32", "int8"),
         ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64"), ("int2-g32", "int4-g32"), ("int2-g64", "int4-g64"),
         ("ternary-g64", "int4-g64"), ("ternary", "int8"), ("source", "int8-e3.9"),
+        # session 17: int4 groups whose steps are integer multiples of a row scale (quant/int4.py)
+        ("int4-m32", "int8"), ("int4-m32", "int4-g32"), ("int4-m64", "int4-g64"),
         # the issue's ternary / int2 sizes (<= 1.6 / <= 2.1 all-in) need the embedding in the same scheme
         ("ternary", "ternary"), ("ternary-g64", "ternary-g64"), ("int2-g64", "int2-g64")]
 # (no int4-g128: SmolLM2's rows of 576 are 4.5 groups of 128)

