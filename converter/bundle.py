@@ -39,7 +39,7 @@ from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import (KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, group_table_codes, group_table_shape,
-                      kn_shape, linear_initializers, multiplied_parts, multiplied_shape)
+                      block_scale_parts, kn_shape, linear_initializers, multiplied_parts, multiplied_shape)
 from .quant import entropy, errors, get_scheme, quantize_rows
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
@@ -536,6 +536,18 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
             {n: n in used for n in multiplied if n + KN_SUFFIX in used})
 
 
+def _block_scale_types(types: dict, weights: list[str]) -> dict:
+    """The initializers a graph reads when loaders make the block scales of the int4-mG `weights`: NAME.scales
+    (float32 [N * n_blocks]) instead of NAME.row_scales and NAME.mults (layouts.block_scales)."""
+    out = dict(types)
+    for w in weights:
+        scales, rows, mults = block_scale_parts(w)
+        n_out, n_blocks = types[w + ".q"][1][:2]
+        out[scales] = ("float32", (n_out * n_blocks,))
+        del out[rows], out[mults]
+    return out
+
+
 def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None):
     cfg: LlamaConfig = checkpoint.config
     t0 = time.perf_counter()
@@ -569,11 +581,15 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         progress("model.onnx", len(names), len(names))
 
     weight_types = {e["name"]: (e["dtype"], tuple(e["shape"])) for e in initializers}
-    graph_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes)
-    graphs = {"graph": {"file": GRAPH, **_write_file(folder, GRAPH, graph_bytes, opts)}}
+    # int4-mG: model.onnx and the float16 graph read NAME.scales, which loaders make (layouts.block_scales)
+    scaled = sorted(n[:-len(".mults")] for n in weight_types if n.endswith(".mults"))
+    extra = {"block_scales": scaled} if scaled else {}
+    graph_types = _block_scale_types(weight_types, scaled)
+    graph_bytes = export_graph(cfg, graph_types, opts.scheme, embed_scheme, tensor_schemes)
+    graphs = {"graph": {"file": GRAPH, **_write_file(folder, GRAPH, graph_bytes, opts), **extra}}
     if opts.fp16_graph:
-        fp16_bytes = export_graph(cfg, weight_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
-        graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts)}
+        fp16_bytes = export_graph(cfg, graph_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
+        graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts), **extra}
     if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
         wasm_bytes, transposed, group_tables, multiplied = _wasm_graph(cfg, weight_types, initializers, tensors,
                                                                        opts.scheme, embed_scheme, tensor_schemes)
@@ -854,6 +870,7 @@ def load(path: str | Path) -> Bundle:
     _validate_transposed(m)
     _validate_group_tables(m)
     _validate_multiplied(m)
+    _validate_block_scales(m)
     _validate_tensors(m, cfg)
     _validate_graph(path, m, GRAPH)
     for key, fname in GRAPH_VARIANTS.items():
@@ -1036,6 +1053,11 @@ def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list
                                  list(group_table_shape(codes["shape"])))
         if not keep:
             del out[name]
+    for w in m.get(key, {}).get("block_scales", []):
+        n_out, n_blocks = by_name[w + ".q"]["shape"][:2]
+        scales, rows, mults = block_scale_parts(w)
+        out[scales] = ("float32", [n_out * n_blocks])
+        del out[rows], out[mults]
     for name, keep in m.get(key, {}).get("multiplied", {}).items():
         out[name + KN_SUFFIX] = ("uint8", list(multiplied_shape(by_name[name]["shape"], by_name[name]["layout"])))
         for part in [name] * (not keep) + list(multiplied_parts(name)):
@@ -1064,6 +1086,30 @@ def _validate_transposed(m: dict):
     for _, e, at in _wasm_graph_table(m, "transposed"):
         _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in LAYOUT_BITS,
               at, "is not a packed (rows, blocks, bytes) uint8 codes initializer")
+
+
+def _validate_block_scales(m: dict):
+    """graph.block_scales / graph_fp16.block_scales: a list of int4-mG weights NAME, each with its packed codes,
+    float16 row scales (one per row) and packed multipliers (one per group)."""
+    by_name = {e["name"]: e for e in m["initializers"]}
+    for key in ("graph", "graph_fp16"):
+        weights = m.get(key, {}).get("block_scales")
+        if weights is None:
+            continue
+        where = f"{MANIFEST}: {key}.block_scales"
+        _want(isinstance(weights, list) and all(isinstance(w, str) for w in weights), where,
+              "expected a list of weight names")
+        for w in weights:
+            codes, (_, rows_name, mults_name) = by_name.get(w + ".q"), block_scale_parts(w)
+            _want(codes is not None and codes["dtype"] == "uint8" and len(codes["shape"]) == 3 and
+                  codes["layout"] in LAYOUT_BITS, f"{where}: {w}", "has no packed codes initializer")
+            rows, blocks, _ = codes["shape"]
+            per = 8 // LAYOUT_BITS[codes["layout"]]
+            r, mu = by_name.get(rows_name), by_name.get(mults_name)
+            _want(r is not None and r["dtype"] == "float16" and r["nbytes"] == 2 * rows, f"{where}: {w}",
+                  f"needs {rows_name}: one float16 scale per row ({rows})")
+            _want(mu is not None and mu["dtype"] == "uint8" and mu["nbytes"] == rows * -(-blocks // per),
+                  f"{where}: {w}", f"needs {mults_name}: one packed multiplier per group ({rows} x {blocks})")
 
 
 def _validate_multiplied(m: dict):
@@ -1162,9 +1208,9 @@ def _validate_schema(m: dict):
           ({"tables"} if m["version"] >= 2 else set()), M)
     for key in GRAPH_VARIANTS:
         if key in m:
+            tables = {"graph_wasm": {"transposed", "group_tables", "multiplied"}, "graph_fp16": {"block_scales"}}
             optional = _stored_forms(m[key], m, f"{M}: {key}") | \
-                ({"transposed", "group_tables", "multiplied"} &
-                 set(m[key] if key == "graph_wasm" and isinstance(m[key], dict) else ()))
+                (tables[key] & set(m[key] if isinstance(m[key], dict) else ()))
             _keys(m[key], {"file", "bytes", "sha256"} | optional, f"{M}: {key}")
     if "calibration" in m:
         _validate_calibration(m["calibration"])
@@ -1227,7 +1273,8 @@ def _validate_schema(m: dict):
               "must be a list of head_dim / 2 factors")
         for f in c["rope_freq_factors"]:
             _num(f, f"{M}: config.rope_freq_factors", 1e-6, 1e6)
-    _keys(m["graph"], {"file", "bytes", "sha256"} | _stored_forms(m["graph"], m, f"{M}: graph"), f"{M}: graph")
+    _keys(m["graph"], {"file", "bytes", "sha256"} | _stored_forms(m["graph"], m, f"{M}: graph") |
+          ({"block_scales"} & set(m["graph"])), f"{M}: graph")
     for name, info in (m["tokenizer"].items() if isinstance(m["tokenizer"], dict) else []):
         _keys(info, {"bytes", "sha256"} | _stored_forms(info, m, f"{M}: tokenizer.{name}"), f"{M}: tokenizer.{name}")
     for i, b in enumerate(m["blobs"] if isinstance(m["blobs"], list) else []):

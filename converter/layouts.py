@@ -224,3 +224,23 @@ def multiplied_codes(packed: np.ndarray, zeros: np.ndarray, mults: np.ndarray, l
     out *= m
     out += 128
     return out.astype(np.uint8).reshape(multiplied_shape(packed.shape, layout))
+
+
+# ---- int4-mG in model.onnx and the float16 graph: block scales ---------------------------------------------------
+# MatMulNBits takes a scale per block: for int4-mG that is its row's scale times the group's multiplier. Loaders make
+# it as NAME.scales (float32, exact; the float16 graph casts it as it casts every scale) from NAME.row_scales and
+# NAME.mults (manifest graph.block_scales and graph_fp16.block_scales: the weights NAME), which the graph then does
+# not read. Built in the graph instead, onnxruntime folded the unpacking at session creation and kept the
+# temporaries: SmolLM2 int4-m32's session held 22 MiB more (README).
+
+
+def block_scale_parts(weight: str) -> tuple[str, str, str]:
+    """(NAME.scales, NAME.row_scales, NAME.mults) of an int4-mG weight NAME."""
+    return weight + ".scales", weight + ".row_scales", weight + ".mults"
+
+
+def block_scales(row_scales: np.ndarray, mults: np.ndarray, codes_shape, codes_layout: int) -> np.ndarray:
+    """float16 row scales [N] and packed multipliers -> MatMulNBits' float32 scales [N * n_blocks] (row scale ×
+    multiplier, exact)."""
+    m = group_table(mults, codes_shape, codes_layout).reshape(-1, codes_shape[0]).T             # (N, n_blocks)
+    return (m.astype(np.float32) * row_scales.astype(np.float32)[:, None]).reshape(-1)

@@ -153,10 +153,7 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
     if g.group_gemm:   # the wasm graph reads the codes transposed (NAME.q.kn, layouts.transposed_codes)
         return group_gemm_linear(g, x, hf_name, bits, block, n_in, n_out, prefix)
     q = g.weight(hf_name + ".q")
-    if hf_name + ".row_scales" in g.weights:                     # int4-mG
-        scales = multiple_scales(g, hf_name, n_out, n_in // block, bits, prefix)
-    else:
-        scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")
+    scales = to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales")   # int4-mG: made by the loaders
     if bits == 8:
         return nbits8_linear(g, x, q, scales, n_in, n_out, block, prefix)
     if hf_name + ".mins" in g.weights:
@@ -164,22 +161,6 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
                              block, prefix)
     zeros = [g.weight(hf_name + ".zeros")] if hf_name + ".zeros" in g.weights else []
     return matmul_nbits(g, [x, q, scales] + zeros, n_in, n_out, bits, block, f"{prefix}/MatMulNBits")
-
-
-# row_scales f16 [N] ─► Cast ─► Reshape [N,1] ──────────────────────────────────────┐
-# mults u8 [N·⌈nb/2⌉] (4 bits, packed) ─► unpack ─► [N,nb] (Slice) ─► Cast ─────── Mul ─► Reshape [N·nb] = scales
-def multiple_scales(g: GraphBuilder, hf_name: str, n_out: int, nb: int, bits: int, prefix: str) -> str:
-    """int4-mG's per-block scales for MatMulNBits: each row's scale times its groups' integer multipliers. Built
-    from initializers alone, so onnxruntime folds it at session creation (exact in float32)."""
-    p, i64 = f"{prefix}/scales", (lambda v: g.const(v, np.int64))
-    m = g.op1("Reshape", [_unpack_u8(g, g.weight(hf_name + ".mults"), bits, f"{p}/mults/unpack"), i64([n_out, -1])],
-              f"{p}/mults/Flatten")                                                        # [N, padded nb]
-    m = g.op1("Slice", [m, i64([0]), i64([nb]), i64([1])], f"{p}/mults/Slice")
-    m = g.op1("Cast", [m], f"{p}/mults/Cast", to=TensorProto.FLOAT)
-    r = g.op1("Reshape", [cast(g, g.weight(hf_name + ".row_scales"), TensorProto.FLOAT, f"{p}/rows/Cast"),
-                          i64([n_out, 1])], f"{p}/rows/Column")
-    s = g.op1("Reshape", [g.op1("Mul", [m, r], f"{p}/Mul"), i64([-1])], f"{p}/Flatten")       # [N·nb]
-    return s if g.ft == TensorProto.FLOAT else cast(g, s, g.ft, f"{p}/CastDown")
 
 
 def matmul_nbits(g: GraphBuilder, inputs: list[str], n_in: int, n_out: int, bits: int, block: int, name: str) -> str:

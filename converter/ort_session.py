@@ -17,7 +17,8 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import TinyQMoEError
-from .layouts import KN_SUFFIX, kn_initializer, kn_tables, multiplied_codes, multiplied_parts
+from .layouts import (KN_SUFFIX, block_scale_parts, block_scales, kn_initializer, kn_tables, multiplied_codes,
+                      multiplied_parts)
 from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
 
@@ -85,10 +86,19 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     kn = kn_tables(graph)                                     # wasm graph: NAME.kn -> NAME read too
     multiplied = graph.get("multiplied", {})                 # ... and int4-mG's int8 codes, from three initializers
     parts = {p: c for c in multiplied for p in (c, *multiplied_parts(c))}
+    scaled = {p: w for w in graph.get("block_scales", []) for p in block_scale_parts(w)[1:]}   # int4-mG, model.onnx
     held: dict[str, np.ndarray] = {}
     entries = {e["name"]: e for e in getattr(bundle, "initializers", [])}
     for entry, arr in bundle.decode_initializers(verify=verify):
         name = entry["name"]
+        if name in scaled:                                   # NAME.scales = row scales × multipliers
+            held[name] = arr
+            scales, rows, mults = block_scale_parts(scaled[name])
+            if rows in held and mults in held:
+                codes = entries[scaled[name] + ".q"]
+                names.append(scales)
+                arrays.append(block_scales(held.pop(rows), held.pop(mults), codes["shape"], codes["layout"]))
+            continue
         if name in parts:
             held[name] = arr
             codes = parts[name]

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layouts import KN_SUFFIX, kn_initializer, kn_tables, multiplied_codes, multiplied_parts
+from .layouts import (KN_SUFFIX, block_scale_parts, block_scales, kn_initializer, kn_tables, multiplied_codes,
+                      multiplied_parts)
 from .ort_session import BORROW_BUFFERS, graph_model
 
 LAYER = re.compile(r"^/(?:model|quantize)/layers\.(\d+)/")
@@ -192,6 +193,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
         seen.update(st.initializers)
     kn = kn_tables(bundle.manifest.get(variant, {}))   # wasm graph: NAME.kn from NAME's codes, scales, zero points
     multiplied = bundle.manifest.get(variant, {}).get("multiplied", {})   # and from int4-mG's codes, zeros, mults
+    scaled = set(bundle.manifest.get(variant, {}).get("block_scales", []))   # int4-mG's block scales (model.onnx)
     entries = {e["name"]: e for e in bundle.initializers}
     in_memory = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")   # onnxruntime >= 1.29
     kept: dict[str, np.ndarray] = {}    # shared initializers, borrowed by every stage that reads them
@@ -203,9 +205,14 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
             base = name[:-len(KN_SUFFIX)]
             if name.endswith(KN_SUFFIX) and base in kn:
                 return kn_initializer(base, read(base), entries)
-            if name.endswith(KN_SUFFIX) and base in multiplied:       # int4-mG: int8 (q - z)·m
+            if name.endswith(KN_SUFFIX) and base in multiplied:       # int4-mG: 8-bit (q - z)·m + 128
                 return multiplied_codes(read(base), *(read(p) for p in multiplied_parts(base)),
                                         entries[base]["layout"])
+            weight = name[:-len(".scales")]
+            if name.endswith(".scales") and weight in scaled:         # int4-mG: row scales × multipliers
+                codes = entries[weight + ".q"]
+                return block_scales(*(read(p) for p in block_scale_parts(weight)[1:]), codes["shape"],
+                                    codes["layout"])
             return np.ascontiguousarray(read(name))
 
         for s, st in enumerate(stages):

@@ -98,7 +98,7 @@ def test_graph_passes_checker_and_names_are_hierarchical(tiny_bundles):
 
 # ---- the float16 variant (model.fp16.onnx): same weights, float16 activations and KV cache -----------------------
 
-@pytest.mark.parametrize("scheme,tol", [("f32", 1e-2), ("int4-g32", 1e-2), ("int2-g64", 1e-2),
+@pytest.mark.parametrize("scheme,tol", [("f32", 1e-2), ("int4-g32", 1e-2), ("int4-m32", 1e-2), ("int2-g64", 1e-2),
                                         ("int8", 5e-2), ("ternary", 5e-2)])
 def test_fp16_graph_follows_the_fp32_graph(tiny_bundles, scheme, tol):
     """Same initializers, float16 KV cache, float32 logits within float16 rounding of the float32 graph, and the

@@ -237,6 +237,24 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
       outputs.delete(base + part);
     }
   };
+  // int4-mG on model.onnx and the float16 graph: MatMulNBits' block scales, row scale × multiplier in float32
+  // (manifest graph.block_scales: the weights NAME; converter/layouts.block_scales). The graph reads neither part.
+  const makeBlockScales = (w) => {
+    const codes = byName.get(w + ".q"), rows = outputs.get(w + ".row_scales"), mults = outputs.get(w + ".mults");
+    if (!codes || !rows || !mults) throw new BundleError(`block_scales: ${w} needs its codes, row scales and multipliers`);
+    const [N, nb] = codes.shape, per = perByte(codes), bits = 8 / per, mask = (1 << bits) - 1, rowBytes = Math.ceil(nb / per);
+    if (rows.length !== 2 * N || mults.length !== N * rowBytes) throw new BundleError(`${w}: row scales or multipliers do not fit ${N} rows x ${nb} groups`);
+    const h = new Uint16Array(rows.buffer, rows.byteOffset, N), out = new Float32Array(N * nb);
+    for (let n = 0; n < N; n++) {
+      const r = halfToFloat(h[n]);
+      for (let j = 0; j < nb; j++) out[n * nb + j] = r * ((mults[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask);
+    }
+    outputs.set(w + ".scales", new Uint8Array(out.buffer));
+    for (const part of [".row_scales", ".mults"]) {
+      outputs.get(w + part).buffer.transfer?.(0);
+      outputs.delete(w + part);
+    }
+  };
   const knShape = (e) => {   // the (K, N) one-per-byte transposed codes of codes initializer e
     const per = perByte(e), N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
     return { per, N, K, bytes: K * N };
@@ -324,6 +342,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     }
   }
   for (const name of Object.keys(multiplied)) foldMultiplied(name);
+  for (const w of gi.block_scales || []) makeBlockScales(w);
   t.decoded = performance.now();
   const graphBytes = await graph;
   const tok = {};
