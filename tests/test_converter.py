@@ -649,6 +649,39 @@ def test_data_packages_are_found_without_importing_them(tmp_path, monkeypatch):
     assert package_dir("no_such_package_here") is None
 
 
+def test_lying_int4_multiple_tables_are_named(tmp_path, tiny_bundles):
+    """int4-mG's loader-made tensors: graph_wasm.multiplied (8-bit codes from the codes, zero points and
+    multipliers) and graph.block_scales (row scale × multiplier) name initializers that exist with one value per
+    row or group — a bundle that says otherwise is refused, naming the entry."""
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int4-m32"), dst)
+    m = read_manifest(dst)
+    multiplied, scaled = dict(m["graph_wasm"]["multiplied"]), list(m["graph"]["block_scales"])
+    codes = next(iter(multiplied))
+    weight = codes[:-len(".q")]
+    assert weight in scaled and not m["graph_wasm"]["transposed"]
+    cases = [("graph_wasm", "multiplied", {**multiplied, "model.norm.weight": False},
+              "multiplied.model.norm.weight: is not a packed"),
+             ("graph_wasm", "multiplied", {**multiplied, codes: 1}, f"multiplied.{re.escape(codes)}: expected true or false"),
+             ("graph", "block_scales", scaled + ["model.norm.weight"], "block_scales: model.norm.weight: has no packed codes"),
+             ("graph", "block_scales", {weight: True}, "block_scales: expected a list")]
+    for key, field, value, message in cases:
+        m[key][field] = value
+        _rewrite(dst, m)
+        with pytest.raises(BundleError, match=message):
+            load(dst)
+        m["graph_wasm"]["multiplied"], m["graph"]["block_scales"] = dict(multiplied), list(scaled)
+    entry = next(e for e in m["initializers"] if e["name"] == codes)
+    entry["shape"][1], entry["shape"][2] = entry["shape"][1] // 2, entry["shape"][2] * 2    # same bytes, fewer groups
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match=rf"{re.escape(codes)}: needs {re.escape(weight)}\.(zeros|mults): one packed"):
+        load(dst)
+    del m["graph_wasm"]["multiplied"]
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match=rf"block_scales: {re.escape(weight)}: needs {re.escape(weight)}\.mults"):
+        load(dst)
+
+
 def test_lying_group_tables_are_named(tmp_path, tiny_bundles):
     """graph_wasm.group_tables: every entry the scales or zero points of codes the wasm graph reads transposed,
     sized for their groups — a bundle that says otherwise is refused, naming the entry."""
