@@ -77,23 +77,34 @@ def _multiple_grid(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     r = np.where(short, np.nextafter(r, np.float16(np.inf)), r).astype(np.float16)
     r32 = r.astype(np.float32)
     x = need / r32
-    best = None
+    # Each candidate's squared error in units of the row's step (the same unit for every group of a row), computed
+    # in place on one scratch array: the search is most of a build's time (smoothing runs it several times a weight)
+    u = wg / r32[..., None]
+    lo_u = lo / r32
+    t = np.empty_like(u)
+    best_err, best_m = None, None
     for cand in (np.floor(x) - 1, np.floor(x), np.ceil(x), np.ceil(x) + 1):
-        m = np.clip(cand, 1, MULT_MAX)
-        step = r32 * m
-        z = np.clip(np.rint(-lo / step), 0, 15)
-        q = np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15)
-        err = np.square((q - z[..., None]) * step[..., None] - wg).sum(axis=2)
-        if best is None:
-            best = [err, m, z, q]
-            continue
-        better = err < best[0]
-        best[0] = np.where(better, err, best[0])
-        best[1] = np.where(better, m, best[1])
-        best[2] = np.where(better, z, best[2])
-        best[3] = np.where(better[..., None], q, best[3])
-    _, m, z, q = best
-    return r, m.astype(np.uint8), z.astype(np.uint8), q.astype(np.uint8)
+        m = np.clip(cand, 1, MULT_MAX).astype(np.float32)
+        z = np.clip(np.rint(-lo_u / m), 0, 15)[..., None]
+        np.divide(u, m[..., None], out=t)
+        np.rint(t, out=t)
+        t += z
+        np.clip(t, 0, 15, out=t)
+        t -= z
+        t *= m[..., None]
+        t -= u
+        np.square(t, out=t)
+        err = t.sum(axis=2)
+        if best_err is None:
+            best_err, best_m = err, m
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_m = np.where(better, m, best_m)
+    step = r32 * best_m
+    z = np.clip(np.rint(-lo / step), 0, 15)
+    q = np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15)
+    return r, best_m.astype(np.uint8), z.astype(np.uint8), q.astype(np.uint8)
 
 
 def _multiple_values(r: np.ndarray, m: np.ndarray, z: np.ndarray, q: np.ndarray) -> np.ndarray:
