@@ -87,10 +87,6 @@ class CalibrationOptions:
                 raise QuantError(f"scheme {s} is a float scheme: there is nothing to calibrate")
             if not s.startswith(("int", "ternary")):      # the GGUF block schemes keep their own arithmetic
                 raise QuantError(f"calibration supports the int*/ternary* schemes, not {s}")
-            if get_scheme(s).name.startswith("int4-m"):
-                raise QuantError(f"calibration does not support {s}: its group steps depend on the whole row, and "
-                                 "GPTQ fixes each group's grid when it reaches the group (smoothing, the default, "
-                                 "does apply)")
         self._check_numbers()
 
     def _check_numbers(self) -> None:
@@ -180,8 +176,16 @@ def round_on_grid(scheme: Scheme, w: np.ndarray, s: np.ndarray, z: np.ndarray | 
     return np.clip(np.rint(w / s32) + z[:, None], 0, scheme.alphabet - 1).astype(np.uint8)
 
 
+def _multiple(scheme: Scheme) -> bool:
+    """int4-mG: a group's step is its row's float16 scale times an integer multiplier (quant/int4.py), chosen per
+    group here as the scheme chooses it, on the row scales of the weight as it comes in."""
+    return scheme.name.startswith("int4-m")
+
+
 def values_on_grid(scheme: Scheme, codes: np.ndarray, s: np.ndarray, z: np.ndarray | None) -> np.ndarray:
     """scheme.dequantize of codes (rows, k) sharing one scale/zero per row."""
+    if _multiple(scheme):                          # s = row scale × multiplier, float32
+        return (codes.astype(np.float32) - z.astype(np.float32)[:, None]) * s.astype(np.float32)[:, None]
     rows, k = codes.shape
     q = Quantized(scheme.name, (rows, k), codes, s.reshape(rows, 1),
                   None if z is None else z.reshape(rows, 1), group=k)
@@ -209,11 +213,12 @@ def best_clip(scheme: Scheme, w: np.ndarray, weight: np.ndarray, grid: tuple[flo
 # Quantizers of one weight given its input Hessian
 # ---------------------------------------------------------------------------------------------------------------
 
-def _assemble(scheme: Scheme, w: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros) -> Quantized:
-    q = Quantized(scheme.name, tuple(w.shape), codes, scales, zeros, group=scheme.group)
+def _assemble(scheme: Scheme, w: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros,
+              mults: np.ndarray | None = None) -> Quantized:
+    q = Quantized(scheme.name, tuple(w.shape), codes, scales, zeros, group=scheme.group, mults=mults)
     mx, rms = errors(w, scheme.dequantize(q))
     return Quantized(scheme.name, tuple(w.shape), codes, scales, zeros, group=scheme.group,
-                     max_error=mx, rms_error=rms)
+                     max_error=mx, rms_error=rms, mults=mults)
 
 
 def quantize_rtn(scheme: Scheme, w: np.ndarray, h_diag: np.ndarray | None = None,
@@ -224,6 +229,15 @@ def quantize_rtn(scheme: Scheme, w: np.ndarray, h_diag: np.ndarray | None = None
         return scheme.quantize(w)
     rows, cols = w.shape
     g = scheme.group or cols
+    if _multiple(scheme):           # its own search, the clip variant weighing each column by its input energy
+        from .quant.int4 import choose_multipliers, row_scales
+        wg = w.reshape(rows, cols // g, g)
+        r = row_scales(wg)
+        weight = None if not clip_grid or h_diag is None else h_diag.astype(np.float32).reshape(cols // g, g)
+        m, z = choose_multipliers(wg, r, weight)
+        step = r.astype(np.float32) * m
+        codes = np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15).astype(np.uint8).reshape(rows, cols)
+        return _assemble(scheme, w, codes, r, z.astype(np.uint8), m.astype(np.uint8))
     codes = np.empty((rows, cols), np.uint8)
     scales = np.empty((rows, cols // g), np.float16)
     zeros = np.empty((rows, cols // g), np.uint8) if not scheme.symmetric else None
@@ -267,13 +281,19 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
     u32 = u.astype(np.float32)
     h_diag = np.diag(h).astype(np.float32)
     codes = np.empty((rows, cols), np.uint8)
-    scales = np.empty((rows, cols // g), np.float16)
+    multiple = _multiple(scheme)
+    scales = np.empty((rows, 1 if multiple else cols // g), np.float16)
     zeros = np.empty((rows, cols // g), np.uint8) if not scheme.symmetric else None
+    mults = np.empty((rows, cols // g), np.uint8) if multiple else None
+    if multiple:
+        from .quant.int4 import choose_multipliers, row_scales
     for r0 in range(0, rows, row_block):
         r1 = min(rows, r0 + row_block)
         W = np.array(w[r0:r1], np.float32, copy=True)                   # (r, cols), updated in place
         W[:, dead] = 0.0
         s = z = None
+        if multiple:                    # int4-mG: row scales from the weights as they come, multipliers per group
+            scales[r0:r1] = row_scales(W.reshape(r1 - r0, cols // g, g))
         if steps is not None:                                            # fixed in advance, for every group
             s, z = steps[r0:r1], None
             scales[r0:r1] = s[:, None]
@@ -289,7 +309,13 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
             U1 = u32[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                if scheme.group and col % g == 0 and steps is None:     # a group starts: its grid, from the
+                if scheme.group and col % g == 0 and steps is None and multiple:
+                    blk = W1[:, i:i + g]
+                    m, z = choose_multipliers(blk[:, None, :], scales[r0:r1], h_diag[col:col + g] if clip_grid else None)
+                    s, z = scales[r0:r1, 0].astype(np.float32) * m[:, 0], z[:, 0].astype(np.uint8)
+                    mults[r0:r1, col // g] = m[:, 0]
+                    zeros[r0:r1, col // g] = z
+                elif scheme.group and col % g == 0 and steps is None:   # a group starts: its grid, from the
                     blk = W1[:, i:i + g]                                # error-updated weights
                     s, z = (best_clip(scheme, blk, h_diag[None, col:col + g], clip_grid) if clip_grid
                             else group_params(scheme, blk))
@@ -302,7 +328,7 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
                 W1[:, i + 1:] -= np.outer(err, U1[i, i + 1:])
                 E1[:, i] = err
             W[:, i2:] -= E1 @ u32[i1:i2, i2:]
-    return _assemble(scheme, w, codes, scales, zeros)
+    return _assemble(scheme, w, codes, scales, zeros, mults)
 
 
 def quantize_with(method: str, scheme: Scheme, w: np.ndarray, h: np.ndarray | None,
@@ -329,8 +355,11 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
 
 
 def nominal_bits(scheme: Scheme, cols: int) -> float:
-    """Bits per weight before entropy coding: code + f16 scale (+ zero point) per group."""
+    """Bits per weight before entropy coding: code + f16 scale (+ zero point) per group; int4-mG: code + 4-bit
+    multiplier and zero point per group + f16 scale per row."""
     g = scheme.group or cols
+    if _multiple(scheme):
+        return scheme.bits + 8.0 / g + 16.0 / cols
     return scheme.bits + 16.0 / g + (scheme.bits / g if not scheme.symmetric else 0.0)
 
 
@@ -382,8 +411,9 @@ class _Spill:
     def put(self, name: str, q: Quantized):
         f = self.dir / f"{len(self.names):04d}.npz"
         arrays = {"symbols": q.symbols, "scales": q.scales}
-        if q.zeros is not None:
-            arrays["zeros"] = q.zeros
+        for part in ("zeros", "mults"):                  # the optional arrays of a Quantized (mins: GGUF only)
+            if getattr(q, part) is not None:
+                arrays[part] = getattr(q, part)
         np.savez(f, **arrays)
         meta = {"scheme": q.scheme, "shape": list(q.shape), "group": q.group, "max_error": q.max_error,
                 "rms_error": q.rms_error}
@@ -396,7 +426,8 @@ class _Spill:
         with np.load(f) as a:
             return Quantized(meta["scheme"], tuple(meta["shape"]), a["symbols"], a["scales"],
                              a["zeros"] if "zeros" in a else None, group=meta["group"],
-                             max_error=meta["max_error"], rms_error=meta["rms_error"])
+                             max_error=meta["max_error"], rms_error=meta["rms_error"],
+                             mults=a["mults"] if "mults" in a else None)
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)

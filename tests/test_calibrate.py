@@ -15,7 +15,7 @@ from converter.loaders import open_checkpoint
 from converter.ort_session import OrtDecoder
 from converter.quant import get_scheme
 
-SCHEMES = ["int4-g32", "int4-g128", "int2-g64", "int8-g32", "int8", "ternary", "ternary-g64"]
+SCHEMES = ["int4-g32", "int4-g128", "int4-m32", "int4-m64", "int2-g64", "int8-g32", "int8", "ternary", "ternary-g64"]
 IDS = [5, 17, 42, 99, 3, 250, 7, 7, 300, 11]
 SMALL = dict(sequences=4, seq_len=64, corpus_chars=20_000)       # 256 calibration tokens: fast on the tiny model
 
@@ -40,6 +40,8 @@ def test_rtn_reproduces_the_scheme_quantizer_exactly(scheme):
     np.testing.assert_array_equal(got.scales, want.scales)
     if want.zeros is not None:
         np.testing.assert_array_equal(got.zeros, want.zeros)
+    if want.mults is not None:                              # int4-mG's multipliers
+        np.testing.assert_array_equal(got.mults, want.mults)
     assert got.rms_error == pytest.approx(want.rms_error)
 
 
@@ -55,15 +57,19 @@ def test_gptq_reduces_layer_output_error_vs_rtn_on_the_same_grid(scheme):
     assert e_gptq < 0.8 * e_rtn, (scheme, e_rtn, e_gptq)
 
 
-def test_gptq_with_identity_hessian_is_round_to_nearest():
-    """With uncorrelated inputs there is nothing to compensate: GPTQ must give RTN's codes."""
-    s = get_scheme("int4-g32")
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-m32"])
+def test_gptq_with_identity_hessian_is_round_to_nearest(scheme):
+    """With uncorrelated inputs there is nothing to compensate: GPTQ must give RTN's codes (and int4-mG's
+    multipliers)."""
+    s = get_scheme(scheme)
     w, _ = _layer(3)
-    got = quantize_gptq(s, w, np.eye(w.shape[1]))
-    np.testing.assert_array_equal(got.symbols, s.quantize(w).symbols)
+    got, want = quantize_gptq(s, w, np.eye(w.shape[1])), s.quantize(w)
+    np.testing.assert_array_equal(got.symbols, want.symbols)
+    if want.mults is not None:
+        np.testing.assert_array_equal(got.mults, want.mults)
 
 
-@pytest.mark.parametrize("scheme", ["int4-g32", "int2-g64", "int8"])
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-m32", "int2-g64", "int8"])
 def test_clip_search_never_loses_to_rtn_on_its_objective(scheme):
     s = get_scheme(scheme)
     w, h = _layer(4)
@@ -156,18 +162,19 @@ def _calibrated_weights(ck, scheme, embed_scheme, opts):
         c.close()
 
 
-@pytest.mark.parametrize("opts", [CalibrationOptions(method="gptq+clip", embedding="calibrated", **SMALL),
-                                  CalibrationOptions(method="gptq", mixed=5.0, mixed_high="int8-g32", **SMALL)],
-                         ids=["gptq+clip", "mixed"])
-def test_calibrated_bundle_matches_its_dequantized_reference(tmp_path, tiny_hf, opts):
+@pytest.mark.parametrize("scheme,opts", [
+    ("int4-g32", CalibrationOptions(method="gptq+clip", embedding="calibrated", **SMALL)),
+    ("int4-g32", CalibrationOptions(method="gptq", mixed=5.0, mixed_high="int8-g32", **SMALL)),
+    ("int4-m32", CalibrationOptions(method="gptq+clip", **SMALL))], ids=["gptq+clip", "mixed", "int4-m32"])
+def test_calibrated_bundle_matches_its_dequantized_reference(tmp_path, tiny_hf, scheme, opts):
     ck = open_checkpoint(tiny_hf[0])
-    write_bundle(ck, tmp_path / "b", BuildOptions(scheme="int4-g32", embed_scheme="int8-g32", chunk_symbols=4096,
+    write_bundle(ck, tmp_path / "b", BuildOptions(scheme=scheme, embed_scheme="int8-g32", chunk_symbols=4096,
                                                   smooth="off",
                                                   calibration=opts))
     bundle = load(tmp_path / "b")
     m = bundle.manifest
     assert m["calibration"]["method"] == opts.method and m["calibration"]["text"]["tokens"] == 256
-    weights, schemes = _calibrated_weights(ck, "int4-g32", "int8-g32", opts)
+    weights, schemes = _calibrated_weights(ck, scheme, "int8-g32", opts)
     for t in m["tensors"]:
         if t["name"] in schemes:
             assert t["scheme"] == schemes[t["name"]]

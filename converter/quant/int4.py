@@ -66,17 +66,26 @@ for _g in (32, 64, 128):
 MULT_MAX = 8        # |q - z| <= 15, so (q - z) * m stays within int8
 
 
-def _multiple_grid(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(row scales f16 (rows, 1), multipliers uint8 (rows, n_groups), zero points, codes) of grouped weights."""
+def row_scales(wg: np.ndarray) -> np.ndarray:
+    """float16 (rows, 1): the step of each row's widest group over MULT_MAX, rounded up to float16, so that the
+    widest group's min/max grid is exactly MULT_MAX row steps."""
     lo = np.minimum(wg.min(axis=2), 0.0)
     hi = np.maximum(wg.max(axis=2), 0.0)
-    need = (hi - lo) / 15                                              # each group's own min/max step
-    widest = need.max(axis=1, keepdims=True)
+    widest = ((hi - lo) / 15).max(axis=1, keepdims=True)
     r = f16_scale(widest / MULT_MAX)
     short = r.astype(np.float32) * MULT_MAX < widest                   # rounded down: the widest group would clip
-    r = np.where(short, np.nextafter(r, np.float16(np.inf)), r).astype(np.float16)
+    return np.where(short, np.nextafter(r, np.float16(np.inf)), r).astype(np.float16)
+
+
+def choose_multipliers(wg: np.ndarray, r: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(multipliers float32 (rows, n_groups), zero points float32) of grouped weights wg (rows, n_groups, g) on row
+    scales r (rows, 1): per group, of the four multipliers around its own min/max step, the one whose grid (with its
+    own zero point) reproduces the group with the least squared error, weighted per column by `weight` ((n_groups,) g)
+    (calibrate.py: the inputs' energy)."""
+    lo = np.minimum(wg.min(axis=2), 0.0)
+    hi = np.maximum(wg.max(axis=2), 0.0)
     r32 = r.astype(np.float32)
-    x = need / r32
+    x = (hi - lo) / 15 / r32
     # Each candidate's squared error in units of the row's step (the same unit for every group of a row), computed
     # in place on one scratch array: the search is most of a build's time (smoothing runs it several times a weight)
     u = wg / r32[..., None]
@@ -94,6 +103,8 @@ def _multiple_grid(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         t *= m[..., None]
         t -= u
         np.square(t, out=t)
+        if weight is not None:
+            t *= weight
         err = t.sum(axis=2)
         if best_err is None:
             best_err, best_m = err, m
@@ -101,10 +112,16 @@ def _multiple_grid(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_m = np.where(better, m, best_m)
-    step = r32 * best_m
-    z = np.clip(np.rint(-lo / step), 0, 15)
+    return best_m, np.clip(np.rint(-lo / (r32 * best_m)), 0, 15)
+
+
+def _multiple_grid(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row scales f16 (rows, 1), multipliers uint8 (rows, n_groups), zero points, codes) of grouped weights."""
+    r = row_scales(wg)
+    m, z = choose_multipliers(wg, r)
+    step = r.astype(np.float32) * m
     q = np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15)
-    return r, best_m.astype(np.uint8), z.astype(np.uint8), q.astype(np.uint8)
+    return r, m.astype(np.uint8), z.astype(np.uint8), q.astype(np.uint8)
 
 
 def _multiple_values(r: np.ndarray, m: np.ndarray, z: np.ndarray, q: np.ndarray) -> np.ndarray:
