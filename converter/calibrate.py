@@ -311,7 +311,8 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
                 col = i1 + i
                 if scheme.group and col % g == 0 and steps is None and multiple:
                     blk = W1[:, i:i + g]
-                    m, z = choose_multipliers(blk[:, None, :], scales[r0:r1], h_diag[col:col + g] if clip_grid else None)
+                    m, z = choose_multipliers(blk[:, None, :], scales[r0:r1],
+                                              h_diag[col:col + g] if clip_grid else None)
                     s, z = scales[r0:r1, 0].astype(np.float32) * m[:, 0], z[:, 0].astype(np.uint8)
                     mults[r0:r1, col // g] = m[:, 0]
                     zeros[r0:r1, col // g] = z

@@ -397,7 +397,8 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-symbols", type=int, default=1 << 18, help="symbols per independently decodable chunk")
     b.add_argument("--smooth", nargs="?", type=_smooth_arg, const="on", default=None, metavar="ALPHA|auto|off",
                    help="fold per-channel activation scales into the weights before quantizing (SmoothQuant/AWQ-"
-                        "style; a float pass over 2,048 tokens of pydoc_data.topics). int4-g32/g64 and int4-m32/m64: on by default, "
+                        "style; a float pass over 2,048 tokens of pydoc_data.topics). int4-g32/g64 and "
+                        "int4-m32/m64: on by default, "
                         "'auto' (each layer group takes the best of no smoothing and the SmoothQuant and AWQ forms "
                         "at alpha 0.25, 0.5, 0.75, by its quantized output error); int8: opt-in, alpha 0.5 when given "
                         "bare. 'off' disables. SmolLM2 KL against the "

@@ -662,8 +662,10 @@ def test_lying_int4_multiple_tables_are_named(tmp_path, tiny_bundles):
     assert weight in scaled and not m["graph_wasm"]["transposed"]
     cases = [("graph_wasm", "multiplied", {**multiplied, "model.norm.weight": False},
               "multiplied.model.norm.weight: is not a packed"),
-             ("graph_wasm", "multiplied", {**multiplied, codes: 1}, f"multiplied.{re.escape(codes)}: expected true or false"),
-             ("graph", "block_scales", scaled + ["model.norm.weight"], "block_scales: model.norm.weight: has no packed codes"),
+             ("graph_wasm", "multiplied", {**multiplied, codes: 1},
+              f"multiplied.{re.escape(codes)}: expected true or false"),
+             ("graph", "block_scales", scaled + ["model.norm.weight"],
+              "block_scales: model.norm.weight: has no packed codes"),
              ("graph", "block_scales", {weight: True}, "block_scales: expected a list")]
     for key, field, value, message in cases:
         m[key][field] = value

@@ -168,8 +168,8 @@ def _act_blocks(ck, bundle) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g128", "int4-m32", "int4-m64", "int2-g64", "ternary-g64", "int8-g32",
-                                    "q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g128", "int4-m32", "int4-m64", "int2-g64", "ternary-g64",
+                                    "int8-g32", "q4_0", "q4_1", "q8_0"])
 def test_group_gemm_linear_is_exact(scheme):
     """One linear of the wasm graph equals x quantized per group (uint8, zero point 128, max|x| / 127) times the
     dequantized weights, to float32 rounding: the unpacking, transposes and zero points are right. With the scales

@@ -53,8 +53,8 @@ def test_staged_logits_equal_the_single_session(tiny_bundles, scheme, embed, var
 
 
 @pytest.mark.parametrize("scheme,embed,variant", [("f32", None, "graph"), ("int8", None, "graph"),
-                                                  ("int4-g32", "int8-g32", "graph_wasm"), ("ternary-g64", None, "graph"),
-                                                  ("int4-m64", None, "graph_wasm")])
+                                                  ("int4-g32", "int8-g32", "graph_wasm"),
+                                                  ("ternary-g64", None, "graph"), ("int4-m64", None, "graph_wasm")])
 def test_strict_logits_equal_the_single_session(tiny_bundles, scheme, embed, variant):
     bundle = load(tiny_bundles(scheme, embed))
     want = OrtDecoder(bundle, variant=variant).forward_full(IDS)

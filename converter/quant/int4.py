@@ -77,7 +77,8 @@ def row_scales(wg: np.ndarray) -> np.ndarray:
     return np.where(short, np.nextafter(r, np.float16(np.inf)), r).astype(np.float16)
 
 
-def choose_multipliers(wg: np.ndarray, r: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def choose_multipliers(wg: np.ndarray, r: np.ndarray,
+                       weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(multipliers float32 (rows, n_groups), zero points float32) of grouped weights wg (rows, n_groups, g) on row
     scales r (rows, 1): per group, of the four multipliers around its own min/max step, the one whose grid (with its
     own zero point) reproduces the group with the least squared error, weighted per column by `weight` ((n_groups,) g)
@@ -137,6 +138,11 @@ def multiple(w: np.ndarray, group: int, name: str) -> Quantized:
     return Quantized(name, w.shape, out.symbols, r, z, group=group, max_error=mx, rms_error=rms, mults=m)
 
 
+def roundtrip_multiple(w: np.ndarray, group: int, name: str) -> np.ndarray:
+    """dequantize(multiple(w)) without the Quantized record or its error (what smoothing's search calls)."""
+    return _multiple_values(*_multiple_grid(grouped(w, group, name))).reshape(w.shape)
+
+
 def dequantize_multiple(q: Quantized) -> np.ndarray:
     rows, cols = q.shape
     codes = q.symbols.reshape(rows, q.mults.shape[1], -1)
@@ -147,7 +153,7 @@ def make_multiple(group: int):
     name = f"int4-m{group}"
     return register(Scheme(name, alphabet=16, bits=4, group=group, symmetric=False,
                            quantize=lambda w: multiple(w, group, name), dequantize=dequantize_multiple,
-                           roundtrip=lambda w: _multiple_values(*_multiple_grid(grouped(w, group, name))).reshape(w.shape),
+                           roundtrip=lambda w: roundtrip_multiple(w, group, name),
                            description=f"asymmetric int4, groups of {group}, each group's step an integer multiple "
                                        f"(1-{MULT_MAX}) of its row's: exactly int8 codes with a row scale"))
 
