@@ -36,7 +36,8 @@ function explain(e, when, manifest) {
   const weights = manifest ? ` (this model's weights: ${mb(manifest.totals.runtime_bytes)})` : "";
   return `${when}: out of memory — ${msg}. On the WASM EP the whole model lives in onnxruntime-web's heap, which ` +
     `cannot grow past 4 GiB${weights}. A shorter message may still fit; a smaller model or scheme will (on the WASM ` +
-    `EP int8 needs less memory than int4, whose codes are held one per byte there).`;
+    `EP int8 and int4-m32 need less memory than int4-g32, whose codes are held one per byte there with per-group ` +
+    `tables beside them).`;
 }
 function notice(msg) { $("notice").textContent = msg; $("notice").hidden = false; }
 function stage(name, ms) {
