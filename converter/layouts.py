@@ -8,7 +8,7 @@ This is the one table that ties a scheme to its runtime layout. Two op families 
            first, per-block scales (out * n_blocks) and packed integer zero points. Used by the group schemes;
            GGUF Q4_1 (q4_1) stores f16 block minimums (".mins") instead (onnx_export.offset_linear); int4-mG
            stores ".row_scales" (f16, one per row) and ".mults" (packed like the zero points) instead of ".scales",
-           and the graph multiplies them into MatMulNBits' per-block scales (folded at session creation).
+           which loaders multiply into MatMulNBits' per-block scales (block_scales, below).
 
 and the float schemes use plain MatMul ("f32": B float32 (in, out); "f16": float16 + Cast).
 

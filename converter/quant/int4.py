@@ -81,8 +81,8 @@ def choose_multipliers(wg: np.ndarray, r: np.ndarray,
                        weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(multipliers float32 (rows, n_groups), zero points float32) of grouped weights wg (rows, n_groups, g) on row
     scales r (rows, 1): per group, of the four multipliers around its own min/max step, the one whose grid (with its
-    own zero point) reproduces the group with the least squared error, weighted per column by `weight` ((n_groups,) g)
-    (calibrate.py: the inputs' energy)."""
+    own zero point) reproduces the group with the least squared error, weighted per column by `weight` ((g,) or
+    (n_groups, g): calibrate.py, the inputs' energy)."""
     lo = np.minimum(wg.min(axis=2), 0.0)
     hi = np.maximum(wg.max(axis=2), 0.0)
     r32 = r.astype(np.float32)
