@@ -209,51 +209,45 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     for (let n = 0; n < N; n++) for (let j = 0; j < nb; j++) out[j * N + n] = (src[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask;
     return out;
   };
+  // int4-mG's zero points and multipliers (packed as zero points are) as one-per-byte (n_blocks, N) tables
+  const int4mTables = (weight, parts, codes) => parts.map((part) => {
+    const name = weight + part;
+    if (!outputs.has(name) || !byName.has(name)) throw new BundleError(`${weight}: int4-mG needs ${name}`);
+    return groupTable(outputs.get(name), byName.get(name), codes);
+  });
+  const dropOutputs = (names) => {
+    for (const name of names) {
+      outputs.get(name).buffer.transfer?.(0);                                   // now, not at the next GC
+      outputs.delete(name);
+    }
+  };
   // int4-mG in the wasm graph: the weights are exactly 8-bit codes (q - z)·m times one scale per row, m in 1..8,
   // stored + 128 (zero point 128; converter/layouts.multiplied_codes). Written over NAME.kn in place, group by
   // group; the graph reads neither the zero points nor the multipliers, so they go.
   const foldMultiplied = (name) => {
-    const e = byName.get(name), base = name.replace(/\.q$/, "");
-    const [zeros, mults] = [outputs.get(base + ".zeros"), outputs.get(base + ".mults")];
-    const kn = outputs.get(name + ".kn");
-    const [N, nb] = e.shape, per = perByte(e), bits = 8 / per, mask = (1 << bits) - 1, rowBytes = Math.ceil(nb / per);
-    const block = knShape(e).K / nb;
-    for (const [part, src] of [[".zeros", zeros], [".mults", mults]]) {
-      if (!src || src.length !== N * rowBytes) throw new BundleError(`${base}${part}: needs ${N * rowBytes} bytes (${N} rows x ${nb} groups) to fold into ${name}`);
-    }
-    const z = new Int16Array(N), mu = new Int16Array(N);
+    const e = byName.get(name), base = name.replace(/\.q$/, ""), kn = outputs.get(name + ".kn");
+    const [N, nb] = e.shape, block = knShape(e).K / nb;
+    const [z, mu] = int4mTables(base, [".zeros", ".mults"], e);
     for (let j = 0; j < nb; j++) {
-      const byte = Math.floor(j / per), shift = bits * (j % per);
-      for (let n = 0; n < N; n++) {
-        z[n] = (zeros[n * rowBytes + byte] >> shift) & mask;
-        mu[n] = (mults[n * rowBytes + byte] >> shift) & mask;
-      }
       for (let i = 0, at = j * block * N; i < block; i++) {
-        for (let n = 0; n < N; n++, at++) kn[at] = (kn[at] - z[n]) * mu[n] + 128;
+        for (let n = 0, t = j * N; n < N; n++, at++, t++) kn[at] = (kn[at] - z[t]) * mu[t] + 128;
       }
     }
-    for (const part of [".zeros", ".mults"]) {
-      outputs.get(base + part).buffer.transfer?.(0);                            // now, not at the next GC
-      outputs.delete(base + part);
-    }
+    dropOutputs([base + ".zeros", base + ".mults"]);
   };
   // int4-mG on model.onnx and the float16 graph: MatMulNBits' block scales, row scale × multiplier in float32
   // (manifest graph.block_scales: the weights NAME; converter/layouts.block_scales). The graph reads neither part.
   const makeBlockScales = (w) => {
-    const codes = byName.get(w + ".q"), rows = outputs.get(w + ".row_scales"), mults = outputs.get(w + ".mults");
-    if (!codes || !rows || !mults) throw new BundleError(`block_scales: ${w} needs its codes, row scales and multipliers`);
-    const [N, nb] = codes.shape, per = perByte(codes), bits = 8 / per, mask = (1 << bits) - 1, rowBytes = Math.ceil(nb / per);
-    if (rows.length !== 2 * N || mults.length !== N * rowBytes) throw new BundleError(`${w}: row scales or multipliers do not fit ${N} rows x ${nb} groups`);
+    const codes = byName.get(w + ".q"), rows = outputs.get(w + ".row_scales");
+    if (!codes || !rows || rows.length !== 2 * codes.shape[0]) throw new BundleError(`block_scales: ${w} needs its codes and one float16 scale per row`);
+    const [N, nb] = codes.shape, [mu] = int4mTables(w, [".mults"], codes);
     const h = new Uint16Array(rows.buffer, rows.byteOffset, N), out = new Float32Array(N * nb);
     for (let n = 0; n < N; n++) {
       const r = halfToFloat(h[n]);
-      for (let j = 0; j < nb; j++) out[n * nb + j] = r * ((mults[n * rowBytes + Math.floor(j / per)] >> (bits * (j % per))) & mask);
+      for (let j = 0; j < nb; j++) out[n * nb + j] = r * mu[j * N + n];
     }
     outputs.set(w + ".scales", new Uint8Array(out.buffer));
-    for (const part of [".row_scales", ".mults"]) {
-      outputs.get(w + part).buffer.transfer?.(0);
-      outputs.delete(w + part);
-    }
+    dropOutputs([w + ".row_scales", w + ".mults"]);
   };
   const knShape = (e) => {   // the (K, N) one-per-byte transposed codes of codes initializer e
     const per = perByte(e), N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
