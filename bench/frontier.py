@@ -61,7 +61,8 @@ OURS = [("source", None), ("source", "q4_1"), ("source", "int4-g32"), ("q8_0", "
         ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64"), ("int2-g32", "int4-g32"), ("int2-g64", "int4-g64"),
         ("ternary-g64", "int4-g64"), ("ternary", "int8"), ("source", "int8-e3.9"),
         # session 17: int4 groups whose steps are integer multiples of a row scale (quant/int4.py)
-        ("int4-m32", "int8"), ("int4-m32", "int4-g32"), ("int4-m64", "int4-g64"),
+        ("int4-m32", "int8"), ("int4-m32", "int4-g32"), ("int4-m64", "int4-g64"), ("int4-m32", "int4-m32"),
+        ("int4-m64", "int4-m64"),
         # the issue's ternary / int2 sizes (<= 1.6 / <= 2.1 all-in) need the embedding in the same scheme
         ("ternary", "ternary"), ("ternary-g64", "ternary-g64"), ("int2-g64", "int2-g64")]
 # (no int4-g128: SmolLM2's rows of 576 are 4.5 groups of 128)
@@ -73,6 +74,8 @@ OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "
                    ("source", "int8-e3.9", "gptq"), ("source", "int8-e4.15", "gptq"), ("source", "int8-e3.5", "gptq"),
                    ("source", "int8-e4.3", "gptq"), ("source", "int8-e4.4", "gptq"), ("source", "int8-e4.5", "gptq"),
                    ("int8-e3", "int8-e3.5", "gptq"),
+                   # session 17: int4-m32 everywhere, calibrated, and int4-g64 everywhere calibrated alike
+                   ("int4-m32", "int4-m32", "gptq"), ("int4-g64", "int4-g64", "gptq"),
                    # more calibration text (12,288 tokens instead of 4,096): better token probabilities
                    ("source", "int8-e4.3", "gptq", 12288), ("source", "int8-e4.4", "gptq", 12288)]
 # The int4 schemes are smoothed by default (converter.bundle.SEARCH_SCHEMES, `--smooth auto`): their OURS points

@@ -454,9 +454,7 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     opts = _resolve_source(checkpoint, opts)
     get_scheme(opts.scheme)
     embed_scheme = opts.resolved_embed_scheme()
-    if get_scheme(embed_scheme).name.startswith("int4-m"):
-        raise BundleError(f"--embed-scheme {embed_scheme}: int4-mG is for the linear layers (the graphs gather the "
-                          "embedding's rows with per-group scales); choose int8, int8-eB or int4-gG for the embedding")
+    get_scheme(embed_scheme)
     if opts.chunk_symbols <= 0 or opts.chunk_symbols % 4:
         raise BundleError(f"chunk_symbols must be a positive multiple of 4, got {opts.chunk_symbols}")
     if opts.file_codec not in ("deflate", "qz"):
@@ -508,8 +506,8 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     codes = {e["name"]: e for e in initializers if e["name"] in nbits and e["name"].endswith(".q")}
     multiplied = {n for n in codes if multiplied_parts(n)[1] in weight_types}     # int4-mG: 8-bit (q - z)·m
     types = dict(weight_types)
-    types.update({n + KN_SUFFIX: ("uint8", (multiplied_shape if n in multiplied else kn_shape)(e["shape"], e["layout"]))
-                  for n, e in codes.items()})
+    types.update({n + KN_SUFFIX: ("int8", multiplied_shape(e["shape"], e["layout"])) if n in multiplied else
+                  ("uint8", kn_shape(e["shape"], e["layout"])) for n, e in codes.items()})
     tables = {}     # NAME.scales / NAME.zeros -> the codes entry they belong to
     for n, e in codes.items():
         if n in multiplied:
@@ -529,7 +527,7 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     check_graph(model)
     unread = [n for c in multiplied for n in multiplied_parts(c) if n in used]
     if unread:
-        raise BundleError(f"the wasm graph reads {unread[0]}, which its loaders fold into its 8-bit codes")
+        raise BundleError(f"the wasm graph reads {unread[0]}, which its loaders fold into its int8 codes")
     return (model.SerializeToString(),
             {n: n in used for n in codes if n + KN_SUFFIX in used and n not in multiplied},
             {n: n in used for n in tables if n + KN_SUFFIX in used},
@@ -1059,7 +1057,7 @@ def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list
         out[scales] = ("float32", [n_out * n_blocks])
         del out[rows], out[mults]
     for name, keep in m.get(key, {}).get("multiplied", {}).items():
-        out[name + KN_SUFFIX] = ("uint8", list(multiplied_shape(by_name[name]["shape"], by_name[name]["layout"])))
+        out[name + KN_SUFFIX] = ("int8", list(multiplied_shape(by_name[name]["shape"], by_name[name]["layout"])))
         for part in [name] * (not keep) + list(multiplied_parts(name)):
             out.pop(part, None)
     return out

@@ -196,10 +196,12 @@ def transposed_codes(packed: np.ndarray, layout: int) -> np.ndarray:
 
 # ---- int4-mG in the wasm graph: 8-bit codes ----------------------------------------------------------------------
 # An int4-mG weight is exactly (q - z)·m times its row's scale, with (q - z)·m in [-120, 120] (quant/int4.py). The
-# wasm graph multiplies those codes as uint8 (q - z)·m + 128 (zero point 128) in a (K, N) matrix (manifest
-# graph_wasm.multiplied: NAME.q -> whether the graph reads NAME.q too), with one scale per row: one integer GEMM
-# per linear, as the int8 schemes run (onnx_export.int8_linear). Loaders place the codes transposed as they are
-# decoded, then fold in the zero points and multipliers once those are decoded too.
+# wasm graph multiplies those codes as int8 in a (K, N) matrix (manifest graph_wasm.multiplied: NAME.q -> whether the
+# graph reads NAME.q too), with one scale per row: one integer GEMM per linear, as the int8 schemes run
+# (onnx_export.int8_linear), and an int4-mG embedding gathers its rows from the same table. Loaders place the codes
+# transposed as they are decoded, then fold in the zero points and multipliers once those are decoded too. (Stored
+# as uint8 + 128 with zero point 128 instead, the page held the SmolLM2 table of a tied int4-m32 embedding twice:
+# 188 against 171 MiB.)
 
 
 def multiplied_parts(codes_name: str) -> tuple[str, str]:
@@ -215,15 +217,14 @@ def multiplied_shape(shape: list[int] | tuple[int, ...], layout: int) -> tuple[i
 
 
 def multiplied_codes(packed: np.ndarray, zeros: np.ndarray, mults: np.ndarray, layout: int) -> np.ndarray:
-    """(N, n_blocks, block_bytes) packed int4-mG codes, their packed zero points and multipliers -> uint8 (K, N)
-    = (q - z)·m + 128, weight [n][k] at [k][n]."""
+    """(N, n_blocks, block_bytes) packed int4-mG codes, their packed zero points and multipliers -> int8 (K, N)
+    = (q - z)·m, weight [n][k] at [k][n]."""
     kn = transposed_codes(packed, layout)
     z = group_table(zeros, packed.shape, layout)
     m = group_table(mults, packed.shape, layout)
     out = np.subtract(kn, z, dtype=np.int16)
     out *= m
-    out += 128
-    return out.astype(np.uint8).reshape(multiplied_shape(packed.shape, layout))
+    return out.astype(np.int8).reshape(multiplied_shape(packed.shape, layout))
 
 
 # ---- int4-mG in model.onnx and the float16 graph: block scales ---------------------------------------------------

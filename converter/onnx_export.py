@@ -272,16 +272,15 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: i
     the MatMulNBits graph). onnxruntime-web's wasm MatMulNBits runs ~10x slower than its integer GEMM (README), so
     the wasm graph (model.wasm.onnx) takes this path; natively MatMulNBits is faster, so model.onnx keeps it.
 
-    int4-mG weights are exactly 8-bit codes (q - z)·m with one scale per row (NAME.q.kn, [K,N], zero point 128:
+    int4-mG weights are exactly int8 codes (q - z)·m with one scale per row (NAME.q.kn, [K,N]:
     layouts.multiplied_codes), so they take int8_linear instead: one GEMM over the whole row, activations quantized
     per token. SmolLM2 int4-m32 in the page: decode 22.4 against 20.1 tok/s with the group GEMM, KL 0.163 against
     0.159 (README)."""
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
-    if hf_name + ".row_scales" in g.weights:          # int4-mG: 8-bit codes (q - z)·m + 128 [K,N], a scale per row
+    if hf_name + ".row_scales" in g.weights:          # int4-mG: int8 codes (q - z)·m [K,N], a scale per row
         return int8_linear(g, x, g.weight(hf_name + ".q" + KN_SUFFIX),
-                           to_f32(g, g.weight(hf_name + ".row_scales"), f"{prefix}/scales"), n_in, prefix,
-                           w_zero_point=128)
+                           to_f32(g, g.weight(hf_name + ".row_scales"), f"{prefix}/scales"), n_in, prefix)
     w = g.weight(hf_name + ".q" + KN_SUFFIX)                                                  # [nb,1,b,N]
     key = (x, block)                                  # q/k/v and gate/up share their input's quantization
     def per_group(t: str, tag: str) -> str:                                                   # [N·nb] -> [nb,1,1,N]
@@ -327,13 +326,11 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: i
 # (the first linear reading x builds the quantize_x nodes; later linears on the same x reuse them; 5 + 2 nodes where
 # Div/Round/Add/Cast and MatMulInteger/Cast/Mul/Mul took 8 + 4: onnxruntime-web's session creation grows faster
 # than linearly with the node count)
-def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, prefix: str,
-                w_zero_point: int | None = None) -> str:
+def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, prefix: str) -> str:
     """int8 weights with activations quantized per row (token). onnxruntime's DynamicQuantizeMatMul uses one scale
     for the whole call, so in a prefill the first token's activation outliers set the scale of every row (KL vs f32
     0.60 on SmolLM2) and a row's result depends on its neighbours; per-row scales keep rows independent (decode ==
-    prefill) and use the same u8×s8 integer kernels, which have WebAssembly SIMD paths. w_zero_point: uint8
-    weights with that zero point (int4-mG in the wasm graph) instead of int8 ones."""
+    prefill) and use the same u8×s8 integer kernels, which have WebAssembly SIMD paths."""
     if g.ft != TensorProto.FLOAT:
         # float16 graph: quantize and rescale in float32 (the int32 accumulator reaches ~16129 * K, far past
         # float16's 65504, and the activation scale can fall below its smallest normal number)
@@ -344,8 +341,7 @@ def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, pref
     f32 = np.float32
     # com.microsoft MatMulIntegerToFloat: the u8×s8 integer GEMM of MatMulInteger with the output scaled by
     # a_scale·b_scale[n] in its epilogue (a_scale must be a scalar there, so the per-row scale is one Mul after)
-    zp = [] if w_zero_point is None else [g.const(w_zero_point, np.uint8)]
-    y = g.op1("MatMulIntegerToFloat", [xq, w_q, g.const(1.0, f32), w_scale, g.const(128, np.uint8)] + zp,
+    y = g.op1("MatMulIntegerToFloat", [xq, w_q, g.const(1.0, f32), w_scale, g.const(128, np.uint8)],
               f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)
     y = g.op1("Mul", [y, sx], f"{prefix}/MulXScale")
     return y if g.ft == TensorProto.FLOAT else cast(g, y, g.ft, f"{prefix}/CastDown")
@@ -402,12 +398,14 @@ def embedding(g: GraphBuilder, ids: str, cfg: LlamaConfig, scheme: str, prefix: 
         rows = g.op1("Transpose", [cols], f"{prefix}/Transpose", perm=[1, 2, 0])           # [B,S,H]
         stored = TensorProto.FLOAT16 if fam == "f16" else TensorProto.FLOAT
         return cast(g, rows, g.ft, f"{prefix}/Cast") if stored != g.ft else rows
-    if fam == "dqmm":                                             # int8 (H, V) + per-token scale [V]
-        cols = g.op1("Gather", [g.weight(name + ".q"), ids], f"{prefix}/Gather", axis=1)     # [H,B,S] int8
+    multiple = g.group_gemm and name + ".row_scales" in g.weights      # int4-mG in the wasm graph: the lm_head's
+    if fam == "dqmm" or multiple:                                 # int8 (H, V) codes + a scale per token
+        table = g.weight(name + (".q" + KN_SUFFIX if multiple else ".q"))
+        cols = g.op1("Gather", [table, ids], f"{prefix}/Gather", axis=1)                    # [H,B,S] int8
         rows = g.op1("Transpose", [cols], f"{prefix}/Transpose", perm=[1, 2, 0])
         rows = g.op1("Cast", [rows], f"{prefix}/Cast", to=g.ft)
-        scale = g.op1("Gather", [to_f32(g, g.weight(name + ".scales"), f"{prefix}/scales"), ids],
-                      f"{prefix}/GatherScale", axis=0)                                     # [B,S]
+        scales = g.weight(name + (".row_scales" if multiple else ".scales"))
+        scale = g.op1("Gather", [to_f32(g, scales, f"{prefix}/scales"), ids], f"{prefix}/GatherScale", axis=0)  # [B,S]
         scale = g.op1("Unsqueeze", [scale, g.const([-1], np.int64)], f"{prefix}/UnsqueezeScale")
         return g.op1("Mul", [rows, scale], f"{prefix}/Dequantize")
     bits, block = nbits_of(scheme)

@@ -84,7 +84,7 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     variant = "graph_fp16" if float16 else variant
     graph = getattr(bundle, "manifest", {}).get(variant, {})
     kn = kn_tables(graph)                                     # wasm graph: NAME.kn -> NAME read too
-    multiplied = graph.get("multiplied", {})                 # ... and int4-mG's 8-bit codes, from three initializers
+    multiplied = graph.get("multiplied", {})                 # ... and int4-mG's int8 codes, from three initializers
     parts = {p: c for c in multiplied for p in (c, *multiplied_parts(c))}
     scaled = {p: w for w in graph.get("block_scales", []) for p in block_scale_parts(w)[1:]}   # int4-mG, model.onnx
     held: dict[str, np.ndarray] = {}

@@ -205,7 +205,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
             base = name[:-len(KN_SUFFIX)]
             if name.endswith(KN_SUFFIX) and base in kn:
                 return kn_initializer(base, read(base), entries)
-            if name.endswith(KN_SUFFIX) and base in multiplied:       # int4-mG: 8-bit (q - z)·m + 128
+            if name.endswith(KN_SUFFIX) and base in multiplied:       # int4-mG: int8 (q - z)·m
                 return multiplied_codes(read(base), *(read(p) for p in multiplied_parts(base)),
                                         entries[base]["layout"])
             weight = name[:-len(".scales")]

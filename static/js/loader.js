@@ -184,7 +184,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   // whether NAME itself is read too): each decoded chunk's codes go to their [k][n] places of the (K, N) array
   // NAME.kn as the chunk is placed, so onnxruntime never sees the packed copy (converter/layouts.transposed_codes).
   // int4-mG's codes (manifest graph_wasm.multiplied, likewise) are placed the same way; once their zero points and
-  // multipliers are decoded too, (q - z)·m + 128 is written over them (foldMultiplied, below).
+  // multipliers are decoded too, (q - z)·m is written over them as int8 (foldMultiplied, below).
   const multiplied = (m[variant] && m[variant].multiplied) || {};
   const transposed = { ...((m[variant] && m[variant].transposed) || {}), ...multiplied };   // (a variant the bundle lacks: none)
   const perByte = (e) => 8 / [8, 4, 2][e.layout];                   // codes per byte of layout u8 / u4 / u2
@@ -221,16 +221,16 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
       outputs.delete(name);
     }
   };
-  // int4-mG in the wasm graph: the weights are exactly 8-bit codes (q - z)·m times one scale per row, m in 1..8,
-  // stored + 128 (zero point 128; converter/layouts.multiplied_codes). Written over NAME.kn in place, group by
-  // group; the graph reads neither the zero points nor the multipliers, so they go.
+  // int4-mG in the wasm graph: the weights are exactly int8 codes (q - z)·m times one scale per row, m in 1..8
+  // (converter/layouts.multiplied_codes). Written over NAME.kn in place, group by group; the graph reads neither
+  // the zero points nor the multipliers, so they go.
   const foldMultiplied = (name) => {
     const e = byName.get(name), base = name.replace(/\.q$/, ""), kn = outputs.get(name + ".kn");
     const [N, nb] = e.shape, block = knShape(e).K / nb;
     const [z, mu] = int4mTables(base, [".zeros", ".mults"], e);
     for (let j = 0; j < nb; j++) {
       for (let i = 0, at = j * block * N; i < block; i++) {
-        for (let n = 0, t = j * N; n < N; n++, at++, t++) kn[at] = (kn[at] - z[t]) * mu[t] + 128;
+        for (let n = 0, t = j * N; n < N; n++, at++, t++) kn[at] = (kn[at] - z[t]) * mu[t];   // int8 in a Uint8Array
       }
     }
     dropOutputs([base + ".zeros", base + ".mults"]);
