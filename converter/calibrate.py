@@ -230,14 +230,10 @@ def quantize_rtn(scheme: Scheme, w: np.ndarray, h_diag: np.ndarray | None = None
     rows, cols = w.shape
     g = scheme.group or cols
     if _multiple(scheme):           # its own search, the clip variant weighing each column by its input energy
-        from .quant.int4 import choose_multipliers, row_scales
-        wg = w.reshape(rows, cols // g, g)
-        r = row_scales(wg)
+        from .quant.int4 import _multiple_grid
         weight = None if not clip_grid or h_diag is None else h_diag.astype(np.float32).reshape(cols // g, g)
-        m, z = choose_multipliers(wg, r, weight)
-        step = r.astype(np.float32) * m
-        codes = np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15).astype(np.uint8).reshape(rows, cols)
-        return _assemble(scheme, w, codes, r, z.astype(np.uint8), m.astype(np.uint8))
+        r, m, z, q = _multiple_grid(w.reshape(rows, cols // g, g), weight)
+        return _assemble(scheme, w, q.reshape(rows, cols), r, z, m)
     codes = np.empty((rows, cols), np.uint8)
     scales = np.empty((rows, cols // g), np.float16)
     zeros = np.empty((rows, cols // g), np.uint8) if not scheme.symmetric else None

@@ -116,10 +116,11 @@ def choose_multipliers(wg: np.ndarray, r: np.ndarray,
     return best_m, np.clip(np.rint(-lo / (r32 * best_m)), 0, 15)
 
 
-def _multiple_grid(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(row scales f16 (rows, 1), multipliers uint8 (rows, n_groups), zero points, codes) of grouped weights."""
+def _multiple_grid(wg: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(row scales f16 (rows, 1), multipliers uint8 (rows, n_groups), zero points, codes) of grouped weights;
+    `weight`: as choose_multipliers."""
     r = row_scales(wg)
-    m, z = choose_multipliers(wg, r)
+    m, z = choose_multipliers(wg, r, weight)
     step = r.astype(np.float32) * m
     q = np.clip(np.rint(wg / step[..., None]) + z[..., None], 0, 15)
     return r, m.astype(np.uint8), z.astype(np.uint8), q.astype(np.uint8)
