@@ -183,6 +183,8 @@ PAGE_MEMORY_JS = """async () => {
   if (performance.memory) out.jsHeapUsed = performance.memory.usedJSHeapSize;
   const py = window.tinyqmoe && window.tinyqmoe.state.py;
   if (py) out.pyodideHeap = await py.heapBytes();
+  if (window.tinyqmoe && window.tinyqmoe.ortHeapBytes) out.ortHeap = await window.tinyqmoe.ortHeapBytes();
+  if (window.tinyqmoe) { out.weightBytes = window.tinyqmoe.state?.weightBytes; out.heapReserved = window.tinyqmoe.state?.heapReserved; }
   if (self.crossOriginIsolated && performance.measureUserAgentSpecificMemory) {
     try {
       const m = await Promise.race([performance.measureUserAgentSpecificMemory(),

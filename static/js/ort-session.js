@@ -1,4 +1,4 @@
-// The only module that imports onnxruntime-web. Creates the decoder session (WebGPU when an adapter exists,
+// The only module that imports onnxruntime-web (its wasm build's glue comes through ort-heap.mjs). Creates the decoder session (WebGPU when an adapter exists,
 // else WASM) and implements the runtime's session interface: forward(ids) -> top-k candidates of the last
 // position, keeping the KV cache between calls.
 // Two builds of onnxruntime-web: "webgpu" (ort.webgpu.min.mjs: WebGPU EP + WASM EP, a wasm binary with the JSEP
@@ -7,13 +7,16 @@
 // once, on first use; a session and the tensors fed to it come from the same build.
 const ORT_BUILDS = { webgpu: "/vendor/ort/ort.webgpu.min.mjs", wasm: "/vendor/ort/ort.wasm.min.mjs" };
 const ortBuilds = {};
+const ORT_HEAP_MODULE = "/static/js/ort-heap.mjs";
 
 /** The onnxruntime-web module of a build ("webgpu" | "wasm"), imported and configured on first use. */
 export async function ortBuild(build) {
   if (!ORT_BUILDS[build]) throw new Error(`unknown onnxruntime-web build ${build}`);
   if (!ortBuilds[build]) {
     ortBuilds[build] = import(ORT_BUILDS[build]).then((ort) => {
-      ort.env.wasm.wasmPaths = "/vendor/ort/";
+      // the plain build's glue is loaded through ort-heap.mjs, which lets create() size its heap (HEAP_MARGIN)
+      ort.env.wasm.wasmPaths = build === "wasm" ? { mjs: ORT_HEAP_MODULE, wasm: "/vendor/ort/ort-wasm-simd-threaded.wasm" }
+                                                : "/vendor/ort/";
       ort.env.logLevel = "error";
       return ort;
     });
@@ -38,11 +41,7 @@ export async function ortBuild(build) {
  * instead of 321 MiB. On WebGPU (not measurable here: SwiftShader) model.onnx prompts still run whole. */
 export function prefillRows(manifest, variant, weightBytes = Infinity, ep = "wasm") {
   const cap = ep === "wasm" ? MAX_PIECE : Infinity;
-  const transposed = (manifest[variant] && manifest[variant].transposed) || {};
-  let perRow = 0;
-  for (const e of manifest.initializers) {
-    if (e.name in transposed) perRow = Math.max(perRow, 4 * e.shape[0] * e.shape[1]);   // codes (N, groups, bytes)
-  }
+  const perRow = partialSumBytes(manifest, variant);
   if (!perRow) return cap;
   const rows = (budget) => Math.max(1, Math.floor(budget / perRow));
   let n = rows(PREFILL_BUDGET);
@@ -50,6 +49,28 @@ export function prefillRows(manifest, variant, weightBytes = Infinity, ep = "was
   return Math.min(n, cap);
 }
 
+/** Bytes of float32 partial sums a position costs in the largest GEMM of a graph that multiplies each group
+ * separately (the wasm graph of the group schemes; 0 for any other graph). */
+export function partialSumBytes(manifest, variant) {
+  const transposed = (manifest[variant] && manifest[variant].transposed) || {};
+  let perRow = 0;
+  for (const e of manifest.initializers) {
+    if (e.name in transposed) perRow = Math.max(perRow, 4 * e.shape[0] * e.shape[1]);   // codes (N, groups, bytes)
+  }
+  return perRow;
+}
+
+/** Bytes of heap, beyond the weights and what the module holds when it starts, that a first session on the plain
+ * wasm build is given before its weights are copied in (ort-heap.mjs): HEAP_MARGIN plus a prefill piece's
+ * partial sums. Measured on SmolLM2 (docs/page-bench.md, pre-grown heaps, load + a 33-token prompt + 16 tokens,
+ * 1 thread): the heap's high-water mark was 16 MiB + the weights + 1.8 (int4-m32), 2.4 (int8), 3.8 (int4-g64,
+ * with 3.5 MiB of partial sums) and 6.0 MiB (int4-g32, 6.9 MiB of partial sums). A heap that still has to grow
+ * does so as before (by 20 % of its size), so a reservation that falls short costs no more than none. */
+export function heapReserve(weightBytes, manifest, variant, rows) {
+  return weightBytes + HEAP_MARGIN + partialSumBytes(manifest, variant) * Math.min(rows, MAX_PIECE);
+}
+
+export const HEAP_MARGIN = 4 << 20;
 export const PREFILL_BUDGET = 16 << 20;
 export const MIN_PIECE = 16;
 export const MAX_PIECE = 64;
@@ -121,6 +142,10 @@ export class DecoderSession {
         for (const kind of ["key", "value"]) options.preferredOutputLocation[`present.${i}.${kind}`] = "gpu-buffer";
       }
     }
+    let heapReserved = 0;
+    if (build === "wasm" && opts.heapBytes && (await import(ORT_HEAP_MODULE)).reserveHeap(opts.heapBytes)) {
+      heapReserved = opts.heapBytes;
+    }
     const session = await ort.InferenceSession.create(graph, options);
     // the KV cache's type as the graph declares it: float16 in the float16 graph and in the wasm graph
     const kvMeta = (session.inputMetadata || []).find((m) => m.name === "past_key_values.0.key");
@@ -128,6 +153,7 @@ export class DecoderSession {
     const decoder = new DecoderSession(ort, session, config, ep, kvOnDevice, kv16, build);
     decoder.numThreads = ort.env.wasm.numThreads;   // what the wasm module runs with (fixed at its first session)
     decoder.maxRows = opts.maxRows || Infinity;
+    decoder.heapReserved = heapReserved;
     return decoder;
   }
 

@@ -1,0 +1,108 @@
+// onnxruntime-web's plain wasm build, loaded through this module so that the page can size the build's heap
+// before the weights go in (ort-session.js points ort.env.wasm.wasmPaths.mjs here).
+//
+// Why: the heap is one WebAssembly.Memory that Emscripten grows by 20 % of its size each time an allocation does
+// not fit, and never shrinks. Session creation copies the weights in one tensor at a time, so the heap climbs
+// 16 -> 19 -> 23 -> ... MiB and ends up to 20 % above what it needed: SmolLM2 int4-m32 needed 146.6 MiB (the
+// weights, 128.8 MiB, the build's initial 16 MiB and a few MiB of session) and was left at 155.0, int4-g32 needed
+// 166.0 and was left at 199 (docs/page-bench.md). Growing it once, to what the session will need, before the
+// weights are copied in, leaves nothing to round up. The unused tail is never written, so the difference is
+// committed memory (what performance.measureUserAgentSpecificMemory and the browser's memory limits count), not
+// pages the OS has handed out.
+//
+// How: Emscripten's documented Module hook `instantiateWasm(imports, done)` gives us the imports, which hold the
+// module's memory; we instantiate the same .wasm as the glue would. After growing the memory from outside, the
+// glue's exported views (Module.HEAPU8, ...) still show the old length — the glue refreshes its internal views on
+// every access, onnxruntime-web's JS reads the exported ones — so they are remade here.
+import ortWasmThreaded from "/vendor/ort/ort-wasm-simd-threaded.mjs";
+
+const WASM_PAGE = 65536;
+let memory = null;      // the module's WebAssembly.Memory, once instantiated
+let module = null;      // the Emscripten module object onnxruntime-web uses
+let pending = 0;        // bytes asked for before the module existed
+
+/** The heap's size in bytes (0 before onnxruntime-web has started its wasm module). */
+export function heapBytes() {
+  return memory ? memory.buffer.byteLength : 0;
+}
+
+/**
+ * Before onnxruntime-web has started its wasm module: grows the heap, as soon as it exists, by `bytes` beyond the
+ * size it starts with, and from then on lets it grow by 5 % at a time (smallerSteps). Returns false when the module already runs — its heap then holds earlier sessions, whose
+ * freed space the next one reuses, so it is left to grow by itself.
+ */
+export function reserveHeap(bytes) {
+  if (memory) return false;
+  pending = Math.max(pending, bytes);
+  return true;
+}
+
+function refreshViews() {
+  if (!module) return;
+  const buffer = memory.buffer;
+  for (const key of Object.keys(module)) {
+    const view = module[key];
+    if (key.startsWith("HEAP") && ArrayBuffer.isView(view) && view.buffer !== buffer) {
+      module[key] = new view.constructor(buffer);
+    }
+  }
+}
+
+/**
+ * Makes the heap grow by 5 % of its size at a time instead of Emscripten's 20 %. Emscripten's resize
+ * (emscripten_resize_heap in its library.js; `Lb` in the minified glue) asks for max(needed, 1.2 x size), and when
+ * that grow throws, for max(needed, 1.1 x size), then max(needed, 1.05 x size), each rounded up to 64 KiB and at
+ * most 96 MiB above what is needed. The first two, when they are exactly the 20 % and 10 % steps, are refused
+ * here, so the third is taken; any other size — what the allocation needs, or the 96 MiB cap — is granted.
+ * Only this thread's glue calls it: a worker thread (numThreads > 1) that grows the heap still steps by 20 %.
+ */
+function smallerSteps(mem) {
+  const grow = mem.grow.bind(mem);
+  // the size the resize asks for on its attempt d (1, 2, 4) when the allocation needs less (its own expression)
+  const step = (size, d) => Math.min(4294901760, WASM_PAGE * Math.ceil((size * (1 + 0.2 / d)) / WASM_PAGE));
+  mem.grow = (delta) => {
+    const size = mem.buffer.byteLength, want = size + delta * WASM_PAGE;
+    if (want === step(size, 1) || want === step(size, 2)) throw new RangeError("ort-heap.mjs: a smaller step");
+    return grow(delta);
+  };
+}
+
+function findMemory(imports) {
+  for (const space of Object.values(imports)) {
+    for (const value of Object.values(space)) if (value instanceof WebAssembly.Memory) return value;
+  }
+  throw new Error("onnxruntime-web's wasm module imports no memory");
+}
+
+async function instantiate(url, imports) {
+  try {
+    return await WebAssembly.instantiateStreaming(fetch(url, { credentials: "same-origin" }), imports);
+  } catch (e) {   // a server without application/wasm: compile from the bytes instead
+    const bytes = await (await fetch(url, { credentials: "same-origin" })).arrayBuffer();
+    return WebAssembly.instantiate(bytes, imports);
+  }
+}
+
+/** The glue's factory, with the instantiation hook; onnxruntime-web calls it as it would the glue's own. */
+export default async function ortWasmWithHeap(moduleArg = {}) {
+  const wasmName = "ort-wasm-simd-threaded.wasm";
+  const url = moduleArg.locateFile ? moduleArg.locateFile(wasmName, "") : new URL(`/vendor/ort/${wasmName}`,
+                                                                                   import.meta.url).href;
+  let fail;
+  const failed = new Promise((_, reject) => { fail = reject; });
+  const arg = {
+    ...moduleArg,
+    instantiateWasm(imports, done) {
+      memory = findMemory(imports);
+      if (pending) {
+        memory.grow(Math.ceil(pending / WASM_PAGE));
+        smallerSteps(memory);
+      }
+      instantiate(url, imports).then((r) => done(r.instance, r.module), fail);
+      return {};   // Emscripten: an empty object means "instantiating asynchronously"
+    },
+  };
+  module = await Promise.race([ortWasmThreaded(arg), failed]);
+  refreshViews();
+  return module;
+}
