@@ -76,8 +76,12 @@ def main(argv=None) -> int:
                 pm = res.get("page_memory") or {}
                 if "pyodideHeap" in pm:
                     row["pyodide_heap_mib"] = pm["pyodideHeap"] / 2**20
+                if pm.get("ortHeap"):
+                    row["ort_heap_mib"] = pm["ortHeap"] / 2**20
                 if "uaMemory" in pm:
                     row["ua_memory_mib"] = pm["uaMemory"] / 2**20
+                    if pm.get("weightBytes"):    # what the session was given: the ratio the target is on
+                        row["ua_over_weights"] = pm["uaMemory"] / pm["weightBytes"]
                     row["ua_memory_by_scope_mib"] = {k: round(v / 2**20, 1) for k, v in pm["uaMemoryByScope"].items()}
                 runs[label].append(row)
                 print(f"round {r} {label}: session cold {row['cold_session_s']:.2f} s warm {row['warm_session_s']:.2f} s, "
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
             ("cold_session_s", "session cold s"), ("warm_session_s", "session warm s"),
             ("cold_ready_s", "ready cold s"), ("warm_ready_s", "ready warm s"), ("prefill_tok_s", "prefill tok/s"),
             ("decode_tok_s", "decode tok/s"), ("run_ms_per_step", "session.run ms/step"), ("peak_mib", "peak PSS MiB"),
-            ("ua_memory_mib", "page memory MiB")]
+            ("ua_memory_mib", "page memory MiB"), ("ua_over_weights", "page memory / weights"),
+            ("ort_heap_mib", "onnxruntime-web heap MiB")]
     lines = ["| configuration | " + " | ".join(h for _, h in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for label, bundle, extra in configs:
         lines.append(f"| {label} ({bundle}{'?' + '&'.join(f'{k}={v}' for k, v in extra.items()) if extra else ''}) | "

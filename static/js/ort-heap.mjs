@@ -50,19 +50,22 @@ function refreshViews() {
 
 /**
  * Makes the heap grow by 5 % of its size at a time instead of Emscripten's 20 %. Emscripten's resize
- * (emscripten_resize_heap in its library.js; `Lb` in the minified glue) asks for max(needed, 1.2 x size), and when
- * that grow throws, for max(needed, 1.1 x size), then max(needed, 1.05 x size), each rounded up to 64 KiB and at
- * most 96 MiB above what is needed. The first two, when they are exactly the 20 % and 10 % steps, are refused
- * here, so the third is taken; any other size — what the allocation needs, or the 96 MiB cap — is granted.
- * Only this thread's glue calls it: a worker thread (numThreads > 1) that grows the heap still steps by 20 %.
+ * (emscripten_resize_heap in its library.js; `Lb` in the minified glue) asks memory.grow for
+ * max(needed, min(1.2 x size, needed + 96 MiB)), and when that throws, for the same with 1.1 x, then with
+ * 1.05 x, each rounded up to 64 KiB. Here the first two attempts of a resize that would grow the heap by more
+ * than 5 % are refused, so the third — 5 %, or what the allocation needs if that is more — is taken. Only this
+ * thread's glue calls it: a worker thread (numThreads > 1) that grows the heap still steps by 20 %.
  */
 function smallerSteps(mem) {
   const grow = mem.grow.bind(mem);
-  // the size the resize asks for on its attempt d (1, 2, 4) when the allocation needs less (its own expression)
-  const step = (size, d) => Math.min(4294901760, WASM_PAGE * Math.ceil((size * (1 + 0.2 / d)) / WASM_PAGE));
+  let refused = 0;    // attempts of the current resize refused so far
   mem.grow = (delta) => {
-    const size = mem.buffer.byteLength, want = size + delta * WASM_PAGE;
-    if (want === step(size, 1) || want === step(size, 2)) throw new RangeError("ort-heap.mjs: a smaller step");
+    const size = mem.buffer.byteLength;
+    if (delta * WASM_PAGE > Math.ceil((size * 0.05) / WASM_PAGE) * WASM_PAGE && refused < 2) {
+      refused++;
+      throw new RangeError("ort-heap.mjs: a smaller step, please");
+    }
+    refused = 0;
     return grow(delta);
   };
 }
