@@ -254,6 +254,38 @@ class OrtDecoder:
         return self.run(np.asarray([ids], np.int64))[0]
 
 
+def session_weight_bytes(bundle: Bundle, variant: str = "graph") -> int:
+    """Bytes of the weights an onnxruntime session of the graph `variant` holds: the initializers it is given (the
+    bundle's, with the tables the loaders make instead of theirs: bundle.graph_initializers), each one that only
+    Casts read counted in the type it is cast to — onnxruntime folds Cast(initializer) into a new initializer when
+    it creates the session (e.g. int4-gG's float16 scales, which MatMulNBits takes as float32), and one that other
+    nodes read as well counted in both types. What the memory targets divide by: the stored bytes
+    (totals.runtime_bytes) would make a smaller storage type of the same weights look like a worse runtime."""
+    import onnx
+    from onnx import helper
+
+    from .bundle import graph_initializers
+
+    types = graph_initializers(bundle.manifest, variant)
+    model = onnx.load_from_string(bundle.graph_bytes(variant=variant))
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in types:
+                readers.setdefault(name, []).append(node)
+    total = 0
+    for name, (dtype, shape) in types.items():
+        n = int(np.prod(shape)) if shape else 1
+        size = np.dtype(dtype).itemsize if dtype not in ("uint4", "int4") else 0.5
+        casts = [node for node in readers.get(name, []) if node.op_type == "Cast"]
+        cast_types = {helper.get_attribute_value(a) for node in casts for a in node.attribute if a.name == "to"}
+        for to in cast_types:
+            total += n * helper.tensor_dtype_to_np_dtype(to).itemsize
+        if len(casts) < len(readers.get(name, [])) or not casts:
+            total += n * size
+    return int(total)
+
+
 def _kv_dtype(session) -> type:
     """The KV cache's numpy type, as the graph declares past_key_values.0.key: a session's NodeArg gives
     "tensor(float16)", a StagedSession's ValueInfoProto an onnx element type."""

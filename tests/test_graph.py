@@ -326,3 +326,29 @@ def test_wasm_graph_only_for_group_schemes(tiny_bundles):
     assert "graph_wasm" not in b.manifest and not (b.path / "model.wasm.onnx").exists()
     with pytest.raises(BundleError, match="no wasm graph"):
         b.graph_bytes(variant="graph_wasm")
+
+
+@pytest.mark.parametrize("scheme", ["f32", "int8", "int4-g32", "int4-m32"])
+def test_session_weight_bytes_is_what_onnxruntime_holds(tiny_bundles, tmp_path, monkeypatch, scheme):
+    """ort_session.session_weight_bytes (what the memory targets divide by) equals the initializers of the graph
+    onnxruntime optimized at session creation (its optimized_model_filepath): int4-gG's and int8's float16 scales
+    folded into float32, int4-mG's loader-made block scales; only the graph's own small constants differ."""
+    import onnxruntime as ort
+
+    from converter.ort_session import create_session, session_weight_bytes
+
+    out = tmp_path / "optimized.onnx"
+
+    class Options(ort.SessionOptions):
+        def __init__(self):
+            super().__init__()
+            self.optimized_model_filepath = str(out)
+
+    monkeypatch.setattr(ort, "SessionOptions", Options)
+    bundle = load(tiny_bundles(scheme))
+    create_session(bundle)
+    held = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(out)).graph.initializer)
+    ours, stored = session_weight_bytes(bundle), bundle.manifest["totals"]["runtime_bytes"]
+    assert abs(held - ours) <= 0.005 * held, (held, ours, stored)
+    if scheme != "f32":
+        assert ours > stored           # the float16 scales are float32 in the session
