@@ -173,6 +173,15 @@ def test_wasm_heap_is_sized_before_the_weights_go_in(page, server, bundle_dir):
     assert steps == [[16 * 2**20, grown]] and heap == grown, (steps, reserved)
 
 
+def test_wasm_heap_reservation_the_browser_refuses_is_no_error(page, server, bundle_dir):
+    """?heap=8e9: more than a wasm32 heap can hold, so ort-heap.mjs grows it to the cap or, when the browser
+    refuses that, not at all — and the page still loads and answers as the CPU does."""
+    page.context.add_init_script(HEAP_STEPS)
+    open_loaded(page, server, "tiny-int4m", "wasm", extra="&heap=8000000000")
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4m", PROMPT, 12, graph="wasm")
+    assert page.evaluate("window.tinyqmoe.ortHeapBytes()") <= 4294901760
+
+
 def test_wasm_heap_grows_in_small_steps(page, server, bundle_dir):
     """With a reservation far too small (?heap=65536) the heap still grows as the session needs, but never by
     Emscripten's overgrown 20 % or 10 % steps (ort-heap.mjs smallerSteps makes its resize take the 5 % one);

@@ -17,6 +17,7 @@
 import ortWasmThreaded from "/vendor/ort/ort-wasm-simd-threaded.mjs";
 
 const WASM_PAGE = 65536;
+const MAX_PAGES = 65535;          // the glue's cap: 4294901760 bytes
 let memory = null;      // the module's WebAssembly.Memory, once instantiated
 let module = null;      // the Emscripten module object onnxruntime-web uses
 let pending = 0;        // bytes asked for before the module existed
@@ -98,7 +99,14 @@ export default async function ortWasmWithHeap(moduleArg = {}) {
     instantiateWasm(imports, done) {
       memory = findMemory(imports);
       if (pending) {
-        memory.grow(Math.ceil(pending / WASM_PAGE));
+        // never more than wasm32's 4 GiB; and a reservation the browser refuses is no error: the heap then grows
+        // as the session needs, as it would have without one
+        const pages = Math.min(Math.ceil(pending / WASM_PAGE), MAX_PAGES - memory.buffer.byteLength / WASM_PAGE);
+        try {
+          memory.grow(pages);
+        } catch (e) {
+          console.warn(`ort-heap.mjs: could not reserve ${pending} bytes of heap (${e.message}); growing as needed`);
+        }
         smallerSteps(memory);
       }
       instantiate(url, imports).then((r) => done(r.instance, r.module), fail);
