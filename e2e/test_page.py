@@ -173,6 +173,27 @@ def test_wasm_heap_is_sized_before_the_weights_go_in(page, server, bundle_dir):
     assert steps == [[16 * 2**20, grown]] and heap == grown, (steps, reserved)
 
 
+def test_heap_steps_bench_reports_the_reservation(bundle_dir, tmp_path):
+    """bench/heap_steps.py (the README's page-memory figures): one growth by the reservation with the default, none
+    of it with ?heap=0, and the page memory with its ratio to the weights the session was given."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "steps.json"
+    proc = subprocess.run([sys.executable, "bench/heap_steps.py", "--bundles", str(bundle_dir), "--new-tokens", "4",
+                           "tiny-int4m", "tiny-int4m?heap=0", "--out", str(out)], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    reserved, natural = json.loads(out.read_text())
+    mib = 2 ** 20
+    assert reserved["reserved_mib"] > reserved["weights_mib"] > 0 and natural["reserved_mib"] == 0
+    assert reserved["steps_loading"] == [[16 * mib, 16 * mib + -(-int(reserved["reserved_mib"] * mib) // 65536) * 65536]]
+    assert reserved["ua_memory_mib"] > reserved["ort_heap_mib"] > reserved["weights_mib"]
+    assert "grew loading" in proc.stdout
+
+
 def test_wasm_heap_reservation_the_browser_refuses_is_no_error(page, server, bundle_dir):
     """?heap=8e9: more than a wasm32 heap can hold, so ort-heap.mjs grows it to the cap or, when the browser
     refuses that, not at all — and the page still loads and answers as the CPU does."""

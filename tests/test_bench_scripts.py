@@ -43,6 +43,8 @@ def test_generate_bench_measures_every_mode(bundles, tmp_path):
         assert r["decode_tok_s"]["median"] > 0 and r["runs"][0]["new_tokens"] == 4
         assert r["peak_rss_mib"]["median"] > r["above_start_mib"]["median"] > r["session_mib"]["median"] > 0
         assert r["session_ratio"] > 0
+        # the divisor is the weights as the session holds them: int8's float16 scales are float32 there
+        assert r["runtime_weight_mb"] > r["stored_weight_mb"] > 0 and r["session_ratio"] < r["session_ratio_stored"]
     assert "strict" in text
 
 
