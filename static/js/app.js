@@ -73,7 +73,8 @@ const maxRows = (manifest, variant, weightBytes, ep) =>
 function bundleOpts(manifest, variant, weightBytes, ep) {
   const rows = maxRows(manifest, variant, weightBytes, ep);
   const asked = params.get("heap");
-  const heapBytes = ep !== "wasm" || asked === "0" ? 0 : Number(asked) || heapReserve(weightBytes, manifest, variant, rows);
+  const heapBytes = ep !== "wasm" || asked === "0" ? 0
+    : Number(asked) || heapReserve(weightBytes, manifest, variant, rows);
   return { maxRows: rows, heapBytes };
 }
 

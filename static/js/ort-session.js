@@ -1,5 +1,5 @@
-// The only module that imports onnxruntime-web (its wasm build's glue comes through ort-heap.mjs). Creates the decoder session (WebGPU when an adapter exists,
-// else WASM) and implements the runtime's session interface: forward(ids) -> top-k candidates of the last
+// The only module that imports onnxruntime-web (its wasm build's glue comes through ort-heap.mjs). Creates the
+// decoder session (WebGPU when an adapter exists, else WASM) and implements the runtime's session interface: forward(ids) -> top-k candidates of the last
 // position, keeping the KV cache between calls.
 // Two builds of onnxruntime-web: "webgpu" (ort.webgpu.min.mjs: WebGPU EP + WASM EP, a wasm binary with the JSEP
 // glue) and "wasm" (ort.wasm.min.mjs: the plain SIMD + threads binary, CPU only). A session on the WASM EP uses the
@@ -62,10 +62,11 @@ export function partialSumBytes(manifest, variant) {
 
 /** Bytes of heap, beyond the weights and what the module holds when it starts, that a first session on the plain
  * wasm build is given before its weights are copied in (ort-heap.mjs): HEAP_MARGIN plus a prefill piece's
- * partial sums. Measured on SmolLM2 (docs/page-bench.md, pre-grown heaps, load + a 33-token prompt + 16 tokens,
+ * partial sums. Measured on SmolLM2 (docs/page-bench.md, pre-grown heaps, load + a 7-token prompt + 16 tokens,
  * 1 thread): the heap's high-water mark was 16 MiB + the weights + 1.8 (int4-m32), 2.4 (int8), 3.8 (int4-g64,
- * with 3.5 MiB of partial sums) and 6.0 MiB (int4-g32, 6.9 MiB of partial sums). A heap that still has to grow
- * does so as before (by 20 % of its size), so a reservation that falls short costs no more than none. */
+ * with 3.5 MiB of partial sums) and 6.0 MiB (int4-g32, 6.9 MiB of partial sums); every position of KV cache adds
+ * ~42 KB (int4-m32). A heap that has to grow past it does so by 5 % steps (ort-heap.mjs): at Llama-3.2-1B's shape
+ * int4-g32's first prefill piece outgrew it by three and ended 2.5 % above where Emscripten's 20 % steps had. */
 export function heapReserve(weightBytes, manifest, variant, rows) {
   return weightBytes + HEAP_MARGIN + partialSumBytes(manifest, variant) * Math.min(rows, MAX_PIECE);
 }
