@@ -133,10 +133,12 @@ def main() -> int:
             row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         for k in ("above_start", "session"):
             row[f"{k}_ratio"] = row[f"{k}_mib"]["median"] * 1.048576 / (row["runtime_weight_mb"] + row["kv_cache_mb"])
-            row[f"{k}_ratio_stored"] = row[f"{k}_mib"]["median"] * 1.048576 / (row["stored_weight_mb"] + row["kv_cache_mb"])
+            row[f"{k}_ratio_stored"] = (row[f"{k}_mib"]["median"] * 1.048576
+                                        / (row["stored_weight_mb"] + row["kv_cache_mb"]))
         rows.append(row)
     print(f"\n{'scheme':10} {'mode':10} {'prefill tok/s':>18} {'decode tok/s':>16} {'load s':>7} {'peak RSS MiB':>13} "
-          f"{'above start':>12} {'ratio':>6} {'session':>8} {'ratio':>6} {'weights+KV MB':>14} {'stored-bytes ratio':>19}")
+          f"{'above start':>12} {'ratio':>6} {'session':>8} {'ratio':>6} {'weights+KV MB':>14} "
+          f"{'stored-bytes ratio':>19}")
     for r in rows:
         f = lambda k, d=1: f"{r[k]['median']:.{d}f} ({r[k]['min']:.{d}f}–{r[k]['max']:.{d}f})"  # noqa: E731
         print(f"{r['scheme']:10} {r['mode']:10} {f('prefill_tok_s', 0):>18} {f('decode_tok_s'):>16} "

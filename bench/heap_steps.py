@@ -25,7 +25,8 @@ MIB = 2 ** 20
 HOOK = """
 (() => { const M = WebAssembly.Memory, grow = M.prototype.grow, PREGROW = %d; self.__heapSteps = [];
   M.prototype.grow = function (pages) { const before = this.buffer.byteLength, out = grow.call(this, pages);
-    if (this.buffer instanceof SharedArrayBuffer && before >= 16 << 20) self.__heapSteps.push([before, this.buffer.byteLength]);
+    if (this.buffer instanceof SharedArrayBuffer && before >= 16 << 20)
+      self.__heapSteps.push([before, this.buffer.byteLength]);
     return out; };
   if (PREGROW) {
     WebAssembly.Memory = function (d) { const m = new M(d);

@@ -29,8 +29,9 @@ export function heapBytes() {
 
 /**
  * Before onnxruntime-web has started its wasm module: grows the heap, as soon as it exists, by `bytes` beyond the
- * size it starts with, and from then on lets it grow by 5 % at a time (smallerSteps). Returns false when the module already runs — its heap then holds earlier sessions, whose
- * freed space the next one reuses, so it is left to grow by itself.
+ * size it starts with, and from then on lets it grow by 5 % at a time (smallerSteps). Returns false when the
+ * module already runs — its heap then holds earlier sessions, whose freed space the next one reuses, so it is left
+ * to grow by itself.
  */
 export function reserveHeap(bytes) {
   if (memory) return false;

@@ -1,6 +1,6 @@
 // The only module that imports onnxruntime-web (its wasm build's glue comes through ort-heap.mjs). Creates the
-// decoder session (WebGPU when an adapter exists, else WASM) and implements the runtime's session interface: forward(ids) -> top-k candidates of the last
-// position, keeping the KV cache between calls.
+// decoder session (WebGPU when an adapter exists, else WASM) and implements the runtime's session interface:
+// forward(ids) -> top-k candidates of the last position, keeping the KV cache between calls.
 // Two builds of onnxruntime-web: "webgpu" (ort.webgpu.min.mjs: WebGPU EP + WASM EP, a wasm binary with the JSEP
 // glue) and "wasm" (ort.wasm.min.mjs: the plain SIMD + threads binary, CPU only). A session on the WASM EP uses the
 // plain build unless ?ort=webgpu asks otherwise (measured side by side: README "The page"). Each build is imported
@@ -15,8 +15,8 @@ export async function ortBuild(build) {
   if (!ortBuilds[build]) {
     ortBuilds[build] = import(ORT_BUILDS[build]).then((ort) => {
       // the plain build's glue is loaded through ort-heap.mjs, which lets create() size its heap (HEAP_MARGIN)
-      ort.env.wasm.wasmPaths = build === "wasm" ? { mjs: ORT_HEAP_MODULE, wasm: "/vendor/ort/ort-wasm-simd-threaded.wasm" }
-                                                : "/vendor/ort/";
+      ort.env.wasm.wasmPaths = build === "wasm"
+        ? { mjs: ORT_HEAP_MODULE, wasm: "/vendor/ort/ort-wasm-simd-threaded.wasm" } : "/vendor/ort/";
       ort.env.logLevel = "error";
       return ort;
     });
