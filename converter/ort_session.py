@@ -276,13 +276,12 @@ def session_weight_bytes(bundle: Bundle, variant: str = "graph") -> int:
     total = 0
     for name, (dtype, shape) in types.items():
         n = int(np.prod(shape)) if shape else 1
-        size = np.dtype(dtype).itemsize if dtype not in ("uint4", "int4") else 0.5
         casts = [node for node in readers.get(name, []) if node.op_type == "Cast"]
         cast_types = {helper.get_attribute_value(a) for node in casts for a in node.attribute if a.name == "to"}
         for to in cast_types:
             total += n * helper.tensor_dtype_to_np_dtype(to).itemsize
         if len(casts) < len(readers.get(name, [])) or not casts:
-            total += n * size
+            total += n * np.dtype(dtype).itemsize
     return int(total)
 
 

