@@ -74,13 +74,17 @@ OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "
                    ("source", "int8-e3.9", "gptq"), ("source", "int8-e4.15", "gptq"), ("source", "int8-e3.5", "gptq"),
                    ("source", "int8-e4.3", "gptq"), ("source", "int8-e4.4", "gptq"), ("source", "int8-e4.5", "gptq"),
                    ("int8-e3", "int8-e3.5", "gptq"),
+                   # session 19: int8-eB linear layers smoothed (`--smooth auto`, now their default) with each
+                   # smoothed row's step divided as its row was (smooth.row_relative)
+                   ("int8-e3.15", "int8-e3.5", "gptq"),
                    # session 17: int4-m32 everywhere, calibrated, and int4-g64 everywhere calibrated alike
                    ("int4-m32", "int4-m32", "gptq"), ("int4-g64", "int4-g64", "gptq"),
                    # more calibration text (12,288 tokens instead of 4,096): better token probabilities
                    ("source", "int8-e4.3", "gptq", 12288), ("source", "int8-e4.4", "gptq", 12288)]
-# The int4 schemes are smoothed by default (converter.bundle.SEARCH_SCHEMES, `--smooth auto`): their OURS points
+# The int4 and int8-eB schemes are smoothed by default (converter.bundle.searchable, `--smooth auto`): their OURS points
 # are the default builds (folders ending in -smooth); these are the same bundles built with --smooth off
-OURS_UNSMOOTHED = [("int4-g32", "source"), ("int4-g32", "int8"), ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64")]
+OURS_UNSMOOTHED = [("int4-g32", "source"), ("int4-g32", "int8"), ("int4-g64", "int4-g32"), ("int4-g64", "int4-g64"),
+                   ("int8-e3", "int8-e3.5", "gptq")]   # smoothed by default since session 19
 # llama.cpp points: (type of the linear layers, type of the embedding)
 LLAMA_CPP = [("Q8_0", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q8_0"), ("Q4_1", "Q8_0"), ("Q4_0", "Q8_0"),
              ("Q4_1", "Q4_1"), ("Q4_0", "Q4_0"), ("TQ2_0", "Q4_0"), ("TQ1_0", "Q4_0")]
@@ -318,9 +322,9 @@ def bundle_name(scheme: str, embed: str | None, method: str | None = None, token
                 smooth: str | None = None) -> str:
     """A point's folder (bench/sizes.py uses the same names): default builds of the int4 schemes are smoothed and
     say so (-smooth), so a folder built before smoothing became their default is never taken for one."""
-    from converter.bundle import SEARCH_SCHEMES
+    from converter.bundle import searchable
     return (f"smollm2-{scheme}-emb-{embed or 'default'}" + (f"-cal-{method.replace('+', '-')}" if method else "")
-            + (f"-t{tokens}" if tokens != 4096 else "") + ("-smooth" if scheme in SEARCH_SCHEMES and smooth is None
+            + (f"-t{tokens}" if tokens != 4096 else "") + ("-smooth" if searchable(scheme) and smooth is None
                                                            else ""))
 
 

@@ -41,6 +41,7 @@ from .errors import BundleError, CodecError, TinyQMoEError
 from .layouts import (KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, group_table_codes, group_table_shape,
                       block_scale_parts, kn_shape, linear_initializers, multiplied_parts, multiplied_shape)
 from .quant import entropy, errors, get_scheme, quantize_rows
+from .smooth import row_relative
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
 
 FORMAT_NAME = "tiny-qmoe-bundle"
@@ -343,15 +344,16 @@ def _validate_qz_file(fname: str, info: dict, step: int, where: str):
     _want(expect_out == total, f"{w}.chunks", f"decode to {expect_out} bytes, the file has {total}")
 
 
-def _tensor_initializers(name: str, w: np.ndarray, scheme: str, q=None,
-                         importance: np.ndarray | None = None) -> tuple[list[Initializer], dict[str, Any]]:
+def _tensor_initializers(name: str, w: np.ndarray, scheme: str, q=None, importance: np.ndarray | None = None,
+                         relative: np.ndarray | None = None) -> tuple[list[Initializer], dict[str, Any]]:
     """Quantize one HF tensor (or take `q`, already quantized by calibration) and lay it out; norms stay float32.
-    `importance`: of each row, for the schemes that weigh rows (int8-eB on the vocabulary rows)."""
+    `importance`: of each row, for the schemes that weigh rows (int8-eB on the vocabulary rows); `relative`: their
+    relative row steps given directly (int8-eB on a smoothed weight's rows, row_relative)."""
     if w.ndim == 1:
         return [byte_stream(name, w.astype(np.float32))], {"scheme": "f32", "max_error": 0.0, "rms_error": 0.0}
     sch = get_scheme(scheme)
     if q is None and sch.target_bits is not None:
-        q = sch.quantize(w, importance)
+        q = sch.quantize(w, importance, relative)
     q = q or quantize_rows(sch, w)
     scheme = q.scheme
     return linear_initializers(name, q), {"scheme": scheme, "max_error": q.max_error, "rms_error": q.rms_error}
@@ -399,23 +401,37 @@ SMOOTH_SCHEMES = ("int8", "int4-g32", "int4-g64", "int4-m32", "int4-m64")
 # where `--smooth auto` (the default for these) picks each layer group's alpha by its quantized output error: the
 # weight-only schemes, whose error that measures (int8's is mostly its run-time activation rounding)
 SEARCH_SCHEMES = ("int4-g32", "int4-g64", "int4-m32", "int4-m64")
+# and the entropy-coded int8-eB linear layers (quant/entropy.py): one step per matrix for a target rate, so the
+# smoothing scales are the only way their columns get finer or coarser steps (docs/quality.md, session 19)
+SEARCH_NAMES = "int4-g32/g64, int4-m32/m64, int8-eB"
+SMOOTH_NAMES = "int8, " + SEARCH_NAMES
+
+
+def searchable(scheme: str) -> bool:
+    """Whether `--smooth auto` applies to linear layers of this scheme (weight-only: their output error is what the
+    search measures)."""
+    return scheme in SEARCH_SCHEMES or entropy.parse(scheme) is not None
+
+
+def smoothable(scheme: str) -> bool:
+    return scheme in SMOOTH_SCHEMES or searchable(scheme)
 
 
 def resolve_smooth(checkpoint, opts: BuildOptions) -> float | str | None:
     """What opts.smooth means for this scheme and checkpoint: an alpha, "auto", or None (no smoothing). By default
-    the weight-only int4 schemes search (SmolLM2 int4-g32 KL against the float model 0.353 -> 0.147, int4-g64
-    0.392 -> 0.194, README "Quality"), when the checkpoint has a tokenizer for the calibration text; int8 smooths
+    the weight-only int4 and int8-eB schemes search (SmolLM2 int4-g32 KL against the float model 0.353 -> 0.147,
+    int4-g64 0.392 -> 0.194, README "Quality"; int8-e3.2 with GPTQ 0.669 -> 0.367, docs/quality.md), when the
+    checkpoint has a tokenizer for the calibration text; int8 smooths
     only when asked (it flips a near-tie of the README's first prompt)."""
     v = opts.smooth
     if v is None:
-        return "auto" if opts.scheme in SEARCH_SCHEMES and "tokenizer.json" in checkpoint.tokenizer_files() else None
+        return "auto" if searchable(opts.scheme) and "tokenizer.json" in checkpoint.tokenizer_files() else None
     if v == "off":
         return None
     if v == "on":
-        if opts.scheme not in SMOOTH_SCHEMES:
-            raise BundleError(f"--smooth applies to {', '.join(SMOOTH_SCHEMES)} (where it was measured), "
-                              f"not {opts.scheme}")
-        return "auto" if opts.scheme in SEARCH_SCHEMES else 0.5
+        if not smoothable(opts.scheme):
+            raise BundleError(f"--smooth applies to {SMOOTH_NAMES} (where it was measured), not {opts.scheme}")
+        return "auto" if searchable(opts.scheme) else 0.5
     return v
 
 
@@ -425,12 +441,12 @@ def _smoothed(checkpoint, opts: BuildOptions, progress):
     from .calibrate import CalibrationOptions, calibration_ids
     from .smooth import SmoothedCheckpoint, smoothing_scales
 
-    if opts.scheme not in SMOOTH_SCHEMES:
-        raise BundleError(f"--smooth applies to {', '.join(SMOOTH_SCHEMES)} (where it was measured), not {opts.scheme}")
+    if not smoothable(opts.scheme):
+        raise BundleError(f"--smooth applies to {SMOOTH_NAMES} (where it was measured), not {opts.scheme}")
     qdq = None
     if opts.smooth == "auto":
-        if opts.scheme not in SEARCH_SCHEMES:
-            raise BundleError(f"--smooth auto searches the weight-only schemes {', '.join(SEARCH_SCHEMES)}; "
+        if not searchable(opts.scheme):
+            raise BundleError(f"--smooth auto searches the weight-only schemes {SEARCH_NAMES}; "
                               f"{opts.scheme} takes an alpha (0.5 measured best for int8)")
         sch = get_scheme(opts.scheme)
         qdq = sch.roundtrip or (lambda w: sch.dequantize(quantize_rows(sch, w)))
@@ -565,7 +581,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         q = calib.get(name) if calib and name in calib else _passthrough(checkpoint, name, scheme, w)
         vocab_rows = name in ("model.embed_tokens.weight", "lm_head.weight") and get_scheme(scheme).target_bits
         importance = _vocab_importance(checkpoint, w.shape[0]) if vocab_rows and q is None else None
-        inits, info = _tensor_initializers(name, w, scheme, q, importance)
+        relative = row_relative(checkpoint, name) if q is None and w.ndim == 2 and not vocab_rows else None
+        inits, info = _tensor_initializers(name, w, scheme, q, importance, relative)
         if w.ndim == 2 and info["scheme"] != scheme:
             tensor_schemes[name] = info["scheme"]
         del w

@@ -42,6 +42,7 @@ import numpy as np
 from .config import LlamaConfig, rope_inv_freq
 from .errors import QuantError
 from .quant import Quantized, Scheme, entropy, errors, get_scheme
+from .smooth import row_relative
 
 METHODS = ("rtn", "clip", "gptq", "gptq+clip")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -329,10 +330,12 @@ def quantize_gptq(scheme: Scheme, w: np.ndarray, h: np.ndarray, damp: float = 0.
 
 
 def quantize_with(method: str, scheme: Scheme, w: np.ndarray, h: np.ndarray | None,
-                  opts: CalibrationOptions, importance: np.ndarray | None = None) -> Quantized:
-    """`importance`: of each row, for int8-eB (see quant/entropy.py); the other schemes weigh rows equally."""
+                  opts: CalibrationOptions, importance: np.ndarray | None = None,
+                  relative: np.ndarray | None = None) -> Quantized:
+    """`importance`: of each row, for int8-eB (see quant/entropy.py), or `relative`: its relative row steps given
+    directly; the other schemes weigh rows equally."""
     if scheme.target_bits is not None:
-        steps = entropy.row_steps(w, scheme.target_bits, importance)
+        steps = entropy.row_steps(w, scheme.target_bits, importance, relative)
         if method.startswith("gptq") and h is not None:
             return quantize_gptq(scheme, w, h, opts.damp, opts.block, steps=steps)
         return entropy.quantize_with_steps(scheme.name, w, steps)
@@ -546,7 +549,7 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
             if embedding_only(scheme):            # the bundle writer rounds (or passes through) these itself
                 return base.dequantize(base.quantize(w))
             sch = high if name in promoted else base
-            q = quantize_with(opts.method, sch, w, h, opts)
+            q = quantize_with(opts.method, sch, w, h, opts, relative=row_relative(checkpoint, name))
             spill.put(name, q)
             schemes[name] = sch.name
             w_hat = sch.dequantize(q)

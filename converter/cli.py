@@ -58,13 +58,13 @@ def cmd_build(args) -> int:
                   f"hidden {ck.config.hidden_size}, vocab {ck.config.vocab_size})  codec: {codec.available_backend()}")
     for scheme in schemes:
         out = Path(args.out) if args.out else Path(args.bundles) / f"{default_name}-{scheme}"
-        from .bundle import SMOOTH_SCHEMES
+        from .bundle import SMOOTH_NAMES, smoothable
         opts = BuildOptions(scheme=scheme, embed_scheme=args.embed_scheme, force=args.force,
                             chunk_symbols=args.chunk_symbols, name=f"{default_name}-{scheme}",
                             calibration=_calibration_options(args),
-                            smooth=args.smooth if scheme in SMOOTH_SCHEMES else None)
-        if args.smooth not in (None, "off") and scheme not in SMOOTH_SCHEMES:
-            console.print(f"{scheme}: --smooth applies to {', '.join(SMOOTH_SCHEMES)} only; built without it")
+                            smooth=args.smooth if smoothable(scheme) else None)
+        if args.smooth not in (None, "off") and not smoothable(scheme):
+            console.print(f"{scheme}: --smooth applies to {SMOOTH_NAMES} only; built without it")
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task(scheme, total=len(ck.tensors) + 1)

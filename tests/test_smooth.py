@@ -39,7 +39,7 @@ def test_smoothing_is_exact_in_float(tiny_hf):
                           ws["model.layers.0.mlp.up_proj.weight"])
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "int8-e4"])
 def test_bundle_with_smoothing_records_it_and_runs(tiny_hf, tmp_path, scheme):
     folder, _ = tiny_hf
     out = tmp_path / "smoothed"
@@ -62,13 +62,64 @@ def test_bundle_with_smoothing_records_it_and_runs(tiny_hf, tmp_path, scheme):
 
 def test_smoothing_is_refused_where_it_was_not_measured(tiny_hf, tmp_path):
     folder, _ = tiny_hf
-    with pytest.raises(BundleError, match="--smooth applies to int8, int4-g32, int4-g64"):
+    with pytest.raises(BundleError, match="--smooth applies to int8, int4-g32/g64, int4-m32/m64, int8-eB"):
         write_bundle(open_checkpoint(folder), tmp_path / "x", BuildOptions(scheme="ternary", smooth=0.5))
     with pytest.raises(BundleError, match="alpha in"):
         write_bundle(open_checkpoint(folder), tmp_path / "y", BuildOptions(scheme="int8", smooth=1.5))
-    with pytest.raises(BundleError, match="auto searches the weight-only schemes int4-g32, int4-g64"):
+    with pytest.raises(BundleError, match="auto searches the weight-only schemes int4-g32/g64, int4-m32/m64, int8-eB"):
         write_bundle(open_checkpoint(folder), tmp_path / "z", BuildOptions(scheme="int8", smooth="auto"))
     assert not (tmp_path / "z").exists()
+
+
+def test_smoothed_int8_eb_rows_keep_their_precision(tiny_hf):
+    """int8-eB has one step per matrix. Where smoothing divided a weight's rows (v_proj, up_proj), each row's step
+    is divided alike (row_relative), so every row is rounded as finely, relative to its weights, as unsmoothed —
+    and the order-0 entropy still meets the target."""
+    from converter.bundle import _smoothed
+    from converter.quant import entropy
+    from converter.smooth import row_relative
+
+    ck = open_checkpoint(tiny_hf[0])
+    smoothed = _smoothed(ck, BuildOptions(scheme="int8-e3", smooth="auto"), None)
+    assert row_relative(ck, "model.layers.0.mlp.up_proj.weight") is None               # not smoothed
+    assert row_relative(smoothed, "model.layers.0.self_attn.q_proj.weight") is None    # columns only
+    for name, divisor in (("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+                          ("model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.v_proj.weight")):
+        rows = smoothed.smoothing.scales[divisor][1]
+        rel = row_relative(smoothed, name)
+        assert np.allclose(rel, 1.0 / rows)
+        w = smoothed.load(name)
+        steps = entropy.row_steps(w, 3.0, relative=rel).astype(np.float64)
+        floor = np.abs(w).max(axis=1) / 127
+        free = steps > floor * 1.01                         # rows whose step is the target's, not the int8 floor
+        ratio = steps[free] * rows.astype(np.float64)[free]
+        assert free.sum() >= len(steps) // 2 and ratio.max() / ratio.min() < 1.002    # float16 rounding only
+        codes = entropy.quantize_with_steps("int8-e3", w, entropy.row_steps(w, 3.0, relative=rel))
+        assert abs(entropy.entropy_bits(codes.symbols.view(np.int8)) - 3.0) < 0.15
+    with pytest.raises(Exception, match="relative row steps"):
+        entropy.row_steps(np.ones((4, 32), np.float32), 3.0, relative=np.array([1.0, 0.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("method", [None, "gptq"])
+def test_smoothed_int8_eb_bundle_divides_the_row_steps(tiny_hf, tmp_path, method):
+    """What the bundle holds: a smoothed int8-e3 build, plain or GPTQ-calibrated, stores up_proj's row steps
+    times its row divisors as one number (float16 rounding only) wherever the int8 floor does not set the step."""
+    from converter.bundle import _smoothed
+    from converter.calibrate import CalibrationOptions
+
+    ck = open_checkpoint(tiny_hf[0])
+    cal = CalibrationOptions(method=method, sequences=4, seq_len=64, corpus_chars=20_000) if method else None
+    m = write_bundle(ck, tmp_path / "b", BuildOptions(scheme="int8-e3", smooth="auto", chunk_symbols=4096,
+                                                      calibration=cal))
+    assert m["smoothing"]["alpha"] == "auto"
+    rows = _smoothed(ck, BuildOptions(scheme="int8-e3", smooth="auto"), None).smoothing.scales[
+        "model.layers.0.mlp.up_proj.weight"][1].astype(np.float64)
+    scales = {e["name"]: a for e, a in load(tmp_path / "b").decode_initializers()}
+    steps = scales["model.layers.0.mlp.up_proj.weight.scales"].reshape(len(rows), -1).astype(np.float64)
+    assert (steps == steps[:, :1]).all()                                    # one step per row
+    ratio = steps[:, 0] * rows
+    top = ratio >= np.median(ratio)                                         # rows at the target step (not floored)
+    assert rows.max() / rows.min() > 1.5 and ratio[top].max() / ratio[top].min() < 1.002, ratio
 
 
 def _int4_qdq(w):

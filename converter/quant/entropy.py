@@ -74,10 +74,18 @@ def relative_steps(rows: int, importance: np.ndarray | None) -> np.ndarray:
     return (imp / imp.sum() + EPSILON_FRACTION / rows) ** -ALPHA
 
 
-def row_steps(w: np.ndarray, bits: float, importance: np.ndarray | None = None) -> np.ndarray:
-    """float16 (rows,) steps whose codes have an order-0 entropy of about `bits` (bisection on the scale)."""
+def row_steps(w: np.ndarray, bits: float, importance: np.ndarray | None = None,
+              relative: np.ndarray | None = None) -> np.ndarray:
+    """float16 (rows,) steps whose codes have an order-0 entropy of about `bits` (bisection on the scale).
+    `relative` (rows,): step_r / c given directly, instead of from `importance` — a smoothed weight whose rows were
+    divided by d_r takes 1 / d_r, so that every row keeps the precision it had before (see bundle.row_relative)."""
     rows = w.shape[0]
-    rel = relative_steps(rows, importance)
+    if relative is not None:
+        rel = np.asarray(relative, np.float64)
+        if rel.shape != (rows,) or not np.isfinite(rel).all() or (rel <= 0).any():
+            raise QuantError(f"relative row steps must be {rows} finite positive numbers")
+    else:
+        rel = relative_steps(rows, importance)
     floor = np.concatenate([np.abs(w[r:r + BLOCK_ROWS]).max(axis=1) for r in range(0, rows, BLOCK_ROWS)])
     floor = floor.astype(np.float64) / 127.0
     pick = np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).astype(np.int64)
@@ -138,9 +146,9 @@ def special_token_ids(tokenizer_json: dict) -> list[int]:
 
 
 def make(name: str, bits: float) -> Scheme:
-    def quantize(w: np.ndarray, importance: np.ndarray | None = None) -> Quantized:
+    def quantize(w: np.ndarray, importance: np.ndarray | None = None, relative: np.ndarray | None = None) -> Quantized:
         grouped(w, GROUP, name)                                       # 2-D, whole groups, finite
-        return quantize_with_steps(name, w, row_steps(w, bits, importance))
+        return quantize_with_steps(name, w, row_steps(w, bits, importance, relative))
 
     layout = SCHEMES[f"int8-g{GROUP}"]                                 # codes and scales exactly as int8-g32
     return Scheme(name, alphabet=256, bits=8, group=GROUP, quantize=quantize, dequantize=layout.dequantize,
