@@ -76,7 +76,7 @@ OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "
                    ("int8-e3", "int8-e3.5", "gptq"),
                    # session 19: int8-eB linear layers smoothed (`--smooth auto`, now their default) with each
                    # smoothed row's step divided as its row was (smooth.row_relative)
-                   ("int8-e3.15", "int8-e3.5", "gptq"),
+                   ("int8-e3.15", "int8-e3.5", "gptq"), ("int8-e3.15", "int8-e3.5", "gptq", 12288),
                    # session 17: int4-m32 everywhere, calibrated, and int4-g64 everywhere calibrated alike
                    ("int4-m32", "int4-m32", "gptq"), ("int4-g64", "int4-g64", "gptq"),
                    # more calibration text (12,288 tokens instead of 4,096): better token probabilities

@@ -397,12 +397,13 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-symbols", type=int, default=1 << 18, help="symbols per independently decodable chunk")
     b.add_argument("--smooth", nargs="?", type=_smooth_arg, const="on", default=None, metavar="ALPHA|auto|off",
                    help="fold per-channel activation scales into the weights before quantizing (SmoothQuant/AWQ-"
-                        "style; a float pass over 2,048 tokens of pydoc_data.topics). int4-g32/g64 and "
-                        "int4-m32/m64: on by default, "
+                        "style; a float pass over 2,048 tokens of pydoc_data.topics). int4-g32/g64, "
+                        "int4-m32/m64 and int8-eB: on by default, "
                         "'auto' (each layer group takes the best of no smoothing and the SmoothQuant and AWQ forms "
                         "at alpha 0.25, 0.5, 0.75, by its quantized output error); int8: opt-in, alpha 0.5 when given "
                         "bare. 'off' disables. SmolLM2 KL against the "
-                        "float model: int4-g32 0.353 -> 0.147, int4-g64 0.392 -> 0.194, int8 0.049 -> 0.022")
+                        "float model: int4-g32 0.353 -> 0.147, int4-g64 0.392 -> 0.194, int8 0.049 -> 0.022, "
+                        "int8-e3.2 (GPTQ) 0.669 -> 0.367")
     b.add_argument("--calibrate", nargs="?", const="gptq+clip", default=None,
                    choices=("rtn", "clip", "gptq", "gptq+clip"),
                    help="calibrated quantization on a slice of pydoc_data.topics: gptq+clip (default: GPTQ with a "
