@@ -46,9 +46,8 @@ sys.path.insert(0, str(ROOT))
 from converter.bundle import BuildOptions, load, write_bundle  # noqa: E402
 from converter.evaluate.data import KL_TEXTS, chunk_tokens, read_corpus  # noqa: E402
 from converter.evaluate.scoring import chunk_nll, kl_per_token, reference_logprobs  # noqa: E402
-from converter.layouts import byte_stream, linear_initializers  # noqa: E402
 from converter.loaders import default_model_path, open_checkpoint  # noqa: E402
-from converter.quant import get_scheme  # noqa: E402
+from converter.selftext import FloatModel  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "frontier.json"
 PLOT = ROOT / "docs" / "img" / "frontier.png"
@@ -77,6 +76,9 @@ OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "
                    # session 19: int8-eB linear layers smoothed (`--smooth auto`, now their default) with each
                    # smoothed row's step divided as its row was (smooth.row_relative)
                    ("int8-e3.15", "int8-e3.5", "gptq"), ("int8-e3.15", "int8-e3.5", "gptq", 12288),
+                   # the calibration (and smoothing) text sampled from the float model (--calib-text generated)
+                   ("int8-e3.15", "int8-e3.5", "gptq", 4096, "generated"),
+                   ("int8-e3.15", "int8-e3.5", "gptq", 12288, "generated"),
                    # session 17: int4-m32 everywhere, calibrated, and int4-g64 everywhere calibrated alike
                    ("int4-m32", "int4-m32", "gptq"), ("int4-g64", "int4-g64", "gptq"),
                    # more calibration text (12,288 tokens instead of 4,096): better token probabilities
@@ -93,31 +95,8 @@ TARGETS = [(5.3, 0.0, "KL = 0 at ≤ 5.3"), (4.5, 0.01, "KL ≤ 0.01 at ≤ 4.5"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Float weights in our f32 graph, without writing a bundle
+# llama.cpp's formats, dequantized into our f32 graph (converter.selftext.FloatModel: float weights, no bundle)
 # ---------------------------------------------------------------------------------------------------------------
-
-class FloatModel:
-    """Just enough of a converter.bundle.Bundle for OrtDecoder: the f32 graph and its initializers, in memory."""
-
-    def __init__(self, config, weights: dict[str, np.ndarray]):
-        from converter.onnx_export import export_graph
-
-        self.config = config
-        self._arrays = []
-        for name, w in weights.items():
-            inits = [byte_stream(name, w)] if w.ndim == 1 else linear_initializers(name, get_scheme("f32").quantize(w))
-            self._arrays += [(i.name, i.symbols.view(np.dtype(i.dtype)).reshape(i.shape)) for i in inits]
-        self._graph = export_graph(config, {n: (a.dtype.name, a.shape) for n, a in self._arrays}, "f32", "f32")
-
-    def decode_initializers(self, verify: bool = True):
-        for name, a in self._arrays:
-            yield {"name": name}, a
-
-    def graph_bytes(self, float16: bool = False, variant: str = "graph") -> bytes:
-        if float16 or variant != "graph":
-            raise ValueError("FloatModel has only the float32 graph")
-        return self._graph
-
 
 def gguf_roundtrip(w: np.ndarray, type_name: str) -> tuple[np.ndarray, int]:
     """(w quantized and dequantized by the gguf package, bytes of the quantized tensor). Rows are zero-padded to
@@ -262,11 +241,12 @@ def main(argv=None) -> int:
         todo = [(p, None) for p in OURS + OURS_CALIBRATED] + [(p, "off") for p in OURS_UNSMOOTHED]
         for (scheme, embed, *method), smooth in todo:
             tokens = method[1] if len(method) > 1 else 4096
-            out = root / bundle_name(scheme, embed, method[0] if method else None, tokens, smooth)
+            text = method[2] if len(method) > 2 else "pydoc"
+            out = root / bundle_name(scheme, embed, method[0] if method else None, tokens, smooth, text)
             if args.match and not any(m in out.name for m in args.match):
                 continue
-            calibration = CalibrationOptions(method=method[0], embedding="calibrated",
-                                             sequences=tokens // 256) if method else None
+            calibration = CalibrationOptions(method=method[0], embedding="calibrated", sequences=tokens // 256,
+                                             source_text=text) if method else None
             if args.rebuild or not (out / "manifest.json").exists():
                 built.add(out)
                 log(f"build {out.name}")
@@ -289,7 +269,8 @@ def main(argv=None) -> int:
         if "calibration" in m:
             c = m["calibration"]
             label += f" ({c['method']}" + (f", mixed → {c['mixed']['high']}" if "mixed" in c else "") + \
-                (f", {c['text']['tokens']:,} tokens" if c["text"]["tokens"] != 4096 else "") + ")"
+                (f", {c['text']['tokens']:,} tokens" if c["text"]["tokens"] != 4096 else "") + \
+                (", generated text" if c.get("source_text") == "generated" else "") + ")"
         if "smoothing" in m:
             label += f", smoothed ({m['smoothing']['alpha']})"
         label = f"source: {label}" if path.name.startswith("smollm2-source") else label
@@ -319,13 +300,14 @@ def main(argv=None) -> int:
 
 
 def bundle_name(scheme: str, embed: str | None, method: str | None = None, tokens: int = 4096,
-                smooth: str | None = None) -> str:
-    """A point's folder (bench/sizes.py uses the same names): default builds of the int4 schemes are smoothed and
-    say so (-smooth), so a folder built before smoothing became their default is never taken for one."""
+                smooth: str | None = None, text: str = "pydoc") -> str:
+    """A point's folder (bench/sizes.py uses the same names): default builds of the int4 and int8-eB schemes are
+    smoothed and say so (-smooth), so a folder built before smoothing became their default is never taken for one;
+    -gen: calibrated on text sampled from the model (--calib-text generated)."""
     from converter.bundle import searchable
     return (f"smollm2-{scheme}-emb-{embed or 'default'}" + (f"-cal-{method.replace('+', '-')}" if method else "")
-            + (f"-t{tokens}" if tokens != 4096 else "") + ("-smooth" if searchable(scheme) and smooth is None
-                                                           else ""))
+            + (f"-t{tokens}" if tokens != 4096 else "") + ("-gen" if text == "generated" else "")
+            + ("-smooth" if searchable(scheme) and smooth is None else ""))
 
 
 def weights_fingerprint(manifest: dict) -> str:

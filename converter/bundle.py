@@ -435,9 +435,13 @@ def resolve_smooth(checkpoint, opts: BuildOptions) -> float | str | None:
     return v
 
 
-def _smoothed(checkpoint, opts: BuildOptions, progress):
+SMOOTH_SEQUENCES = 8                          # smoothing's float pass: 8 windows of 256 tokens
+
+
+def _smoothed(checkpoint, opts: BuildOptions, progress, generated=None):
     """The checkpoint with activation smoothing applied as it is loaded (converter/smooth.py): scales from a float
-    pass over 2,048 calibration tokens (the end of pydoc_data.topics, disjoint from the perplexity windows)."""
+    pass over 2,048 calibration tokens (the end of pydoc_data.topics, disjoint from the perplexity windows; or the
+    first windows of `generated`, (ids, description) from selftext.generated_ids)."""
     from .calibrate import CalibrationOptions, calibration_ids
     from .smooth import SmoothedCheckpoint, smoothing_scales
 
@@ -455,7 +459,10 @@ def _smoothed(checkpoint, opts: BuildOptions, progress):
     tok = checkpoint.tokenizer_files().get("tokenizer.json")
     if tok is None:
         raise BundleError("--smooth needs the checkpoint's tokenizer.json (for the calibration text)")
-    ids, text = calibration_ids(json.loads(tok), CalibrationOptions(sequences=8, seq_len=256))
+    if generated is not None:
+        ids, text = generated[0][:SMOOTH_SEQUENCES], {**generated[1], "tokens": int(generated[0][:SMOOTH_SEQUENCES].size)}
+    else:
+        ids, text = calibration_ids(json.loads(tok), CalibrationOptions(sequences=SMOOTH_SEQUENCES, seq_len=256))
     alpha = None if opts.smooth == "auto" else float(opts.smooth)
     return SmoothedCheckpoint(checkpoint, smoothing_scales(checkpoint, checkpoint.config, ids, alpha, text,
                                                            progress, qdq))
@@ -493,11 +500,20 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
     calib = None
     try:
         smooth = resolve_smooth(checkpoint, opts)
+        generated = None                      # --calib-text generated: sampled once, for smoothing and calibration
+        if opts.calibration is not None and opts.calibration.source_text == "generated":
+            from .selftext import generated_ids
+            if progress:
+                progress("calibration text: sampling the float model", 0, 1)
+            generated = generated_ids(checkpoint, max(opts.calibration.sequences, SMOOTH_SEQUENCES),
+                                      opts.calibration.seq_len)
         if smooth is not None:                # per-channel scales folded into the weights before quantizing
-            checkpoint = _smoothed(checkpoint, dataclasses.replace(opts, smooth=smooth), progress)
+            checkpoint = _smoothed(checkpoint, dataclasses.replace(opts, smooth=smooth), progress, generated)
         if opts.calibration is not None:      # GPTQ & co. need activations: quantize first, layer by layer
             from .calibrate import calibrate
-            calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress)
+            calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress,
+                              None if generated is None else (generated[0][:opts.calibration.sequences],
+                                                              generated[1]))
         manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph, calib)
         if out.exists():
             shutil.rmtree(out)

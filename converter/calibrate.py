@@ -48,6 +48,7 @@ METHODS = ("rtn", "clip", "gptq", "gptq+clip")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+SOURCE_TEXTS = ("pydoc", "generated")
 
 Progress = Callable[[str, int, int], None]
 
@@ -66,6 +67,8 @@ class CalibrationOptions:
                                          # the method too (Hessian of the final normed hidden states)
     mixed: float | None = None           # budget, nominal bits/weight over the decoder linears (None: off)
     mixed_high: str = "int8-g32"         # the scheme sensitive tensors are promoted to
+    source_text: str = "pydoc"           # "pydoc" (below) or "generated": windows sampled from the float model
+                                         # itself (selftext.py; bundle.write_bundle samples them)
     corpus_chars: int | None = None      # calibration text = the last this-many characters of the corpus;
                                          # None: max(60,000, 6 per token wanted) — the perplexity windows come
                                          # from the start of the same corpus (465k characters), far from these
@@ -91,6 +94,8 @@ class CalibrationOptions:
         self._check_numbers()
 
     def _check_numbers(self) -> None:
+        if self.source_text not in SOURCE_TEXTS:
+            raise QuantError(f"calibration text must be one of {', '.join(SOURCE_TEXTS)}, got {self.source_text!r}")
         if self.sequences < 1 or self.seq_len < 2:
             raise QuantError("calibration needs at least one sequence of two tokens")
         if not 0 < self.damp < 1:
@@ -513,12 +518,16 @@ def _choose_mixed(sens: dict[str, tuple[float, float, int, float, float]], budge
 
 
 def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptions,
-              progress: Progress | None = None) -> Calibrated:
-    """Quantize every 2-D tensor of `checkpoint` with calibration; returns them spilled to disk."""
+              progress: Progress | None = None, windows: tuple[np.ndarray, dict] | None = None) -> Calibrated:
+    """Quantize every 2-D tensor of `checkpoint` with calibration; returns them spilled to disk. `windows`: the
+    calibration text as (ids (sequences, seq_len), description), e.g. sampled by selftext.generated_ids; default
+    the pydoc windows (calibration_ids)."""
     opts.check(scheme)
     cfg: LlamaConfig = checkpoint.config
     tok = json.loads(checkpoint.tokenizer_files()["tokenizer.json"])
-    ids, text_info = calibration_ids(tok, opts)
+    if windows is None and opts.source_text != "pydoc":
+        raise QuantError(f"calibration text {opts.source_text!r}: pass its windows (bundle.write_bundle samples them)")
+    ids, text_info = windows if windows is not None else calibration_ids(tok, opts)
     base, high = get_scheme(scheme), get_scheme(opts.mixed_high)
     record = {"method": opts.method, **opts.record(scheme), "text": text_info}
     schemes: dict[str, str] = {}

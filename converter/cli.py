@@ -125,13 +125,15 @@ def _smooth_arg(v: str):
 def _calibration_options(args):
     """CalibrationOptions from --calibrate / --mixed (None when neither is given)."""
     if args.calibrate is None and args.mixed is None:
+        if args.calib_text != "pydoc":
+            raise TinyQMoEError("--calib-text applies to calibrated builds: add --calibrate (or --mixed)")
         return None
     from .calibrate import CalibrationOptions
     seq_len = min(256, args.calib_tokens)
     return CalibrationOptions(method=args.calibrate or "rtn", sequences=max(1, args.calib_tokens // seq_len),
                               seq_len=seq_len, mixed=args.mixed, damp=args.calib_damp,
                               mixed_high=SCHEME_ALIASES.get(args.mixed_high, args.mixed_high),
-                              embedding="calibrated" if args.calib_embedding else "rtn")
+                              embedding="calibrated" if args.calib_embedding else "rtn", source_text=args.calib_text)
 
 
 def _per_scheme(m: dict) -> dict[str, tuple[int, int]]:
@@ -409,6 +411,10 @@ def configure_parser() -> argparse.ArgumentParser:
                    help="calibrated quantization on a slice of pydoc_data.topics: gptq+clip (default: GPTQ with a "
                         "per-group clip search; best KL per bit on SmolLM2, docs/quality.md), gptq, clip")
     b.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (windows of 256)")
+    b.add_argument("--calib-text", choices=("pydoc", "generated"), default="pydoc",
+                   help="calibration (and smoothing) text: pydoc (the end of pydoc_data.topics) or generated (windows "
+                        "sampled from the float model itself at temperature 1; holds it in memory as float32, "
+                        "4 bytes per weight, while sampling; SmolLM2 int8-e3.15 KL 0.364 -> 0.317, docs/quality.md)")
     b.add_argument("--calib-damp", type=float, default=0.1, help="GPTQ dampening, fraction of mean diag(H)")
     b.add_argument("--calib-embedding", action="store_true",
                    help="also calibrate the embedding / lm_head (Hessian of the final hidden states); with "
