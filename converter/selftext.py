@@ -2,9 +2,10 @@
 
 Calibration (GPTQ's Hessians, the embedding's token probabilities) and activation smoothing measure activations on
 a text. The default is the end of Python's `pydoc_data.topics`: present on every Python install, but Python
-documentation. A model's own samples cover what it is used for more evenly — SmolLM2 int8-e3.15 + int8-e3.5,
-smoothed and GPTQ-calibrated: KL over the 10 mixed English / code / JSON texts 0.364 on 4,096 pydoc tokens, 0.329
-on 12,288, 0.317 on 4,096 sampled tokens (docs/quality.md, session 19).
+documentation. A model's own samples follow what it says rather than one domain. On SmolLM2 they were not better:
+int8-e3.15 + int8-e3.5, smoothed and GPTQ-calibrated, KL over the 10 mixed English / code / JSON texts 0.364 on
+4,096 pydoc tokens against 0.317 and 0.407 on two samples of 4,096 generated ones, 0.329 against 0.338 on 12,288
+(docs/quality.md, session 19). The option is there for checkpoints far from Python's documentation.
 
 Each window starts at the tokenizer's beginning-of-text token (SmolLM2 has none: its first end-of-text token,
 the separator between its training documents) and is sampled at temperature 1 from the float model in onnxruntime,
