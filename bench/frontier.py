@@ -76,6 +76,8 @@ OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "
                    # session 19: int8-eB linear layers smoothed (`--smooth auto`, now their default) with each
                    # smoothed row's step divided as its row was (smooth.row_relative)
                    ("int8-e3.15", "int8-e3.5", "gptq"), ("int8-e3.15", "int8-e3.5", "gptq", 12288),
+                   # the same size with bits moved from the embedding to the linear layers
+                   ("int8-e3.28", "int8-e3", "gptq", 12288),
                    # the calibration (and smoothing) text sampled from the float model (--calib-text generated)
                    ("int8-e3.15", "int8-e3.5", "gptq", 4096, "generated"),
                    ("int8-e3.15", "int8-e3.5", "gptq", 12288, "generated"),
