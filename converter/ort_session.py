@@ -49,11 +49,82 @@ def set_int8_compute(model) -> int:
     return n
 
 
-def graph_model(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False):
-    """The bundle's graph as an onnx ModelProto, with int8 compute when asked (set_int8_compute) and rewritten for a
-    KV cache written in place (kv_inplace.inplace_kv_graph). The staged sessions cut this model into stages."""
+HALVES = {".hi4": "high", ".lo4": "low"}     # NAME.q + suffix: the packed 4-bit halves of 8-bit group codes
+SPLIT_MARK = b"/high/MatMulNBits"             # in the serialized graph when it has 8-bit group linears
+
+
+def split_8bit_codes(model) -> int:
+    """Rewrite a graph's 8-bit group linears (onnx_export.nbits8_linear: int8-g32, int8-eB, q8_0) so that their two
+    4-bit MatMulNBits read the packed halves as initializers NAME.q.hi4 / NAME.q.lo4, which the loaders make
+    (eight_bit_half), instead of the BitShift / BitwiseAnd / Split / BitwiseOr subgraph over the codes. onnxruntime
+    folds that subgraph when the session is created, and its intermediates cost ~9 bytes per weight at once:
+    SmolLM2 int8-e3.2 everywhere peaked at 1,494 MiB while its session was created (docs/runtime.md). The same
+    bytes either way (a test compares the logits). Nodes and initializers no longer read are dropped (the codes
+    stay when an embedding's Gather reads them). Returns how many halves were rewritten."""
+    from onnx import TensorProto
+
+    g = model.graph
+    nodes = {n.name: n for n in g.node}
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    n_split = 0
+    for node in list(g.node):
+        for suffix, half in HALVES.items():
+            tail = f"/{half}/MatMulNBits"
+            if node.op_type != "MatMulNBits" or not node.name.endswith(tail):
+                continue
+            prefix = node.name[:-len(tail)]
+            first = nodes.get(f"{prefix}/{half}/" + ("Shift" if half == "high" else "Mask"))
+            squeeze = producer.get(node.input[1])
+            if first is None or squeeze is None or squeeze.name != f"{prefix}/{half}/Squeeze" or \
+                    first.input[0] not in inits:
+                continue
+            codes = inits[first.input[0]]
+            n, nb, block = codes.dims
+            name = codes.name + suffix
+            if name not in inits:
+                t = TensorProto(name=name, data_type=TensorProto.UINT8, dims=[n, nb, block // 2],
+                                data_location=TensorProto.EXTERNAL)
+                for k, v in (("location", name), ("offset", "0"), ("length", str(n * nb * block // 2))):
+                    t.external_data.add(key=k, value=v)
+                g.initializer.append(t)
+                inits[name] = t
+            node.input[1] = name
+            n_split += 1
+    if n_split:                                  # drop what nothing reads any more
+        outputs = {o.name for o in g.output}
+        while True:
+            read = {i for n in g.node for i in n.input} | outputs
+            dead = [n for n in g.node if not any(o in read for o in n.output)]
+            if not dead:
+                break
+            for n in dead:
+                g.node.remove(n)
+        read = {i for n in g.node for i in n.input}
+        for t in [t for t in g.initializer if t.name not in read]:
+            g.initializer.remove(t)
+    return n_split
+
+
+def eight_bit_half(codes: np.ndarray, name: str, dims) -> np.ndarray:
+    """The initializer NAME.q.hi4 or NAME.q.lo4 (split_8bit_codes) from NAME.q's stored codes (uint8 [N, nb, b]):
+    their high or low nibbles packed two per byte, element 2j in the low nibble, exactly as the subgraph it
+    replaces computes them."""
+    n, nb, hb = (int(d) for d in dims)
+    pairs = np.asarray(codes, np.uint8).reshape(n, nb, hb, 2)
+    nib = pairs >> 4 if name.endswith(".hi4") else pairs & 15
+    return (nib[..., 0] | (nib[..., 1] << 4)).astype(np.uint8)
+
+
+def graph_model(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False,
+                split8: bool = True):
+    """The bundle's graph as an onnx ModelProto, its 8-bit group codes split by the loader (split_8bit_codes; not
+    with split8=False), with int8 compute when asked (set_int8_compute) and rewritten for a KV cache written in
+    place (kv_inplace.inplace_kv_graph). The staged sessions cut this model into stages."""
     import onnx
     model = onnx.load_from_string(bundle.graph_bytes(float16, variant))
+    if split8:
+        split_8bit_codes(model)
     if int8_compute:
         set_int8_compute(model)
     if kv_inplace:
@@ -62,15 +133,17 @@ def graph_model(bundle: Bundle, float16: bool, variant: str, int8_compute: bool,
     return model
 
 
-def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False) -> bytes:
+def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False,
+                split8: bool = True) -> bytes:
     """graph_model serialized; the bundle's bytes as they are when nothing is rewritten."""
-    if not (int8_compute or kv_inplace):
-        return bundle.graph_bytes(float16, variant)
-    return graph_model(bundle, float16, variant, int8_compute, kv_inplace).SerializeToString()
+    raw = bundle.graph_bytes(float16, variant)
+    if not (int8_compute or kv_inplace or (split8 and SPLIT_MARK in raw)):
+        return raw
+    return graph_model(bundle, float16, variant, int8_compute, kv_inplace, split8).SerializeToString()
 
 
 def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False, variant: str = "graph",
-                   int8_compute: bool = False, kv_inplace: bool = False):
+                   int8_compute: bool = False, kv_inplace: bool = False, split8: bool = True):
     """An onnxruntime CPU session over the bundle's decoded weights. variant: which graph runs ("graph" = model.onnx,
     "graph_fp16", "graph_wasm"; bundle.GRAPH_VARIANTS); float16=True is variant="graph_fp16"; int8_compute:
     set_int8_compute; kv_inplace: the graph rewritten around GroupQueryAttention (kv_inplace.py)."""
@@ -89,8 +162,23 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     scaled = {p: w for w in graph.get("block_scales", []) for p in block_scale_parts(w)[1:]}   # int4-mG, model.onnx
     held: dict[str, np.ndarray] = {}
     entries = {e["name"]: e for e in getattr(bundle, "initializers", [])}
+    graph_raw = graph_bytes(bundle, float16, variant, int8_compute, kv_inplace, split8)
+    halves: dict[str, list] = {}                            # NAME.q -> its split halves (split_8bit_codes)
+    wanted = None                                           # the initializers the graph reads, when rewritten
+    if split8 and SPLIT_MARK in bundle.graph_bytes(float16, variant):
+        import onnx
+        model = onnx.load_from_string(graph_raw)
+        wanted = {t.name for t in model.graph.initializer}
+        for t in model.graph.initializer:
+            if t.name[-4:] in HALVES:
+                halves.setdefault(t.name[:-4], []).append((t.name, list(t.dims)))
     for entry, arr in bundle.decode_initializers(verify=verify):
         name = entry["name"]
+        for half, dims in halves.get(name, []):
+            names.append(half)
+            arrays.append(eight_bit_half(arr, half, dims))
+        if wanted is not None and name not in wanted and name not in parts and name not in scaled and name not in kn:
+            continue
         if name in scaled:                                   # NAME.scales = row scales × multipliers
             held[name] = arr
             scales, rows, mults = block_scale_parts(scaled[name])
@@ -121,13 +209,11 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     if not hasattr(so, "add_external_initializers_from_files_in_memory"):
         # older onnxruntime without the Python binding for in-memory files: it copies the OrtValues, ours can go
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-        return ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute, kv_inplace), so,
-                                    providers=[PROVIDERS["cpu"]])
+        return ort.InferenceSession(graph_raw, so, providers=[PROVIDERS["cpu"]])
     so.add_session_config_entry(BORROW_BUFFERS, "1")
     files = [a.reshape(-1).view(np.uint8) for a in arrays]                   # the raw bytes of each "file"
     so.add_external_initializers_from_files_in_memory(names, files, [f.nbytes for f in files])
-    sess = ort.InferenceSession(graph_bytes(bundle, float16, variant, int8_compute, kv_inplace), so,
-                                providers=[PROVIDERS["cpu"]])
+    sess = ort.InferenceSession(graph_raw, so, providers=[PROVIDERS["cpu"]])
     # onnxruntime reads the borrowed buffers as long as the session runs but holds no reference to them (without
     # this attribute the next run reads freed memory); weights it prepacked are read only once, but which those are
     # is onnxruntime's business, so all of them live and die with the session

@@ -27,7 +27,7 @@ import numpy as np
 
 from .layouts import (KN_SUFFIX, block_scale_parts, block_scales, kn_initializer, kn_tables, multiplied_codes,
                       multiplied_parts)
-from .ort_session import BORROW_BUFFERS, graph_model
+from .ort_session import BORROW_BUFFERS, HALVES, eight_bit_half, graph_model
 
 LAYER = re.compile(r"^/(?:model|quantize)/layers\.(\d+)/")
 HEAD = re.compile(r"^/(?:lm_head|quantize/lm_head|model/norm)(?:/|$)")
@@ -186,6 +186,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
     model = graph_model(bundle, variant == "graph_fp16", variant, int8_compute, kv_inplace)
     stages = plan_stages(model.graph, layers or layers_per_stage(bundle, half=strict and kv_inplace))
     external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    dims = {t.name: list(t.dims) for t in model.graph.initializer if t.name[-4:] in HALVES}
     seen: set[str] = set()
     shared: set[str] = set()
     for st in stages:
@@ -202,6 +203,8 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
         def array(name: str) -> np.ndarray:
             if name in kept:
                 return kept[name]
+            if name[-4:] in HALVES and name in dims:                  # 8-bit group codes' packed halves
+                return eight_bit_half(read(name[:-4]), name, dims[name])
             base = name[:-len(KN_SUFFIX)]
             if name.endswith(KN_SUFFIX) and base in kn:
                 return kn_initializer(base, read(base), entries)
