@@ -438,6 +438,12 @@ def resolve_smooth(checkpoint, opts: BuildOptions) -> float | str | None:
 SMOOTH_SEQUENCES = 8                          # smoothing's float pass: 8 windows of 256 tokens
 
 
+def _first_windows(generated: tuple[np.ndarray, dict], n: int) -> tuple[np.ndarray, dict]:
+    """The first n windows of generated calibration text (selftext.generated_ids), described as such."""
+    ids = generated[0][:n]
+    return ids, {**generated[1], "tokens": int(ids.size)}
+
+
 def _smoothed(checkpoint, opts: BuildOptions, progress, generated=None):
     """The checkpoint with activation smoothing applied as it is loaded (converter/smooth.py): scales from a float
     pass over 2,048 calibration tokens (the end of pydoc_data.topics, disjoint from the perplexity windows; or the
@@ -460,7 +466,7 @@ def _smoothed(checkpoint, opts: BuildOptions, progress, generated=None):
     if tok is None:
         raise BundleError("--smooth needs the checkpoint's tokenizer.json (for the calibration text)")
     if generated is not None:
-        ids, text = generated[0][:SMOOTH_SEQUENCES], {**generated[1], "tokens": int(generated[0][:SMOOTH_SEQUENCES].size)}
+        ids, text = _first_windows(generated, SMOOTH_SEQUENCES)
     else:
         ids, text = calibration_ids(json.loads(tok), CalibrationOptions(sequences=SMOOTH_SEQUENCES, seq_len=256))
     alpha = None if opts.smooth == "auto" else float(opts.smooth)
@@ -512,8 +518,7 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
         if opts.calibration is not None:      # GPTQ & co. need activations: quantize first, layer by layer
             from .calibrate import calibrate
             calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress,
-                              None if generated is None else (generated[0][:opts.calibration.sequences],
-                                                              generated[1]))
+                              None if generated is None else _first_windows(generated, opts.calibration.sequences))
         manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph, calib)
         if out.exists():
             shutil.rmtree(out)

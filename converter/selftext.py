@@ -65,7 +65,8 @@ def start_ids(checkpoint) -> list[int]:
             return [int(t["id"])]
     if cfg.eos_token_ids:                       # the loaders refuse a checkpoint without one
         return [int(cfg.eos_token_ids[0])]
-    raise QuantError("the generated calibration text needs a beginning- or end-of-text token; the checkpoint names none")
+    raise QuantError("the generated calibration text needs a beginning- or end-of-text token; "
+                     "the checkpoint names none")
 
 
 def generated_ids(checkpoint, sequences: int, seq_len: int, seed: int = SEED,

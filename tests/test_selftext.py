@@ -61,11 +61,11 @@ def test_start_token_without_a_bos_id_is_the_end_of_text_token(tiny_hf, tmp_path
 
 def test_build_calibrates_and_smooths_on_the_generated_text(tiny_hf, tmp_path):
     ck = open_checkpoint(tiny_hf[0])
-    opts = CalibrationOptions(method="gptq", sequences=8, seq_len=32, embedding="calibrated", source_text="generated")
+    opts = CalibrationOptions(method="gptq", sequences=4, seq_len=32, embedding="calibrated", source_text="generated")
     m = write_bundle(ck, tmp_path / "b", BuildOptions(scheme="int8-e3", embed_scheme="int8-e4", chunk_symbols=4096,
                                                       calibration=opts))
     assert m["calibration"]["source_text"] == "generated"
-    assert m["calibration"]["text"]["corpus"] == "generated" and m["calibration"]["text"]["tokens"] == 8 * 32
+    assert m["calibration"]["text"]["corpus"] == "generated" and m["calibration"]["text"]["tokens"] == 4 * 32
     assert m["smoothing"]["text"]["corpus"] == "generated" and m["smoothing"]["text"]["tokens"] == 8 * 32
     assert load(tmp_path / "b").manifest["calibration"] == m["calibration"]           # the record validates
     plain = write_bundle(ck, tmp_path / "p", BuildOptions(scheme="int8-e3", embed_scheme="int8-e4",
@@ -87,7 +87,8 @@ def test_cli_calib_text(tiny_hf, tmp_path, capsys):
     assert main(["build", folder, "--scheme", "int8-e3", "--calibrate", "gptq", "--calib-tokens", "256",
                  "--calib-text", "generated", "--out", str(tmp_path / "a")]) == 0
     assert load(tmp_path / "a").manifest["calibration"]["text"]["corpus"] == "generated"
-    assert main(["build", folder, "--scheme", "int8-e3", "--calib-text", "generated", "--out", str(tmp_path / "b")]) == 2
+    assert main(["build", folder, "--scheme", "int8-e3", "--calib-text", "generated",
+                 "--out", str(tmp_path / "b")]) == 2
     out = capsys.readouterr()
     assert "--calib-text applies to calibrated builds" in out.out + out.err
     assert not (tmp_path / "b").exists()
