@@ -146,7 +146,8 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
                    int8_compute: bool = False, kv_inplace: bool = False, split8: bool = True):
     """An onnxruntime CPU session over the bundle's decoded weights. variant: which graph runs ("graph" = model.onnx,
     "graph_fp16", "graph_wasm"; bundle.GRAPH_VARIANTS); float16=True is variant="graph_fp16"; int8_compute:
-    set_int8_compute; kv_inplace: the graph rewritten around GroupQueryAttention (kv_inplace.py)."""
+    set_int8_compute; kv_inplace: the graph rewritten around GroupQueryAttention (kv_inplace.py); split8: 8-bit
+    group codes split into their 4-bit halves here, not by onnxruntime's constant folding (split_8bit_codes)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
