@@ -36,27 +36,29 @@ def test_sampling_is_seeded_and_spreads(tiny_hf):
     assert a.min() >= 0 and a.max() < ck.config.vocab_size
 
 
-def test_start_token_without_a_bos_id_is_the_end_of_text_token(tiny_hf, tmp_path):
-    """SmolLM2 names no beginning-of-text token; its windows start at <|endoftext|>, the separator of its training
-    documents; without that either, at the first end-of-sequence id (every checkpoint has one: loaders.py)."""
+def test_windows_start_at_a_document_boundary(tiny_hf, tmp_path):
+    """<|begin_of_text|> (Llama 3), else <|endoftext|> (SmolLM2, whose configured beginning-of-sequence token is the
+    chat marker <|im_start|>), else the config's beginning-of-sequence id, else its first end-of-sequence id."""
     import shutil
 
     folder = tmp_path / "hf"
     shutil.copytree(tiny_hf[0], folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg.pop("bos_token_id", None)
-    (folder / "config.json").write_text(json.dumps(cfg))
     tok = json.loads((folder / "tokenizer.json").read_text())
-    tok["added_tokens"] = [{"id": 7, "content": "<|endoftext|>", "special": True}] + [
-        t for t in tok.get("added_tokens", []) if "endoftext" not in t["content"]]
-    (folder / "tokenizer.json").write_text(json.dumps(tok))
-    assert start_ids(open_checkpoint(folder)) == [7]
-    cfg["eos_token_id"] = 5                       # no end-of-text token either: the first end-of-sequence id
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "generation_config.json").unlink(missing_ok=True)
-    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] != 7]
-    (folder / "tokenizer.json").write_text(json.dumps(tok))
-    assert start_ids(open_checkpoint(folder)) == [5]
+    base = [t for t in tok.get("added_tokens", []) if not any(k in t["content"] for k in ("endoftext", "_of_text"))]
+
+    def write(added, **config):
+        (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+        (folder / "tokenizer.json").write_text(json.dumps({**tok, "added_tokens": base + added}))
+        (folder / "generation_config.json").unlink(missing_ok=True)
+        return start_ids(open_checkpoint(folder))
+
+    end = {"id": 7, "content": "<|endoftext|>", "special": True}
+    begin = {"id": 9, "content": "<|begin_of_text|>", "special": True}
+    assert write([end], bos_token_id=3, eos_token_id=5) == [7]
+    assert write([end, begin], bos_token_id=3, eos_token_id=5) == [9]
+    assert write([{**end, "special": False}], bos_token_id=3, eos_token_id=5) == [3]
+    assert write([], bos_token_id=None, eos_token_id=5) == [5]
 
 
 def test_build_calibrates_and_smooths_on_the_generated_text(tiny_hf, tmp_path):
