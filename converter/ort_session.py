@@ -133,15 +133,6 @@ def graph_model(bundle: Bundle, float16: bool, variant: str, int8_compute: bool,
     return model
 
 
-def graph_bytes(bundle: Bundle, float16: bool, variant: str, int8_compute: bool, kv_inplace: bool = False,
-                split8: bool = True) -> bytes:
-    """graph_model serialized; the bundle's bytes as they are when nothing is rewritten."""
-    raw = bundle.graph_bytes(float16, variant)
-    if not (int8_compute or kv_inplace or (split8 and SPLIT_MARK in raw)):
-        return raw
-    return graph_model(bundle, float16, variant, int8_compute, kv_inplace, split8).SerializeToString()
-
-
 def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float16: bool = False, variant: str = "graph",
                    int8_compute: bool = False, kv_inplace: bool = False, split8: bool = True):
     """An onnxruntime CPU session over the bundle's decoded weights. variant: which graph runs ("graph" = model.onnx,
@@ -163,13 +154,15 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
     scaled = {p: w for w in graph.get("block_scales", []) for p in block_scale_parts(w)[1:]}   # int4-mG, model.onnx
     held: dict[str, np.ndarray] = {}
     entries = {e["name"]: e for e in getattr(bundle, "initializers", [])}
-    graph_raw = graph_bytes(bundle, float16, variant, int8_compute, kv_inplace, split8)
+    graph_raw = bundle.graph_bytes(float16, variant)
     halves: dict[str, list] = {}                            # NAME.q -> its split halves (split_8bit_codes)
-    wanted = None                                           # the initializers the graph reads, when rewritten
-    if split8 and SPLIT_MARK in bundle.graph_bytes(float16, variant):
-        import onnx
-        model = onnx.load_from_string(graph_raw)
-        wanted = {t.name for t in model.graph.initializer}
+    wanted = None                                           # the initializers the graph reads, when split
+    split = split8 and SPLIT_MARK in graph_raw
+    if int8_compute or kv_inplace or split:
+        model = graph_model(bundle, float16, variant, int8_compute, kv_inplace, split8)
+        graph_raw = model.SerializeToString()
+        if split:
+            wanted = {t.name for t in model.graph.initializer}
         for t in model.graph.initializer:
             if t.name[-4:] in HALVES:
                 halves.setdefault(t.name[:-4], []).append((t.name, list(t.dims)))

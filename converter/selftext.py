@@ -7,10 +7,10 @@ smoothed and GPTQ-calibrated, KL over the 10 mixed English / code / JSON texts 0
 0.329 → 0.270 on 12,288 (docs/quality.md, session 19). pydoc stays the default: it needs no float model in memory.
 
 Each window starts at a document boundary (start_ids: Llama 3's <|begin_of_text|>, SmolLM2's <|endoftext|>) and is
-sampled at temperature 1 from the float model in onnxruntime,
-all windows as one batch. Cost: the float model in an onnxruntime session (SmolLM2: peak RSS 1.4 GB while sampling,
-2.6× its float32 weights) and `seq_len` batched decode steps (SmolLM2, 16 × 256 tokens: ~35 s here). Sampling is seeded, but
-the logits are onnxruntime's float arithmetic, so another CPU may sample other tokens.
+sampled at temperature 1 from the float model in onnxruntime, all windows as one batch. Cost: the float model in an
+onnxruntime session (SmolLM2: peak RSS 1.4 GB while sampling, 2.6× its float32 weights) and `seq_len` batched
+decode steps (SmolLM2, 16 × 256 tokens: ~35 s here). Sampling is seeded, but the logits are onnxruntime's float
+arithmetic, so another CPU may sample other tokens.
 """
 from __future__ import annotations
 
