@@ -38,8 +38,9 @@ import numpy as np
 from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
-from .layouts import (KN_SUFFIX, LAYOUT_BITS, Initializer, byte_stream, family, group_table_codes, group_table_shape,
-                      block_scale_parts, kn_shape, linear_initializers, multiplied_parts, multiplied_shape)
+from .layouts import (KN_SUFFIX, LAYOUT_BITS, PIECES_SUFFIX, Initializer, byte_stream, family, group_table_codes,
+                      group_table_shape, block_scale_parts, kn_shape, linear_initializers, multiplied_parts,
+                      multiplied_shape, piece_width, pieces_shape)
 from .quant import entropy, errors, get_scheme, quantize_rows
 from .smooth import row_relative
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
@@ -554,6 +555,13 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
             if name in weight_types:
                 tables[name] = e
                 types[name + KN_SUFFIX] = ("float32" if part == ".scales" else "uint8", group_table_shape(e["shape"]))
+    # the int8 vocabulary table(s) (H, V), which the lm_head multiplies, in pieces (layouts.vocab_pieces)
+    vocab = {e["name"]: e for e in initializers if e["name"] in ("model.embed_tokens.weight.q", "lm_head.weight.q")
+             and e["dtype"] == "int8" and len(e["shape"]) == 2}
+    pieces = {n: w for n, e in vocab.items() if (w := piece_width(e["shape"][1])) is not None}
+    types.update({n + PIECES_SUFFIX: ("int8", pieces_shape(vocab[n]["shape"], w)) for n, w in pieces.items()})
+    for n in pieces:
+        del types[n]
     model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True)
     used = {i for node in model.graph.node for i in node.input}
     offered = {n + KN_SUFFIX for n in list(codes) + list(tables)} | set(codes) | set(tables) | \
@@ -568,7 +576,8 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     return (model.SerializeToString(),
             {n: n in used for n in codes if n + KN_SUFFIX in used and n not in multiplied},
             {n: n in used for n in tables if n + KN_SUFFIX in used},
-            {n: n in used for n in multiplied if n + KN_SUFFIX in used})
+            {n: n in used for n in multiplied if n + KN_SUFFIX in used},
+            {n: w for n, w in pieces.items() if n + PIECES_SUFFIX in used})
 
 
 def _block_scale_types(types: dict, weights: list[str]) -> dict:
@@ -627,11 +636,12 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         fp16_bytes = export_graph(cfg, graph_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts), **extra}
     if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
-        wasm_bytes, transposed, group_tables, multiplied = _wasm_graph(cfg, weight_types, initializers, tensors,
+        wasm_bytes, transposed, group_tables, multiplied, pieces = _wasm_graph(cfg, weight_types, initializers, tensors,
                                                                        opts.scheme, embed_scheme, tensor_schemes)
         graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts),
                                 "transposed": transposed, "group_tables": group_tables,
-                                **({"multiplied": multiplied} if multiplied else {})}
+                                **({"multiplied": multiplied} if multiplied else {}),
+                                **({"pieces": pieces} if pieces else {})}
 
     tok_entries = {fname: _write_file(folder, fname, data, opts)
                    for fname, data in sorted(_stored_tokenizer_files(checkpoint).items())}
@@ -906,6 +916,7 @@ def load(path: str | Path) -> Bundle:
     _validate_transposed(m)
     _validate_group_tables(m)
     _validate_multiplied(m)
+    _validate_pieces(m)
     _validate_block_scales(m)
     _validate_tensors(m, cfg)
     _validate_graph(path, m, GRAPH)
@@ -1098,6 +1109,9 @@ def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list
         out[name + KN_SUFFIX] = ("int8", list(multiplied_shape(by_name[name]["shape"], by_name[name]["layout"])))
         for part in [name] * (not keep) + list(multiplied_parts(name)):
             out.pop(part, None)
+    for name, width in m.get(key, {}).get("pieces", {}).items():
+        out[name + PIECES_SUFFIX] = ("int8", list(pieces_shape(by_name[name]["shape"], width)))
+        del out[name]
     return out
 
 
@@ -1122,6 +1136,22 @@ def _validate_transposed(m: dict):
     for _, e, at in _wasm_graph_table(m, "transposed"):
         _want(e["dtype"] == "uint8" and len(e["shape"]) == 3 and e["layout"] in LAYOUT_BITS,
               at, "is not a packed (rows, blocks, bytes) uint8 codes initializer")
+
+
+def _validate_pieces(m: dict):
+    """graph_wasm.pieces: name -> n, each a 2-D int8 (H, V) vocabulary table that n columns divide."""
+    table = m.get("graph_wasm", {}).get("pieces")
+    if table is None:
+        return
+    where = f"{MANIFEST}: graph_wasm.pieces"
+    _want(isinstance(table, dict), where, "expected an object of initializer name -> piece width")
+    by_name = {e["name"]: e for e in m["initializers"]}
+    for name, width in table.items():
+        e, at = by_name.get(name), f"{where}.{name}"
+        _want(e is not None, at, "is not an initializer of this bundle")
+        _want(e["dtype"] == "int8" and len(e["shape"]) == 2, at, "is not a 2-D int8 vocabulary table")
+        _want(type(width) is int and 0 < width and e["shape"][1] % width == 0, at,
+              f"piece width {width!r} does not divide its {e['shape'][1]} columns")
 
 
 def _validate_block_scales(m: dict):
@@ -1244,7 +1274,8 @@ def _validate_schema(m: dict):
           ({"tables"} if m["version"] >= 2 else set()), M)
     for key in GRAPH_VARIANTS:
         if key in m:
-            tables = {"graph_wasm": {"transposed", "group_tables", "multiplied"}, "graph_fp16": {"block_scales"}}
+            tables = {"graph_wasm": {"transposed", "group_tables", "multiplied", "pieces"},
+                      "graph_fp16": {"block_scales"}}
             optional = _stored_forms(m[key], m, f"{M}: {key}") | \
                 (tables[key] & set(m[key] if isinstance(m[key], dict) else ()))
             _keys(m[key], {"file", "bytes", "sha256"} | optional, f"{M}: {key}")

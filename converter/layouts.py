@@ -164,6 +164,39 @@ def group_table(values: np.ndarray, codes_shape, codes_layout: int) -> np.ndarra
     return np.ascontiguousarray(table.T).reshape(nb, 1, 1, n)
 
 
+# ---- the wasm graph's vocabulary table in pieces ------------------------------------------------------------------
+# An int8 embedding's codes are stored (H, V): the lm_head's B. onnxruntime-web's wasm integer GEMM runs SmolLM2's
+# [576 × 49,152] lm_head at half the speed per multiply-add of the layers' matmuls (8.4 ms a token in Node, 1 thread);
+# as one batched GEMM over 64 pieces of 768 columns it takes 4.2 ms (docs/page-bench.md, session 20). So the wasm
+# graph reads the table as NAME.pieces, (P, H, n) with P·n = V (manifest graph_wasm.pieces: NAME -> n): its lm_head
+# is one MatMulIntegerToFloat with a batch of P, and its embedding Gather a GatherND at (v // n, k, v % n). Loaders
+# permute the decoded table into that order (in place in the page), so it is held once, as before.
+PIECES_SUFFIX = ".pieces"
+PIECE_MAX = 768           # measured: 384–768 columns a piece are equally fast, 1,536 slower, 49,152 (one) 2× slower
+PIECE_MIN = 32
+
+
+def piece_width(vocab: int) -> int | None:
+    """n for a vocabulary of `vocab` columns: its largest divisor not above PIECE_MAX nor vocab / 2 (so there are at
+    least two pieces); None when that falls below PIECE_MIN (the graph then keeps one piece, the plain table)."""
+    for n in range(min(PIECE_MAX, vocab // 2), PIECE_MIN - 1, -1):
+        if vocab % n == 0:
+            return n
+    return None
+
+
+def pieces_shape(shape, width: int) -> tuple[int, int, int]:
+    """(P, H, n) of the pieces of an (H, V) table cut every `width` columns."""
+    h, v = shape
+    return v // width, h, width
+
+
+def vocab_pieces(table: np.ndarray, width: int) -> np.ndarray:
+    """(H, V) -> (P, H, n): piece p holds columns p·n .. p·n + n − 1 of every row."""
+    p, h, n = pieces_shape(table.shape, width)
+    return np.ascontiguousarray(table.reshape(h, p, n).transpose(1, 0, 2))
+
+
 def kn_tables(graph: dict) -> dict[str, bool]:
     """NAME -> whether the graph reads NAME itself too, for every initializer a graph's manifest entry says it reads
     as NAME.kn: the codes of its "transposed" table and the scales / zero points of its "group_tables"."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import TinyQMoEError
-from .layouts import (KN_SUFFIX, block_scale_parts, block_scales, kn_initializer, kn_tables, multiplied_codes,
+from .layouts import (KN_SUFFIX, PIECES_SUFFIX, vocab_pieces, block_scale_parts, block_scales, kn_initializer, kn_tables, multiplied_codes,
                       multiplied_parts)
 from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
@@ -166,8 +166,13 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
         for t in model.graph.initializer:
             if t.name[-4:] in HALVES:
                 halves.setdefault(t.name[:-4], []).append((t.name, list(t.dims)))
+    pieces = graph.get("pieces", {})                         # wasm graph: the vocabulary table as NAME.pieces
     for entry, arr in bundle.decode_initializers(verify=verify):
         name = entry["name"]
+        if name in pieces:
+            names.append(name + PIECES_SUFFIX)
+            arrays.append(vocab_pieces(arr, pieces[name]))
+            continue
         for half, dims in halves.get(name, []):
             names.append(half)
             arrays.append(eight_bit_half(arr, half, dims))

@@ -53,10 +53,10 @@ def test_bundle_list(page, server):
     assert "bits/weight" in page.inner_text("#bundle-select")
 
 
-@pytest.mark.parametrize("name", ["tiny-f32", "tiny-int4", "tiny-int8", "tiny-int4m"])
+@pytest.mark.parametrize("name", ["tiny-f32", "tiny-int4", "tiny-int8", "tiny-int4m", "tiny-int4m8"])
 def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
-    """On the WASM EP a group-scheme bundle (tiny-int4, tiny-int4m) runs model.wasm.onnx, and only that graph is
-    fetched."""
+    """On the WASM EP a group-scheme bundle (tiny-int4, tiny-int4m, tiny-int4m8) runs model.wasm.onnx, and only that
+    graph is fetched. tiny-int4m8's wasm graph reads its int8 vocabulary table in pieces, which the page cuts."""
     fetched = []
     page.on("request", lambda r: fetched.append(r.url))
     open_loaded(page, server, name, "wasm")
@@ -89,7 +89,7 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
         assert page.evaluate("window.tinyqmoe.state.numThreads") == 1
 
 
-@pytest.mark.parametrize("name", ["tiny-int4", "tiny-int4m"])
+@pytest.mark.parametrize("name", ["tiny-int4", "tiny-int4m", "tiny-int4m8"])
 def test_page_copy_path_equals_cpu_reference(page, server, bundle_dir, name):
     """?into=0: the old path — every decoded chunk comes back to the page, which puts it in place, the WASM
     graph's transposed codes included (still the path of float byte planes)."""

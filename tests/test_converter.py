@@ -706,3 +706,23 @@ def test_lying_group_tables_are_named(tmp_path, tiny_bundles):
     _rewrite(dst, m)
     with pytest.raises(BundleError, match=f"{re.escape(scales)}: does not hold one value per group"):
         load(dst)
+
+
+def test_lying_vocabulary_pieces_are_named(tmp_path, tiny_bundles):
+    """graph_wasm.pieces: a 2-D int8 vocabulary table -> a piece width that divides its columns; a bundle that says
+    otherwise is refused, naming the entry."""
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles("int4-m32", "int8"), dst)
+    m = read_manifest(dst)
+    pieces = dict(m["graph_wasm"]["pieces"])
+    (table, width), = pieces.items()
+    cases = [({**pieces, "model.norm.weight": width}, "pieces.model.norm.weight: is not a 2-D int8"),
+             ({table: width + 1}, rf"pieces.{re.escape(table)}: piece width {width + 1} does not divide"),
+             ({table: True}, rf"pieces.{re.escape(table)}: piece width True"),
+             ({"no.such.tensor": width}, "pieces.no.such.tensor: is not an initializer"),
+             ([table], "pieces: expected an object")]
+    for value, message in cases:
+        m["graph_wasm"]["pieces"] = value
+        _rewrite(dst, m)
+        with pytest.raises(BundleError, match=message):
+            load(dst)
