@@ -38,9 +38,9 @@ import numpy as np
 from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
-from .layouts import (KN_SUFFIX, LAYOUT_BITS, PIECES_SUFFIX, Initializer, byte_stream, family, group_table_codes,
-                      group_table_shape, block_scale_parts, kn_shape, linear_initializers, multiplied_parts,
-                      multiplied_shape, piece_width, pieces_shape)
+from .layouts import (KN_SUFFIX, LAYER_PIECE_MAX, LAYER_PIECE_MIN_WEIGHTS, LAYOUT_BITS, PIECES_SUFFIX, VOCAB_CODES, Initializer, byte_stream,
+                      family, group_table_codes, group_table_shape, block_scale_parts, kn_shape, linear_initializers,
+                      multiplied_parts, multiplied_shape, piece_width, pieces_shape)
 from .quant import entropy, errors, get_scheme, quantize_rows
 from .smooth import row_relative
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
@@ -555,13 +555,17 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
             if name in weight_types:
                 tables[name] = e
                 types[name + KN_SUFFIX] = ("float32" if part == ".scales" else "uint8", group_table_shape(e["shape"]))
-    # the int8 vocabulary table(s) (H, V), which the lm_head multiplies, in pieces (layouts.vocab_pieces)
-    vocab = {e["name"]: e for e in initializers if e["name"] in ("model.embed_tokens.weight.q", "lm_head.weight.q")
+    # the int8 vocabulary table(s) (H, V), which the lm_head multiplies, in pieces (layouts.column_pieces)
+    vocab = {e["name"]: e for e in initializers if e["name"] in VOCAB_CODES
              and e["dtype"] == "int8" and len(e["shape"]) == 2}
     pieces = {n: w for n, e in vocab.items() if (w := piece_width(e["shape"][1])) is not None}
-    types.update({n + PIECES_SUFFIX: ("int8", pieces_shape(vocab[n]["shape"], w)) for n, w in pieces.items()})
-    for n in pieces:
-        del types[n]
+    # ... and the layers' int4-mG codes, (K, N) int8 once multiplied (an int4-mG embedding's Gather reads its
+    # table whole, so the vocabulary's stay as they are)
+    pieces.update({n + KN_SUFFIX: w for n in multiplied if n not in VOCAB_CODES
+                   and math.prod(types[n + KN_SUFFIX][1]) >= LAYER_PIECE_MIN_WEIGHTS
+                   and (w := piece_width(types[n + KN_SUFFIX][1][1], LAYER_PIECE_MAX)) is not None})
+    for n, w in pieces.items():
+        types[n + PIECES_SUFFIX] = ("int8", pieces_shape(types.pop(n)[1], w))
     model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True)
     used = {i for node in model.graph.node for i in node.input}
     offered = {n + KN_SUFFIX for n in list(codes) + list(tables)} | set(codes) | set(tables) | \
@@ -576,7 +580,7 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     return (model.SerializeToString(),
             {n: n in used for n in codes if n + KN_SUFFIX in used and n not in multiplied},
             {n: n in used for n in tables if n + KN_SUFFIX in used},
-            {n: n in used for n in multiplied if n + KN_SUFFIX in used},
+            {n: n in used for n in multiplied if {n + KN_SUFFIX, n + KN_SUFFIX + PIECES_SUFFIX} & used},
             {n: w for n, w in pieces.items() if n + PIECES_SUFFIX in used})
 
 
@@ -1109,9 +1113,8 @@ def graph_initializers(m: dict, key: str = "graph") -> dict[str, tuple[str, list
         out[name + KN_SUFFIX] = ("int8", list(multiplied_shape(by_name[name]["shape"], by_name[name]["layout"])))
         for part in [name] * (not keep) + list(multiplied_parts(name)):
             out.pop(part, None)
-    for name, width in m.get(key, {}).get("pieces", {}).items():
-        out[name + PIECES_SUFFIX] = ("int8", list(pieces_shape(by_name[name]["shape"], width)))
-        del out[name]
+    for name, width in m.get(key, {}).get("pieces", {}).items():     # an int8 (K, N) table above, in pieces
+        out[name + PIECES_SUFFIX] = ("int8", list(pieces_shape(out.pop(name)[1], width)))
     return out
 
 
@@ -1139,19 +1142,27 @@ def _validate_transposed(m: dict):
 
 
 def _validate_pieces(m: dict):
-    """graph_wasm.pieces: name -> n, each a 2-D int8 (H, V) vocabulary table that n columns divide."""
+    """graph_wasm.pieces: name -> n, each a 2-D int8 (H, V) vocabulary table, or the (K, N) int8 codes NAME.kn of
+    an entry of graph_wasm.multiplied, whose columns n divides."""
     table = m.get("graph_wasm", {}).get("pieces")
     if table is None:
         return
     where = f"{MANIFEST}: graph_wasm.pieces"
     _want(isinstance(table, dict), where, "expected an object of initializer name -> piece width")
     by_name = {e["name"]: e for e in m["initializers"]}
+    multiplied = m["graph_wasm"].get("multiplied") or {}
     for name, width in table.items():
-        e, at = by_name.get(name), f"{where}.{name}"
-        _want(e is not None, at, "is not an initializer of this bundle")
-        _want(e["dtype"] == "int8" and len(e["shape"]) == 2, at, "is not a 2-D int8 vocabulary table")
-        _want(type(width) is int and 0 < width and e["shape"][1] % width == 0, at,
-              f"piece width {width!r} does not divide its {e['shape'][1]} columns")
+        at = f"{where}.{name}"
+        codes = name[:-len(KN_SUFFIX)] if name.endswith(KN_SUFFIX) else None
+        if codes is not None and codes in multiplied and codes in by_name:
+            cols = multiplied_shape(by_name[codes]["shape"], by_name[codes]["layout"])[1]
+        else:
+            e = by_name.get(name)
+            _want(e is not None, at, "is not an initializer of this bundle nor the codes of graph_wasm.multiplied")
+            _want(e["dtype"] == "int8" and len(e["shape"]) == 2, at, "is not a 2-D int8 vocabulary table")
+            cols = e["shape"][1]
+        _want(type(width) is int and 0 < width and cols % width == 0, at,
+              f"piece width {width!r} does not divide its {cols} columns")
 
 
 def _validate_block_scales(m: dict):

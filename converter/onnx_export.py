@@ -147,7 +147,8 @@ def linear(g: GraphBuilder, x: str, hf_name: str, scheme: str, n_in: int, n_out:
         w = to_f32(g, g.weight(hf_name), f"{prefix}/weight")
         return g.op1("MatMul", [x, w], f"{prefix}/MatMul")
     if fam == "dqmm" and hf_name + ".q" + PIECES_SUFFIX in g.weights:     # the wasm graph's vocabulary pieces
-        return pieces_linear(g, x, hf_name, n_in, n_out, prefix)
+        return pieces_linear(g, x, g.weight(hf_name + ".q" + PIECES_SUFFIX),
+                             to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"), n_in, n_out, prefix)
     if fam == "dqmm":
         return int8_linear(g, x, g.weight(hf_name + ".q"), to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"),
                            n_in, prefix)
@@ -280,6 +281,9 @@ def group_gemm_linear(g: GraphBuilder, x: str, hf_name: str, bits: int, block: i
     0.159 (README)."""
     nb, i64 = n_in // block, (lambda v: g.const(v, np.int64))
     p = f"{prefix}/weights"
+    if hf_name + ".row_scales" in g.weights and hf_name + ".q" + KN_SUFFIX + PIECES_SUFFIX in g.weights:
+        return pieces_linear(g, x, g.weight(hf_name + ".q" + KN_SUFFIX + PIECES_SUFFIX),      # ... in pieces
+                             to_f32(g, g.weight(hf_name + ".row_scales"), f"{prefix}/scales"), n_in, n_out, prefix)
     if hf_name + ".row_scales" in g.weights:          # int4-mG: int8 codes (q - z)·m [K,N], a scale per row
         return int8_linear(g, x, g.weight(hf_name + ".q" + KN_SUFFIX),
                            to_f32(g, g.weight(hf_name + ".row_scales"), f"{prefix}/scales"), n_in, prefix)
@@ -349,31 +353,31 @@ def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, pref
     return y if g.ft == TensorProto.FLOAT else cast(g, y, g.ft, f"{prefix}/CastDown")
 
 
-# x ─► QuantizeLinear (per row) ─► Reshape [1, B·S, H] ─► MatMulIntegerToFloat(·, pieces [P,H,n], 1, 1) ─► [P, B·S, n]
-#   ─► × scales [P,1,n] ─► Transpose [B·S, P, n] ─► Reshape [B, S, V] ─► × s_x
-def pieces_linear(g: GraphBuilder, x: str, hf_name: str, n_in: int, n_out: int, prefix: str) -> str:
-    """The int8 vocabulary table (H, V) read as NAME.q.pieces (P, H, n) (layouts.vocab_pieces): one batched integer
-    GEMM of P pieces, 2× faster than one GEMM of V columns on onnxruntime-web's wasm kernels. The same products
-    and roundings as int8_linear (integer sums, × the column scale, × the row scale), so the same logits."""
+# x ─► QuantizeLinear (per row) ─► Reshape [1, B·S, K] ─► MatMulIntegerToFloat(·, pieces [P,K,n], 1, scales [P,1,n])
+#   ─► [P, B·S, n] ─► Transpose [B·S, P, n] ─► Reshape [B, S, N] ─► × s_x
+def pieces_linear(g: GraphBuilder, x: str, table: str, scales: str, n_in: int, n_out: int, prefix: str) -> str:
+    """int8_linear on an int8 (K, N) weight read as (P, K, n) pieces of its columns (layouts.column_pieces): one
+    batched integer GEMM of P pieces, up to 2× faster than one GEMM of N columns on onnxruntime-web's wasm kernels.
+    The same products and roundings as int8_linear (integer sums, × the column scale, × the row scale), so the
+    same logits. `scales`: the float32 column scales [N]."""
     if g.ft != TensorProto.FLOAT:
-        raise ValueError("the vocabulary pieces are a float32 wasm-graph form")
-    table = g.weight(hf_name + ".q" + PIECES_SUFFIX)
+        raise ValueError("weights in pieces are a float32 wasm-graph form")
     n_pieces, _, width = g.weights[table][1]
     if x not in g.quantized_x:
         g.quantized_x[x] = quantize_rows(g, x, n_in, f"{prefix}/quantize_x")
     xq, sx = g.quantized_x[x]
-    f32 = np.float32
-    a = g.op1("Reshape", [xq, g.const([1, -1, n_in], np.int64)], f"{prefix}/Rows")                   # [1, B·S, H]
-    y = g.op1("MatMulIntegerToFloat", [a, table, g.const(1.0, f32), g.const(1.0, f32), g.const(128, np.uint8)],
-              f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)                                    # [P, B·S, n]
-    scales = g.op1("Reshape", [to_f32(g, g.weight(hf_name + ".scales"), f"{prefix}/scales"),
-                               g.const([n_pieces, 1, width], np.int64)], f"{prefix}/PieceScales")
-    y = g.op1("Mul", [y, scales], f"{prefix}/MulScales")
-    y = g.op1("Transpose", [y], f"{prefix}/Transpose", perm=[1, 0, 2])                              # [B·S, P, n]
-    lead = g.op1("Slice", [g.op1("Shape", [x], f"{prefix}/Shape"), g.const([0], np.int64), g.const([-1], np.int64)],
-                 f"{prefix}/Lead")
+    if (xq, "rows") not in g.quantized_x:               # shared by the linears that read the same activation
+        g.quantized_x[(xq, "rows")] = (
+            g.op1("Reshape", [xq, g.const([1, -1, n_in], np.int64)], f"{prefix}/Rows"),                   # [1,B·S,K]
+            g.op1("Slice", [g.op1("Shape", [x], f"{prefix}/Shape"), g.const([0], np.int64), g.const([-1], np.int64)],
+                  f"{prefix}/Lead"))                                                                    # [B, S]
+    a, lead = g.quantized_x[(xq, "rows")]
+    s = g.op1("Reshape", [scales, g.const([n_pieces, 1, width], np.int64)], f"{prefix}/PieceScales")   # folded
+    y = g.op1("MatMulIntegerToFloat", [a, table, g.const(1.0, np.float32), s, g.const(128, np.uint8)],
+              f"{prefix}/MatMulIntegerToFloat", domain=MS_DOMAIN)                                      # [P,B·S,n]
+    y = g.op1("Transpose", [y], f"{prefix}/Transpose", perm=[1, 0, 2])                                # [B·S,P,n]
     shape = g.op1("Concat", [lead, g.const([n_out], np.int64)], f"{prefix}/OutShape", axis=0)
-    y = g.op1("Reshape", [y, shape], f"{prefix}/Reshape")                                             # [B, S, V]
+    y = g.op1("Reshape", [y, shape], f"{prefix}/Reshape")                                               # [B,S,N]
     return g.op1("Mul", [y, sx], f"{prefix}/MulXScale")
 
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import TinyQMoEError
-from .layouts import (KN_SUFFIX, PIECES_SUFFIX, vocab_pieces, block_scale_parts, block_scales, kn_initializer, kn_tables, multiplied_codes,
-                      multiplied_parts)
+from .layouts import (KN_SUFFIX, PIECES_SUFFIX, block_scale_parts, block_scales, column_pieces, kn_initializer,
+                      kn_tables, multiplied_codes, multiplied_parts)
 from .onnx_export import LOGITS_TO_KEEP, kv_names
 from .runtime.generate import TOP_CANDIDATES
 
@@ -166,12 +166,12 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
         for t in model.graph.initializer:
             if t.name[-4:] in HALVES:
                 halves.setdefault(t.name[:-4], []).append((t.name, list(t.dims)))
-    pieces = graph.get("pieces", {})                         # wasm graph: the vocabulary table as NAME.pieces
+    pieces = graph.get("pieces", {})                 # wasm graph: int8 (K, N) tables read as NAME.pieces
     for entry, arr in bundle.decode_initializers(verify=verify):
         name = entry["name"]
         if name in pieces:
             names.append(name + PIECES_SUFFIX)
-            arrays.append(vocab_pieces(arr, pieces[name]))
+            arrays.append(column_pieces(arr, pieces[name]))
             continue
         for half, dims in halves.get(name, []):
             names.append(half)
@@ -191,8 +191,13 @@ def create_session(bundle: Bundle, threads: int = 1, verify: bool = True, float1
             codes = parts[name]
             if all(p in held for p in (codes, *multiplied_parts(codes))):
                 zeros, mults = (held.pop(p) for p in multiplied_parts(codes))
-                names.append(codes + KN_SUFFIX)
-                arrays.append(multiplied_codes(held[codes], zeros, mults, entries[codes]["layout"]))
+                kn = multiplied_codes(held[codes], zeros, mults, entries[codes]["layout"])
+                if codes + KN_SUFFIX in pieces:                 # the wasm graph's layers read them in pieces
+                    names.append(codes + KN_SUFFIX + PIECES_SUFFIX)
+                    arrays.append(column_pieces(kn, pieces[codes + KN_SUFFIX]))
+                else:
+                    names.append(codes + KN_SUFFIX)
+                    arrays.append(kn)
                 if multiplied[codes]:
                     names.append(codes)
                     arrays.append(np.ascontiguousarray(held[codes]))

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layouts import (KN_SUFFIX, PIECES_SUFFIX, vocab_pieces, block_scale_parts, block_scales, kn_initializer, kn_tables, multiplied_codes,
-                      multiplied_parts)
+from .layouts import (KN_SUFFIX, PIECES_SUFFIX, block_scale_parts, block_scales, column_pieces, kn_initializer,
+                      kn_tables, multiplied_codes, multiplied_parts)
 from .ort_session import BORROW_BUFFERS, HALVES, eight_bit_half, graph_model
 
 LAYER = re.compile(r"^/(?:model|quantize)/layers\.(\d+)/")
@@ -194,7 +194,7 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
         seen.update(st.initializers)
     kn = kn_tables(bundle.manifest.get(variant, {}))   # wasm graph: NAME.kn from NAME's codes, scales, zero points
     multiplied = bundle.manifest.get(variant, {}).get("multiplied", {})   # and from int4-mG's codes, zeros, mults
-    pieces = bundle.manifest.get(variant, {}).get("pieces", {})   # the vocabulary table in pieces (NAME.pieces)
+    pieces = bundle.manifest.get(variant, {}).get("pieces", {})   # int8 (K, N) tables in pieces (NAME.pieces)
     scaled = set(bundle.manifest.get(variant, {}).get("block_scales", []))   # int4-mG's block scales (model.onnx)
     entries = {e["name"]: e for e in bundle.initializers}
     in_memory = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")   # onnxruntime >= 1.29
@@ -207,8 +207,8 @@ def create_staged_session(bundle, threads: int = 1, verify: bool = True, variant
             if name[-4:] in HALVES and name in dims:                  # 8-bit group codes' packed halves
                 return eight_bit_half(read(name[:-4]), name, dims[name])
             whole = name[:-len(PIECES_SUFFIX)]
-            if name.endswith(PIECES_SUFFIX) and whole in pieces:       # the wasm graph's vocabulary pieces
-                return vocab_pieces(read(whole), pieces[whole])
+            if name.endswith(PIECES_SUFFIX) and whole in pieces:       # the wasm graph's tables in pieces
+                return column_pieces(array(whole), pieces[whole])
             base = name[:-len(KN_SUFFIX)]
             if name.endswith(KN_SUFFIX) and base in kn:
                 return kn_initializer(base, read(base), entries)

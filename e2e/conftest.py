@@ -54,8 +54,14 @@ def bundle_dir(tmp_path_factory):
     # multipliers, and gathers the embedding's rows from the lm_head's; model.onnx reads loader-made block scales
     write_bundle(ck, root / "tiny-int4m", BuildOptions(scheme="int4-m32", embed_scheme="int4-m32", chunk_symbols=4096))
     # the default build's layout (int4-m32 with an int8 embedding): the wasm graph reads the int8 table in pieces
-    # of columns, which the page permutes in place once decoded (loader.js toPieces, converter/layouts.vocab_pieces)
-    write_bundle(ck, root / "tiny-int4m8", BuildOptions(scheme="int4-m32", embed_scheme="int8", chunk_symbols=4096))
+    # of columns, which the page permutes in place once decoded (loader.js toPieces, converter/layouts.column_pieces),
+    # and here the layers' multiplied codes too, as it does for a 1B model's (the tiny ones are below that size)
+    import converter.bundle as bundle_mod
+    keep, bundle_mod.LAYER_PIECE_MIN_WEIGHTS = bundle_mod.LAYER_PIECE_MIN_WEIGHTS, 0
+    try:
+        write_bundle(ck, root / "tiny-int4m8", BuildOptions(scheme="int4-m32", embed_scheme="int8", chunk_symbols=4096))
+    finally:
+        bundle_mod.LAYER_PIECE_MIN_WEIGHTS = keep
     try:
         write_bundle(open_checkpoint(default_model_path()), root / "smollm2-int8", BuildOptions(scheme="int8"))
     except Exception as e:  # the real model is optional for the tiny-model tests

@@ -25,7 +25,8 @@ def split_manifest(m: dict) -> dict[str, bytes | None]:
     m = dict(m)
     files: dict[str, bytes | None] = {}
     if "tables" in m:
-        data = json.dumps({"tensors": m.pop("tensors"), "initializers": m.pop("initializers")}).encode()
+        # (a mutant may have deleted either list: tables.json then lacks it, which loaders must refuse)
+        data = json.dumps({k: m.pop(k) for k in ("tensors", "initializers") if k in m}).encode()
         files["tables.json"] = data
         files["tables.json.qz"] = None
         files["tables.json.zlib"] = None

@@ -708,15 +708,22 @@ def test_lying_group_tables_are_named(tmp_path, tiny_bundles):
         load(dst)
 
 
-def test_lying_vocabulary_pieces_are_named(tmp_path, tiny_bundles):
-    """graph_wasm.pieces: a 2-D int8 vocabulary table -> a piece width that divides its columns; a bundle that says
-    otherwise is refused, naming the entry."""
+def test_lying_pieces_are_named(tmp_path, tiny_hf, monkeypatch):
+    """graph_wasm.pieces: a 2-D int8 vocabulary table, or the int8 codes NAME.kn of graph_wasm.multiplied -> a
+    piece width that divides its columns; a bundle that says otherwise is refused, naming the entry."""
+    import converter.bundle as bundle_mod
+    monkeypatch.setattr(bundle_mod, "LAYER_PIECE_MIN_WEIGHTS", 0)      # the tiny layers cut too
     dst = tmp_path / "b"
-    shutil.copytree(tiny_bundles("int4-m32", "int8"), dst)
+    write_bundle(open_checkpoint(tiny_hf[0]), dst,
+                 BuildOptions(scheme="int4-m32", embed_scheme="int8", chunk_symbols=4096, smooth="off"))
     m = read_manifest(dst)
     pieces = dict(m["graph_wasm"]["pieces"])
-    (table, width), = pieces.items()
-    cases = [({**pieces, "model.norm.weight": width}, "pieces.model.norm.weight: is not a 2-D int8"),
+    table = "model.embed_tokens.weight.q"
+    width = pieces[table]
+    layer = next(n for n in pieces if n != table)                 # int4-mG's (K, N) codes NAME.kn
+    cases = [({**pieces, layer: pieces[layer] + 1}, rf"pieces.{re.escape(layer)}: piece width {pieces[layer] + 1} "
+              "does not divide"),
+             ({**pieces, layer[:-3] + ".zz": 8}, "is not an initializer of this bundle nor the codes"),({**pieces, "model.norm.weight": width}, "pieces.model.norm.weight: is not a 2-D int8"),
              ({table: width + 1}, rf"pieces.{re.escape(table)}: piece width {width + 1} does not divide"),
              ({table: True}, rf"pieces.{re.escape(table)}: piece width True"),
              ({"no.such.tensor": width}, "pieces.no.such.tensor: is not an initializer"),
@@ -726,3 +733,8 @@ def test_lying_vocabulary_pieces_are_named(tmp_path, tiny_bundles):
         _rewrite(dst, m)
         with pytest.raises(BundleError, match=message):
             load(dst)
+    m["graph_wasm"]["pieces"] = pieces
+    del m["graph_wasm"]["multiplied"]                 # the layers' pieces name codes it no longer lists
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match=rf"pieces.{re.escape(layer)}: is not an initializer of this bundle nor"):
+        load(dst)

@@ -252,7 +252,10 @@ def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
     assert bool(multiplied) == scheme.startswith("int4-m")
     assert transposed or multiplied
     assert {n: s for n, (_, s) in graph_initializers(bundle.manifest, "graph_wasm").items()} == ext
-    assert all(n + ".kn" in ext and (n in ext) == keep for n, keep in {**transposed, **multiplied}.items())
+    pieces = bundle.manifest["graph_wasm"].get("pieces", {})   # int4-mG's layer codes: read in pieces of columns
+    assert not any(n + ".kn" in pieces for n in multiplied)   # the tiny model's matrices are below their size
+    assert all((n + ".kn" in ext) != (n + ".kn" in pieces) and (n in ext) == keep
+               for n, keep in {**transposed, **multiplied}.items())
     assert not any(n[:-2] + part in ext for n in multiplied for part in (".zeros", ".mults"))
     ops = {n.op_type for n in model.graph.node}
     assert "MatMulNBits" not in ops and "MatMulIntegerToFloat" in ops
@@ -267,36 +270,48 @@ def test_wasm_graph_follows_its_reference(tiny_hf, tiny_bundles, scheme, embed):
 
 def test_vocabulary_pieces_layout():
     """layouts.piece_width: the largest divisor of V not above 768 nor V / 2 (SmolLM2's and Llama 3's vocabularies
-    both cut into pieces of 768); vocab_pieces: piece p holds columns p·n .. p·n + n − 1 of every row."""
-    from converter.layouts import piece_width, vocab_pieces
+    both cut into pieces of 768); column_pieces: piece p holds columns p·n .. p·n + n − 1 of every row."""
+    from converter.layouts import piece_width, column_pieces
     assert piece_width(49152) == 768 and piece_width(128256) == 768 and piece_width(384) == 192
     assert piece_width(32003) is None and piece_width(40) is None      # no divisor from 32 up: one plain table
     t = np.arange(4 * 12, dtype=np.int8).reshape(4, 12)
-    p = vocab_pieces(t, 3)
+    p = column_pieces(t, 3)
     assert p.shape == (4, 4, 3) and p.flags.c_contiguous
     for v in range(12):
         assert np.array_equal(p[v // 3, :, v % 3], t[:, v])
 
 
-def test_wasm_graph_reads_the_vocabulary_in_pieces(tmp_path, tiny_hf, tiny_bundles, monkeypatch):
-    """An int8 embedding's (H, V) table is the wasm graph's lm_head; the graph reads it as (P, H, n) pieces (one
-    batched integer GEMM, 2× faster on onnxruntime-web's wasm kernels) and gathers the embedding's rows from them.
-    The logits are bit for bit those of the same bundle's wasm graph built without pieces, with one session and
-    with staged ones; no initializer is held twice."""
+def test_wasm_graph_reads_int8_tables_in_pieces(tmp_path, tiny_hf, tiny_bundles, monkeypatch):
+    """The wasm graph reads its int8 (K, N) tables as (P, K, n) pieces of columns, each matmul one batched GEMM
+    (up to 2.3× faster on onnxruntime-web's wasm kernels): an int8 embedding's (H, V) table, which the lm_head
+    multiplies and the embedding gathers its rows from (GatherND), and int4-mG's multiplied layer codes. The logits
+    are bit for bit those of the same bundle's wasm graph built without pieces, with one session and with staged
+    ones; no initializer is held twice."""
     import converter.bundle as bundle_mod
     from converter.bundle import BuildOptions, write_bundle
-    bundle = load(tiny_bundles("int4-m32", "int8"))
+    from converter.layouts import LAYER_PIECE_MAX, LAYER_PIECE_MIN_WEIGHTS, piece_width
+    opts = BuildOptions(scheme="int4-m32", embed_scheme="int8", chunk_symbols=4096, smooth="off")
+    assert "pieces" in load(tiny_bundles("int4-m32", "int8")).manifest["graph_wasm"]
+    assert 128 * 256 < LAYER_PIECE_MIN_WEIGHTS          # the tiny layers are cut as a 1B model's would be
+    monkeypatch.setattr(bundle_mod, "LAYER_PIECE_MIN_WEIGHTS", 0)
+    write_bundle(open_checkpoint(tiny_hf[0]), tmp_path / "pieces", opts)
+    bundle = load(tmp_path / "pieces")
     table = "model.embed_tokens.weight.q"
-    assert bundle.manifest["graph_wasm"]["pieces"] == {table: 192}
+    pieces = bundle.manifest["graph_wasm"]["pieces"]
+    layers = {n: w for n, w in pieces.items() if n != table}
+    multiplied = bundle.manifest["graph_wasm"]["multiplied"]
+    assert pieces[table] == 192 and set(layers) == {n + ".kn" for n in multiplied}
     model = onnx.load_from_string(bundle.graph_bytes(variant="graph_wasm"))
     ext = {t.name: list(t.dims) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     assert ext[table + ".pieces"] == [2, 128, 192] and table not in ext
+    for n, w in layers.items():
+        k, cols = ext[n + ".pieces"][1], ext[n + ".pieces"][0] * w
+        assert w == piece_width(cols, LAYER_PIECE_MAX) and ext[n + ".pieces"] == [cols // w, k, w] and n not in ext
     assert {n: s for n, (_, s) in graph_initializers(bundle.manifest, "graph_wasm").items()} == ext
     readers = [n.op_type for n in model.graph.node if table + ".pieces" in n.input]
     assert sorted(readers) == ["GatherND", "MatMulIntegerToFloat"]
-    monkeypatch.setattr(bundle_mod, "piece_width", lambda vocab: None)
-    write_bundle(open_checkpoint(tiny_hf[0]), tmp_path / "whole",
-                 BuildOptions(scheme="int4-m32", embed_scheme="int8", chunk_symbols=4096, smooth="off"))
+    monkeypatch.setattr(bundle_mod, "piece_width", lambda *args: None)
+    write_bundle(open_checkpoint(tiny_hf[0]), tmp_path / "whole", opts)
     whole = load(tmp_path / "whole")
     assert "pieces" not in whole.manifest["graph_wasm"]
     want = OrtDecoder(whole, variant="graph_wasm").forward_full(IDS)

@@ -249,10 +249,10 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     outputs.set(w + ".scales", new Uint8Array(out.buffer));
     dropOutputs([w + ".row_scales", w + ".mults"]);
   };
-  // The wasm graph's int8 vocabulary table (H, V) as (P, H, n) pieces of n columns (manifest graph_wasm.pieces:
-  // NAME -> n; converter/layouts.vocab_pieces): its lm_head is then one batched GEMM, 2× faster in onnxruntime-web's
-  // wasm kernels than one GEMM of V columns. Permuted in place, block by block along the permutation's cycles, so
-  // the table is never held twice.
+  // The wasm graph's int8 (K, N) tables — the vocabulary table, int4-mG's multiplied codes — as (P, K, n) pieces of
+  // n columns (manifest graph_wasm.pieces: NAME -> n; converter/layouts.column_pieces): each matmul is then one
+  // batched GEMM, up to 2× faster in onnxruntime-web's wasm kernels than one GEMM of N columns. Permuted in place,
+  // block by block along the permutation's cycles, so a table is never held twice.
   const toPieces = (table, H, P, n) => {
     const seen = new Uint8Array(H * P), a = new Uint8Array(n), b = new Uint8Array(n);
     for (let start = 0; start < H * P; start++) {
@@ -359,10 +359,13 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   for (const name of Object.keys(multiplied)) foldMultiplied(name);
   for (const w of gi.block_scales || []) makeBlockScales(w);
   for (const [name, width] of Object.entries(gi.pieces || {})) {
-    const e = byName.get(name), table = outputs.get(name);
-    if (!e || !table || e.shape.length !== 2 || e.shape[1] % width) throw new BundleError(`graph_wasm.pieces: ${name} cannot be cut every ${width} columns`);
+    // a 2-D vocabulary table (H, V), or int4-mG's (K, N) codes NAME.kn made above
+    const codes = name.endsWith(".kn") ? byName.get(name.slice(0, -3)) : null;
+    const dims = codes ? [knShape(codes).K, knShape(codes).N] : (byName.get(name) || {}).shape;
+    const table = outputs.get(name);
+    if (!dims || !table || dims.length !== 2 || dims[1] % width || table.length !== dims[0] * dims[1]) throw new BundleError(`graph_wasm.pieces: ${name} cannot be cut every ${width} columns`);
     outputs.delete(name);
-    outputs.set(name + ".pieces", toPieces(table, e.shape[0], e.shape[1] / width, width));
+    outputs.set(name + ".pieces", toPieces(table, dims[0], dims[1] / width, width));
   }
   t.decoded = performance.now();
   const graphBytes = await graph;
