@@ -3,16 +3,19 @@
 // is not cross-origin isolated).
 
 /** Put a decoded chunk's codes — `per` codes a byte, low bits first, rows of K codes starting at byte outOff of an
- * (N, K) tensor — one per byte at their [k][n] places of the (K, N) array dst. */
-export function placeKn(src, { dst, per, N, K, outOff }) {
-  const bits = 8 / per, mask = (1 << bits) - 1;
+ * (N, K) tensor — one per byte at their [k][n] places of the (K, N) array dst; with `width` (the wasm graph reads
+ * the matrix in pieces of that many columns, converter/layouts.column_pieces) at their [n / width][k][n % width]
+ * places of the (N / width, K, width) array instead. */
+export function placeKn(src, { dst, per, N, K, outOff, width }) {
+  const bits = 8 / per, mask = (1 << bits) - 1, step = width || N;
+  const rowStart = width ? (n) => Math.floor(n / width) * K * width + (n % width) : (n) => n;
   const s = outOff * per;
-  let n = Math.floor(s / K), k = s - n * K, at = k * N + n;
+  let n = Math.floor(s / K), k = s - n * K, at = rowStart(n) + k * step;
   for (let i = 0; i < src.length; i++) {
     let v = src[i];
     for (let j = 0; j < per; j++, v >>= bits) {
       dst[at] = v & mask;
-      if (++k === K) { k = 0; n++; at = n; } else at += N;
+      if (++k === K) { k = 0; n++; at = rowStart(n); } else at += step;
     }
   }
 }

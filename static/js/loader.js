@@ -226,11 +226,19 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   // the zero points nor the multipliers, so they go.
   const foldMultiplied = (name) => {
     const e = byName.get(name), base = name.replace(/\.q$/, ""), kn = outputs.get(name + ".kn");
-    const [N, nb] = e.shape, block = knShape(e).K / nb;
+    const [N, nb] = e.shape, { K, width } = knShape(e), block = K / nb;
     const [z, mu] = int4mTables(base, [".zeros", ".mults"], e);
-    for (let j = 0; j < nb; j++) {
-      for (let i = 0, at = j * block * N; i < block; i++) {
-        for (let n = 0, t = j * N; n < N; n++, at++, t++) kn[at] = (kn[at] - z[t]) * mu[t];   // int8 in a Uint8Array
+    if (width) {                                         // (N / width, K, width): piece by piece, row k of each
+      for (let p = 0, at = 0; p < N / width; p++) {
+        for (let k = 0; k < K; k++) {
+          for (let c = 0, t = Math.floor(k / block) * N + p * width; c < width; c++, at++, t++) kn[at] = (kn[at] - z[t]) * mu[t];
+        }
+      }
+    } else {
+      for (let j = 0; j < nb; j++) {
+        for (let i = 0, at = j * block * N; i < block; i++) {
+          for (let n = 0, t = j * N; n < N; n++, at++, t++) kn[at] = (kn[at] - z[t]) * mu[t];   // int8 in a Uint8Array
+        }
       }
     }
     dropOutputs([base + ".zeros", base + ".mults"]);
@@ -270,9 +278,13 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     }
     return table;
   };
+  // int4-mG's layer codes the wasm graph reads in pieces are placed in that order straight away (placeKn's width),
+  // so only the vocabulary table is permuted after decoding (toPieces)
+  const pieces = gi => (gi && gi.pieces) || {};
   const knShape = (e) => {   // the (K, N) one-per-byte transposed codes of codes initializer e
     const per = perByte(e), N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
-    return { per, N, K, bytes: K * N };
+    const width = e.name in multiplied ? pieces(m[variant])[e.name + ".kn"] : undefined;
+    return { per, N, K, bytes: K * N, width };
   };
   // One output buffer per initializer the graph reads; chunks grouped by blob. A tensor's buffers are made and
   // filled by the one worker that decodes all of its chunks, transposed codes included, and come back whole
@@ -358,14 +370,15 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   }
   for (const name of Object.keys(multiplied)) foldMultiplied(name);
   for (const w of gi.block_scales || []) makeBlockScales(w);
-  for (const [name, width] of Object.entries(gi.pieces || {})) {
-    // a 2-D vocabulary table (H, V), or int4-mG's (K, N) codes NAME.kn made above
+  for (const [name, width] of Object.entries(pieces(gi))) {
+    // a 2-D vocabulary table (H, V), or int4-mG's (K, N) codes NAME.kn, placed in pieces already (knShape)
     const codes = name.endsWith(".kn") ? byName.get(name.slice(0, -3)) : null;
     const dims = codes ? [knShape(codes).K, knShape(codes).N] : (byName.get(name) || {}).shape;
     const table = outputs.get(name);
-    if (!dims || !table || dims.length !== 2 || dims[1] % width || table.length !== dims[0] * dims[1]) throw new BundleError(`graph_wasm.pieces: ${name} cannot be cut every ${width} columns`);
+    if (!dims || !table || dims.length !== 2 || dims[1] % width || table.length !== dims[0] * dims[1] ||
+        (codes && knShape(codes).width !== width)) throw new BundleError(`graph_wasm.pieces: ${name} cannot be cut every ${width} columns`);
     outputs.delete(name);
-    outputs.set(name + ".pieces", toPieces(table, dims[0], dims[1] / width, width));
+    outputs.set(name + ".pieces", codes ? table : toPieces(table, dims[0], dims[1] / width, width));
   }
   t.decoded = performance.now();
   const graphBytes = await graph;

@@ -49,7 +49,7 @@ function decode(chunk, t) {
     tensors.set(t.key, s);
   }
   if (s.plain) s.plain.set(r.view, t.outOff);
-  if (s.kn) placeKn(r.view, { dst: s.kn, per: t.kn.per, N: t.kn.N, K: t.kn.K, outOff: t.outOff });
+  if (s.kn) placeKn(r.view, { dst: s.kn, per: t.kn.per, N: t.kn.N, K: t.kn.K, outOff: t.outOff, width: t.kn.width });
   if (--s.left > 0) return { n: r.view.length };
   tensors.delete(t.key);
   return { n: r.view.length, complete: { key: t.key, plain: s.plain && s.plain.buffer, kn: s.kn && s.kn.buffer } };
