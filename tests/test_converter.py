@@ -684,6 +684,15 @@ def test_lying_int4_multiple_tables_are_named(tmp_path, tiny_bundles):
         load(dst)
 
 
+def _each_refused(dst, m: dict, field: str, cases: list[tuple[object, str]]):
+    """Each (value of graph_wasm[field], error message) written into the bundle at dst is refused with it."""
+    for value, message in cases:
+        m["graph_wasm"][field] = value
+        _rewrite(dst, m)
+        with pytest.raises(BundleError, match=message):
+            load(dst)
+
+
 def test_lying_group_tables_are_named(tmp_path, tiny_bundles):
     """graph_wasm.group_tables: every entry the scales or zero points of codes the wasm graph reads transposed,
     sized for their groups — a bundle that says otherwise is refused, naming the entry."""
@@ -695,11 +704,7 @@ def test_lying_group_tables_are_named(tmp_path, tiny_bundles):
     cases = [({**tables, "model.norm.weight": False}, "group_tables.model.norm.weight: is not the scales or zeros"),
              ({**tables, "no.such.scales": False}, "group_tables.no.such.scales: is not an initializer"),
              ({**tables, scales: "yes"}, f"group_tables.{re.escape(scales)}: expected true or false")]
-    for table, message in cases:
-        m["graph_wasm"]["group_tables"] = table
-        _rewrite(dst, m)
-        with pytest.raises(BundleError, match=message):
-            load(dst)
+    _each_refused(dst, m, "group_tables", cases)
     m["graph_wasm"]["group_tables"] = tables
     codes = next(e for e in m["initializers"] if e["name"] == scales[:-len(".scales")] + ".q")
     codes["shape"][1], codes["shape"][2] = codes["shape"][1] // 2, codes["shape"][2] * 2   # same bytes, fewer groups
@@ -723,16 +728,13 @@ def test_lying_pieces_are_named(tmp_path, tiny_hf, monkeypatch):
     layer = next(n for n in pieces if n != table)                 # int4-mG's (K, N) codes NAME.kn
     cases = [({**pieces, layer: pieces[layer] + 1}, rf"pieces.{re.escape(layer)}: piece width {pieces[layer] + 1} "
               "does not divide"),
-             ({**pieces, layer[:-3] + ".zz": 8}, "is not an initializer of this bundle nor the codes"),({**pieces, "model.norm.weight": width}, "pieces.model.norm.weight: is not a 2-D int8"),
+             ({**pieces, layer[:-3] + ".zz": 8}, "is not an initializer of this bundle nor the codes"),
+             ({**pieces, "model.norm.weight": width}, "pieces.model.norm.weight: is not a 2-D int8"),
              ({table: width + 1}, rf"pieces.{re.escape(table)}: piece width {width + 1} does not divide"),
              ({table: True}, rf"pieces.{re.escape(table)}: piece width True"),
              ({"no.such.tensor": width}, "pieces.no.such.tensor: is not an initializer"),
              ([table], "pieces: expected an object")]
-    for value, message in cases:
-        m["graph_wasm"]["pieces"] = value
-        _rewrite(dst, m)
-        with pytest.raises(BundleError, match=message):
-            load(dst)
+    _each_refused(dst, m, "pieces", cases)
     m["graph_wasm"]["pieces"] = pieces
     del m["graph_wasm"]["multiplied"]                 # the layers' pieces name codes it no longer lists
     _rewrite(dst, m)
