@@ -38,9 +38,9 @@ import numpy as np
 from . import __version__, codec, lzw
 from .config import LlamaConfig
 from .errors import BundleError, CodecError, TinyQMoEError
-from .layouts import (KN_SUFFIX, LAYER_PIECE_MAX, LAYER_PIECE_MIN_WEIGHTS, LAYOUT_BITS, PIECES_SUFFIX, VOCAB_CODES, Initializer, byte_stream,
-                      family, group_table_codes, group_table_shape, block_scale_parts, kn_shape, linear_initializers,
-                      multiplied_parts, multiplied_shape, piece_width, pieces_shape)
+from .layouts import (KN_SUFFIX, LAYER_PIECE_MAX, LAYER_PIECE_MIN_WEIGHTS, LAYOUT_BITS, PIECES_SUFFIX, VOCAB_CODES,
+                      Initializer, byte_stream, family, group_table_codes, group_table_shape, block_scale_parts,
+                      kn_shape, linear_initializers, multiplied_parts, multiplied_shape, piece_width, pieces_shape)
 from .quant import entropy, errors, get_scheme, quantize_rows
 from .smooth import row_relative
 from .runtime.tokenizer import pack as tokenizer_pack, unpack as tokenizer_unpack
@@ -533,12 +533,14 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
 
 
 def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list[dict], scheme: str,
-                embed_scheme: str, tensor_schemes: dict) -> tuple[bytes, dict[str, bool], dict[str, bool]]:
+                embed_scheme: str, tensor_schemes: dict) -> tuple[bytes, dict, dict, dict, dict[str, int]]:
     """The serialized wasm graph and its manifest tables "transposed": group-scheme codes NAME.q that it reads as
     NAME.q.kn (layouts.transposed_codes) -> whether it also reads NAME.q itself (the Gather of a group-quantized
     embedding that the lm_head shares), and "group_tables": their scales and zero points that it reads as NAME.kn
-    (layouts.group_table) -> likewise. The export is offered every codes, scales and zeros initializer in both
-    forms; the ones no node reads are then removed from it (one export instead of a second one without them)."""
+    (layouts.group_table) -> likewise, "multiplied": int4-mG codes it reads as int8 NAME.kn, and "pieces": the int8
+    (K, N) tables it reads as NAME.pieces (layouts.column_pieces) -> their piece width. The export is offered every
+    codes, scales and zeros initializer in both forms; the ones no node reads are then removed from it (one export
+    instead of a second one without them)."""
     from .onnx_export import check_graph, export_model
     nbits = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "nbits" for i in t["initializers"]}
     codes = {e["name"]: e for e in initializers if e["name"] in nbits and e["name"].endswith(".q")}
@@ -640,8 +642,8 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         fp16_bytes = export_graph(cfg, graph_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts), **extra}
     if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
-        wasm_bytes, transposed, group_tables, multiplied, pieces = _wasm_graph(cfg, weight_types, initializers, tensors,
-                                                                       opts.scheme, embed_scheme, tensor_schemes)
+        wasm_bytes, transposed, group_tables, multiplied, pieces = _wasm_graph(
+            cfg, weight_types, initializers, tensors, opts.scheme, embed_scheme, tensor_schemes)
         graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts),
                                 "transposed": transposed, "group_tables": group_tables,
                                 **({"multiplied": multiplied} if multiplied else {}),

@@ -164,16 +164,17 @@ def group_table(values: np.ndarray, codes_shape, codes_layout: int) -> np.ndarra
     return np.ascontiguousarray(table.T).reshape(nb, 1, 1, n)
 
 
-# ---- the wasm graph's vocabulary table in pieces ------------------------------------------------------------------
-# An int8 embedding's codes are stored (H, V): the lm_head's B. onnxruntime-web's wasm integer GEMM runs SmolLM2's
-# [576 × 49,152] lm_head at half the speed per multiply-add of the layers' matmuls (8.4 ms a token in Node, 1 thread);
-# as one batched GEMM over 64 pieces of 768 columns it takes 4.2 ms (docs/page-bench.md, session 20). So the wasm
-# graph reads the table as NAME.pieces, (P, H, n) with P·n = V (manifest graph_wasm.pieces: NAME -> n): its lm_head
-# is one MatMulIntegerToFloat with a batch of P, and its embedding Gather a GatherND at (v // n, k, v % n). Loaders
-# permute the decoded table into that order (in place in the page), so it is held once, as before.
+# ---- the wasm graph's int8 tables in pieces ------------------------------------------------------------------------
+# onnxruntime-web's wasm integer GEMM slows down on large matrices: SmolLM2's [576 × 49,152] lm_head (an int8
+# embedding's codes, stored (H, V)) ran at half the speed per multiply-add of the layers' matmuls, 8.4 ms a token in
+# Node at 1 thread, and 4.2 ms as one batched GEMM over 64 pieces of 768 columns; a Llama-3.2-1B-shaped chain of int8
+# matmuls 2.3× faster in pieces of 128 (docs/page-bench.md, session 20). So the wasm graph reads such (K, N) tables
+# as NAME.pieces, (P, K, n) with P·n = N (manifest graph_wasm.pieces: NAME -> n): each matmul is one
+# MatMulIntegerToFloat with a batch of P, and the embedding's Gather a GatherND at (v // n, k, v % n). Loaders put the
+# decoded table in that order (in place in the page, or while placing int4-mG's codes), so it is held once.
 PIECES_SUFFIX = ".pieces"
 PIECE_MAX = 768           # measured: 384–768 columns a piece are equally fast, 1,536 slower, 49,152 (one) 2× slower
-LAYER_PIECE_MAX = 128     # the layers' int4-mG codes: 1B shapes 2.3× faster in pieces of 128 than whole, 256: 2.2×, 512: 1.6×
+LAYER_PIECE_MAX = 128     # the layers' int4-mG codes: 1B shapes 2.3× faster in pieces of 128, 2.2× of 256, 1.6× of 512
 LAYER_PIECE_MIN_WEIGHTS = 1 << 22   # ... for matrices of 4M weights and more (Llama-3.2-1B's q, o and MLP): SmolLM2's
                                     # (≤ 0.9M) gained 3 % a step in the page and cost 7.5 MiB and 0.6 s of session
 PIECE_MIN = 32

@@ -353,8 +353,8 @@ def int8_linear(g: GraphBuilder, x: str, w_q: str, w_scale: str, n_in: int, pref
     return y if g.ft == TensorProto.FLOAT else cast(g, y, g.ft, f"{prefix}/CastDown")
 
 
-# x ─► QuantizeLinear (per row) ─► Reshape [1, B·S, K] ─► MatMulIntegerToFloat(·, pieces [P,K,n], 1, scales [P,1,n])
-#   ─► [P, B·S, n] ─► Transpose [B·S, P, n] ─► Reshape [B, S, N] ─► × s_x
+# x ─► QuantizeLinear (per row) ─► Reshape [1, B·S, K] ─► MatMulIntegerToFloat(·, pieces [P,K,n], 1,
+#   scales [P,1,n]) ─► [P, B·S, n] ─► Transpose [B·S, P, n] ─► Reshape [B, S, N] ─► × s_x
 def pieces_linear(g: GraphBuilder, x: str, table: str, scales: str, n_in: int, n_out: int, prefix: str) -> str:
     """int8_linear on an int8 (K, N) weight read as (P, K, n) pieces of its columns (layouts.column_pieces): one
     batched integer GEMM of P pieces, up to 2× faster than one GEMM of N columns on onnxruntime-web's wasm kernels.
