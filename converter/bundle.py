@@ -566,9 +566,17 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     pieces.update({n + KN_SUFFIX: w for n in multiplied if n not in VOCAB_CODES
                    and math.prod(types[n + KN_SUFFIX][1]) >= LAYER_PIECE_MIN_WEIGHTS
                    and (w := piece_width(types[n + KN_SUFFIX][1][1], LAYER_PIECE_MAX)) is not None})
+    # ... and int8 layers' (K, N) codes as stored (the int8 schemes, whose wasm graph is model.onnx with its tables
+    # in pieces and, unlike the group schemes', a float32 KV cache: the same logits as model.onnx)
+    int8 = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "dqmm" for i in t["initializers"]}
+    pieces.update({e["name"]: w for e in initializers if e["name"] in int8 and e["name"] not in VOCAB_CODES
+                   and e["name"].endswith(".q") and e["dtype"] == "int8" and len(e["shape"]) == 2
+                   and math.prod(e["shape"]) >= LAYER_PIECE_MIN_WEIGHTS
+                   and (w := piece_width(e["shape"][1], LAYER_PIECE_MAX)) is not None})
     for n, w in pieces.items():
         types[n + PIECES_SUFFIX] = ("int8", pieces_shape(types.pop(n)[1], w))
-    model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True)
+    model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True,
+                         kv_float16=any(not n.startswith(("model.embed_tokens.", "lm_head.")) for n in nbits))
     used = {i for node in model.graph.node for i in node.input}
     offered = {n + KN_SUFFIX for n in list(codes) + list(tables)} | set(codes) | set(tables) | \
         {p for c in multiplied for p in multiplied_parts(c)}
@@ -641,7 +649,7 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
     if opts.fp16_graph:
         fp16_bytes = export_graph(cfg, graph_types, opts.scheme, embed_scheme, tensor_schemes, float16=True)
         graphs["graph_fp16"] = {"file": GRAPH_FP16, **_write_file(folder, GRAPH_FP16, fp16_bytes, opts), **extra}
-    if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) == "nbits" for t in tensors):
+    if opts.wasm_graph and any(t.get("scheme") and family(t["scheme"]) in ("nbits", "dqmm") for t in tensors):
         wasm_bytes, transposed, group_tables, multiplied, pieces = _wasm_graph(
             cfg, weight_types, initializers, tensors, opts.scheme, embed_scheme, tensor_schemes)
         graphs["graph_wasm"] = {"file": GRAPH_WASM, **_write_file(folder, GRAPH_WASM, wasm_bytes, opts),
@@ -956,8 +964,8 @@ def _merge_tables(path: Path, m: dict):
 
 
 def _tables_where(m: dict) -> str:
-    """The file the tensor and initializer fields came from, for error messages."""
-    return TABLES if "tables" in m else MANIFEST
+    """The file the tensor and initializer fields came from, for error messages: as stored (tables.json.zlib ...)."""
+    return _stored_name(TABLES, m["tables"]) if "tables" in m and isinstance(m["tables"], dict) else MANIFEST
 
 
 def _check_stored(folder: Path, fname: str, info: dict, where: str, step):
@@ -1144,7 +1152,7 @@ def _validate_transposed(m: dict):
 
 
 def _validate_pieces(m: dict):
-    """graph_wasm.pieces: name -> n, each a 2-D int8 (H, V) vocabulary table, or the (K, N) int8 codes NAME.kn of
+    """graph_wasm.pieces: name -> n, each a 2-D int8 (K, N) table (an int8 embedding's (H, V), int8 layer codes), or the codes NAME.kn of
     an entry of graph_wasm.multiplied, whose columns n divides."""
     table = m.get("graph_wasm", {}).get("pieces")
     if table is None:
@@ -1161,7 +1169,7 @@ def _validate_pieces(m: dict):
         else:
             e = by_name.get(name)
             _want(e is not None, at, "is not an initializer of this bundle nor the codes of graph_wasm.multiplied")
-            _want(e["dtype"] == "int8" and len(e["shape"]) == 2, at, "is not a 2-D int8 vocabulary table")
+            _want(e["dtype"] == "int8" and len(e["shape"]) == 2, at, "is not a 2-D int8 table")
             cols = e["shape"][1]
         _want(type(width) is int and 0 < width and cols % width == 0, at,
               f"piece width {width!r} does not divide its {cols} columns")
@@ -1354,7 +1362,7 @@ def _validate_schema(m: dict):
         for f in c["rope_freq_factors"]:
             _num(f, f"{M}: config.rope_freq_factors", 1e-6, 1e6)
     _keys(m["graph"], {"file", "bytes", "sha256"} | _stored_forms(m["graph"], m, f"{M}: graph") |
-          ({"block_scales"} & set(m["graph"])), f"{M}: graph")
+          ({"block_scales"} & set(m["graph"] if isinstance(m["graph"], dict) else ())), f"{M}: graph")
     for name, info in (m["tokenizer"].items() if isinstance(m["tokenizer"], dict) else []):
         _keys(info, {"bytes", "sha256"} | _stored_forms(info, m, f"{M}: tokenizer.{name}"), f"{M}: tokenizer.{name}")
     for i, b in enumerate(m["blobs"] if isinstance(m["blobs"], list) else []):

@@ -50,7 +50,7 @@ class GraphBuilder:
     """Collects nodes and constants; names every node and value from a hierarchical prefix."""
 
     def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]], tensor_schemes: dict[str, str] | None = None,
-                 float16: bool = False, group_gemm: bool = False):
+                 float16: bool = False, group_gemm: bool = False, kv_float16: bool | None = None):
         self.weights = weights            # initializer name -> (dtype, shape), all external
         # group schemes as batched integer GEMMs instead of MatMulNBits (the wasm graph, group_gemm_linear)
         self.group_gemm = group_gemm
@@ -61,8 +61,9 @@ class GraphBuilder:
         # the KV cache's element type: the activation type, except in the wasm graph, which stores it in float16
         # and attends in float32 (onnxruntime-web's WASM EP copies the whole cache into its heap and back out at
         # every step: half the bytes. SmolLM2 int4-g32 in the page at 801 positions: 345 -> 281 MiB, decode at 769
-        # positions 15.7 -> 17.6 tok/s, KL against f32 0.3582 -> 0.3569; README)
-        self.kv_t = TensorProto.FLOAT16 if group_gemm else self.ft
+        # positions 15.7 -> 17.6 tok/s, KL against f32 0.3582 -> 0.3569; README). kv_float16=False: the int8
+        # bundles' wasm graph, which must give model.onnx's logits (docs/page-bench.md, session 18 and 20)
+        self.kv_t = TensorProto.FLOAT16 if (group_gemm if kv_float16 is None else kv_float16) else self.ft
         self.nodes: list[onnx.NodeProto] = []
         self.consts: list[onnx.TensorProto] = []
         self._const_cache: dict[tuple, str] = {}
@@ -622,8 +623,8 @@ def keep_last_positions(g: GraphBuilder, x: str) -> str:
 
 def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]]], scheme: str,
                  embed_scheme: str, tensor_schemes: dict[str, str] | None = None,
-                 float16: bool = False, group_gemm: bool = False) -> onnx.ModelProto:
-    g = GraphBuilder(weights, tensor_schemes, float16, group_gemm)
+                 float16: bool = False, group_gemm: bool = False, kv_float16: bool | None = None) -> onnx.ModelProto:
+    g = GraphBuilder(weights, tensor_schemes, float16, group_gemm, kv_float16)
     B, S, T, P = "batch", "seq", "total_seq", "past_seq"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),

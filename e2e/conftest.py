@@ -42,23 +42,25 @@ def bundle_dir(tmp_path_factory):
     src = root.parent / "tiny-src"
     tiny.write_hf(src, tied=True, dtype="bf16")
     ck = open_checkpoint(src)
-    write_bundle(ck, root / "tiny-f32", BuildOptions(scheme="f32", chunk_symbols=4096))
-    # graph, tokenizer and tables files compressed even though they are small, so the page's paths for them run on
-    # tiny models: zlib streams (format version 3) in tiny-int4, QZ chunks (as version 2 wrote them) in tiny-int8;
-    # the embedding int8-e5 (entropy-constrained int8, laid out as int8-g32), so the page runs that scheme too
-    write_bundle(ck, root / "tiny-int4", BuildOptions(scheme="int4-g32", embed_scheme="int8-e5", chunk_symbols=4096,
-                                                      compress_files_from=0))
-    write_bundle(ck, root / "tiny-int8", BuildOptions(scheme="int8", chunk_symbols=4096, compress_files_from=0,
-                                                      file_codec="qz"))
-    # int4-m32 everywhere: the wasm graph multiplies 8-bit codes the page folds from the codes, zero points and
-    # multipliers, and gathers the embedding's rows from the lm_head's; model.onnx reads loader-made block scales
-    write_bundle(ck, root / "tiny-int4m", BuildOptions(scheme="int4-m32", embed_scheme="int4-m32", chunk_symbols=4096))
-    # the default build's layout (int4-m32 with an int8 embedding): the wasm graph reads the int8 table in pieces
-    # of columns, which the page permutes in place once decoded (loader.js toPieces, converter/layouts.column_pieces),
-    # and here the layers' multiplied codes too, as it does for a 1B model's (the tiny ones are below that size)
+    # every int8 (K, N) table the wasm graphs multiply is cut into pieces of columns, as a 1B model's layers are
+    # (the tiny layers are below LAYER_PIECE_MIN_WEIGHTS), so that the page's placement of them runs
     import converter.bundle as bundle_mod
     keep, bundle_mod.LAYER_PIECE_MIN_WEIGHTS = bundle_mod.LAYER_PIECE_MIN_WEIGHTS, 0
     try:
+        write_bundle(ck, root / "tiny-f32", BuildOptions(scheme="f32", chunk_symbols=4096))
+        # graph, tokenizer and tables files compressed even though they are small, so the page's paths for them run on
+        # tiny models: zlib streams (format version 3) in tiny-int4, QZ chunks (as version 2 wrote them) in tiny-int8;
+        # the embedding int8-e5 (entropy-constrained int8, laid out as int8-g32), so the page runs that scheme too
+        write_bundle(ck, root / "tiny-int4", BuildOptions(scheme="int4-g32", embed_scheme="int8-e5",
+                                                          chunk_symbols=4096, compress_files_from=0))
+        write_bundle(ck, root / "tiny-int8", BuildOptions(scheme="int8", chunk_symbols=4096, compress_files_from=0,
+                                                          file_codec="qz"))
+        # int4-m32 everywhere: the wasm graph multiplies 8-bit codes the page folds from the codes, zero points and
+        # multipliers, and gathers the embedding's rows from the lm_head's; model.onnx reads loader-made block scales
+        write_bundle(ck, root / "tiny-int4m", BuildOptions(scheme="int4-m32", embed_scheme="int4-m32", chunk_symbols=4096))
+        # the default build's layout (int4-m32 with an int8 embedding): the wasm graph reads the int8 table in pieces
+        # of columns, which the page's decoders place in that order (loader.js placePieces, layouts.column_pieces),
+        # and here the layers' multiplied codes too, as it does for a 1B model's (the tiny ones are below that size)
         write_bundle(ck, root / "tiny-int4m8", BuildOptions(scheme="int4-m32", embed_scheme="int8", chunk_symbols=4096))
     finally:
         bundle_mod.LAYER_PIECE_MIN_WEIGHTS = keep

@@ -365,7 +365,14 @@ def test_lying_manifest_is_named(tmp_path, tiny_bundles):
     with pytest.raises(BundleError, match="outside blob"):
         load(dst)
     m["initializers"][3]["chunks"][0][0] = 0
-    next(e for e in m["initializers"] if e["dtype"] == "int8")["dtype"] = "uint8"   # same size, wrong type
+    table = next(e for e in m["initializers"] if e["dtype"] == "int8")
+    table["dtype"] = "uint8"                                                     # same size, wrong type
+    _rewrite(dst, m)
+    with pytest.raises(BundleError, match=f"{re.escape(table['name'])}: is not a 2-D int8 table"):   # wasm graph's
+        load(dst)
+    del m["graph_wasm"]
+    (dst / "model.wasm.onnx.zlib").unlink(missing_ok=True)
+    (dst / "model.wasm.onnx").unlink(missing_ok=True)
     _rewrite(dst, m)
     with pytest.raises(BundleError, match="but model.onnx expects"):
         load(dst)

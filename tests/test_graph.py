@@ -373,13 +373,34 @@ def test_int8_compute_needs_the_float32_graph(tiny_bundles):
         OrtDecoder(load(tiny_bundles("int4-g32")), float16=True, int8_compute=True)
 
 
-def test_wasm_graph_only_for_group_schemes(tiny_bundles):
+def test_wasm_graph_only_for_quantized_schemes(tiny_bundles):
     from converter.errors import BundleError
     assert "graph_wasm" in load(tiny_bundles("int4-g32")).manifest
-    b = load(tiny_bundles("int8"))
+    b = load(tiny_bundles("f32"))
     assert "graph_wasm" not in b.manifest and not (b.path / "model.wasm.onnx").exists()
     with pytest.raises(BundleError, match="no wasm graph"):
         b.graph_bytes(variant="graph_wasm")
+
+
+def test_int8_wasm_graph_is_model_onnx_in_pieces(tmp_path, tiny_hf, monkeypatch):
+    """An int8 bundle's wasm graph is model.onnx with its int8 tables read in pieces of columns (the embedding's,
+    and the layers' from 4M weights, here all of them) and model.onnx's float32 KV cache: the same logits bit for
+    bit, with one session and with staged ones, so the page's answers are `run`'s."""
+    import converter.bundle as bundle_mod
+    from converter.bundle import BuildOptions, write_bundle
+    monkeypatch.setattr(bundle_mod, "LAYER_PIECE_MIN_WEIGHTS", 0)
+    write_bundle(open_checkpoint(tiny_hf[0]), tmp_path / "b", BuildOptions(scheme="int8", chunk_symbols=4096))
+    bundle = load(tmp_path / "b")
+    pieces = bundle.manifest["graph_wasm"]["pieces"]
+    linears = [e["name"] for e in bundle.initializers if e["name"].endswith(".q")]
+    assert set(pieces) == set(linears) and len(linears) == 1 + 7 * bundle.config.num_hidden_layers
+    model = onnx.load_from_string(bundle.graph_bytes(variant="graph_wasm"))
+    kv = [v for v in list(model.graph.input) + list(model.graph.output) if "key" in v.name or "value" in v.name]
+    assert {v.type.tensor_type.elem_type for v in kv} == {onnx.TensorProto.FLOAT}
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph.node) == len(linears)
+    want = OrtDecoder(bundle).forward_full(IDS)
+    np.testing.assert_array_equal(OrtDecoder(bundle, variant="graph_wasm").forward_full(IDS), want)
+    np.testing.assert_array_equal(OrtDecoder(bundle, variant="graph_wasm", low_memory=True).forward_full(IDS), want)
 
 
 @pytest.mark.parametrize("scheme", ["f32", "int8", "int4-g32", "int4-m32"])

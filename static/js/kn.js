@@ -19,3 +19,15 @@ export function placeKn(src, { dst, per, N, K, outOff, width }) {
     }
   }
 }
+
+/** Put a decoded chunk of an int8 (K, N) table — bytes from offset outOff of the row-major table — at their
+ * [n / width][k][n % width] places of the (N / width, K, width) array dst (the wasm graph's pieces,
+ * converter/layouts.column_pieces): runs of up to `width` bytes at a time. */
+export function placePieces(src, { dst, N, K, width, outOff }) {
+  for (let i = 0, o = outOff; i < src.length;) {
+    const k = Math.floor(o / N), n = o - k * N, c = n % width;
+    const run = Math.min(width - c, src.length - i);
+    dst.set(src.subarray(i, i + run), (n - c) * K + k * width + c);
+    i += run; o += run;
+  }
+}

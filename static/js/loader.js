@@ -2,7 +2,7 @@
 // bytes have arrived -> SHA-256 checked -> initializer buffers for onnxruntime-web. Compressed files are kept in
 // the Cache API under their SHA-256, so a reload needs no network and a new bundle version misses the cache.
 
-import { placeKn } from "./kn.js";
+import { placeKn, placePieces } from "./kn.js";
 
 const CACHE_NAME = "tiny-qmoe-v1";
 
@@ -175,6 +175,8 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   // A chunk's bytes go to its out_offset; a float tensor stored as byte planes (manifest "planes": its item size,
   // plane p = byte p of every element) has them put back at that stride — the copy happens anyway.
   const place = (dst, out, outOff, e) => {
+    const cut = piecesOf(e);
+    if (cut) { placePieces(out, { dst, ...cut, outOff }); return; }
     const P = e.planes ?? 1;
     if (P === 1) { dst.set(out, outOff); return; }
     const planeLen = e.nbytes / P, p = Math.floor(outOff / planeLen);
@@ -257,30 +259,16 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     outputs.set(w + ".scales", new Uint8Array(out.buffer));
     dropOutputs([w + ".row_scales", w + ".mults"]);
   };
-  // The wasm graph's int8 (K, N) tables — the vocabulary table, int4-mG's multiplied codes — as (P, K, n) pieces of
-  // n columns (manifest graph_wasm.pieces: NAME -> n; converter/layouts.column_pieces): each matmul is then one
-  // batched GEMM, up to 2× faster in onnxruntime-web's wasm kernels than one GEMM of N columns. Permuted in place,
-  // block by block along the permutation's cycles, so a table is never held twice.
-  const toPieces = (table, H, P, n) => {
-    const seen = new Uint8Array(H * P), a = new Uint8Array(n), b = new Uint8Array(n);
-    for (let start = 0; start < H * P; start++) {
-      if (seen[start]) continue;
-      a.set(table.subarray(start * n, start * n + n));          // the block at [k][p] goes to [p][k]
-      for (let at = start; ;) {
-        const k = Math.floor(at / P), to = (at - k * P) * H + k;
-        seen[to] = 1;
-        if (to === start) { table.set(a, to * n); break; }
-        b.set(table.subarray(to * n, to * n + n));
-        table.set(a, to * n);
-        a.set(b);
-        at = to;
-      }
-    }
-    return table;
-  };
-  // int4-mG's layer codes the wasm graph reads in pieces are placed in that order straight away (placeKn's width),
-  // so only the vocabulary table is permuted after decoding (toPieces)
+  // The wasm graph reads int8 (K, N) tables — an int8 embedding's (H, V), int8 layer codes, int4-mG's multiplied
+  // codes NAME.kn — as (N/n, K, n) pieces of n columns (manifest graph_wasm.pieces: NAME -> n;
+  // converter/layouts.column_pieces): each matmul is then one batched GEMM, up to 2× faster in onnxruntime-web's
+  // wasm kernels than one GEMM of N columns. The decoded bytes are placed in that order straight away (placePieces,
+  // placeKn's width), so no table is held twice or permuted after decoding.
   const pieces = gi => (gi && gi.pieces) || {};
+  const piecesOf = (e) => {   // an initializer the graph reads in pieces: where its bytes go
+    const width = pieces(m[variant])[e.name];
+    return width ? { N: e.shape[1], K: e.shape[0], width } : null;
+  };
   const knShape = (e) => {   // the (K, N) one-per-byte transposed codes of codes initializer e
     const per = perByte(e), N = e.shape[0], K = e.shape[1] * e.shape[2] * per;
     const width = e.name in multiplied ? pieces(m[variant])[e.name + ".kn"] : undefined;
@@ -328,7 +316,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
           const e = c.init, name = e.name;
           const kn = name in transposed ? knShape(e) : null;
           const target = { key: name, chunks: e.chunks.length, nbytes: (transposed[name] ?? true) ? e.nbytes : 0, kn,
-                           outOff: c.outOff, bytes: expectLen };
+                           pieces: piecesOf(e), outOff: c.outOff, bytes: expectLen };
           chunksInto++;
           decodes.push(pool.decodeTensor(data.slice(c.off, c.off + c.len).buffer, target, where).then((n) => {
             if (n !== expectLen) throw wrong(n);
@@ -370,15 +358,12 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
   }
   for (const name of Object.keys(multiplied)) foldMultiplied(name);
   for (const w of gi.block_scales || []) makeBlockScales(w);
-  for (const [name, width] of Object.entries(pieces(gi))) {
-    // a 2-D vocabulary table (H, V), or int4-mG's (K, N) codes NAME.kn, placed in pieces already (knShape)
+  for (const [name, width] of Object.entries(pieces(gi))) {   // placed in pieces already: renamed
     const codes = name.endsWith(".kn") ? byName.get(name.slice(0, -3)) : null;
-    const dims = codes ? [knShape(codes).K, knShape(codes).N] : (byName.get(name) || {}).shape;
-    const table = outputs.get(name);
-    if (!dims || !table || dims.length !== 2 || dims[1] % width || table.length !== dims[0] * dims[1] ||
-        (codes && knShape(codes).width !== width)) throw new BundleError(`graph_wasm.pieces: ${name} cannot be cut every ${width} columns`);
+    const e = byName.get(name), cut = codes ? knShape(codes) : e && piecesOf(e), table = outputs.get(name);
+    if (!cut || !table || cut.width !== width || cut.N % width || table.length !== cut.K * cut.N) throw new BundleError(`graph_wasm.pieces: ${name} cannot be cut every ${width} columns`);
     outputs.delete(name);
-    outputs.set(name + ".pieces", codes ? table : toPieces(table, dims[0], dims[1] / width, width));
+    outputs.set(name + ".pieces", table);
   }
   t.decoded = performance.now();
   const graphBytes = await graph;

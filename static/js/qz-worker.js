@@ -7,7 +7,7 @@
 // transposed, kn = {bytes, per, N, K}, into a (K, N) one-per-byte buffer (kn.js placeKn; the WASM graph's layout,
 // converter/layouts.transposed_codes). With the last chunk, `complete` = {key, plain, kn} carries the buffers back,
 // transferred. A chunk whose decoded size is not `bytes` writes nothing and reports that size, for the caller.
-import { placeKn } from "./kn.js";   // (a module worker: qz.js starts it with type "module")
+import { placeKn, placePieces } from "./kn.js";   // (a module worker: qz.js starts it with type "module")
 
 let qz = null;
 const tensors = new Map();   // key -> {left: chunks to come, plain: Uint8Array?, kn: Uint8Array?}
@@ -48,7 +48,8 @@ function decode(chunk, t) {
     s = { left: t.chunks, plain: t.nbytes ? new Uint8Array(t.nbytes) : null, kn: t.kn ? new Uint8Array(t.kn.bytes) : null };
     tensors.set(t.key, s);
   }
-  if (s.plain) s.plain.set(r.view, t.outOff);
+  if (s.plain && t.pieces) placePieces(r.view, { dst: s.plain, ...t.pieces, outOff: t.outOff });   // the wasm graph's order
+  else if (s.plain) s.plain.set(r.view, t.outOff);
   if (s.kn) placeKn(r.view, { dst: s.kn, per: t.kn.per, N: t.kn.N, K: t.kn.K, outOff: t.outOff, width: t.kn.width });
   if (--s.left > 0) return { n: r.view.length };
   tensors.delete(t.key);
