@@ -119,7 +119,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
       const wantVariant = graphVariant(ep, f16), asked = (params.get("graph") || "auto") !== "auto";
       if (bundle.graphVariant !== "graph") why += `, ${GRAPH_NAMES[bundle.graphVariant]}`;
       else if (wantVariant !== "graph" && (asked || wantVariant === "graph_fp16")) {
-        why += ` (bundle has no ${GRAPH_NAMES[wantVariant]}: model.onnx)`;   // a wasm graph exists only for group schemes
+        why += ` (bundle has no ${GRAPH_NAMES[wantVariant]}: model.onnx)`;   // an f32 bundle has no wasm graph
       }
       const create = DecoderSession.create(bundle.graph, bundle.externalData, bundle.manifest.config, ep,
                                            threads, { ...sessionOpts, float16: bundle.graphVariant === "graph_fp16",
