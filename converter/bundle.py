@@ -561,18 +561,17 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     vocab = {e["name"]: e for e in initializers if e["name"] in VOCAB_CODES
              and e["dtype"] == "int8" and len(e["shape"]) == 2}
     pieces = {n: w for n, e in vocab.items() if (w := piece_width(e["shape"][1])) is not None}
-    # ... and the layers' int4-mG codes, (K, N) int8 once multiplied (an int4-mG embedding's Gather reads its
-    # table whole, so the vocabulary's stay as they are)
-    pieces.update({n + KN_SUFFIX: w for n in multiplied if n not in VOCAB_CODES
-                   and math.prod(types[n + KN_SUFFIX][1]) >= LAYER_PIECE_MIN_WEIGHTS
-                   and (w := piece_width(types[n + KN_SUFFIX][1][1], LAYER_PIECE_MAX)) is not None})
-    # ... and int8 layers' (K, N) codes as stored (the int8 schemes, whose wasm graph is model.onnx with its tables
-    # in pieces and, unlike the group schemes', a float32 KV cache: the same logits as model.onnx)
+
+    def layer_width(shape) -> int | None:         # the layers' large (K, N) int8 tables, in narrower pieces
+        return piece_width(shape[1], LAYER_PIECE_MAX) if math.prod(shape) >= LAYER_PIECE_MIN_WEIGHTS else None
+    # ... int4-mG's layer codes, (K, N) int8 once multiplied (an int4-mG embedding's Gather reads its table whole,
+    # so the vocabulary's stay as they are), and int8 layers' codes as stored (the int8 schemes, whose wasm graph is
+    # model.onnx with its tables in pieces and, unlike the group schemes', a float32 KV cache: model.onnx's logits)
     int8 = {i for t in tensors if t.get("scheme") and family(t["scheme"]) == "dqmm" for i in t["initializers"]}
-    pieces.update({e["name"]: w for e in initializers if e["name"] in int8 and e["name"] not in VOCAB_CODES
-                   and e["name"].endswith(".q") and e["dtype"] == "int8" and len(e["shape"]) == 2
-                   and math.prod(e["shape"]) >= LAYER_PIECE_MIN_WEIGHTS
-                   and (w := piece_width(e["shape"][1], LAYER_PIECE_MAX)) is not None})
+    layers = [n + KN_SUFFIX for n in multiplied if n not in VOCAB_CODES] + \
+        [e["name"] for e in initializers if e["name"] in int8 and e["name"] not in VOCAB_CODES
+         and e["name"].endswith(".q") and e["dtype"] == "int8" and len(e["shape"]) == 2]
+    pieces.update({n: w for n in layers if (w := layer_width(types[n][1])) is not None})
     for n, w in pieces.items():
         types[n + PIECES_SUFFIX] = ("int8", pieces_shape(types.pop(n)[1], w))
     model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True,
@@ -1152,8 +1151,8 @@ def _validate_transposed(m: dict):
 
 
 def _validate_pieces(m: dict):
-    """graph_wasm.pieces: name -> n, each a 2-D int8 (K, N) table (an int8 embedding's (H, V), int8 layer codes), or the codes NAME.kn of
-    an entry of graph_wasm.multiplied, whose columns n divides."""
+    """graph_wasm.pieces: name -> n, each a 2-D int8 (K, N) table (an int8 embedding's (H, V), int8 layer codes)
+    or the codes NAME.kn of an entry of graph_wasm.multiplied, whose columns n divides."""
     table = m.get("graph_wasm", {}).get("pieces")
     if table is None:
         return

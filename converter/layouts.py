@@ -171,10 +171,10 @@ def group_table(values: np.ndarray, codes_shape, codes_layout: int) -> np.ndarra
 # matmuls 2.3× faster in pieces of 128 (docs/page-bench.md, session 20). So the wasm graph reads such (K, N) tables
 # as NAME.pieces, (P, K, n) with P·n = N (manifest graph_wasm.pieces: NAME -> n): each matmul is one
 # MatMulIntegerToFloat with a batch of P, and the embedding's Gather a GatherND at (v // n, k, v % n). Loaders put the
-# decoded table in that order (in place in the page, or while placing int4-mG's codes), so it is held once.
+# decoded table in that order (the page's decoders as they place the bytes: kn.js), so it is held once.
 PIECES_SUFFIX = ".pieces"
 PIECE_MAX = 768           # measured: 384–768 columns a piece are equally fast, 1,536 slower, 49,152 (one) 2× slower
-LAYER_PIECE_MAX = 128     # the layers' int4-mG codes: 1B shapes 2.3× faster in pieces of 128, 2.2× of 256, 1.6× of 512
+LAYER_PIECE_MAX = 128     # the layers' int8 codes: 1B shapes 2.3× faster in pieces of 128, 2.2× of 256, 1.6× of 512
 LAYER_PIECE_MIN_WEIGHTS = 1 << 22   # ... for matrices of 4M weights and more (Llama-3.2-1B's q, o and MLP): SmolLM2's
                                     # (≤ 0.9M) gained 3 % a step in the page and cost 7.5 MiB and 0.6 s of session
 PIECE_MIN = 32
