@@ -79,8 +79,6 @@ class BuildOptions:
     force: bool = False
     name: str | None = None
     calibration: Any = None                  # calibrate.CalibrationOptions: GPTQ / clip search / mixed precision
-    distill: Any = None                      # distill.DistillOptions: row factors and norms fitted to the float
-                                             # model after calibration (needs `calibration`)
     smooth: float | str | None = None        # activation smoothing (converter/smooth.py): an alpha, "auto" (a
                                              # search per layer group), "on" (the scheme's best: auto for int4,
                                              # 0.5 for int8), "off", or None: the scheme's default (resolve_smooth)
@@ -522,12 +520,6 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
             from .calibrate import calibrate
             calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress,
                               None if generated is None else _first_windows(generated, opts.calibration.sequences))
-        if opts.distill is not None:
-            if calib is None:
-                raise BundleError("--distill fits the calibrated tensors: add --calibrate")
-            from .distill import distill
-            checkpoint, record = distill(checkpoint, calib, opts.distill, progress)
-            calib.record["distillation"] = record
         manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph, calib)
         if out.exists():
             shutil.rmtree(out)

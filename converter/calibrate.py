@@ -412,12 +412,9 @@ class _Spill:
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="tiny-qmoe-calib-"))
         self.names: dict[str, str] = {}
-        self._files = 0
 
     def put(self, name: str, q: Quantized):
-        """Park q as `name` (again: the new version replaces the old, distill.py rescales them)."""
-        f = self.dir / f"{self._files:04d}.npz"
-        self._files += 1
+        f = self.dir / f"{len(self.names):04d}.npz"
         arrays = {"symbols": q.symbols, "scales": q.scales}
         for part in ("zeros", "mults"):                  # the optional arrays of a Quantized (mins: GGUF only)
             if getattr(q, part) is not None:

@@ -62,7 +62,6 @@ def cmd_build(args) -> int:
         opts = BuildOptions(scheme=scheme, embed_scheme=args.embed_scheme, force=args.force,
                             chunk_symbols=args.chunk_symbols, name=f"{default_name}-{scheme}",
                             calibration=_calibration_options(args),
-                            distill=_distill_options(args),
                             smooth=args.smooth if smoothable(scheme) else None)
         if args.smooth not in (None, "off") and not smoothable(scheme):
             console.print(f"{scheme}: --smooth applies to {SMOOTH_NAMES} only; built without it")
@@ -121,16 +120,6 @@ def _smooth_arg(v: str):
     if not 0 < a <= 1:
         raise argparse.ArgumentTypeError(f"alpha must be in (0, 1], got {a}")
     return a
-
-
-def _distill_options(args):
-    """DistillOptions from --distill / --distill-epochs (None without --distill)."""
-    if not args.distill:
-        return None
-    from .distill import DistillOptions
-    o = DistillOptions(tokens=args.distill, epochs=args.distill_epochs)
-    o.check()
-    return o
 
 
 def _calibration_options(args):
@@ -431,11 +420,6 @@ def configure_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-embedding", action="store_true",
                    help="also calibrate the embedding / lm_head (Hessian of the final hidden states); with "
                         "--scheme source (or q4_0/q4_1/q8_0) only the embedding is calibrated")
-    b.add_argument("--distill", type=int, default=0, metavar="TOKENS",
-                   help="after calibration, fit each matrix's row steps and the norm weights to the float model "
-                        "(KL on TOKENS tokens sampled from it, windows of 256; codes and size unchanged). SmolLM2 "
-                        "int8-e3.15: ~5 s per 1,024 tokens and epoch, ~3.5 GB; docs/quality.md")
-    b.add_argument("--distill-epochs", type=int, default=2, help="passes over the distillation text")
     b.add_argument("--mixed", type=float, default=None, metavar="BITS",
                    help="mixed precision: promote the most sensitive linear tensors to --mixed-high until the "
                         "average nominal bits/weight of the decoder's linear layers reaches BITS")
