@@ -175,9 +175,8 @@ def group_table(values: np.ndarray, codes_shape, codes_layout: int) -> np.ndarra
 PIECES_SUFFIX = ".pieces"
 PIECE_MAX = 768           # measured: 384–768 columns a piece are equally fast, 1,536 slower, 49,152 (one) 2× slower
 LAYER_PIECE_MAX = 128     # the layers' int8 codes: 1B shapes 2.3× faster in pieces of 128, 2.2× of 256, 1.6× of 512
-LAYER_PIECE_MIN_WEIGHTS = 1 << 19   # ... for matrices of 512K weights and more: Llama-3.2-1B's all, SmolLM2's MLP
-                                    # (0.88M; +7-8 % decode in the page, +0.35 s of session; all its layers: +2-11 %,
-                                    # +0.6 s; the page reserves heap for each table, ort-session.js PIECES_TABLE_HEAP)
+LAYER_PIECE_MIN_WEIGHTS = 1 << 22   # ... for matrices of 4M weights and more (Llama-3.2-1B's q, o and MLP): SmolLM2's
+                                    # (≤ 0.9M) gained 3 % a step in the page and cost 7.5 MiB and 0.6 s of session
 PIECE_MIN = 32
 VOCAB_CODES = ("model.embed_tokens.weight.q", "lm_head.weight.q")
 

@@ -68,16 +68,8 @@ export function partialSumBytes(manifest, variant) {
  * ~42 KB (int4-m32). A heap that has to grow past it does so by 5 % steps (ort-heap.mjs): at Llama-3.2-1B's shape
  * int4-g32's first prefill piece outgrew it by three and ended 2.5 % above where Emscripten's 20 % steps had. */
 export function heapReserve(weightBytes, manifest, variant, rows) {
-  const pieces = Object.keys((manifest[variant] && manifest[variant].pieces) || {}).length;
-  return weightBytes + HEAP_MARGIN + pieces * PIECES_TABLE_HEAP +
-    partialSumBytes(manifest, variant) * Math.min(rows, MAX_PIECE);
+  return weightBytes + HEAP_MARGIN + partialSumBytes(manifest, variant) * Math.min(rows, MAX_PIECE);
 }
-
-/** Heap a table read in pieces (manifest graph_wasm.pieces) needs beyond its bytes: each is a batched GEMM, a
- * Transpose and a Reshape in the session. Measured on SmolLM2 int4-m32 with all 211 layer tables in pieces
- * (docs/page-bench.md, session 21): a session given 134 MiB grew the heap by a 5 % step, one given 135 MiB did
- * not, against 132.9 MiB reserved without this allowance: 5.5-10.3 KiB a table. */
-export const PIECES_TABLE_HEAP = 12 << 10;
 
 export const HEAP_MARGIN = 4 << 20;
 export const PREFILL_BUDGET = 16 << 20;
