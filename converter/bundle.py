@@ -1400,6 +1400,7 @@ def _validate_calibration(c):
     for k in ("sequences", "seq_len", "block"):
         _int(c.get(k), f"{w}.{k}", 1, 1 << 24)
     _num(c.get("damp"), f"{w}.damp", 0, 1)
+    _want(isinstance(c.get("act_order", False), bool), f"{w}.act_order", "must be true or false")
     _want(len(json.dumps(c)) < 1 << 16, w, "is too large")
     if "mixed" in c:
         mixed = c["mixed"]

@@ -131,7 +131,7 @@ def _calibration_options(args):
     from .calibrate import CalibrationOptions
     seq_len = min(256, args.calib_tokens)
     return CalibrationOptions(method=args.calibrate or "rtn", sequences=max(1, args.calib_tokens // seq_len),
-                              seq_len=seq_len, mixed=args.mixed, damp=args.calib_damp,
+                              seq_len=seq_len, mixed=args.mixed, damp=args.calib_damp, act_order=args.act_order,
                               mixed_high=SCHEME_ALIASES.get(args.mixed_high, args.mixed_high),
                               embedding="calibrated" if args.calib_embedding else "rtn", source_text=args.calib_text)
 
@@ -417,6 +417,8 @@ def configure_parser() -> argparse.ArgumentParser:
                         "while sampling, SmolLM2 1.4 GB peak; SmolLM2 int8-e3.15 KL 0.329 -> 0.270 at 12,288 tokens, "
                         "docs/quality.md)")
     b.add_argument("--calib-damp", type=float, default=0.1, help="GPTQ dampening, fraction of mean diag(H)")
+    b.add_argument("--act-order", action="store_true",
+                   help="GPTQ rounds the columns with the largest activations first (per-row grids: int8, int8-eB)")
     b.add_argument("--calib-embedding", action="store_true",
                    help="also calibrate the embedding / lm_head (Hessian of the final hidden states); with "
                         "--scheme source (or q4_0/q4_1/q8_0) only the embedding is calibrated")
