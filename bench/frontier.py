@@ -3,6 +3,7 @@
     python bench/frontier.py                       # ~25 min here: builds what is missing, evaluates every point
     python bench/frontier.py --ppl-chunks 2 --only ours       # quicker, our bundles only
     python bench/frontier.py --extra bundles/smollm2-int4-g128-gptq   # add any bundle of the same model
+    python bench/frontier.py --only llama.cpp --gguf DIR/*.gguf    # llama.cpp's own mixes (bench/llamacpp_quants.py)
 
 Writes bench/results/frontier.json, prints a Markdown table and draws docs/img/frontier.png (KL against bits per
 weight all-in, one point per model).
@@ -24,6 +25,8 @@ Two kinds of points, evaluated the same way (onnxruntime CPU, 1 thread, the same
             non-tensor bytes (header, metadata, tokenizer), over all parameters. TQ1_0/TQ2_0 blocks hold 256
             weights and SmolLM2's rows of 576 do not split into them: rows are zero-padded to a multiple of 256
             and the padding's bytes are counted (llama.cpp itself would refuse those tensors).
+            With --gguf: GGUF files quantized by llama.cpp itself (its k-quant and i-quant mixes, which the gguf
+            package cannot make), read by our GGUF loader; bits/weight all-in = the file's size.
 
 Tasks: `kl` — mean KL(baseline ‖ point) per token and greedy agreement over converter.evaluate's 10 fixed texts
 (756 positions); `ppl` — perplexity on the first --ppl-chunks windows of 512 tokens of pydoc_data.topics.
@@ -120,6 +123,21 @@ def gguf_roundtrip(w: np.ndarray, type_name: str) -> tuple[np.ndarray, int]:
     return out, nbytes
 
 
+def gguf_file_label(path: Path) -> tuple[str, dict[str, int]]:
+    """(label of a GGUF file quantized by llama.cpp: its mix, e.g. "Q3_K_M (llama.cpp quantize)"; how many tensors
+    each ggml type holds — on SmolLM2, whose rows of 576 do not split into blocks of 256, llama.cpp falls back to
+    32-blocks for most of a k-quant mix)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    ft = reader.fields.get("general.file_type")
+    name = gguf.LlamaFileType(int(ft.contents())).name.removeprefix("MOSTLY_") if ft else path.stem
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return f"{name} (llama.cpp quantize)", types
+
+
 def gguf_overhead(path: Path) -> int:
     """Bytes of a GGUF file that are not tensor data: header, metadata (tokenizer included), tensor infos, padding."""
     import gguf
@@ -158,6 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-chunks", type=int, default=4, help="perplexity windows of 512 tokens")
     ap.add_argument("--only", choices=("ours", "llama.cpp"), help="evaluate one kind of point")
     ap.add_argument("--extra", nargs="*", default=[], help="more bundles of the same model to evaluate")
+    ap.add_argument("--gguf", nargs="*", default=[],
+                    help="GGUF files of the same model quantized by llama.cpp itself (bench/llamacpp_quants.py): "
+                         "llama.cpp points, bits/weight = the file's size")
     ap.add_argument("--match", nargs="*", default=[],
                     help="build and evaluate only our points whose folder name contains one of these strings; "
                          "the other points of --out are kept as measured")
@@ -230,6 +251,24 @@ def main(argv=None) -> int:
             del dec, deq
             points.append({"kind": "llama.cpp", "label": label, "linear": linear_type, "embedding": embed_type,
                            "bytes": nbytes, "bpw": 8 * nbytes / n_params, **res})
+            log(f"  {points[-1]['bpw']:.3f} bpw  KL {res['kl']:.5f}  ppl {res['ppl']:.3f}")
+            save()
+        for path in map(Path, args.gguf):         # llama.cpp's own quantizer: whatever the file holds
+            label, types = gguf_file_label(path)
+            old = done.get(("llama.cpp", label))
+            if old and old.get("file_bytes") == path.stat().st_size:
+                points.append(old)
+                continue
+            log(f"llama.cpp {label}")
+            gk = open_checkpoint(path)
+            if gk.config != cfg:
+                raise SystemExit(f"{path}: not the default model's configuration")
+            dec = OrtDecoder(FloatModel(cfg, ((n, gk.load(n)) for n in gk.tensors)))
+            res = score(dec, texts, chunks, reference)
+            del dec, gk
+            points.append({"kind": "llama.cpp", "quantizer": "llama.cpp", "label": label, "path": str(path),
+                           "tensor_types": types, "file_bytes": path.stat().st_size,
+                           "bpw": 8 * path.stat().st_size / n_params, **res})
             log(f"  {points[-1]['bpw']:.3f} bpw  KL {res['kl']:.5f}  ppl {res['ppl']:.3f}")
             save()
     else:                                      # --only ours: keep the llama.cpp points measured before
@@ -361,10 +400,14 @@ def plot(report: dict, path: Path) -> None:
 
     floor = 1e-5                                              # KL = 0 (bit-exact) is drawn on this line
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    styles = {"ours": ("o", "tab:blue", "ours (bundles)"), "llama.cpp": ("s", "tab:orange", "llama.cpp formats "
-                                                                                           "(gguf.quants)")}
+    styles = {"ours": ("o", "tab:blue", "ours (bundles)"),
+              "llama.cpp": ("s", "tab:orange", "llama.cpp formats (gguf.quants)"),
+              "llama.cpp quantize": ("^", "tab:red", "llama.cpp mixes (its own quantizer, no imatrix)")}
+    kind_of = lambda p: "llama.cpp quantize" if p.get("quantizer") == "llama.cpp" else p["kind"]  # noqa: E731
     for kind, (marker, color, name) in styles.items():
-        pts = [p for p in report["points"] if p["kind"] == kind]
+        pts = [p for p in report["points"] if kind_of(p) == kind]
+        if not pts:
+            continue
         ax.scatter([p["bpw"] for p in pts], [max(p["kl"], floor) for p in pts], marker=marker, color=color,
                    label=name, zorder=3)
         for i, p in enumerate(sorted(pts, key=lambda p: p["bpw"])):   # alternate label sides against overlap
