@@ -411,7 +411,8 @@ def plot(report: dict, path: Path) -> None:
         ax.scatter([p["bpw"] for p in pts], [max(p["kl"], floor) for p in pts], marker=marker, color=color,
                    label=name, zorder=3)
         for i, p in enumerate(sorted(pts, key=lambda p: p["bpw"])):   # alternate label sides against overlap
-            ax.annotate(p["label"].replace(" embedding", " emb").replace("source: ", "").replace(" (llama.cpp quantize)", ""),
+            short = p["label"].replace(" embedding", " emb").replace("source: ", "")
+            ax.annotate(short.replace(" (llama.cpp quantize)", ""),
                         (p["bpw"], max(p["kl"], floor)), fontsize=6, color=color, textcoords="offset points",
                         xytext=(4, 4 if (i + (kind == "ours")) % 2 else -9))
     for i, (bpw, kl, what) in enumerate(TARGETS):             # a target is met by a point below and left of it
