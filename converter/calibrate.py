@@ -84,6 +84,10 @@ class CalibrationOptions:
                 raise QuantError(f"with {scheme} linear layers (llama.cpp's blocks, kept as the GGUF stores them) only "
                                  "the embedding can be calibrated: add --calib-embedding, without --mixed")
             return self._check_numbers()
+        if self.act_order and get_scheme(scheme).group:
+            raise QuantError(f"--act-order reorders GPTQ's columns, and {scheme} chooses its grid per group of "
+                             f"{get_scheme(scheme).group} columns in their order: use it with a per-row scheme "
+                             "(int8, int8-eB) or drop it")
         for s in (scheme, self.mixed_high) if self.mixed is not None else (scheme,):
             if self.mixed is not None and get_scheme(s).target_bits is not None:
                 raise QuantError(f"--mixed budgets nominal bits per weight, which {s} does not have (its size is "

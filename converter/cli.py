@@ -127,6 +127,8 @@ def _calibration_options(args):
     if args.calibrate is None and args.mixed is None:
         if args.calib_text != "pydoc":
             raise TinyQMoEError("--calib-text applies to calibrated builds: add --calibrate (or --mixed)")
+        if args.act_order:
+            raise TinyQMoEError("--act-order applies to calibrated builds: add --calibrate gptq")
         return None
     from .calibrate import CalibrationOptions
     seq_len = min(256, args.calib_tokens)

@@ -271,6 +271,10 @@ def test_cli_act_order_changes_the_codes_and_is_recorded(tmp_path, tiny_hf):
     b = {e["name"]: x for e, x in ao.decode_initializers()}
     assert a.keys() == b.keys()
     assert any(not np.array_equal(a[n], b[n]) for n in a if "layers" in n), "act-order changed no layer's codes"
+    assert main(["build", str(tiny_hf[0]), "--scheme", "int8", "--act-order", "--out", str(tmp_path / "x")]) == 2
+    assert main(["build", str(tiny_hf[0]), "--scheme", "int4-g32", "--calibrate", "gptq", "--act-order",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     path = tmp_path / "ao" / "manifest.json"
     m = json.loads(path.read_text())
     m["calibration"]["act_order"] = "yes"
