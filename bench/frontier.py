@@ -123,6 +123,9 @@ def gguf_roundtrip(w: np.ndarray, type_name: str) -> tuple[np.ndarray, int]:
     return out, nbytes
 
 
+QUANTIZED_BY_LLAMA_CPP = " (llama.cpp quantize)"     # the label suffix of --gguf points
+
+
 def gguf_file_label(path: Path) -> tuple[str, dict[str, int]]:
     """(label of a GGUF file quantized by llama.cpp: its mix, e.g. "Q3_K_M (llama.cpp quantize)"; how many tensors
     each ggml type holds — on SmolLM2, whose rows of 576 do not split into blocks of 256, llama.cpp falls back to
@@ -135,7 +138,7 @@ def gguf_file_label(path: Path) -> tuple[str, dict[str, int]]:
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return f"{name} (llama.cpp quantize)", types
+    return name + QUANTIZED_BY_LLAMA_CPP, types
 
 
 def gguf_overhead(path: Path) -> int:
@@ -412,7 +415,7 @@ def plot(report: dict, path: Path) -> None:
                    label=name, zorder=3)
         for i, p in enumerate(sorted(pts, key=lambda p: p["bpw"])):   # alternate label sides against overlap
             short = p["label"].replace(" embedding", " emb").replace("source: ", "")
-            ax.annotate(short.replace(" (llama.cpp quantize)", ""),
+            ax.annotate(short.replace(QUANTIZED_BY_LLAMA_CPP, ""),
                         (p["bpw"], max(p["kl"], floor)), fontsize=6, color=color, textcoords="offset points",
                         xytext=(4, 4 if (i + (kind == "ours")) % 2 else -9))
     for i, (bpw, kl, what) in enumerate(TARGETS):             # a target is met by a point below and left of it
