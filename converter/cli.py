@@ -62,7 +62,8 @@ def cmd_build(args) -> int:
         opts = BuildOptions(scheme=scheme, embed_scheme=args.embed_scheme, force=args.force,
                             chunk_symbols=args.chunk_symbols, name=f"{default_name}-{scheme}",
                             calibration=_calibration_options(args),
-                            smooth=args.smooth if smoothable(scheme) else None)
+                            smooth=args.smooth if smoothable(scheme) else None,
+                            fp16_graph=not args.model_graph_only, wasm_graph=not args.model_graph_only)
         if args.smooth not in (None, "off") and not smoothable(scheme):
             console.print(f"{scheme}: --smooth applies to {SMOOTH_NAMES} only; built without it")
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -419,6 +420,10 @@ def configure_parser() -> argparse.ArgumentParser:
                         "while sampling, SmolLM2 1.4 GB peak; SmolLM2 int8-e3.15 KL 0.329 -> 0.270 at 12,288 tokens, "
                         "docs/quality.md)")
     b.add_argument("--calib-damp", type=float, default=0.1, help="GPTQ dampening, fraction of mean diag(H)")
+    b.add_argument("--model-graph-only", action="store_true",
+                   help="write model.onnx only, without model.fp16.onnx (WebGPU with shader-f16) and model.wasm.onnx "
+                        "(the page's fast WASM-EP graph): the smallest bundle (~0.1 MB less), the page then runs "
+                        "model.onnx; what bench/frontier.py measures")
     b.add_argument("--act-order", action="store_true",
                    help="GPTQ rounds the columns with the largest activations first (per-row grids: int8, int8-eB)")
     b.add_argument("--calib-embedding", action="store_true",

@@ -747,3 +747,21 @@ def test_lying_pieces_are_named(tmp_path, tiny_hf, monkeypatch):
     _rewrite(dst, m)
     with pytest.raises(BundleError, match=rf"pieces.{re.escape(layer)}: is not an initializer of this bundle nor"):
         load(dst)
+
+
+def test_cli_model_graph_only_writes_the_smallest_bundle_that_still_runs(tmp_path, tiny_hf):
+    """--model-graph-only: no model.fp16.onnx and no model.wasm.onnx (fewer bytes all-in), the same weights, and
+    model.onnx gives the same logits as in the full bundle."""
+    from converter.cli import main
+    from converter.ort_session import OrtDecoder
+    args = ["build", str(tiny_hf[0]), "--scheme", "int4-g32"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    assert main(args + ["--model-graph-only", "--out", str(tmp_path / "small")]) == 0
+    full, small = load(tmp_path / "full"), load(tmp_path / "small")
+    assert "graph_fp16" in full.manifest and "graph_wasm" in full.manifest
+    assert "graph_fp16" not in small.manifest and "graph_wasm" not in small.manifest
+    assert not list((tmp_path / "small").glob("model.*.onnx*"))
+    assert small.manifest["totals"]["bundle_bytes"] < full.manifest["totals"]["bundle_bytes"]
+    assert small.manifest["blobs"] == full.manifest["blobs"]
+    ids = [5, 17, 42, 99, 3]
+    np.testing.assert_array_equal(OrtDecoder(small).forward_full(ids), OrtDecoder(full).forward_full(ids))
