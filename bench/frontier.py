@@ -274,6 +274,8 @@ def main(argv=None) -> int:
                            "bpw": 8 * path.stat().st_size / n_params, **res})
             log(f"  {points[-1]['bpw']:.3f} bpw  KL {res['kl']:.5f}  ppl {res['ppl']:.3f}")
             save()
+        labels = {p["label"] for p in points}  # --gguf files measured in an earlier run and not given now: kept
+        points += [p for (_, label), p in done.items() if p.get("quantizer") == "llama.cpp" and label not in labels]
     else:                                      # --only ours: keep the llama.cpp points measured before
         points += [p for (kind, _), p in done.items() if kind == "llama.cpp"]
     del floats
