@@ -44,8 +44,7 @@ def float_gguf(source: Path, out: Path) -> Path:
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:
-        a = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
-        writer.add_tensor(t.name, a.reshape([int(d) for d in reversed(t.shape)]) if a.ndim > 1 else a.reshape(-1))
+        writer.add_tensor(t.name, np.asarray(dequantize(t.data, t.tensor_type), np.float32))   # numpy (rows, cols)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -84,12 +83,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source = default_model_path()
-    f32 = out / f"{source.stem.split('.')[0]}.F32.gguf"
+    stem = source.stem.split(".")[0]                      # SmolLM2-135M-Instruct
+    f32 = out / f"{stem}.F32.gguf"
     if not f32.exists():
         float_gguf(source, f32.with_suffix(".tmp"))
         f32.with_suffix(".tmp").rename(f32)
     for t in args.types.split(","):
-        dst = out / f"{source.stem.split('.')[0]}.{t}.gguf"
+        dst = out / f"{stem}.{t}.gguf"
         if not dst.exists():
             tmp = dst.with_suffix(".tmp")
             quantize(f32, tmp, t, args.threads)
