@@ -575,7 +575,8 @@ def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list
     for n, w in pieces.items():
         types[n + PIECES_SUFFIX] = ("int8", pieces_shape(types.pop(n)[1], w))
     model = export_model(cfg, types, scheme, embed_scheme, tensor_schemes, group_gemm=True,
-                         kv_float16=any(not n.startswith(("model.embed_tokens.", "lm_head.")) for n in nbits))
+                         kv_float16=any(not n.startswith(("model.embed_tokens.", "lm_head.")) for n in nbits),
+                         append_kv=True)
     used = {i for node in model.graph.node for i in node.input}
     offered = {n + KN_SUFFIX for n in list(codes) + list(tables)} | set(codes) | set(tables) | \
         {p for c in multiplied for p in multiplied_parts(c)}

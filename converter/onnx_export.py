@@ -15,7 +15,12 @@ are returned as float32.
 
 The wasm variant (export_model(..., group_gemm=True), model.wasm.onnx) runs the group schemes' linears as batched
 integer GEMMs (group_gemm_linear) instead of MatMulNBits, which onnxruntime-web's wasm EP runs ~10x slower; it reads
-their codes transposed (NAME.q.kn, layouts.transposed_codes) and everything else as model.onnx does.
+their codes transposed (NAME.q.kn, layouts.transposed_codes) and everything else as model.onnx does, except the
+KV cache (append_kv=True, attention_append): past_key_values.* go in position-major, [batch, past, kv_heads,
+head_dim], and present.* hold only the new positions, [batch, seq, kv_heads, head_dim], which the caller appends
+(the page's KvAppendCache, OrtDecoder here), so onnxruntime-web's heap never holds the cache twice. Bundles built
+before session 23 have a wasm graph of the Concat form; the page and OrtDecoder tell the two apart by the past's
+declared shape.
 
 Quantized weights stay quantized in the session: per-channel int8/ternary run through MatMulInteger with
 activations quantized per token (int8_linear), group schemes through com.microsoft MatMulNBits (layouts in layouts.py). Node names are
@@ -50,7 +55,8 @@ class GraphBuilder:
     """Collects nodes and constants; names every node and value from a hierarchical prefix."""
 
     def __init__(self, weights: dict[str, tuple[str, tuple[int, ...]]], tensor_schemes: dict[str, str] | None = None,
-                 float16: bool = False, group_gemm: bool = False, kv_float16: bool | None = None):
+                 float16: bool = False, group_gemm: bool = False, kv_float16: bool | None = None,
+                 append_kv: bool = False):
         self.weights = weights            # initializer name -> (dtype, shape), all external
         # group schemes as batched integer GEMMs instead of MatMulNBits (the wasm graph, group_gemm_linear)
         self.group_gemm = group_gemm
@@ -64,6 +70,9 @@ class GraphBuilder:
         # positions 15.7 -> 17.6 tok/s, KL against f32 0.3582 -> 0.3569; README). kv_float16=False: the int8
         # bundles' wasm graph, which must give model.onnx's logits (docs/page-bench.md, session 18 and 20)
         self.kv_t = TensorProto.FLOAT16 if (group_gemm if kv_float16 is None else kv_float16) else self.ft
+        # append_kv: the cache goes in position-major ([B, past, kv, hd]) and only the new positions come out
+        # ([B, S, kv, hd]); the caller appends them (attention_append). The wasm graph's form: see KV_APPEND.
+        self.append_kv = append_kv
         self.nodes: list[onnx.NodeProto] = []
         self.consts: list[onnx.TensorProto] = []
         self._const_cache: dict[tuple, str] = {}
@@ -573,6 +582,9 @@ def attention(g: GraphBuilder, x: str, i: int, cfg: LlamaConfig, scheme: str, co
     v = heads(linear(g, x, w + "v_proj.weight", scheme, H, kv * hd, f"{p}/v_proj"), kv, "v")
     q = apply_rope(g, q, cos, sin, hd // 2, f"{p}/q_rotary")
     k = apply_rope(g, k, cos, sin, hd // 2, f"{p}/k_rotary")
+    if g.append_kv:
+        ctx = attention_append(g, q, k, v, i, cfg, bias)
+        return linear(g, ctx, w + "o_proj.weight", scheme, nh * hd, H, f"{p}/o_proj")
     if g.kv_t != g.ft:
         k = cast(g, k, g.kv_t, f"{p}/k_cache/CastIn")
         v = cast(g, v, g.kv_t, f"{p}/v_cache/CastIn")
@@ -593,6 +605,52 @@ def attention(g: GraphBuilder, x: str, i: int, cfg: LlamaConfig, scheme: str, co
     ctx = g.op1("Transpose", [ctx], f"{p}/ctx/Transpose", perm=[0, 2, 1, 3])                  # [B,S,nh,hd]
     ctx = g.op1("Reshape", [ctx, i64([0, 0, nh * hd])], f"{p}/ctx/Merge")
     return linear(g, ctx, w + "o_proj.weight", scheme, nh * hd, H, f"{p}/o_proj")
+
+
+# KV_APPEND (the wasm graph). onnxruntime-web's WASM EP copies every input into its heap for a run and every output
+# back out, so with the Concat form a step holds the whole cache twice in the heap (past in, present out) and copies
+# all of it out again. Here the past goes in position-major, [B, past, kv, hd], so that the page can keep it in one
+# growing buffer and feed a prefix of it without copying, and only the new positions come out, in the same layout:
+#  k, v [B,kv,S,hd] ─► Transpose ─► [B,S,kv,hd] (float16: Cast) ─► present (the new positions only)
+#  scores = q · [past_k | k]^T as two MatMuls, Concat on the key axis (nh·S·T floats, not the cache) + bias ─► Softmax
+#  ─► probs split at `past` ─► probs_past · past_v + probs_new · v
+# The values are those of the Concat graph up to float rounding (the sum over positions is split in two).
+def attention_append(g: GraphBuilder, q: str, k: str, v: str, i: int, cfg: LlamaConfig, bias: str) -> str:
+    p = f"/model/layers.{i}/attn"
+    hd, nh, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    i64 = lambda v_: g.const(v_, np.int64)  # noqa: E731
+    past_k, past_v, present_k, present_v = kv_names(i)
+    for name, t, out in (("k", k, present_k), ("v", v, present_v)):       # [B,kv,S,hd] -> [B,S,kv,hd]
+        t = g.op1("Transpose", [t], f"{p}/{name}_new/Transpose", perm=[0, 2, 1, 3])
+        if g.kv_t != g.ft:
+            g.nodes.append(helper.make_node("Cast", [t], [out], name=f"{p}/{name}_cache/CastIn", to=g.kv_t))
+        else:
+            g.nodes.append(helper.make_node("Identity", [t], [out], name=f"{p}/{name}_cache/Identity"))
+    if g.kv_t != g.ft:     # attend to the new positions as the next step reads them back: rounded to float16
+        k = g.op1("Transpose", [cast(g, present_k, g.ft, f"{p}/k_new/CastOut")], f"{p}/k_new/Heads", perm=[0, 2, 1, 3])
+        v = g.op1("Transpose", [cast(g, present_v, g.ft, f"{p}/v_new/CastOut")], f"{p}/v_new/Heads", perm=[0, 2, 1, 3])
+        past_k = cast(g, past_k, g.ft, f"{p}/k_cache/CastOut")
+        past_v = cast(g, past_v, g.ft, f"{p}/v_cache/CastOut")
+    q5 = g.op1("Reshape", [q, i64([0, kv, nh // kv, -1, hd])], f"{p}/q/GroupReshape")          # [B,kv,g,S,hd]
+    q5 = g.op1("Mul", [q5, g.const(1.0 / math.sqrt(hd))], f"{p}/q/Scale")
+    kT_past = g.op1("Unsqueeze", [g.op1("Transpose", [past_k], f"{p}/k_past/TransposeT", perm=[0, 2, 3, 1]),
+                                  i64([2])], f"{p}/k_past/Unsqueeze")                          # [B,kv,1,hd,P]
+    kT_new = g.op1("Unsqueeze", [g.op1("Transpose", [k], f"{p}/k/TransposeT", perm=[0, 1, 3, 2]), i64([2])],
+                   f"{p}/k/Unsqueeze")                                                         # [B,kv,1,hd,S]
+    scores = g.op1("Concat", [g.op1("MatMul", [q5, kT_past], f"{p}/QK_past/MatMul"),
+                              g.op1("MatMul", [q5, kT_new], f"{p}/QK/MatMul")], f"{p}/QK/Concat", axis=-1)
+    probs = g.op1("Softmax", [g.op1("Add", [scores, bias], f"{p}/QK/AddBias")], f"{p}/Softmax", axis=-1)
+    past = g.op1("Shape", [past_k], f"{p}/k_past/Length", start=1, end=2)                      # [1]: P
+    probs_past = g.op1("Slice", [probs, i64([0]), past, i64([-1])], f"{p}/probs_past/Slice")    # [B,kv,g,S,P]
+    probs_new = g.op1("Slice", [probs, past, i64([np.iinfo(np.int64).max]), i64([-1])], f"{p}/probs_new/Slice")
+    v_past = g.op1("Unsqueeze", [g.op1("Transpose", [past_v], f"{p}/v_past/Transpose", perm=[0, 2, 1, 3]), i64([2])],
+                   f"{p}/v_past/Unsqueeze")                                                    # [B,kv,1,P,hd]
+    v_new = g.op1("Unsqueeze", [v, i64([2])], f"{p}/v/Unsqueeze")                             # [B,kv,1,S,hd]
+    ctx = g.op1("Add", [g.op1("MatMul", [probs_past, v_past], f"{p}/PV_past/MatMul"),
+                        g.op1("MatMul", [probs_new, v_new], f"{p}/PV/MatMul")], f"{p}/PV/Add")   # [B,kv,g,S,hd]
+    ctx = g.op1("Reshape", [ctx, i64([0, nh, -1, hd])], f"{p}/ctx/Reshape")                   # [B,nh,S,hd]
+    ctx = g.op1("Transpose", [ctx], f"{p}/ctx/Transpose", perm=[0, 2, 1, 3])                  # [B,S,nh,hd]
+    return g.op1("Reshape", [ctx, i64([0, 0, nh * hd])], f"{p}/ctx/Merge")
 
 
 # x ─► gate_proj ─► SiLU ─┐
@@ -623,21 +681,25 @@ def keep_last_positions(g: GraphBuilder, x: str) -> str:
 
 def export_model(cfg: LlamaConfig, weights: dict[str, tuple[str, tuple[int, ...]]], scheme: str,
                  embed_scheme: str, tensor_schemes: dict[str, str] | None = None,
-                 float16: bool = False, group_gemm: bool = False, kv_float16: bool | None = None) -> onnx.ModelProto:
-    g = GraphBuilder(weights, tensor_schemes, float16, group_gemm, kv_float16)
+                 float16: bool = False, group_gemm: bool = False, kv_float16: bool | None = None,
+                 append_kv: bool = False) -> onnx.ModelProto:
+    g = GraphBuilder(weights, tensor_schemes, float16, group_gemm, kv_float16, append_kv)
     B, S, T, P = "batch", "seq", "total_seq", "past_seq"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, "logits_seq", cfg.vocab_size])]
-    kvshape = lambda n: [B, cfg.num_key_value_heads, n, cfg.head_dim]  # noqa: E731
+    if append_kv:          # position-major, and the present holds the new positions only (attention_append)
+        kvshape = lambda n: [B, n, cfg.num_key_value_heads, cfg.head_dim]  # noqa: E731
+    else:
+        kvshape = lambda n: [B, cfg.num_key_value_heads, n, cfg.head_dim]  # noqa: E731
     for i in range(cfg.num_hidden_layers):
         pk, pv, ck, cv = kv_names(i)
         inputs += [helper.make_tensor_value_info(pk, g.kv_t, kvshape(P)),
                    helper.make_tensor_value_info(pv, g.kv_t, kvshape(P))]
-        outputs += [helper.make_tensor_value_info(ck, g.kv_t, kvshape(T)),
-                    helper.make_tensor_value_info(cv, g.kv_t, kvshape(T))]
+        outputs += [helper.make_tensor_value_info(ck, g.kv_t, kvshape(S if append_kv else T)),
+                    helper.make_tensor_value_info(cv, g.kv_t, kvshape(S if append_kv else T))]
 
     x = embedding(g, "input_ids", cfg, embed_scheme, "/model/embed_tokens")
     cos, sin = rope_tables(g, "position_ids", cfg)

@@ -265,6 +265,10 @@ class OrtDecoder:
             self.inplace = InplaceCache(self.session, self.config)
         # the KV cache's type as the graph declares it: float16 in the float16 graph and in the wasm graph
         self.kv_dtype = _kv_dtype(self.session)
+        # the wasm graph's cache is position-major and its present holds only the new positions, which are appended
+        # here (onnx_export.attention_append); the other graphs return the whole cache, heads first
+        self.kv_append = _kv_append(self.session)
+        self.seq_axis = 1 if self.kv_append else 2
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
         self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
         self.reset()
@@ -277,7 +281,9 @@ class OrtDecoder:
             self.inplace.reset()
             self.tokens = []
             return
-        empty = np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), self.kv_dtype)
+        shape = (batch, 0, c.num_key_value_heads, c.head_dim) if self.kv_append else \
+            (batch, c.num_key_value_heads, 0, c.head_dim)
+        empty = np.zeros(shape, self.kv_dtype)
         self.past = {n: empty for i in range(c.num_hidden_layers) for n in kv_names(i)[:2]}
         self.mask = np.zeros((batch, 0), np.int64)
         self.tokens: list[int] = []        # the ids the cache holds (batch 1; runtime/generate.py reuses a prefix)
@@ -293,7 +299,7 @@ class OrtDecoder:
         if n == 0:
             self.reset()
             return
-        self.past = {k: np.ascontiguousarray(v[:, :, :n]) for k, v in self.past.items()}
+        self.past = {k: np.ascontiguousarray(v[:, :n] if self.kv_append else v[:, :, :n]) for k, v in self.past.items()}
         self.mask = self.mask[:, :n]
         del self.tokens[n:]
 
@@ -329,7 +335,11 @@ class OrtDecoder:
         c = self.config
         for i in range(c.num_hidden_layers):
             pk, pv, ck, cv = kv_names(i)
-            self.past[pk], self.past[pv] = res[ck], res[cv]
+            if self.kv_append:
+                self.past[pk] = np.concatenate([self.past[pk], res[ck]], axis=1)
+                self.past[pv] = np.concatenate([self.past[pv], res[cv]], axis=1)
+            else:
+                self.past[pk], self.past[pv] = res[ck], res[cv]
         self.mask = mask
         if B == 1:
             self.tokens += [int(t) for t in ids[0]]
@@ -385,6 +395,16 @@ def _kv_dtype(session) -> type:
             t = i.type if isinstance(i.type, str) else i.type.tensor_type.elem_type
             return np.float16 if t in ("tensor(float16)", TensorProto.FLOAT16) else np.float32
     return np.float32
+
+
+def _kv_append(session) -> bool:
+    """Whether the graph takes its cache position-major and returns only the new positions (the wasm graph since
+    session 23, onnx_export.attention_append): past_key_values.0.key's second axis is the past's length."""
+    for i in session.get_inputs():
+        if i.name == kv_names(0)[0]:
+            dims = i.shape if hasattr(i, "shape") else [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            return len(dims) == 4 and dims[1] == "past_seq"
+    return False
 
 
 def top_k_sorted(logits: np.ndarray, k: int) -> tuple[list[int], list[float]]:

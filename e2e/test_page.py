@@ -69,6 +69,8 @@ def test_wasm_tokens_equal_cpu_reference(page, server, bundle_dir, name):
     assert ("wasm graph" in page.inner_text("#ep-badge")) == (graph == "wasm")
     graphs = {u.rsplit("/", 1)[1].removesuffix(".qz").removesuffix(".zlib") for u in fetched if ".onnx" in u}
     assert graphs == ({"model.wasm.onnx"} if graph == "wasm" else {"model.onnx"}), graphs
+    # the wasm graph's cache is appended to by the page (KvAppendCache): position-major, the new positions out
+    assert page.evaluate("window.tinyqmoe.state.session.append") == (graph == "wasm")
     got = page_tokens(page, PROMPT, 12)
     want = cpu_tokens(bundle_dir / name, PROMPT, 12, graph=graph)
     assert got["tokens"] == want

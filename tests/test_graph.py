@@ -427,3 +427,65 @@ def test_session_weight_bytes_is_what_onnxruntime_holds(tiny_bundles, tmp_path, 
     assert abs(held - ours) <= 0.005 * held, (held, ours, stored)
     if scheme != "f32":
         assert ours > stored           # the float16 scales are float32 in the session
+
+
+def _append_twin(bundle, float16_kv: bool = False, append: bool = True):
+    """The bundle (a float32 one) with model.onnx exported in the wasm graph's cache form instead
+    (onnx_export.attention_append: the cache position-major, only the new positions out; append=False: the Concat
+    form, with float16_kv its float16 cache)."""
+    from converter.onnx_export import export_model
+    model = export_model(bundle.config, graph_initializers(bundle.manifest), bundle.manifest["scheme"],
+                         bundle.manifest["embed_scheme"], kv_float16=float16_kv, append_kv=append)
+    check_graph(model)
+    raw = model.SerializeToString()
+    twin = load(bundle.path)
+    twin.graph_bytes = lambda float16=False, variant="graph": raw
+    return twin
+
+
+def test_appended_cache_graph_equals_the_concat_graph(tiny_bundles):
+    """The wasm graph's attention (the past fed position-major, the present only the new positions, which the
+    caller appends) computes what model.onnx's Concat form does, on a float model where no activation is
+    re-quantized: prefill, decode steps, a rewind, and a left-padded batch, to float rounding."""
+    bundle = load(tiny_bundles("f32"))
+    twin = _append_twin(bundle)
+    model = onnx.load_from_string(twin.graph_bytes())
+    past = next(i for i in model.graph.input if i.name == "past_key_values.0.key")
+    present = next(o for o in model.graph.output if o.name == "present.0.key")
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    c = bundle.config
+    assert dims(past) == ["batch", "past_seq", c.num_key_value_heads, c.head_dim]
+    assert dims(present) == ["batch", "seq", c.num_key_value_heads, c.head_dim]
+    assert not any(n.op_type == "Concat" and n.output[0].startswith("present") for n in model.graph.node)
+    a, b = OrtDecoder(bundle), OrtDecoder(twin)
+    assert (a.kv_append, b.kv_append) == (False, True)
+    np.testing.assert_allclose(b.run(np.array([IDS[:6]])), a.run(np.array([IDS[:6]])), rtol=0, atol=1e-5)
+    for t in IDS[6:]:                                       # decode: one position at a time after the cache
+        np.testing.assert_allclose(b.run(np.array([[t]])), a.run(np.array([[t]])), rtol=0, atol=1e-5)
+    assert b.past["past_key_values.0.key"].shape == (1, len(IDS), c.num_key_value_heads, c.head_dim)
+    a.rewind(4), b.rewind(4)
+    np.testing.assert_allclose(b.run(np.array([IDS[7:9]])), a.run(np.array([IDS[7:9]])), rtol=0, atol=1e-5)
+    a.reset(2), b.reset(2)                                  # evaluation's batches: left padding, then a step
+    ids, mask = np.array([[0, 0] + IDS[:4], IDS[:6]]), np.array([[0, 0, 1, 1, 1, 1], [1] * 6])
+    np.testing.assert_allclose(b.run(ids, mask), a.run(ids, mask), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(b.run(np.array([[5], [6]])), a.run(np.array([[5], [6]])), rtol=0, atol=1e-5)
+
+
+def test_appended_float16_cache_attends_to_what_it_stores(tiny_bundles):
+    """With a float16 cache (the group schemes' wasm graph) the new positions come out rounded to float16 and the
+    run attends to them rounded, as the next run reads them back, as the Concat graph's float16 form does: the same
+    logits to float rounding, a position at a time and as one prompt; staged sessions give the one session's
+    logits bit for bit."""
+    bundle = load(tiny_bundles("f32"))
+    twin, concat = _append_twin(bundle, float16_kv=True), _append_twin(bundle, float16_kv=True, append=False)
+    steps, want = OrtDecoder(twin), OrtDecoder(concat)
+    assert steps.kv_dtype == want.kv_dtype == np.float16 and steps.kv_append and not want.kv_append
+    got = np.concatenate([steps.run(np.array([[t]])) for t in IDS], axis=1)[0]
+    np.testing.assert_allclose(got, np.concatenate([want.run(np.array([[t]])) for t in IDS], axis=1)[0],
+                               rtol=0, atol=1e-5)
+    whole = OrtDecoder(concat).forward_full(IDS)
+    np.testing.assert_allclose(OrtDecoder(twin).forward_full(IDS), whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=1e-4)     # float16 rounding: a prompt vs its steps
+    staged = OrtDecoder(twin, low_memory=True)
+    np.testing.assert_array_equal(np.concatenate([staged.run(np.array([[t]])) for t in IDS], axis=1)[0], got)
+    assert staged.past["past_key_values.1.value"].dtype == np.float16

@@ -64,8 +64,9 @@ export function partialSumBytes(manifest, variant) {
  * wasm build is given before its weights are copied in (ort-heap.mjs): HEAP_MARGIN plus a prefill piece's
  * partial sums. Measured on SmolLM2 (docs/page-bench.md, pre-grown heaps, load + a 7-token prompt + 16 tokens,
  * 1 thread): the heap's high-water mark was 16 MiB + the weights + 1.8 (int4-m32), 2.4 (int8), 3.8 (int4-g64,
- * with 3.5 MiB of partial sums) and 6.0 MiB (int4-g32, 6.9 MiB of partial sums); every position of KV cache adds
- * ~42 KB (int4-m32). A heap that has to grow past it does so by 5 % steps (ort-heap.mjs): at Llama-3.2-1B's shape
+ * with 3.5 MiB of partial sums) and 6.0 MiB (int4-g32, 6.9 MiB of partial sums); every position of KV cache added
+ * ~42 KB (int4-m32) while the wasm graph concatenated it; appended (KvAppendCache), one copy of it less (int8 at 73
+ * positions: a high-water mark 2.2 MiB lower, docs/page-bench.md session 23). A heap that has to grow past it does so by 5 % steps (ort-heap.mjs): at Llama-3.2-1B's shape
  * int4-g32's first prefill piece outgrew it by three and ended 2.5 % above where Emscripten's 20 % steps had. */
 export function heapReserve(weightBytes, manifest, variant, rows) {
   return weightBytes + HEAP_MARGIN + partialSumBytes(manifest, variant) * Math.min(rows, MAX_PIECE);
@@ -151,15 +152,19 @@ export class DecoderSession {
     // the KV cache's type as the graph declares it: float16 in the float16 graph and in the wasm graph
     const kvMeta = (session.inputMetadata || []).find((m) => m.name === "past_key_values.0.key");
     const kv16 = !!opts.float16 || (kvMeta && kvMeta.type === "float16");
-    const decoder = new DecoderSession(ort, session, config, ep, kvOnDevice, kv16, build);
+    // the wasm graph takes its cache position-major ([1, past, kv, hd]) and returns only the new positions
+    // (converter/onnx_export.py, attention_append): the page appends them to buffers it keeps (KvAppendCache)
+    const append = !!(kvMeta && kvMeta.shape && kvMeta.shape[1] === "past_seq");
+    const decoder = new DecoderSession(ort, session, config, ep, kvOnDevice, kv16, build, append);
     decoder.numThreads = ort.env.wasm.numThreads;   // what the wasm module runs with (fixed at its first session)
     decoder.maxRows = opts.maxRows || Infinity;
     decoder.heapReserved = heapReserved;
     return decoder;
   }
 
-  constructor(ort, session, config, ep, kvOnDevice = false, float16 = false, build = "webgpu") {
+  constructor(ort, session, config, ep, kvOnDevice = false, float16 = false, build = "webgpu", append = false) {
     this.ort = ort;
+    this.append = append;
     this.build = build;
     this.session = session;
     this.config = config;
@@ -182,6 +187,12 @@ export class DecoderSession {
     const c = this.config;
     for (const t of Object.values(this.past || {})) release(t);
     this.past = {};
+    this.length = 0;
+    this.tokens = [];            // the ids the cache holds, in order (the runtime keeps the prefix a prompt repeats)
+    if (this.append) {
+      this.cache = new KvAppendCache(c, this.float16);
+      return;
+    }
     for (let i = 0; i < c.num_hidden_layers; i++) {
       for (const kind of ["key", "value"]) {
         this.past[`past_key_values.${i}.${kind}`] = this.float16
@@ -189,8 +200,6 @@ export class DecoderSession {
           : new this.ort.Tensor("float32", new Float32Array(0), [1, c.num_key_value_heads, 0, c.head_dim]);
       }
     }
-    this.length = 0;
-    this.tokens = [];            // the ids the cache holds, in order (the runtime keeps the prefix a prompt repeats)
   }
 
   /** The tokens whose cache a next prompt may keep (rewind). */
@@ -202,6 +211,11 @@ export class DecoderSession {
   async rewind(n) {
     if (n === 0) { this.reset(); return; }
     if (!(n > 0 && n <= this.length)) throw new Error(`cannot rewind a cache of ${this.length} to ${n}`);
+    if (this.append) {           // the positions past n are overwritten by the next run's
+      this.length = n;
+      this.tokens.length = n;
+      return;
+    }
     const c = this.config, T = this.length, hd = c.head_dim, heads = c.num_key_value_heads;
     for (const [name, t] of Object.entries(this.past)) {
       const data = /** @type {Float32Array|Uint16Array} */ (t.location === "cpu" ? t.data : await t.getData());
@@ -247,7 +261,7 @@ export class DecoderSession {
       input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, S]),
       attention_mask: new ort.Tensor("int64", new BigInt64Array(T).fill(1n), [1, T]),
       position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: S }, (_, j) => BigInt(this.length + j)), [1, S]),
-      ...this.past,
+      ...(this.append ? this.cache.feeds(ort, this.length) : this.past),
     };
     // the lm_head on the last position only (bundles built before session 3 have no such input: all positions)
     if (this.session.inputNames.includes("num_logits_to_keep")) {
@@ -256,7 +270,8 @@ export class DecoderSession {
     const t1 = performance.now();
     const out = await this.session.run(feeds);
     const t2 = performance.now();
-    for (let i = 0; i < this.config.num_hidden_layers; i++) {
+    if (this.append) await this.cache.append(out, this.length, S);
+    for (let i = 0; i < this.config.num_hidden_layers && !this.append; i++) {
       for (const kind of ["key", "value"]) {
         const old = this.past[`past_key_values.${i}.${kind}`];
         if (old !== out[`present.${i}.${kind}`]) release(old);
@@ -267,6 +282,61 @@ export class DecoderSession {
     for (const id of ids) this.tokens.push(id);
     p.runs++; p.feedsMs += t1 - t0; p.runMs += t2 - t1; p.kvMs += performance.now() - t2;
     return out.logits;
+  }
+}
+
+/** The KV cache of a graph that takes it position-major and returns only the new positions (the wasm graph):
+ * one buffer per layer and kind, [capacity, kv, hd], whose first `length` positions are fed as the past without a
+ * copy (a view; onnxruntime-web copies it into its heap for the run, as it does any input) and to which each run's
+ * new positions are appended. Against the Concat graph, whose whole present comes out of the heap at every step:
+ * the heap holds the cache once during a run instead of twice, and only the new positions are copied out. A buffer
+ * grows to at least 64 positions and by an eighth at a time (amortised copying, at most ~1/8 unused); rewinding
+ * keeps it and only shortens the view. */
+export class KvAppendCache {
+  constructor(config, float16) {
+    this.config = config;
+    this.Type = float16 ? Uint16Array : Float32Array;
+    this.type = float16 ? "float16" : "float32";
+    this.row = config.num_key_value_heads * config.head_dim;      // elements per position
+    this.capacity = 0;
+    this.buffers = {};
+    for (let i = 0; i < config.num_hidden_layers; i++) {
+      for (const kind of ["key", "value"]) this.buffers[`${i}.${kind}`] = new this.Type(0);
+    }
+  }
+
+  /** The past_key_values.* feeds: views of the first `length` positions. */
+  feeds(ort, length) {
+    const c = this.config, out = {};
+    for (const [k, buf] of Object.entries(this.buffers)) {
+      out[`past_key_values.${k}`] = new ort.Tensor(this.type, buf.subarray(0, length * this.row),
+                                                   [1, length, c.num_key_value_heads, c.head_dim]);
+    }
+    return out;
+  }
+
+  /** Write the run's present.* (its S new positions) after the first `length` positions (read back first when
+   * they are GPU buffers: kvOnDevice on WebGPU with this graph). */
+  async append(out, length, S) {
+    const need = length + S;
+    if (need > this.capacity) {
+      const cap = Math.max(need, 64, this.capacity + Math.ceil(this.capacity / 8));
+      for (const [k, buf] of Object.entries(this.buffers)) {
+        const grown = new this.Type(cap * this.row);
+        grown.set(buf.subarray(0, length * this.row));
+        if (buf.buffer.transfer) buf.buffer.transfer(0);           // free the old bytes now, not at the next GC
+        this.buffers[k] = grown;
+      }
+      this.capacity = cap;
+    }
+    for (const [k, buf] of Object.entries(this.buffers)) {
+      const t = out[`present.${k}`];
+      if (!t || t.dims[1] !== S) throw new Error(`present.${k}: expected the ${S} new positions, got [${t && t.dims}]`);
+      // the bytes as they are (a float16 output may come as a Float16Array, which set() would convert by value)
+      const d = t.location === "cpu" ? t.data : await t.getData();
+      buf.set(new this.Type(d.buffer, d.byteOffset, d.byteLength / this.Type.BYTES_PER_ELEMENT), length * this.row);
+      if (t.dispose) t.dispose();
+    }
   }
 }
 
