@@ -268,7 +268,6 @@ class OrtDecoder:
         # the wasm graph's cache is position-major and its present holds only the new positions, which are appended
         # here (onnx_export.attention_append); the other graphs return the whole cache, heads first
         self.kv_append = _kv_append(self.session)
-        self.seq_axis = 1 if self.kv_append else 2
         # bundles built before session 3 have no num_logits_to_keep input: they always return every position
         self.has_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
         self.reset()
