@@ -384,26 +384,32 @@ def session_weight_bytes(bundle: Bundle, variant: str = "graph") -> int:
     return int(total)
 
 
+def _past_key(session):
+    """The graph's declaration of past_key_values.0.key: a session's NodeArg, or a StagedSession's ValueInfoProto;
+    None for a graph without a KV cache input."""
+    return next((i for i in session.get_inputs() if i.name == kv_names(0)[0]), None)
+
+
 def _kv_dtype(session) -> type:
     """The KV cache's numpy type, as the graph declares past_key_values.0.key: a session's NodeArg gives
     "tensor(float16)", a StagedSession's ValueInfoProto an onnx element type."""
     from onnx import TensorProto
 
-    for i in session.get_inputs():
-        if i.name == kv_names(0)[0]:
-            t = i.type if isinstance(i.type, str) else i.type.tensor_type.elem_type
-            return np.float16 if t in ("tensor(float16)", TensorProto.FLOAT16) else np.float32
-    return np.float32
+    i = _past_key(session)
+    if i is None:
+        return np.float32
+    t = i.type if isinstance(i.type, str) else i.type.tensor_type.elem_type
+    return np.float16 if t in ("tensor(float16)", TensorProto.FLOAT16) else np.float32
 
 
 def _kv_append(session) -> bool:
     """Whether the graph takes its cache position-major and returns only the new positions (the wasm graph since
     session 23, onnx_export.attention_append): past_key_values.0.key's second axis is the past's length."""
-    for i in session.get_inputs():
-        if i.name == kv_names(0)[0]:
-            dims = i.shape if hasattr(i, "shape") else [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-            return len(dims) == 4 and dims[1] == "past_seq"
-    return False
+    i = _past_key(session)
+    if i is None:
+        return False
+    dims = i.shape if hasattr(i, "shape") else [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+    return len(dims) == 4 and dims[1] == "past_seq"
 
 
 def top_k_sorted(logits: np.ndarray, k: int) -> tuple[list[int], list[float]]:
