@@ -234,7 +234,8 @@ def open_chat_model(path: str, threads: int = 1, float16: bool = False, graph: s
 def _sampling(args):
     from .runtime.generate import SamplingConfig
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))
+                          top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()),
+                          lookahead=args.lookahead)
 
 
 def _stats(res) -> str:
@@ -453,6 +454,10 @@ def configure_parser() -> argparse.ArgumentParser:
         r.add_argument("--top-p", type=float, default=1.0)
         r.add_argument("--seed", type=int, default=0)
         r.add_argument("--stop", action="append", help="stop string (repeatable)")
+        r.add_argument("--lookahead", type=int, default=0,
+                       help="greedy: check up to N draft tokens per step, guessed from the text so far (prompt "
+                            "lookup); the same reply in fewer runs where the text repeats itself (the page's chat "
+                            "uses 3 on the WASM EP)")
         r.add_argument("--threads", type=int, default=1)
         r.add_argument("--fp16", action="store_true",
                        help="run the bundle's float16 graph (model.fp16.onnx; meant for GPUs with shader-f16)")

@@ -306,17 +306,19 @@ class OrtDecoder:
     def cached(self) -> int:
         return self.inplace.length if self.inplace is not None else self.mask.shape[1]
 
-    def run(self, ids: np.ndarray, mask_new: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
+    def run(self, ids: np.ndarray, mask_new: np.ndarray | None = None, last_only: bool = False,
+            keep: int = 0) -> np.ndarray:
         """ids [B, S] after the cache; returns logits [B, S, V] (last_only: [B, 1, V], the lm_head on the last
-        position only) and extends the cache."""
+        position only; keep=n: [B, n, V], the last n positions) and extends the cache."""
         B, S = ids.shape
+        keep = 1 if last_only else keep
         if self.inplace is not None:
             if B != 1 or (mask_new is not None and not np.all(mask_new)):
                 raise TinyQMoEError("the in-place KV cache runs one sequence without padding (batch 1)")
             start = self.inplace.length
             logits = self.inplace.run({"input_ids": ids.astype(np.int64),
                                        "position_ids": np.arange(start, start + S, dtype=np.int64)[None],
-                                       LOGITS_TO_KEEP: np.array(1 if last_only else 0, np.int64)})
+                                       LOGITS_TO_KEEP: np.array(keep, np.int64)})
             self.tokens += [int(t) for t in ids[0]]
             return logits
         if mask_new is None:
@@ -326,7 +328,7 @@ class OrtDecoder:
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -S:]
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": pos.astype(np.int64)}
         if self.has_logits_to_keep:
-            feeds[LOGITS_TO_KEEP] = np.array(1 if last_only else 0, np.int64)
+            feeds[LOGITS_TO_KEEP] = np.array(keep, np.int64)
         feeds.update(self.past)
         out = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
@@ -347,6 +349,12 @@ class OrtDecoder:
     def forward(self, ids: list[int], k: int = TOP_CANDIDATES) -> tuple[list[int], list[float]]:
         """The runtime's interface: the top-k logits of the last position, by (value desc, id asc)."""
         return top_k_sorted(self.run(np.asarray([ids], np.int64), last_only=True)[0, -1], k)
+
+    def forward_positions(self, ids: list[int], n: int, k: int = TOP_CANDIDATES) -> list[tuple[list[int], list[float]]]:
+        """The top-k logits of each of the last n positions, in order (a step that checks draft tokens:
+        runtime/generate.py, SamplingConfig.lookahead)."""
+        logits = self.run(np.asarray([ids], np.int64), keep=n)[0]
+        return [top_k_sorted(row, k) for row in logits[-n:]]
 
     def forward_full(self, ids: list[int]) -> np.ndarray:
         self.reset()

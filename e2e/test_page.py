@@ -282,6 +282,32 @@ def test_next_turn_keeps_the_cache_and_equals_cpu(page, server, bundle_dir, name
     assert [g["tokens"] for g in got] == [w.token_ids for w in want]
 
 
+@pytest.mark.parametrize("name", ["tiny-int4m", "tiny-f32"])
+def test_lookahead_equals_cpu_and_keeps_the_cache_right(page, server, bundle_dir, name):
+    """Lookahead (runtime/generate.py): a greedy step runs the new token with draft tokens guessed from the text so
+    far and keeps the confirmed ones. The page's steps, rewinds and tokens are the CPU reference's, on the wasm
+    graph (an appended cache: a rewind shortens it) and on model.onnx (a Concat cache: a rewind cuts it), and the
+    next turn reuses the cache of what the model confirmed. (The chat box uses lookahead 3 on the wasm graph:
+    test_smollm2_answers_paris_and_reloads_offline goes through it.)"""
+    from converter.cli import open_chat_model
+    from converter.runtime.generate import SamplingConfig
+
+    graph = "wasm" if name == "tiny-int4m" else "model"
+    open_loaded(page, server, name, "wasm")
+    prompt = "the quick brown fox jumps over the lazy dog and the quick brown fox jumps over"
+    second = prompt + " the lazy dog"
+    chat = open_chat_model(str(bundle_dir / name), graph=graph)
+    want = [chat.generate(chat.prompt_ids(raw=p), SamplingConfig(max_new_tokens=24, lookahead=3)) for p in (prompt, second)]
+    got = [page.evaluate("([p, n]) => window.tinyqmoe.generate(p, {max_new_tokens: n, raw: p, reuse: true, lookahead: 3})",
+                         [p, 24]) for p in (prompt, second)]
+    assert [g["tokens"] for g in got] == [w.token_ids for w in want]
+    assert [g["cachedTokens"] for g in got] == [w.cached_tokens for w in want] and want[1].cached_tokens > 0
+    # drafts were confirmed: fewer runs than tokens, as on the CPU
+    assert [g["profile"]["steps"] - 1 for g in got] == [w.decode_steps for w in want]
+    assert want[0].decode_steps < want[0].sampled - 1, "the tiny model's text should repeat enough to confirm drafts"
+    assert page.evaluate("window.tinyqmoe.state.session.append") == (graph == "wasm")
+
+
 def test_next_turn_keeps_a_gpu_cache(page, server, bundle_dir):
     """On WebGPU the KV cache lives in GPU buffers (kvOnDevice): rewind reads it back once and cuts it on the CPU."""
     from converter.cli import open_chat_model

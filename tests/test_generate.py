@@ -147,3 +147,106 @@ def test_fit_messages_leaves_out_the_oldest_turns(tiny_bundles):
     assert len(chat.prompt_ids(kept)) + 64 <= chat.context and dropped == len(msgs) - len(kept) > 0
     assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and kept[1]["role"] == "user"
     assert chat.fit_messages(msgs[:3], reserve=64) == (msgs[:3], 0)
+
+
+# ---- lookahead: draft tokens from the text so far, checked in the same run
+
+class PrefixModel:
+    """A session whose next token is a function of the whole prefix (as a model's is), with a KV cache of tokens:
+    forward_positions answers for each of the last n positions from the prefix up to it, and it checks that the
+    runtime rewinds the cache of unconfirmed drafts before running on."""
+
+    def __init__(self, rule, context=0):
+        self.rule, self.context, self.tokens, self.runs = rule, context, [], []
+
+    def reset(self):
+        self.tokens = []
+
+    def rewind(self, n):
+        assert 0 <= n <= len(self.tokens)
+        del self.tokens[n:]
+
+    def _cands(self, prefix):
+        logits = [0.0] * 384
+        logits[self.rule(prefix)] = 5.0
+        return top_candidates(logits, 8)
+
+    def forward_positions(self, ids, n):
+        self.tokens += list(ids)
+        self.runs.append(len(ids))
+        assert not self.context or len(self.tokens) <= self.context
+        return [self._cands(self.tokens[:len(self.tokens) - n + j + 1]) for j in range(n)]
+
+    def forward(self, ids):
+        return self.forward_positions(ids, 1)[0]
+
+
+def _cycle_with_breaks(prefix):
+    """10, 11, 12, 13, 10, 11, ... but every 9th position says 20: drafts are often right, sometimes wrong."""
+    return 20 if len(prefix) % 9 == 0 else 10 + (prefix[-1] + 1 - 10) % 4 if 10 <= prefix[-1] <= 13 else 10
+
+
+def test_ngram_drafter_proposes_what_followed_the_latest_match():
+    from converter.runtime.generate import NgramDrafter
+    d = NgramDrafter([5, 6, 7, 8, 5, 6, 9, 1, 5, 6])
+    assert d.draft(3) == [9, 1, 5]          # "5 6" last followed by 9 (the latest earlier match wins)
+    d.extend([9])
+    assert d.draft(2) == [1, 5]             # "5 6 9" seen once
+    assert NgramDrafter([1, 2, 3]).draft(4) == [] and d.draft(0) == []
+    assert NgramDrafter([4, 5, 4, 5]).draft(3) == [4, 5]     # what follows may run into the end of the text
+    assert NgramDrafter([4, 4]).draft(3) == [] and NgramDrafter([4, 4], min_n=1).draft(3) == [4]
+
+
+def test_lookahead_gives_the_greedy_tokens_in_fewer_runs():
+    tok = _tok()
+    prompt = [10, 11, 12, 13, 10, 11]
+    plain = PrefixModel(_cycle_with_breaks)
+    want = generate(plain, tok, prompt, [], SamplingConfig(max_new_tokens=60))
+    for k in (1, 3, 6):
+        model = PrefixModel(_cycle_with_breaks)
+        got = generate(model, tok, prompt, [], SamplingConfig(max_new_tokens=60, lookahead=k))
+        assert got.token_ids == want.token_ids and got.stop_reason == "max_tokens"
+        assert got.sampled == want.sampled == 60
+        assert max(model.runs[1:]) == k + 1 and got.decode_steps < want.decode_steps
+        # the cache holds exactly the prompt and the confirmed tokens but the last (the rejected drafts are gone)
+        assert model.tokens[:len(prompt) + 59] == prompt + got.token_ids[:59]
+    assert want.decode_steps == 59 and max(plain.runs[1:]) == 1
+
+
+def test_lookahead_respects_eos_max_tokens_context_and_sampling():
+    tok = _tok()
+    prompt = [10, 11, 12, 13, 10, 11]
+    # an end-of-sequence token inside a confirmed run of drafts ends the reply there
+    res = generate(PrefixModel(_cycle_with_breaks), tok, prompt, [20], SamplingConfig(max_new_tokens=60, lookahead=4))
+    assert res.stop_reason == "eos" and res.token_ids == [12, 13, 10] and res.decode_steps == 1
+    # never a draft past max_new_tokens, never a position past the context (PrefixModel asserts it)
+    model = PrefixModel(lambda p: 10 + (p[-1] + 1 - 10) % 4 if 10 <= p[-1] <= 13 else 10, context=20)
+    res = generate(model, tok, prompt, [], SamplingConfig(max_new_tokens=9, lookahead=8), context=20)
+    assert len(res.token_ids) == 9 and res.stop_reason == "max_tokens" and max(model.runs[1:]) <= 8
+    model = PrefixModel(model.rule, context=20)
+    res = generate(model, tok, prompt, [], SamplingConfig(max_new_tokens=60, lookahead=8), context=20)
+    assert res.stop_reason == "context" and len(prompt) + len(res.token_ids) == 20
+    # sampling: no drafts (their tokens would not be the ones sampling draws)
+    model = PrefixModel(model.rule)
+    generate(model, tok, prompt, [], SamplingConfig(max_new_tokens=20, lookahead=4, temperature=1.0, seed=3))
+    assert max(model.runs[1:]) == 1
+
+
+def test_lookahead_on_a_real_graph_matches_greedy_and_the_page_glue(tiny_bundles):
+    """OrtDecoder.forward_positions is the last n positions of one run; with lookahead the tokens are greedy's
+    (a float32 graph: run shapes change the logits by rounding only)."""
+    from converter.cli import open_chat_model
+    chat = open_chat_model(str(tiny_bundles("f32")))
+    ids = chat.tokenizer.encode("the quick brown fox jumps over the lazy dog and the quick brown fox")
+    want = chat.generate(ids, SamplingConfig(max_new_tokens=40), reuse=False)
+    got = chat.generate(ids, SamplingConfig(max_new_tokens=40, lookahead=3), reuse=False)
+    assert got.token_ids == want.token_ids
+    dec = chat.session
+    dec.reset()
+    full = dec.run(np.asarray([ids]))[0]
+    dec.reset()
+    dec.forward(ids[:-3])
+    cands = dec.forward_positions(ids[-3:], 3)
+    for j, (c_ids, c_vals) in enumerate(cands):
+        row = full[len(ids) - 3 + j]
+        assert c_ids[0] == int(np.argmax(row)) and abs(c_vals[0] - float(row.max())) < 1e-4

@@ -8,12 +8,23 @@ is a small state machine (`Generation`) so that whoever owns the model can drive
     session.rewind(gen.reused)                 # keep the KV cache of the prompt's first gen.reused tokens
     ids = gen.first_input()                    # the rest of the prompt
     while ids is not None:
-        cand_ids, cand_logits = session.forward(ids)
-        ids = gen.push(cand_ids, cand_logits)  # [next token] or None when finished
+        cands = session.forward_positions(ids, gen.positions)   # top candidates of the last gen.positions positions
+        ids = gen.push_positions(cands)        # the next input ids, or None when finished
+        if gen.rewind_to is not None:
+            session.rewind(gen.rewind_to)      # drop the cache of draft tokens the model did not confirm
         text = gen.take_text()                 # newly completed text (UTF-8 safe)
 
-A session returns the TOP_CANDIDATES largest logits of the last position, sorted by (logit descending, token id
+A session returns the TOP_CANDIDATES largest logits of a position, sorted by (logit descending, token id
 ascending), so Python never copies the whole vocabulary: greedy takes the first, sampling draws from them.
+
+Lookahead (`SamplingConfig.lookahead`, greedy only): a step may run the new token followed by up to `lookahead`
+draft tokens guessed from the text so far — what followed the latest earlier occurrence of its last two or three
+tokens (prompt-lookup decoding). The model's choice at each position is checked against the next draft; every
+match is one more token from the same run, and the first mismatch is itself the model's token. The output is the
+greedy output up to float rounding: a checked position's logits are those of a one-token step but for the order of
+some sums, which in a graph that quantizes its activations per token can tip a near-tie, as splitting a prefill
+into pieces can. The cache of unconfirmed drafts is dropped (`rewind_to`). A run of 1 + k positions costs little more than one of 1 position
+when the matmuls, not the positions, dominate (onnxruntime-web, SmolLM2: docs/page-bench.md "Session 24").
 
 A chat prompt repeats the whole conversation every turn. The session's KV cache already holds the previous turn's
 tokens, so only what follows their common prefix runs (`reusable_prefix`): the prefill of turn n costs the new
@@ -38,6 +49,7 @@ class SamplingConfig:
     top_p: float = 1.0                  # 1 = no nucleus cut
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
+    lookahead: int = 0                  # greedy: up to this many draft tokens checked per step (module docstring)
 
 
 @dataclass
@@ -49,7 +61,8 @@ class GenerationResult:
     cached_tokens: int = 0              # of the prompt, already in the session's KV cache (not run again)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0               # runs after the prefill
+    sampled: int = 0                    # tokens the model chose (an end-of-sequence token included)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -58,7 +71,9 @@ class GenerationResult:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else 0.0
+        """Tokens chosen by the runs after the prefill, per second of them (with lookahead a run may give several)."""
+        tokens = self.sampled - 1 if self.sampled else self.decode_steps
+        return tokens / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else 0.0
 
 
 def top_candidates(logits: Sequence[float], k: int = TOP_CANDIDATES) -> tuple[list[int], list[float]]:
@@ -90,6 +105,37 @@ def sample(cand_ids: Sequence[int], cand_logits: Sequence[float], cfg: SamplingC
         if r <= 0:
             return int(cand_ids[j])
     return int(cand_ids[len(probs) - 1])
+
+
+class NgramDrafter:
+    """Draft tokens for lookahead: the tokens that followed the latest earlier occurrence of the text's last n
+    tokens (n = max_n down to min_n). An index from each n-gram to the position after its latest occurrence is kept
+    up to date as tokens are added, so a draft costs a few dictionary lookups, not a scan of the text. min_n = 2:
+    a single repeated token guesses too often wrong to pay for the positions it adds (SmolLM2's replies to 12 chat
+    questions, docs/page-bench.md "Session 24")."""
+
+    def __init__(self, ids: Sequence[int] = (), max_n: int = 3, min_n: int = 2):
+        self.max_n, self.min_n = max_n, min_n
+        self.ids: list[int] = []
+        self.after: list[dict] = [{} for _ in range(max_n)]     # after[n-1][n-gram] = index of the token after it
+        self.extend(ids)
+
+    def extend(self, ids: Sequence[int]) -> None:
+        for t in ids:
+            end = len(self.ids)     # the n-grams ending here get their follower, t: index them now
+            for n in range(1, min(self.max_n, end) + 1):
+                self.after[n - 1][tuple(self.ids[end - n:end])] = end
+            self.ids.append(int(t))
+
+    def draft(self, k: int) -> list[int]:
+        if k <= 0:
+            return []
+        end = len(self.ids)
+        for n in range(min(self.max_n, end), self.min_n - 1, -1):
+            i = self.after[n - 1].get(tuple(self.ids[end - n:end]))
+            if i is not None:
+                return self.ids[i:i + k]
+        return []
 
 
 def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
@@ -126,6 +172,10 @@ class Generation:
         self.result = GenerationResult(prompt_tokens=len(self.prompt_ids), cached_tokens=self.reused)
         self._stream = StreamDecoder(tokenizer, skip_special_tokens=True)
         self._pending = ""
+        self._drafts: list[int] = []         # the draft tokens after the first token of the last input
+        self._ran = len(self.prompt_ids)     # cache positions once the first input has run
+        self.rewind_to: int | None = None
+        self._drafter = NgramDrafter(self.prompt_ids) if cfg.lookahead > 0 and cfg.temperature <= 0 else None
 
     def first_input(self) -> list[int]:
         """The prompt after the part the session's cache already holds."""
@@ -150,15 +200,62 @@ class Generation:
             self.result.text += tail
             self._pending += tail
 
+    @property
+    def positions(self) -> int:
+        """How many positions' candidates the next forward must return: the last input's draft tokens + 1."""
+        return len(self._drafts) + 1
+
     def push(self, cand_ids: Sequence[int], cand_logits: Sequence[float]) -> list[int] | None:
-        """Feed the model's answer for the last input; returns the next input ids or None when finished."""
+        """Feed the model's answer for the last position of the last input (a step without draft tokens); returns
+        the next input ids or None when finished."""
+        return self.push_positions([(cand_ids, cand_logits)])
+
+    def push_positions(self, cands: Sequence[tuple[Sequence[int], Sequence[float]]]) -> list[int] | None:
+        """Feed the model's candidates for the last `positions` positions of the last input, in order; returns the
+        next input ids or None when finished. Afterwards `rewind_to` is the number of cache positions to keep when
+        the input held drafts the model did not confirm (None: keep them all)."""
+        self.rewind_to = None
         if self.done:
             return None
+        drafts, self._drafts = self._drafts, []
+        if len(cands) != len(drafts) + 1:
+            raise ValueError(f"expected the candidates of {len(drafts) + 1} positions, got {len(cands)}")
         res, cfg = self.result, self.cfg
-        tok = sample(cand_ids, cand_logits, cfg, self.rng)
+        before = len(res.token_ids)
+        for j, (cand_ids, cand_logits) in enumerate(cands):
+            tok = sample(cand_ids, cand_logits, cfg, self.rng)
+            if not self._take(tok):
+                return None
+            if j == len(drafts) or tok != drafts[j]:
+                break
+        keep = len(self.prompt_ids) + len(res.token_ids) - 1      # all but the newest token, the next input
+        if keep < self._ran:
+            self.rewind_to = self._ran = keep
+        tok = res.token_ids[-1]
+        if self._drafter is not None:
+            self._drafter.extend(res.token_ids[before:])
+            self._drafts = self._drafter.draft(self._lookahead())
+        nxt = [tok] + self._drafts
+        self._ran += len(nxt)
+        return nxt
+
+    def _lookahead(self) -> int:
+        """Draft tokens the next step may check: none when sampling; never past max_new_tokens or the context."""
+        cfg, done = self.cfg, len(self.prompt_ids) + len(self.result.token_ids)
+        if cfg.lookahead <= 0 or cfg.temperature > 0:
+            return 0
+        k = min(cfg.lookahead, cfg.max_new_tokens - len(self.result.token_ids) - 1)
+        if self.context:
+            k = min(k, self.context - 1 - done)
+        return max(k, 0)
+
+    def _take(self, tok: int) -> bool:
+        """One token the model chose: stream it and check every stop; False when the reply is finished."""
+        res, cfg = self.result, self.cfg
+        res.sampled += 1
         if tok in self.eos:
             self._finish("eos")
-            return None
+            return False
         res.token_ids.append(tok)
         piece = self._stream.push(tok)
         if piece:
@@ -171,14 +268,14 @@ class Generation:
             res.text = res.text[:cut]
             self._pending = res.text[already:] if cut > already else ""
             self._finish("stop_string")
-            return None
+            return False
         if len(res.token_ids) >= cfg.max_new_tokens:
             self._finish("max_tokens")
-            return None
+            return False
         if self.context and len(self.prompt_ids) + len(res.token_ids) >= self.context:
             self._finish("context")              # the next input would sit past the last position
-            return None
-        return [tok]
+            return False
+        return True
 
 
 def generate(session, tokenizer, prompt_ids: list[int], eos_ids: Sequence[int], cfg: SamplingConfig,
@@ -201,7 +298,8 @@ def generate(session, tokenizer, prompt_ids: list[int], eos_ids: Sequence[int], 
             gen.cancel()
             break
         t0 = clock()
-        cand = session.forward(ids)
+        n = gen.positions
+        cands = session.forward_positions(ids, n) if n > 1 else [session.forward(ids)]
         dt = clock() - t0
         if first:
             gen.result.prefill_seconds = dt
@@ -209,7 +307,9 @@ def generate(session, tokenizer, prompt_ids: list[int], eos_ids: Sequence[int], 
         else:
             gen.result.decode_seconds += dt
             gen.result.decode_steps += 1
-        ids = gen.push(*cand)
+        ids = gen.push_positions(cands)
+        if gen.rewind_to is not None and ids is not None:
+            session.rewind(gen.rewind_to)
         text = gen.take_text()
         if text and on_text is not None:
             on_text(text)

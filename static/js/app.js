@@ -19,6 +19,13 @@ const threads = Number(params.get("threads")) || 0;   // 0: the default of ort-s
 // kvOnDevice: WebGPU only, ?kv=cpu for the old behaviour; build: which onnxruntime-web build runs the WASM EP,
 // ?ort=webgpu for the JSEP build the WebGPU EP needs (the old behaviour), default the plain wasm build
 const sessionOpts = { kvOnDevice: params.get("kv") !== "cpu", build: params.get("ort") || "auto" };
+// lookahead (converter/runtime/generate.py): draft tokens a greedy step checks in the same run. The chat uses it
+// where dropping the cache of an unconfirmed draft costs nothing (the wasm graph's appended cache: only its length
+// changes); ?lookahead=N sets it for the chat and the test hook alike (README "Speed and memory").
+const lookaheadParam = params.get("lookahead");
+const DEFAULT_LOOKAHEAD = 3;
+const lookaheadFor = (session) => lookaheadParam !== null ? Number(lookaheadParam) || 0
+  : (session.append ? DEFAULT_LOOKAHEAD : 0);
 const workers = () => Number(params.get("workers")) || navigator.hardwareConcurrency || 2;
 // Pyodide starts while the user picks and downloads a bundle, on this thread; ?py=worker runs it in a worker
 // (measured on this 2-core machine: no faster to ready cold, slower warm — Pyodide's start then competes with the
@@ -214,7 +221,7 @@ async function generate(messages, sampling, onText = () => {}, raw = null, reuse
 async function generateReply(session, py, messages, sampling, onText, raw, reuse) {
   const start = await py.start(messages, sampling, raw, reuse ? session.reusableTokens() : []);
   await session.rewind(start.reused);
-  let ids = start.ids;
+  let ids = start.ids, positions = 1, sampled = 0;
   const promptLen = ids.length + start.reused;
   const tokens = [];
   let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0, pushMs = 0, yieldMs = 0, firstTokenAt = 0;
@@ -223,15 +230,17 @@ async function generateReply(session, py, messages, sampling, onText, raw, reuse
   while (ids) {
     if (state.stopRequested) { const tail = await py.cancel(); text += tail; onText(tail); reason = "cancelled"; break; }
     const ts = performance.now();
-    const cand = await session.forward(ids);
+    const cand = await session.forward(ids, positions);
     const dt = performance.now() - ts;
     if (steps++ === 0) { prefillMs = dt; prefillSession = session.takeProfile(); } else decodeMs += dt;
     const tpush = performance.now();
     const r = await py.push(cand);
     if (steps === 1) firstTokenAt = performance.now(); else pushMs += performance.now() - tpush;
-    tokens.push(...r.tokens.filter(() => !r.done || r.reason !== "eos"));
+    // a lookahead step's drafts the model did not confirm: their cache goes (only the length, for the wasm graph)
+    if (r.rewind !== null && r.next) await session.rewind(r.rewind);
+    tokens.push(...r.tokens);
     if (r.text) { text += r.text; onText(r.text); }
-    ids = r.next; reason = r.reason;
+    ids = r.next; reason = r.reason; positions = r.positions; sampled = r.sampled;
     const tyield = performance.now();
     await yieldToPage();     // the wasm EP runs on this thread: let the page paint tokens and see the Stop click
     if (steps > 1) yieldMs += performance.now() - tyield;
@@ -239,7 +248,9 @@ async function generateReply(session, py, messages, sampling, onText, raw, reuse
   const firstTokenMs = prefillMs;
   return { tokens, text, reason, promptTokens: promptLen, cachedTokens: start.reused, messages: start.messages,
            dropped: start.dropped, prefillTokS: (promptLen - start.reused) / (prefillMs / 1000),
-           decodeTokS: steps > 1 ? (steps - 1) / (decodeMs / 1000) : 0, firstTokenMs, totalMs: performance.now() - t0,
+           // tokens the runs after the prefill chose (a lookahead step may give several), per second
+           decodeTokS: steps > 1 ? (sampled - 1) / (decodeMs / 1000) : 0, decodeTokens: Math.max(sampled - 1, 0),
+           firstTokenMs, totalMs: performance.now() - t0,
            // where the time went (bench/): forward = session.forward (ort-session.js splits it: prefillSession for
            // the first call, session for the decode steps), push = Pyodide, yield = yieldToPage; decode steps only
            profile: { startAt: t0, firstTokenAt, steps, prefillMs, decodeMs, pushMs, yieldMs, prefillSession,
@@ -307,7 +318,7 @@ async function onSend(ev) {
   try {
     const r = await generate(state.history, {
       temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-      max_new_tokens: Number($("max-tokens").value), seed: Date.now() % 2 ** 31,
+      max_new_tokens: Number($("max-tokens").value), seed: Date.now() % 2 ** 31, lookahead: lookaheadFor(session),
     }, (piece) => { div.textContent += piece; }, null, true);
     if (r.dropped) {
       state.history = r.messages;
@@ -349,7 +360,8 @@ window.tinyqmoe = {
   generate: (prompt, opts = {}) => generate(Array.isArray(prompt) ? prompt : [{ role: "user", content: prompt }],
                                             { max_new_tokens: opts.max_new_tokens ?? 16, temperature: opts.temperature ?? 0,
                                               top_k: opts.top_k ?? 0, top_p: opts.top_p ?? 1, seed: opts.seed ?? 0,
-                                              ignore_eos: opts.ignore_eos ?? false },
+                                              ignore_eos: opts.ignore_eos ?? false,
+                                              lookahead: opts.lookahead ?? (Number(lookaheadParam) || 0) },
                                             undefined, opts.raw ?? null, opts.reuse ?? false),
   stop: () => { state.stopRequested = true; },
   /** Destroys the WebGPU device the session runs on (e2e: what a lost device does to the page). */

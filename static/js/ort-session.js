@@ -229,8 +229,11 @@ export class DecoderSession {
     this.tokens.length = n;
   }
 
-  /** @param {number[]} ids new tokens after the cache @returns {Promise<{ids: Int32Array, values: Float32Array}>} */
-  async forward(ids) {
+  /** @param {number[]} ids new tokens after the cache @param {number} positions how many of the last positions'
+   * candidates to return (1, or 1 + the draft tokens of a lookahead step: runtime/generate.py)
+   * @returns {Promise<{ids: Int32Array, values: Float32Array, positions: number}>} TOP_CANDIDATES per position, the
+   *   positions one after another */
+  async forward(ids, positions = 1) {
     // a long prompt runs as several runs of at most maxRows positions each, the cache fed back in between: each
     // position attends to the same keys and values as in one run (the logits agree up to float rounding), and
     // the activations are those of maxRows positions at most
@@ -239,22 +242,33 @@ export class DecoderSession {
       const logits = await this.run(ids.slice(i, i + this.maxRows));
       if (logits.dispose) logits.dispose();
     }
-    const logits = await this.run(ids.slice(i));
+    const logits = await this.run(ids.slice(i), positions);
     const p = this.profile, V = this.config.vocab_size;
     const t3 = performance.now();
     const data = /** @type {Float32Array} */ (await logits.getData());
-    const rows = logits.dims[1];                    // 1, or S for a graph that returns every position
-    const last = data.subarray((rows - 1) * V, rows * V);
+    const rows = logits.dims[1];                    // the kept positions, or S for a graph that returns every one
+    if (rows < positions) throw new Error(`the graph returned the logits of ${rows} positions, not ${positions}`);
     const t4 = performance.now();
-    const top = topK(last, TOP_CANDIDATES);
+    let top;
+    if (positions === 1) {
+      top = topK(data.subarray((rows - 1) * V, rows * V), TOP_CANDIDATES);
+    } else {
+      top = { ids: new Int32Array(positions * TOP_CANDIDATES), values: new Float32Array(positions * TOP_CANDIDATES) };
+      for (let j = 0; j < positions; j++) {
+        const r = rows - positions + j, t = topK(data.subarray(r * V, (r + 1) * V), TOP_CANDIDATES);
+        top.ids.set(t.ids, j * TOP_CANDIDATES); top.values.set(t.values, j * TOP_CANDIDATES);
+      }
+    }
+    top.positions = positions;
     if (logits.dispose) logits.dispose();
     const t5 = performance.now();
     p.calls++; p.logitsMs += t4 - t3; p.topkMs += t5 - t4;
     return top;
   }
 
-  /** One session.run over `ids` after the cache; keeps the new cache, returns the logits tensor. */
-  async run(ids) {
+  /** One session.run over `ids` after the cache; keeps the new cache, returns the logits tensor (of the last
+   * `keep` positions). */
+  async run(ids, keep = 1) {
     const p = this.profile, t0 = performance.now();
     const S = ids.length, T = this.length + S;
     const ort = this.ort;
@@ -264,9 +278,9 @@ export class DecoderSession {
       position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: S }, (_, j) => BigInt(this.length + j)), [1, S]),
       ...(this.append ? this.cache.feeds(ort, this.length) : this.past),
     };
-    // the lm_head on the last position only (bundles built before session 3 have no such input: all positions)
+    // the lm_head on the last `keep` positions only (bundles built before session 3 have no such input: all positions)
     if (this.session.inputNames.includes("num_logits_to_keep")) {
-      feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.from([1n]), []);
+      feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.from([BigInt(keep)]), []);
     }
     const t1 = performance.now();
     const out = await this.session.run(feeds);

@@ -28,7 +28,8 @@ def start(messages_json, sampling_json, raw, cached_json):
     s = json.loads(sampling_json)
     raw = raw if isinstance(raw, str) else None          # JS null arrives as pyodide's JsNull, not None
     cfg = SamplingConfig(max_new_tokens=int(s.get("max_new_tokens", 128)), temperature=float(s.get("temperature", 0)),
-                         top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 1.0)), seed=int(s.get("seed", 0)))
+                         top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 1.0)), seed=int(s.get("seed", 0)),
+                         lookahead=int(s.get("lookahead", 0)))
     messages, dropped = None, 0
     if raw is not None:
         ids = _chat.prompt_ids(raw=raw)
@@ -42,11 +43,18 @@ def start(messages_json, sampling_json, raw, cached_json):
         return json.dumps({"error": str(e)})
     return json.dumps({"ids": _gen.first_input(), "reused": _gen.reused, "messages": messages, "dropped": dropped})
 
-def push(cand_ids, cand_values):
-    nxt = _gen.push(list(cand_ids.to_py()), list(cand_values.to_py()))
+def push(cand_ids, cand_values, positions=1):
+    """The candidates of each of the last n = positions positions, one after another -> JSON {next: the next input ids or
+    null, text, done, reason, tokens: those this step added, rewind: cache positions to keep or null, positions:
+    how many the next forward returns, sampled: tokens the model chose so far}."""
+    ids, values = list(cand_ids.to_py()), list(cand_values.to_py())
+    k = len(ids) // positions
     r = _gen.result
+    before = len(r.token_ids)
+    nxt = _gen.push_positions([(ids[j * k:(j + 1) * k], values[j * k:(j + 1) * k]) for j in range(positions)])
     return json.dumps({"next": nxt, "text": _gen.take_text(), "done": _gen.done, "reason": r.stop_reason,
-                       "tokens": r.token_ids[-1:] if r.token_ids else []})
+                       "tokens": r.token_ids[before:], "rewind": _gen.rewind_to, "positions": _gen.positions,
+                       "sampled": r.sampled})
 
 def cancel():
     _gen.cancel()
@@ -76,7 +84,7 @@ export function pythonCalls(py, glue) {
     setup: (tok, tokCfg, modelCfg, genCfg) => glue.setup(tok, tokCfg, modelCfg, genCfg),
     start: (messagesJson, samplingJson, raw, cachedJson) => glue.start(messagesJson, samplingJson, raw ?? undefined,
                                                                       cachedJson),
-    push: (ids, values) => glue.push(ids, values),
+    push: (ids, values, positions) => glue.push(ids, values, positions),
     cancel: () => glue.cancel(),
     heapBytes: () => py._module.HEAPU8.length,
   };

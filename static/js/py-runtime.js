@@ -55,8 +55,10 @@ export class PyRuntime {
     return r;
   }
 
-  /** @returns {Promise<{next: number[]|null, text: string, done: boolean, reason: string, tokens: number[]}>} */
-  async push(cand) { return JSON.parse(await this.call("push", [cand.ids, cand.values])); }
+  /** @param {{ids: Int32Array, values: Float32Array, positions?: number}} cand the candidates of the last positions
+   * @returns {Promise<{next: number[]|null, text: string, done: boolean, reason: string, tokens: number[],
+   *   rewind: number|null, positions: number, sampled: number}>} py-glue.js push */
+  async push(cand) { return JSON.parse(await this.call("push", [cand.ids, cand.values, cand.positions || 1])); }
 
   cancel() { return this.call("cancel", []); }
 
