@@ -444,3 +444,24 @@ def test_adapter_without_shader_f16_uses_the_float32_graph(page, server):
     badge = page.inner_text("#ep-badge")
     assert badge.startswith("WEBGPU") and "without shader-f16" in badge, badge
     assert not any(u.endswith("model.fp16.onnx") for u in fetched)
+
+
+def test_lookahead_bench_runs_and_the_page_says_what_the_cpu_says(bundle_dir, tmp_path):
+    """bench/lookahead.py (README "Speed and memory"): the chat questions on the page and on the CPU, without and
+    with draft tokens; the same bundle's replies on both sides are the same tokens."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "lookahead.json"
+    proc = subprocess.run([sys.executable, "bench/lookahead.py", "--bundles", str(bundle_dir), "tiny-int4m",
+                           "--questions", "2", "--reps", "1", "--lookahead", "0,3", "--max-new-tokens", "12",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())["bundles"]["tiny-int4m"]
+    for k in ("0", "3"):
+        page, cpu = r["page"]["runs"][k], r["ortcpu"]["runs"][k]
+        assert len(page) == len(cpu) == 2 and all(p["tokens"] == c["tokens"] for p, c in zip(page, cpu))
+        assert r["page"]["summary"][k]["tokens_per_run"] >= 1 and r["page"]["summary"][k]["decode_tok_s"] > 0
+    assert r["page"]["summary"]["0"]["tokens_per_run"] == 1 and "| tiny-int4m | page | 3 |" in proc.stdout
