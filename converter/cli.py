@@ -455,8 +455,8 @@ def configure_parser() -> argparse.ArgumentParser:
         r.add_argument("--seed", type=int, default=0)
         r.add_argument("--stop", action="append", help="stop string (repeatable)")
         r.add_argument("--lookahead", type=int, default=0,
-                       help="greedy: check up to N draft tokens per step, guessed from the text so far (prompt "
-                            "lookup); the same reply in fewer runs where the text repeats itself (the page's chat "
+                       help="check up to N draft tokens per step, guessed from the text so far (prompt lookup): "
+                            "the same kind of reply in fewer runs where the text repeats itself (the page's chat "
                             "uses 3 on the WASM EP)")
         r.add_argument("--threads", type=int, default=1)
         r.add_argument("--fp16", action="store_true",

@@ -1,4 +1,6 @@
 """The generation state machine with a fake session: greedy, seeded sampling, stops, cancellation."""
+import random
+
 import numpy as np
 
 import tiny
@@ -226,10 +228,47 @@ def test_lookahead_respects_eos_max_tokens_context_and_sampling():
     model = PrefixModel(model.rule, context=20)
     res = generate(model, tok, prompt, [], SamplingConfig(max_new_tokens=60, lookahead=8), context=20)
     assert res.stop_reason == "context" and len(prompt) + len(res.token_ids) == 20
-    # sampling: no drafts (their tokens would not be the ones sampling draws)
-    model = PrefixModel(model.rule)
-    generate(model, tok, prompt, [], SamplingConfig(max_new_tokens=20, lookahead=4, temperature=1.0, seed=3))
-    assert max(model.runs[1:]) == 1
+
+
+def test_lookahead_when_sampling_keeps_every_token_probability():
+    """Speculative sampling with certain drafts (check_draft): over many seeds, the pairs of tokens drawn after a
+    prompt whose text suggests a draft have the model's probabilities, with and without lookahead."""
+    from converter.runtime.generate import check_draft
+
+    logits = {10: 2.0, 11: 1.0, 12: 0.0, 13: -1.0}
+    z = sum(np.exp(list(logits.values())))
+    p = {t: np.exp(v) / z for t, v in logits.items()}
+
+    class Fixed(PrefixModel):        # the same distribution at every position
+        def _cands(self, prefix):
+            row = [-30.0] * 384
+            for t, v in logits.items():
+                row[t] = v
+            return top_candidates(row, 8)
+
+    tok = _tok()
+    prompt = [12, 11, 12, 11, 12]         # "11 12" was followed by 11: the draft after the prompt's "11 12" is 11
+    n = 4000
+    for k in (0, 2):
+        counts: dict = {}
+        runs = 0
+        for seed in range(n):
+            model = Fixed(None)
+            res = generate(model, tok, prompt, [], SamplingConfig(max_new_tokens=3, temperature=1.0, seed=seed,
+                                                                  lookahead=k))
+            counts[tuple(res.token_ids[:2])] = counts.get(tuple(res.token_ids[:2]), 0) + 1
+            runs += len(model.runs)
+        # chi-square over the 16 pairs against p(a) p(b): 15 degrees of freedom, 99.9 % quantile 37.7
+        chi2 = sum((counts.get((a, b), 0) - n * p[a] * p[b]) ** 2 / (n * p[a] * p[b]) for a in p for b in p)
+        assert chi2 < 37.7, (k, chi2, counts)
+        if k:
+            assert runs < 3 * n          # some drafts were kept: fewer runs than prefill + 2 decode steps each
+    # a draft the sampling cuts off (top-k) is never kept; greedy keeps a draft exactly when it is the first choice
+    cfg = SamplingConfig(temperature=1.0, top_k=2)
+    ids, vals = [10, 11, 12], [2.0, 1.0, 0.0]
+    assert all(check_draft(ids, vals, cfg, random.Random(s), 12)[0] in (10, 11) for s in range(200))
+    assert check_draft(ids, vals, SamplingConfig(), random.Random(0), 10) == (10, True)
+    assert check_draft(ids, vals, SamplingConfig(), random.Random(0), 11) == (10, False)
 
 
 def test_lookahead_on_a_real_graph_matches_greedy_and_the_page_glue(tiny_bundles):

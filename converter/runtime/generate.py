@@ -17,14 +17,17 @@ is a small state machine (`Generation`) so that whoever owns the model can drive
 A session returns the TOP_CANDIDATES largest logits of a position, sorted by (logit descending, token id
 ascending), so Python never copies the whole vocabulary: greedy takes the first, sampling draws from them.
 
-Lookahead (`SamplingConfig.lookahead`, greedy only): a step may run the new token followed by up to `lookahead`
-draft tokens guessed from the text so far — what followed the latest earlier occurrence of its last two or three
-tokens (prompt-lookup decoding). The model's choice at each position is checked against the next draft; every
-match is one more token from the same run, and the first mismatch is itself the model's token. The output is the
+Lookahead (`SamplingConfig.lookahead`): a step may run the new token followed by up to `lookahead` draft tokens
+guessed from the text so far — what followed the latest earlier occurrence of its last two or three tokens
+(prompt-lookup decoding). The model's choice at each position is checked against the next draft; every match is
+one more token from the same run, and the first mismatch is itself the model's token. Greedy, the output is the
 greedy output up to float rounding: a checked position's logits are those of a one-token step but for the order of
 some sums, which in a graph that quantizes its activations per token can tip a near-tie, as splitting a prefill
-into pieces can. The cache of unconfirmed drafts is dropped (`rewind_to`). A run of 1 + k positions costs little more than one of 1 position
-when the matmuls, not the positions, dominate (onnxruntime-web, SmolLM2: docs/page-bench.md "Session 24").
+into pieces can. Sampling, a draft is kept with the probability sampling gives it, and otherwise a token is drawn
+with the draft left out (`check_draft`): every token keeps its probability, though a seed draws other tokens than
+without lookahead. The cache of unconfirmed drafts is dropped (`rewind_to`). A run of 1 + k positions costs little
+more than a run of one when the matmuls, not the positions, dominate (onnxruntime-web and SmolLM2:
+docs/page-bench.md, session 24).
 
 A chat prompt repeats the whole conversation every turn. The session's KV cache already holds the previous turn's
 tokens, so only what follows their common prefix runs (`reusable_prefix`): the prefill of turn n costs the new
@@ -49,7 +52,7 @@ class SamplingConfig:
     top_p: float = 1.0                  # 1 = no nucleus cut
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
-    lookahead: int = 0                  # greedy: up to this many draft tokens checked per step (module docstring)
+    lookahead: int = 0                  # up to this many draft tokens checked per step (module docstring)
 
 
 @dataclass
@@ -82,11 +85,10 @@ def top_candidates(logits: Sequence[float], k: int = TOP_CANDIDATES) -> tuple[li
     return order, [float(logits[i]) for i in order]
 
 
-def sample(cand_ids: Sequence[int], cand_logits: Sequence[float], cfg: SamplingConfig, rng: random.Random) -> int:
-    """Pick a token from sorted candidates: greedy, or temperature → top-k → top-p with `rng`."""
-    if cfg.temperature <= 0:
-        return int(cand_ids[0])
-    k = min(cfg.top_k, len(cand_ids)) if cfg.top_k > 0 else len(cand_ids)
+def sampling_weights(cand_logits: Sequence[float], cfg: SamplingConfig) -> list[float]:
+    """The weights sampling draws from, for the leading candidates it keeps: temperature → top-k → top-p
+    (normalised before the top-p cut, so they sum to at most 1)."""
+    k = min(cfg.top_k, len(cand_logits)) if cfg.top_k > 0 else len(cand_logits)
     top = cand_logits[0]
     weights = [math.exp((cand_logits[j] - top) / cfg.temperature) for j in range(k)]
     total = sum(weights)
@@ -99,12 +101,49 @@ def sample(cand_ids: Sequence[int], cand_logits: Sequence[float], cfg: SamplingC
                 cut = j + 1
                 break
         probs = probs[:cut]
+    return probs
+
+
+def _draw(cand_ids: Sequence[int], probs: Sequence[float], rng: random.Random) -> int:
     r = rng.random() * sum(probs)
+    last = 0
     for j, p in enumerate(probs):
+        if p <= 0:
+            continue
+        last = j
         r -= p
         if r <= 0:
             return int(cand_ids[j])
-    return int(cand_ids[len(probs) - 1])
+    return int(cand_ids[last])
+
+
+def sample(cand_ids: Sequence[int], cand_logits: Sequence[float], cfg: SamplingConfig, rng: random.Random) -> int:
+    """Pick a token from sorted candidates: greedy, or temperature → top-k → top-p with `rng`."""
+    if cfg.temperature <= 0:
+        return int(cand_ids[0])
+    return _draw(cand_ids, sampling_weights(cand_logits, cfg), rng)
+
+
+def check_draft(cand_ids: Sequence[int], cand_logits: Sequence[float], cfg: SamplingConfig, rng: random.Random,
+                draft: int) -> tuple[int, bool]:
+    """The token at a position whose input guessed `draft` as the next one: (token, whether it is the draft).
+    Greedy: the first candidate. Sampling: speculative sampling with a draft that is certain (its own distribution
+    is all on one token): the draft is kept with its probability p(draft), else a token is drawn from p with the
+    draft left out — which gives every token exactly its probability p (Leviathan et al. 2023; Chen et al. 2023)."""
+    if cfg.temperature <= 0:
+        tok = int(cand_ids[0])
+        return tok, tok == draft
+    probs = sampling_weights(cand_logits, cfg)
+    total = sum(probs)
+    j = next((j for j in range(len(probs)) if int(cand_ids[j]) == draft), None)
+    if j is not None and rng.random() * total < probs[j]:
+        return draft, True
+    if j is not None:
+        probs = list(probs)
+        probs[j] = 0.0
+        if not any(probs):                 # p(draft) was 1 and the uniform draw fell on its upper edge
+            return draft, True
+    return _draw(cand_ids, probs, rng), False
 
 
 class NgramDrafter:
@@ -175,7 +214,7 @@ class Generation:
         self._drafts: list[int] = []         # the draft tokens after the first token of the last input
         self._ran = len(self.prompt_ids)     # cache positions once the first input has run
         self.rewind_to: int | None = None
-        self._drafter = NgramDrafter(self.prompt_ids) if cfg.lookahead > 0 and cfg.temperature <= 0 else None
+        self._drafter = NgramDrafter(self.prompt_ids) if cfg.lookahead > 0 else None
 
     def first_input(self) -> list[int]:
         """The prompt after the part the session's cache already holds."""
@@ -223,10 +262,14 @@ class Generation:
         res, cfg = self.result, self.cfg
         before = len(res.token_ids)
         for j, (cand_ids, cand_logits) in enumerate(cands):
-            tok = sample(cand_ids, cand_logits, cfg, self.rng)
+            if j == len(drafts):                 # the last position: no draft to check
+                if not self._take(sample(cand_ids, cand_logits, cfg, self.rng)):
+                    return None
+                break
+            tok, kept = check_draft(cand_ids, cand_logits, cfg, self.rng, drafts[j])
             if not self._take(tok):
                 return None
-            if j == len(drafts) or tok != drafts[j]:
+            if not kept:
                 break
         keep = len(self.prompt_ids) + len(res.token_ids) - 1      # all but the newest token, the next input
         if keep < self._ran:
@@ -240,9 +283,9 @@ class Generation:
         return nxt
 
     def _lookahead(self) -> int:
-        """Draft tokens the next step may check: none when sampling; never past max_new_tokens or the context."""
+        """Draft tokens the next step may check: never past max_new_tokens or the context."""
         cfg, done = self.cfg, len(self.prompt_ids) + len(self.result.token_ids)
-        if cfg.lookahead <= 0 or cfg.temperature > 0:
+        if cfg.lookahead <= 0:
             return 0
         k = min(cfg.lookahead, cfg.max_new_tokens - len(self.result.token_ids) - 1)
         if self.context:

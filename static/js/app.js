@@ -9,7 +9,7 @@
 // in, default heapReserve's; 0: none, and the heap grows by Emscripten's own 20 % steps — the behaviour before).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
-import { chooseProvider, DecoderSession, heapReserve, prefillRows, webgpuDevice } from "./ort-session.js";
+import { chooseProvider, DecoderSession, heapReserve, prefillRows, TOP_CANDIDATES, webgpuDevice } from "./ort-session.js";
 import { PyRuntime } from "./py-runtime.js";
 
 const $ = (id) => document.getElementById(id);
@@ -19,13 +19,13 @@ const threads = Number(params.get("threads")) || 0;   // 0: the default of ort-s
 // kvOnDevice: WebGPU only, ?kv=cpu for the old behaviour; build: which onnxruntime-web build runs the WASM EP,
 // ?ort=webgpu for the JSEP build the WebGPU EP needs (the old behaviour), default the plain wasm build
 const sessionOpts = { kvOnDevice: params.get("kv") !== "cpu", build: params.get("ort") || "auto" };
-// lookahead (converter/runtime/generate.py): draft tokens a greedy step checks in the same run. The chat uses it
-// where dropping the cache of an unconfirmed draft costs nothing (the wasm graph's appended cache: only its length
-// changes); ?lookahead=N sets it for the chat and the test hook alike (README "Speed and memory").
+// lookahead (converter/runtime/generate.py): draft tokens a step checks in the same run. The chat uses the
+// Sampling box's value (3 unless ?lookahead=N) where dropping the cache of an unconfirmed draft costs nothing (the
+// wasm graph's appended cache: only its length changes), none elsewhere; the test hook takes ?lookahead=N or its
+// own option, 0 by default (README "Speed and memory").
 const lookaheadParam = params.get("lookahead");
-const DEFAULT_LOOKAHEAD = 3;
-const lookaheadFor = (session) => lookaheadParam !== null ? Number(lookaheadParam) || 0
-  : (session.append ? DEFAULT_LOOKAHEAD : 0);
+if (lookaheadParam !== null) $("lookahead").value = String(Number(lookaheadParam) || 0);
+const lookaheadFor = (session) => (session.append ? Math.max(0, Math.floor(Number($("lookahead").value) || 0)) : 0);
 const workers = () => Number(params.get("workers")) || navigator.hardwareConcurrency || 2;
 // Pyodide starts while the user picks and downloads a bundle, on this thread; ?py=worker runs it in a worker
 // (measured on this 2-core machine: no faster to ready cold, slower warm — Pyodide's start then competes with the
@@ -222,6 +222,9 @@ async function generateReply(session, py, messages, sampling, onText, raw, reuse
   const start = await py.start(messages, sampling, raw, reuse ? session.reusableTokens() : []);
   await session.rewind(start.reused);
   let ids = start.ids, positions = 1, sampled = 0;
+  // greedy needs each position's largest logit only: 1 candidate instead of TOP_CANDIDATES to find and hand over
+  // (?greedy-candidates=N: N, for an A/B against the old way)
+  const candidates = Number(sampling.temperature) > 0 ? TOP_CANDIDATES : Number(params.get("greedy-candidates")) || 1;
   const promptLen = ids.length + start.reused;
   const tokens = [];
   let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0, pushMs = 0, yieldMs = 0, firstTokenAt = 0;
@@ -230,7 +233,7 @@ async function generateReply(session, py, messages, sampling, onText, raw, reuse
   while (ids) {
     if (state.stopRequested) { const tail = await py.cancel(); text += tail; onText(tail); reason = "cancelled"; break; }
     const ts = performance.now();
-    const cand = await session.forward(ids, positions);
+    const cand = await session.forward(ids, positions, candidates);
     const dt = performance.now() - ts;
     if (steps++ === 0) { prefillMs = dt; prefillSession = session.takeProfile(); } else decodeMs += dt;
     const tpush = performance.now();
@@ -326,7 +329,9 @@ async function onSend(ev) {
     }
     state.history.push({ role: "assistant", content: r.text });
     const cached = r.cachedTokens ? ` (${r.cachedTokens} of ${r.promptTokens} prompt tokens from the cache)` : "";
-    $("status").textContent = `prefill ${r.prefillTokS.toFixed(1)} tok/s${cached}, decode ${r.decodeTokS.toFixed(1)} tok/s, ` +
+    const runs = r.profile.steps - 1;     // with lookahead a run may give several tokens: say how many on average
+    const perRun = runs > 0 && r.decodeTokens > runs ? ` (${(r.decodeTokens / runs).toFixed(2)} tokens a run)` : "";
+    $("status").textContent = `prefill ${r.prefillTokS.toFixed(1)} tok/s${cached}, decode ${r.decodeTokS.toFixed(1)} tok/s${perRun}, ` +
       `first token ${(r.firstTokenMs / 1000).toFixed(2)} s, ${r.tokens.length} tokens (${r.reason})${memoryLine()}`;
     reportPageMemory();
   } catch (e) {

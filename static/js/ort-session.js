@@ -230,10 +230,11 @@ export class DecoderSession {
   }
 
   /** @param {number[]} ids new tokens after the cache @param {number} positions how many of the last positions'
-   * candidates to return (1, or 1 + the draft tokens of a lookahead step: runtime/generate.py)
-   * @returns {Promise<{ids: Int32Array, values: Float32Array, positions: number}>} TOP_CANDIDATES per position, the
-   *   positions one after another */
-  async forward(ids, positions = 1) {
+   * candidates to return (1, or 1 + the draft tokens of a lookahead step: runtime/generate.py) @param {number} k
+   * candidates per position (greedy needs 1: the largest logit, the lowest id among equals)
+   * @returns {Promise<{ids: Int32Array, values: Float32Array, positions: number}>} k per position, the positions one
+   *   after another */
+  async forward(ids, positions = 1, k = TOP_CANDIDATES) {
     // a long prompt runs as several runs of at most maxRows positions each, the cache fed back in between: each
     // position attends to the same keys and values as in one run (the logits agree up to float rounding), and
     // the activations are those of maxRows positions at most
@@ -251,12 +252,12 @@ export class DecoderSession {
     const t4 = performance.now();
     let top;
     if (positions === 1) {
-      top = topK(data.subarray((rows - 1) * V, rows * V), TOP_CANDIDATES);
+      top = topK(data.subarray((rows - 1) * V, rows * V), k);
     } else {
-      top = { ids: new Int32Array(positions * TOP_CANDIDATES), values: new Float32Array(positions * TOP_CANDIDATES) };
+      top = { ids: new Int32Array(positions * k), values: new Float32Array(positions * k) };
       for (let j = 0; j < positions; j++) {
-        const r = rows - positions + j, t = topK(data.subarray(r * V, (r + 1) * V), TOP_CANDIDATES);
-        top.ids.set(t.ids, j * TOP_CANDIDATES); top.values.set(t.values, j * TOP_CANDIDATES);
+        const r = rows - positions + j, t = topK(data.subarray(r * V, (r + 1) * V), k);
+        top.ids.set(t.ids, j * k); top.values.set(t.values, j * k);
       }
     }
     top.positions = positions;
