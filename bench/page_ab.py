@@ -72,6 +72,9 @@ def main(argv=None) -> int:
                        "warm_decode_tail_s": warm["decodeAfterDownloadMs"] / 1000, "prefill_tok_s": g["prefillTokS"],
                        "decode_tok_s": g["decodeTokS"], "first_token_s": g["firstTokenMs"] / 1000,
                        "run_ms_per_step": g["profile"]["session"]["runMs"] / max(g["profile"]["session"]["calls"], 1),
+                       # the page's own loop around session.run, a decode step: the logits' top candidates (JS), Python
+                       "topk_ms_per_step": g["profile"]["session"]["topkMs"] / max(g["profile"]["session"]["calls"], 1),
+                       "python_ms_per_step": g["profile"]["pushMs"] / max(g["profile"]["steps"] - 1, 1),
                        "peak_mib": res["memory"]["peak_mib"], "text": g["text"][:80], "wall_s": time.perf_counter() - t0}
                 pm = res.get("page_memory") or {}
                 if "pyodideHeap" in pm:
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
             ("cold_decode_tail_s", "decode after download cold s"), ("warm_decode_tail_s", "decode after download warm s"),
             ("cold_session_s", "session cold s"), ("warm_session_s", "session warm s"),
             ("cold_ready_s", "ready cold s"), ("warm_ready_s", "ready warm s"), ("prefill_tok_s", "prefill tok/s"),
-            ("decode_tok_s", "decode tok/s"), ("run_ms_per_step", "session.run ms/step"), ("peak_mib", "peak PSS MiB"),
+            ("decode_tok_s", "decode tok/s"), ("run_ms_per_step", "session.run ms/step"),
+            ("topk_ms_per_step", "top candidates ms/step"), ("python_ms_per_step", "Python ms/step"), ("peak_mib", "peak PSS MiB"),
             ("ua_memory_mib", "page memory MiB"), ("ua_over_weights", "page memory / weights"),
             ("ort_heap_mib", "onnxruntime-web heap MiB")]
     lines = ["| configuration | " + " | ".join(h for _, h in keys) + " |", "|---" * (len(keys) + 1) + "|"]

@@ -306,6 +306,12 @@ def test_lookahead_equals_cpu_and_keeps_the_cache_right(page, server, bundle_dir
     assert [g["profile"]["steps"] - 1 for g in got] == [w.decode_steps for w in want]
     assert want[0].decode_steps < want[0].sampled - 1, "the tiny model's text should repeat enough to confirm drafts"
     assert page.evaluate("window.tinyqmoe.state.session.append") == (graph == "wasm")
+    if name == "tiny-f32":
+        # sampling too, on the float graph (speculative: a draft kept with its probability, else a token drawn from
+        # the rest; the random tiny model's flat distributions keep few drafts: tests/test_generate.py checks the
+        # probabilities, this the page's draws against the CPU's)
+        sampled = page_tokens(page, prompt, 24, lookahead=3, **SAMPLED)
+        assert sampled["tokens"] == cpu_tokens(bundle_dir / name, prompt, 24, lookahead=3, **SAMPLED)
 
 
 def test_next_turn_keeps_a_gpu_cache(page, server, bundle_dir):
