@@ -111,6 +111,11 @@ def test_prefill_in_pieces_equals_cpu_reference(page, server, bundle_dir, name):
     got = page_tokens(page, PROMPT, 12)
     assert got["promptTokens"] >= 3 and got["profile"]["prefillSession"]["runs"] == (got["promptTokens"] + 1) // 2
     assert got["tokens"] == cpu_tokens(bundle_dir / name, PROMPT, 12, graph="wasm" if name == "tiny-int4" else "model")
+    # a lookahead step's positions run together even where prefill runs are shorter (40 tokens: runs of 3 and 4
+    # positions on both bundles, counted on the CPU)
+    repeat = "the quick brown fox jumps over the lazy dog and the quick brown fox jumps over"
+    assert page_tokens(page, repeat, 40, lookahead=3)["tokens"] == cpu_tokens(
+        bundle_dir / name, repeat, 40, graph="wasm" if name == "tiny-int4" else "model", lookahead=3)
     if name == "tiny-f32":
         assert page_tokens(page, PROMPT, 24, **SAMPLED)["tokens"] == cpu_tokens(bundle_dir / name, PROMPT, 24, **SAMPLED)
 

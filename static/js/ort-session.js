@@ -238,25 +238,27 @@ export class DecoderSession {
     // a long prompt runs as several runs of at most maxRows positions each, the cache fed back in between: each
     // position attends to the same keys and values as in one run (the logits agree up to float rounding), and
     // the activations are those of maxRows positions at most
+    // (a lookahead step's few positions always run together: their logits come from one run)
+    const rows = Math.max(this.maxRows, positions);
     let i = 0;
-    for (; ids.length - i > this.maxRows; i += this.maxRows) {
-      const logits = await this.run(ids.slice(i, i + this.maxRows));
+    for (; ids.length - i > rows; i += rows) {
+      const logits = await this.run(ids.slice(i, i + rows));
       if (logits.dispose) logits.dispose();
     }
     const logits = await this.run(ids.slice(i), positions);
     const p = this.profile, V = this.config.vocab_size;
     const t3 = performance.now();
     const data = /** @type {Float32Array} */ (await logits.getData());
-    const rows = logits.dims[1];                    // the kept positions, or S for a graph that returns every one
-    if (rows < positions) throw new Error(`the graph returned the logits of ${rows} positions, not ${positions}`);
+    const kept = logits.dims[1];                    // the kept positions, or S for a graph that returns every one
+    if (kept < positions) throw new Error(`the graph returned the logits of ${kept} positions, not ${positions}`);
     const t4 = performance.now();
     let top;
     if (positions === 1) {
-      top = topK(data.subarray((rows - 1) * V, rows * V), k);
+      top = topK(data.subarray((kept - 1) * V, kept * V), k);
     } else {
       top = { ids: new Int32Array(positions * k), values: new Float32Array(positions * k) };
       for (let j = 0; j < positions; j++) {
-        const r = rows - positions + j, t = topK(data.subarray(r * V, (r + 1) * V), k);
+        const r = kept - positions + j, t = topK(data.subarray(r * V, (r + 1) * V), k);
         top.ids.set(t.ids, j * k); top.values.set(t.values, j * k);
       }
     }
