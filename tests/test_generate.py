@@ -2,6 +2,7 @@
 import random
 
 import numpy as np
+import pytest
 
 import tiny
 from converter.ort_session import top_k_sorted
@@ -289,3 +290,21 @@ def test_lookahead_on_a_real_graph_matches_greedy_and_the_page_glue(tiny_bundles
     for j, (c_ids, c_vals) in enumerate(cands):
         row = full[len(ids) - 3 + j]
         assert c_ids[0] == int(np.argmax(row)) and abs(c_vals[0] - float(row.max())) < 1e-4
+
+
+@pytest.mark.parametrize("mode", [dict(kv="inplace"), dict(low_memory=True), dict(low_memory=True, kv="inplace")])
+def test_lookahead_on_the_cpu_session_modes(tiny_bundles, mode):
+    """The in-place cache (GroupQueryAttention) and the staged sessions return the last n positions' candidates
+    and rewind a lookahead step's unconfirmed drafts: the float graph's replies are greedy's."""
+    from converter.bundle import load
+    from converter.cli import open_chat_model
+    from converter.ort_session import OrtDecoder
+    chat = open_chat_model(str(tiny_bundles("f32")))
+    chat.session = OrtDecoder(load(tiny_bundles("f32")), **mode)
+    ids = chat.tokenizer.encode("the quick brown fox jumps over the lazy dog and the quick brown fox")
+    runs = []
+    f = chat.session.forward_positions
+    chat.session.forward_positions = lambda x, n, *a: runs.append(n) or f(x, n, *a)
+    want = chat.generate(ids, SamplingConfig(max_new_tokens=40), reuse=False)
+    got = chat.generate(ids, SamplingConfig(max_new_tokens=40, lookahead=3), reuse=False)
+    assert got.token_ids == want.token_ids and runs and got.decode_steps < want.decode_steps
