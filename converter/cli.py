@@ -240,8 +240,10 @@ def _sampling(args):
 
 def _stats(res) -> str:
     cached = f" ({res.cached_tokens} already in the cache)" if res.cached_tokens else ""
+    tokens = res.sampled - 1                  # chosen by the runs after the prefill: several a run with --lookahead
+    per_run = f" ({tokens / res.decode_steps:.2f} tokens a run)" if res.decode_steps and tokens > res.decode_steps else ""
     return (f"[{res.prompt_tokens} prompt tokens{cached}, {len(res.token_ids)} generated ({res.stop_reason}); "
-            f"prefill {res.prefill_tok_s:.1f} tok/s, decode {res.decode_tok_s:.1f} tok/s, "
+            f"prefill {res.prefill_tok_s:.1f} tok/s, decode {res.decode_tok_s:.1f} tok/s{per_run}, "
             f"peak RSS {peak_rss_mib():.0f} MiB]")
 
 
