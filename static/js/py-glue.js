@@ -44,9 +44,10 @@ def start(messages_json, sampling_json, raw, cached_json):
     return json.dumps({"ids": _gen.first_input(), "reused": _gen.reused, "messages": messages, "dropped": dropped})
 
 def push(cand_ids, cand_values, positions=1):
-    """The candidates of each of the last n = positions positions, one after another -> JSON {next: the next input ids or
-    null, text, done, reason, tokens: those this step added, rewind: cache positions to keep or null, positions:
-    how many the next forward returns, sampled: tokens the model chose so far}."""
+    """The candidates of the last input's final positions (as many as positions says, one position's after
+    another) -> JSON {next: the next input ids or null, text, done, reason, tokens: those this step added, rewind:
+    cache positions to keep or null, positions: how many the next forward returns, sampled: tokens the model chose
+    so far}."""
     ids, values = list(cand_ids.to_py()), list(cand_values.to_py())
     k = len(ids) // positions
     r = _gen.result
