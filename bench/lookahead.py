@@ -3,12 +3,13 @@ tokens, interleaved question by question, on the same bundle and graph.
 
     python bench/lookahead.py --bundles /tmp/ab smollm2-int8 smollm2-int4-m32 --lookahead 0,2,3,4 --reps 2
 
-Each bundle is loaded once in Chromium (WASM EP, 1 thread, the wasm graph the page runs); every question is asked
-with each lookahead in turn (the cache emptied before each), greedy, up to --max-new-tokens, stopping at the end of
-the reply. The CPU side runs the same graph (model.wasm.onnx) in onnxruntime, 1 thread. Per configuration: decode
-tokens per second over all replies (the tokens the runs after each prefill chose, over their time), tokens per
-run, and how many replies are token for token the lookahead-0 reply (a checked position's logits equal a one-token
-step's up to float rounding, which can tip a near-tie). Writes bench/results/lookahead.json.
+Each bundle is loaded once in Chromium (WASM EP, --threads threads, default 1, the wasm graph the page runs); every
+question is asked with each lookahead in turn (the cache emptied before each), greedy, up to --max-new-tokens,
+stopping at the end of the reply. The CPU side runs the same graph (model.wasm.onnx) in onnxruntime, as many
+threads. Per configuration: decode tokens per second over all replies (the tokens the runs after each prefill chose,
+over their time), tokens per run, and how many replies are token for token the lookahead-0 reply (a checked
+position's logits equal a one-token step's up to float rounding, which can tip a near-tie). Writes
+bench/results/lookahead.json.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ QUESTIONS = [
 ]
 
 
-def page_runs(server: str, bundle: str, lookaheads: list[int], reps: int, max_new: int, questions: list[str]) -> dict:
+def page_runs(server: str, bundle: str, lookaheads: list[int], reps: int, max_new: int, questions: list[str],
+              threads: int = 1) -> dict:
     from playwright.sync_api import sync_playwright
 
     out = {k: [] for k in lookaheads}
@@ -43,7 +45,7 @@ def page_runs(server: str, bundle: str, lookaheads: list[int], reps: int, max_ne
         browser = _launch(pw)
         try:
             page = browser.new_context().new_page()
-            page.goto(f"{server}/?bundle={bundle}&ep=wasm&threads=1&autoload=1")
+            page.goto(f"{server}/?bundle={bundle}&ep=wasm&threads={threads}&autoload=1")
             _wait_ready(page, 600_000)
             page.evaluate(js, [questions[0], 8, 0])                         # warm-up
             for r in range(reps):
@@ -55,11 +57,12 @@ def page_runs(server: str, bundle: str, lookaheads: list[int], reps: int, max_ne
     return out
 
 
-def cpu_runs(bundle_path: Path, lookaheads: list[int], reps: int, max_new: int, questions: list[str]) -> dict:
+def cpu_runs(bundle_path: Path, lookaheads: list[int], reps: int, max_new: int, questions: list[str],
+             threads: int = 1) -> dict:
     from converter.cli import open_chat_model
     from converter.runtime.generate import SamplingConfig
 
-    chat = open_chat_model(str(bundle_path), graph="wasm")
+    chat = open_chat_model(str(bundle_path), graph="wasm", threads=threads)
     out = {k: [] for k in lookaheads}
     for r in range(reps):
         for q in questions:
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lookahead", default="0,3", help="comma-separated draft counts; the first is the baseline")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads, the page's and the CPU's")
     ap.add_argument("--questions", type=int, default=len(QUESTIONS), help="the first N questions only")
     ap.add_argument("--no-cpu", action="store_true", help="the page only")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lookahead.json"))
@@ -106,17 +110,18 @@ def main(argv=None) -> int:
         return 2
     lookaheads = [int(v) for v in args.lookahead.split(",")]
     questions = QUESTIONS[:args.questions]
-    result = {"questions": questions, "lookahead": lookaheads, "reps": args.reps,
+    result = {"questions": questions, "threads": args.threads, "lookahead": lookaheads, "reps": args.reps,
               "max_new_tokens": args.max_new_tokens, "bundles": {}}
     lines = ["| bundle | runs on | lookahead | decode tok/s, median of rounds (min–max) | × lookahead "
              f"{lookaheads[0]} | tokens per run | replies equal to lookahead {lookaheads[0]}'s |", "|---" * 7 + "|"]
     with Server(Path(args.folder)) as server:
         for name in args.bundles:
             t0 = time.perf_counter()
-            sides = {"page": page_runs(server, name, lookaheads, args.reps, args.max_new_tokens, questions)}
+            sides = {"page": page_runs(server, name, lookaheads, args.reps, args.max_new_tokens, questions,
+                                       args.threads)}
             if not args.no_cpu:
                 sides["ortcpu"] = cpu_runs(Path(args.folder) / name, lookaheads, args.reps, args.max_new_tokens,
-                                           questions)
+                                           questions, args.threads)
             result["bundles"][name] = {side: {"runs": {str(k): v for k, v in runs.items()},
                                               "summary": {str(k): v for k, v in summarize(runs, lookaheads[0]).items()}}
                                        for side, runs in sides.items()}

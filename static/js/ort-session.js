@@ -78,21 +78,17 @@ export const PREFILL_BUDGET = 16 << 20;
 export const MIN_PIECE = 16;
 export const MAX_PIECE = 64;
 
-/** From this many bytes of weights on the WASM EP a second thread pays on 2 cores (defaultThreads). */
-export const TWO_THREADS_FROM_BYTES = 512e6;
-
 /** onnxruntime-web threads when the page does not say (?threads=): 1 without cross-origin isolation (no shared
- * memory); up to 4 on more than 2 cores; on 2 cores, 2 only for a model of TWO_THREADS_FROM_BYTES of weights or
- * more. Measured on 2 cores (README, bench/results/session12), 1 -> 2 threads: SmolLM2-135M int4-g32 decode 21.7
- * -> 17.2 tok/s (the second thread competes with Pyodide and the page for the same cores and the per-op overhead
- * dominates); a SmolLM2-360M-shaped model a wash (int8 decode 11.1 -> 11.1, prefill +45 %; int4-g32 decode -3 to
- * +20 %, prefill -12 %); a Llama-3.2-1B-shaped model +22 % decode (int8 3.08 -> 3.80, int4-g32 3.71 -> 4.52) and
- * +27-52 % prefill. */
-export function defaultThreads(weightBytes) {
+ * memory), else as many as the cores, up to 4. On 2 cores a second thread slows the first reply after a load and
+ * speeds up every later one (session 24, `bench/later_replies.py`, SmolLM2 on this 2-core machine: int4-m32 decode
+ * 28.9 -> 26.7 tok/s for the first reply, 34.1 -> 44.7 for the later ones; int8 30.7 -> 24.0 and 35.2 -> 45.4; a
+ * Llama-3.2-1B-shaped model +22 % decode from the first reply, session 12). Earlier sessions measured only first
+ * replies and kept 1 thread on 2 cores for models under 512 MB. weightBytes: kept for callers; the size no longer
+ * decides. */
+export function defaultThreads(weightBytes) {   // eslint-disable-line no-unused-vars
   if (!self.crossOriginIsolated) return 1;
   const cores = navigator.hardwareConcurrency || 1;
-  if (cores > 2) return Math.min(4, cores);
-  return cores === 2 && weightBytes >= TWO_THREADS_FROM_BYTES ? 2 : 1;
+  return Math.max(1, Math.min(4, cores));
 }
 
 export const TOP_CANDIDATES = 256;   // must equal converter/runtime/generate.py TOP_CANDIDATES
