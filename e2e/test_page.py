@@ -473,3 +473,22 @@ def test_lookahead_bench_runs_and_the_page_says_what_the_cpu_says(bundle_dir, tm
         assert len(page) == len(cpu) == 2 and all(p["tokens"] == c["tokens"] for p, c in zip(page, cpu))
         assert r["page"]["summary"][k]["tokens_per_run"] >= 1 and r["page"]["summary"][k]["decode_tok_s"] > 0
     assert r["page"]["summary"]["0"]["tokens_per_run"] == 1 and "| tiny-int4m | page | 3 |" in proc.stdout
+
+
+def test_later_replies_bench_runs(bundle_dir, tmp_path):
+    """bench/later_replies.py (README "Speed and memory"): a load, then the same completion several times, per
+    thread count; the table and the JSON hold every reply's decode speed."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "later.json"
+    proc = subprocess.run([sys.executable, "bench/later_replies.py", "--bundles", str(bundle_dir), "tiny-int4m",
+                           "--no-wllama", "--replies", "2", "--rounds", "1", "--new-tokens", "6", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert set(r["runs"]) == {"page/tiny-int4m/t1", "page/tiny-int4m/t2"}
+    assert all(len(rows) == 1 and len(rows[0]) == 2 and min(rows[0]) > 0 for rows in r["runs"].values())
+    assert "| page/tiny-int4m/t2 |" in proc.stdout
