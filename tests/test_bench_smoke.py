@@ -45,6 +45,10 @@ def test_token_speed(quick):
     # one prompt for all: the same token count everywhere
     counts = {cfg[k]["prompt_tokens"]["median"] for k in ("ortcpu/int8/t1", "page-wasm/int8/t1", "wllama/wasm/t1")}
     assert len(counts) == 1, counts
+    # the next reply of the same load, timed too (the page's later replies are faster: bench/later_replies.py)
+    for key in ("page-wasm/int8/t1", "wllama/wasm/t1"):
+        assert cfg[key]["decode_again_tok_s"]["median"] > 0, key
+    assert any(r["metric"] == "decode_again_tok_s" for r in doc["summary"]["targets"]["vs_wllama"])
     assert cfg["page-wasm/int8/t1"]["ep"] == "wasm"
     per = cfg["page-wasm/int8/t1"]["per_token_ms"]
     assert set(per) == {"run", "feeds", "kv", "logits", "topk", "python", "yield"}
