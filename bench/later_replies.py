@@ -1,6 +1,6 @@
 """Decode speed of the first reply after a load against the replies after it: the page (WASM EP) and wllama, at 1
 and 2 threads, each in a fresh Chromium that loads once and then generates the same greedy completion --replies
-times (`python -m bench` measures the first reply only).
+times (`python -m bench` times the first reply of a load and the next one; this follows several).
 
     python bench/later_replies.py --bundles /tmp/ab smollm2-int4-m32 smollm2-int8 --replies 4 --rounds 2
 
