@@ -2,8 +2,13 @@
 Chromium driven by Playwright (the e2e flags; never Playwright's own browser download), against the real dev
 server.
 
-A fresh browser per measurement: a cold load is really cold (HTTP cache, Cache API, V8 code cache, GPU
-process), and the process tree we sample for memory holds that measurement alone.
+A fresh browser per measurement, with a new profile directory of its own: a cold load is really cold (HTTP
+cache, Cache API, V8 code cache, GPU process), and the process tree we sample for memory holds that measurement
+alone. The page's reload is a user's return visit, so its profile is on disk, as a user's is: an incognito context
+(Playwright's `browser.new_context()`) keeps no V8 code cache, and its return visit would compile onnxruntime-web's
+wasm anew and pay the first reply's warm-up again (session 25: SmolLM2 int4-m32's first reply after a load decodes
+at ~30 tok/s where the later ones run at ~34 — V8 compiles the hot wasm functions with its optimizing tier while
+they run — and a return visit with the code cache starts at the later replies' speed).
 """
 from __future__ import annotations
 
@@ -210,6 +215,13 @@ def _launch(pw):
     return pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS, headless=True)
 
 
+def _launch_profile(pw, profile_dir: str):
+    """A fresh browser on an on-disk profile (profile_dir, empty): what a user's return visit finds there — HTTP
+    cache, Cache API and V8's code cache — survives a reload. Returns its one context (close() ends the browser)."""
+    return pw.chromium.launch_persistent_context(profile_dir, executable_path=shutil.which("chromium"),
+                                                 args=CHROMIUM_FLAGS, headless=True)
+
+
 def _wait_ready(page, timeout_ms: int) -> None:
     page.wait_for_function("document.body.dataset.ready", timeout=timeout_ms)
     if page.evaluate("document.body.dataset.ready") != "1":
@@ -219,8 +231,12 @@ def _wait_ready(page, timeout_ms: int) -> None:
 def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_tokens: int,
              kv: str | None = None, yield_mode: str | None = None, warm: bool = True,
              timeout_ms: int = 600_000, extra: dict | None = None) -> dict:
-    """Cold load (fresh browser) -> generate `new_tokens` -> memory -> reload (warm: Cache API + HTTP cache) ->
-    first token again. Returns the page's own timings plus the memory timeline of the Chromium processes."""
+    """Cold load (fresh browser, empty profile) -> generate `new_tokens` -> memory -> the same again (the next
+    reply) -> reload (warm, a return visit: Cache API, HTTP cache and V8's code cache) -> generate `new_tokens`
+    (its first token gives the warm time to first token). Returns the page's own timings plus the memory timeline
+    of the Chromium processes."""
+    import tempfile
+
     from playwright.sync_api import sync_playwright
 
     q = {"bundle": bundle, "ep": ep, "autoload": "1"}
@@ -236,11 +252,11 @@ def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_t
               ".then(r => ({...r, ep: window.tinyqmoe.state.ep}))")
     result: dict = {"bundle": bundle, "ep_requested": ep, "threads_requested": threads, "kv": kv or "default",
                     "yield": yield_mode or "default"}
-    with sync_playwright() as pw, MemorySampler() as mem:
-        browser = _launch(pw)
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as profile, sync_playwright() as pw, \
+            MemorySampler() as mem:
+        browser = _launch_profile(pw, profile)
         try:
-            ctx = browser.new_context()
-            page = ctx.new_page()
+            page = browser.pages[0] if browser.pages else browser.new_page()
             console: list[str] = []
             page.on("console", lambda m: console.append(m.text))
             page.goto("about:blank")
@@ -268,7 +284,7 @@ def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_t
                 _wait_ready(page, timeout_ms)
                 mem.mark("ready (warm)")
                 result["warm"] = page.evaluate("window.tinyqmoe.state.loadTimings")
-                result["warm_generate"] = page.evaluate(gen_js, [prompt, 1])
+                result["warm_generate"] = page.evaluate(gen_js, [prompt, new_tokens])
                 result["warm_generate"].pop("ep")
             result["console_tail"] = console[-10:]
         finally:
@@ -288,14 +304,18 @@ def run_page(server: str, bundle: str, ep: str, threads: int, prompt: str, new_t
 
 def run_wllama(server: str, gguf_url: str, threads: int, gpu_layers: int, prompt: str, new_tokens: int,
                ban_tokens: list[int] = (), timeout_ms: int = 600_000) -> dict:
-    """wllama on the bench page: fetch the GGUF, load it, one greedy completion of `new_tokens` (eos ignored)."""
+    """wllama on the bench page: fetch the GGUF, load it, one greedy completion of `new_tokens` (eos ignored), the
+    same again (the next reply), then a return visit as the page's (reload, load, the completion)."""
+    import tempfile
+
     from playwright.sync_api import sync_playwright
 
     result: dict = {"threads_requested": threads, "gpu_layers": gpu_layers}
-    with sync_playwright() as pw, MemorySampler() as mem:
-        browser = _launch(pw)
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as profile, sync_playwright() as pw, \
+            MemorySampler() as mem:
+        browser = _launch_profile(pw, profile)
         try:
-            page = browser.new_context().new_page()
+            page = browser.pages[0] if browser.pages else browser.new_page()
             console: list[str] = []
             page.on("console", lambda m: console.append(m.text))
             page.goto("about:blank")
@@ -311,8 +331,13 @@ def run_wllama(server: str, gguf_url: str, threads: int, gpu_layers: int, prompt
                                                [prompt, new_tokens, list(ban_tokens)])
             mem.mark("generated")
             result["page_memory"] = page.evaluate(PAGE_MEMORY_JS)
-            result["generate_again"] = page.evaluate("([p, n, ban]) => wbench.complete(p, n, ban)",
-                                                     [prompt, new_tokens, list(ban_tokens)])
+            complete = ("([p, n, ban]) => wbench.complete(p, n, ban)", [prompt, new_tokens, list(ban_tokens)])
+            result["generate_again"] = page.evaluate(*complete)
+            page.reload()
+            page.wait_for_function("window.wbench && window.wbench.ready", timeout=60_000)
+            result["load_return"] = page.evaluate("([u, o]) => wbench.load(u, o)",
+                                                  [gguf_url, {"threads": threads, "gpuLayers": gpu_layers}])
+            result["generate_return"] = page.evaluate(*complete)
             result["threads"] = result["load"]["threads"]
             result["console_tail"] = console[-10:]
         finally:

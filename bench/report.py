@@ -66,6 +66,9 @@ def page_metrics(res: dict) -> dict:
     m = {"prefill_tok_s": g["prefillTokS"], "decode_tok_s": g["decodeTokS"] or None,
          # the next reply of the same load (runs before session 24 have none)
          "decode_again_tok_s": (res.get("generate_again") or {}).get("decodeTokS") or None,
+         # the first reply of a return visit, V8's code cache in the profile (runs before session 25 have none:
+         # their reload generated one token)
+         "decode_return_tok_s": (res.get("warm_generate") or {}).get("decodeTokS") or None,
          "e2e_decode_tok_s": decode_steps / (wall_decode_ms / 1000) if decode_steps else None,
          "prompt_tokens": g["promptTokens"], "new_tokens": len(g["tokens"]), "ep": res["ep"],
          "threads": res["threads"]}
@@ -89,6 +92,7 @@ def wllama_metrics(res: dict) -> dict:
     g, ld = res["generate"], res["load"]
     return {"prefill_tok_s": g["prefillTokS"], "decode_tok_s": g["decodeTokS"],
             "decode_again_tok_s": (res.get("generate_again") or {}).get("decodeTokS") or None,
+            "decode_return_tok_s": (res.get("generate_return") or {}).get("decodeTokS") or None,
             "prompt_tokens": g["promptTokens"], "new_tokens": g["newTokens"], "threads": res["threads"],
             "load_ms": ld["fetchMs"] + ld["initMs"], "ttft_ms": ld["readyAt"] + g["promptMs"],
             "memory": {"peak_pss_mib": res["memory"]["peak_mib"], "idle_pss_mib": res["memory"]["idle_mib"],
@@ -205,9 +209,9 @@ def targets(s: dict, ws) -> dict:
         for t in threads:
             if f"page-wasm/{sch}/t{t}" not in keys:
                 continue
-            for what in ("decode_tok_s", "decode_again_tok_s", "prefill_tok_s"):
+            for what in ("decode_tok_s", "decode_again_tok_s", "decode_return_tok_s", "prefill_tok_s"):
                 r = _ratio(_med(s, f"page-wasm/{sch}/t{t}", what), _med(s, f"wllama/wasm/t{t}", what))
-                if r is None and what == "decode_again_tok_s":
+                if r is None and what in ("decode_again_tok_s", "decode_return_tok_s"):
                     continue
                 out["vs_wllama"].append({"scheme": sch, "wllama": ws.gguf_type, "threads": t, "metric": what,
                                          "same_tier": sch in SAME_TIER, "ratio": r, "target": TARGET_VS_WLLAMA,
@@ -282,7 +286,8 @@ def print_tables(con, doc: dict) -> None:
     cfg = s["configs"]
     t = Table(title=f"Token speed, {doc['meta']['model']}: {doc['meta']['new_tokens']} greedy tokens after the prompt, "
                     f"median (min–max) of {doc['meta']['reps']} interleaved rounds")
-    for c in ("configuration", "runs on", "prompt tok", "prefill tok/s", "decode tok/s", "decode incl. loop tok/s"):
+    for c in ("configuration", "runs on", "prompt tok", "prefill tok/s", "decode tok/s", "decode incl. loop tok/s",
+              "next reply", "return visit"):
         t.add_column(c, justify="left" if c == "configuration" else "right")
     for k in sorted(cfg):
         if k.startswith("load/"):
@@ -291,11 +296,12 @@ def print_tables(con, doc: dict) -> None:
         t.add_row(k, str(m.get("ep", "cpu" if k.startswith(("ortcpu", "llamacpp")) else
                                 "wasm" if "wasm" in k else "webgpu")),
                   fmt(m.get("prompt_tokens"), 0), fmt(m.get("prefill_tok_s")), fmt(m.get("decode_tok_s"), 2),
-                  fmt(m.get("e2e_decode_tok_s"), 2))
+                  fmt(m.get("e2e_decode_tok_s"), 2), fmt(m.get("decode_again_tok_s"), 2),
+                  fmt(m.get("decode_return_tok_s"), 2))
     con.print(t)
 
     t = Table(title="Load: navigation -> first token, seconds, median (min–max); cold = fresh browser, "
-                    "warm = reload (Cache API + HTTP cache)")
+                    "warm = reload, a return visit (Cache API, HTTP cache, V8 code cache)")
     cols = ("page_start_ms", "download_ms", "decode_after_download_ms", "verify_rest_ms", "session_ms",
             "python_wait_ms", "first_token_ms", "ttft_ms")
     for c in ("configuration", "phase") + tuple(c.removesuffix("_ms") for c in cols):
@@ -508,15 +514,16 @@ def markdown(doc: dict) -> str:
              f"{meta['new_tokens']} greedy tokens (WebGPU: {meta.get('webgpu_new_tokens')}), median (min–max) of "
              f"{rounds} interleaved rounds:", "",
              "| configuration | runs on | prefill tok/s | decode tok/s | decode incl. page loop tok/s | decode, the "
-             "next reply tok/s |",
-             "|---|---|---|---|---|---|"]
+             "next reply tok/s | decode, a return visit's first reply tok/s |",
+             "|---|---|---|---|---|---|---|"]
     for k in sorted(cfg):
         if k.startswith("load/"):
             continue
         m = cfg[k]
         on = m.get("ep") or ("cpu" if k.startswith(("ortcpu", "llamacpp")) else "wasm" if "wasm" in k else "webgpu")
         lines.append(f"| {k} | {on} | {fmt(m.get('prefill_tok_s'))} | {fmt(m.get('decode_tok_s'), 2)} | "
-                     f"{fmt(m.get('e2e_decode_tok_s'), 2)} | {fmt(m.get('decode_again_tok_s'), 2)} |")
+                     f"{fmt(m.get('e2e_decode_tok_s'), 2)} | {fmt(m.get('decode_again_tok_s'), 2)} | "
+                     f"{fmt(m.get('decode_return_tok_s'), 2)} |")
     cols = ("page_start_ms", "download_ms", "decode_after_download_ms", "verify_rest_ms", "session_ms",
             "python_wait_ms", "first_token_ms", "ttft_ms")
     lines += ["", "Load, seconds from navigation (1 thread):", "",

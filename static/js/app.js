@@ -229,13 +229,17 @@ async function generateReply(session, py, messages, sampling, onText, raw, reuse
   const tokens = [];
   let text = "", reason = "", prefillMs = 0, decodeMs = 0, steps = 0, pushMs = 0, yieldMs = 0, firstTokenAt = 0;
   let prefillSession = null;
+  const stepMs = [];      // each decode step's session.forward, ms: the first reply after a load shows V8's warm-up
   const t0 = performance.now();
   while (ids) {
     if (state.stopRequested) { const tail = await py.cancel(); text += tail; onText(tail); reason = "cancelled"; break; }
     const ts = performance.now();
     const cand = await session.forward(ids, positions, candidates);
     const dt = performance.now() - ts;
-    if (steps++ === 0) { prefillMs = dt; prefillSession = session.takeProfile(); } else decodeMs += dt;
+    if (steps++ === 0) { prefillMs = dt; prefillSession = session.takeProfile(); } else {
+      decodeMs += dt;
+      stepMs.push(dt);
+    }
     const tpush = performance.now();
     const r = await py.push(cand);
     if (steps === 1) firstTokenAt = performance.now(); else pushMs += performance.now() - tpush;
@@ -256,7 +260,7 @@ async function generateReply(session, py, messages, sampling, onText, raw, reuse
            firstTokenMs, totalMs: performance.now() - t0,
            // where the time went (bench/): forward = session.forward (ort-session.js splits it: prefillSession for
            // the first call, session for the decode steps), push = Pyodide, yield = yieldToPage; decode steps only
-           profile: { startAt: t0, firstTokenAt, steps, prefillMs, decodeMs, pushMs, yieldMs, prefillSession,
+           profile: { startAt: t0, firstTokenAt, steps, prefillMs, decodeMs, pushMs, yieldMs, prefillSession, stepMs,
                       session: session.takeProfile() } };
 }
 
