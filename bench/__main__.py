@@ -71,9 +71,9 @@ def jobs_for(ws: prepare.Workspace, quick: bool, all_threads: int, with_llamacpp
         b = f"{ws.model}-{s}"
         for t in ([1] if quick else [1, all_threads]):
             jobs.append({"key": f"ortcpu/{s}/t{t}", "kind": "ortcpu", "scheme": s, "bundle": b, "threads": t})
-            # warm reloads where the LZW-vs-uncompressed comparison needs them (1 thread, like the packed twin)
+            # each with its return visit (warm reload): its load and its first reply (V8's code cache)
             jobs.append({"key": f"page-wasm/{s}/t{t}", "kind": "page-wasm", "scheme": s, "bundle": b, "ep": "wasm",
-                         "threads": t, "warm": t == 1 and s in ws.packed})
+                         "threads": t, "warm": True})
         if not quick and s == schemes[0]:            # the yield fix, A/B: the old wait for a frame per token
             jobs.append({"key": f"page-wasm/{s}/t1/yield-frame", "kind": "page-wasm", "scheme": s, "bundle": b,
                          "ep": "wasm", "threads": 1, "yield": "frame", "warm": False})

@@ -381,7 +381,7 @@ def plot_all(doc: dict, out: Path, prefix: str = "") -> list[Path]:
 
     matplotlib.use("Agg")
     paths = []
-    for fn in (plot_speed, plot_load, plot_memory, plot_profile):
+    for fn in (plot_speed, plot_load, plot_memory, plot_profile, plot_warmup):
         p = fn(doc, out / f"{prefix}{fn.__name__.removeprefix('plot_')}.png")
         if p is not None:
             paths.append(p)
@@ -424,6 +424,45 @@ def plot_speed(doc: dict, path: Path) -> Path | None:
     _bars(axes[0], keys, [cfg[k].get("prefill_tok_s") for k in keys], "prefill tok/s (median, min–max)", "#4c72b0")
     _bars(axes[1], keys, [cfg[k].get("decode_tok_s") for k in keys], "decode tok/s (median, min–max)", "#dd8452")
     fig.suptitle(f"{doc['meta']['model']}: token speed, {doc['meta']['reps']} interleaved rounds", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_warmup(doc: dict, path: Path) -> Path | None:
+    """Each decode step's session.forward time in the page's first reply after a load, its next reply and a return
+    visit's first reply (median over rounds per step): V8 compiles the hot wasm functions with its optimizing tier
+    while the first reply runs, and a return visit takes them from the code cache."""
+    import statistics
+
+    import matplotlib.pyplot as plt
+
+    replies = (("generate", "first reply after a load", "#c44e52"), ("generate_again", "the next reply", "#4c72b0"),
+               ("warm_generate", "a return visit's first reply", "#55a868"))
+    by_key: dict[str, dict[str, list[list[float]]]] = {}
+    for r in doc["runs"]:
+        if r["error"] or r["kind"] != "page-wasm" or r["key"].count("/") != 2:    # no variants (yield-frame, ...)
+            continue
+        for field_, _, _ in replies:
+            steps = ((r["result"].get(field_) or {}).get("profile") or {}).get("stepMs")
+            if steps:
+                by_key.setdefault(r["key"], {}).setdefault(field_, []).append(steps)
+    if not by_key:
+        return None
+    keys = sorted(by_key)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False, sharey=True)
+    for ax, k in zip(axes[0], keys):
+        for field_, label, color in replies:
+            runs = by_key[k].get(field_)
+            if not runs:
+                continue
+            n = min(len(x) for x in runs)
+            ax.plot(range(1, n + 1), [statistics.median(x[i] for x in runs) for i in range(n)], label=label,
+                    color=color, lw=1.2)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("decode step")
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("ms per step (median over rounds)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("The page's decode steps: the first reply after a load warms V8 up", fontsize=10)
     return _save(fig, path)
 
 
@@ -526,7 +565,7 @@ def markdown(doc: dict) -> str:
                      f"{fmt(m.get('decode_return_tok_s'), 2)} |")
     cols = ("page_start_ms", "download_ms", "decode_after_download_ms", "verify_rest_ms", "session_ms",
             "python_wait_ms", "first_token_ms", "ttft_ms")
-    lines += ["", "Load, seconds from navigation (1 thread):", "",
+    lines += ["", "Load, seconds from navigation (cold: a first visit; warm: a return visit):", "",
               "| bundle | phase | " + " | ".join(c.removesuffix("_ms").replace("_", " ") for c in cols) + " |",
               "|---|---|" + "---|" * len(cols)]
     for k in sorted(cfg):

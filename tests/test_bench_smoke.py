@@ -116,6 +116,6 @@ def test_targets_have_ratios(quick):
 
 def test_figures(quick):
     out, _, _ = quick
-    for name in ("speed", "load", "memory", "profile"):
+    for name in ("speed", "load", "memory", "profile", "warmup"):
         png = out / f"quick-{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
