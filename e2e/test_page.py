@@ -30,6 +30,32 @@ def open_loaded(page, server, name, ep="wasm", timeout=180_000, extra=""):
     page.wait_for_function("document.body.dataset.ready", timeout=timeout)
     if page.evaluate("document.body.dataset.ready") != "1":
         raise AssertionError(page.inner_text("#error") + "\n" + "\n".join(page.console_messages[-20:]))
+    # the throwaway decode steps the WASM EP runs after a load (app.js warmUp) are over, so that a test's own
+    # changes to the session (a failing run, ...) meet its own calls only
+    page.evaluate("window.tinyqmoe.warmedUp()")
+
+
+def test_warm_up_after_a_load_leaves_no_trace(page, server, bundle_dir):
+    """After a load on the WASM EP the page runs throwaway decode steps while it waits for the first message (V8
+    optimizes onnxruntime-web's hot wasm functions then, not during the first reply): it empties the cache after,
+    and a reply asked for at once — the warm-up stopped after its current step — or after it gives the CPU
+    reference's tokens."""
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1")
+    page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+    want = cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 12, graph="wasm")
+    assert page_tokens(page, PROMPT, 12)["tokens"] == want           # at once, before the warm-up ends
+    w = page.evaluate("window.tinyqmoe.warmedUp()")
+    assert 1 <= w["steps"] <= 48 and len(w["stepMs"]) == w["steps"], w
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1")
+    page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+    w = page.evaluate("window.tinyqmoe.warmedUp()")
+    assert w["steps"] >= 6 and (w["settled"] or w["steps"] == 48), w      # not stopped: it ran to its end
+    assert page.evaluate("window.tinyqmoe.state.session.length") == 0
+    got = page_tokens(page, PROMPT, 12)
+    assert got["tokens"] == want and got["cachedTokens"] == 0
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1&warmup=0")
+    page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+    assert page.evaluate("window.tinyqmoe.warmedUp()") is None
 
 
 def page_tokens(page, prompt, n, raw=True, **sampling):
@@ -492,3 +518,23 @@ def test_later_replies_bench_runs(bundle_dir, tmp_path):
     assert set(r["runs"]) == {"page/tiny-int4m/t1", "page/tiny-int4m/t2"}
     assert all(len(rows) == 1 and len(rows[0]) == 2 and min(rows[0]) > 0 for rows in r["runs"].values())
     assert "| page/tiny-int4m/t2 |" in proc.stdout
+
+
+def test_warmup_ab_bench_runs(bundle_dir, tmp_path):
+    """bench/warmup_ab.py (docs/page-bench.md, session 25): first reply with and without the warm-up after a load,
+    per think time; the runs with it record what it did, those without have none, and both replies agree."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "warmup.json"
+    proc = subprocess.run([sys.executable, "bench/warmup_ab.py", "--bundles", str(bundle_dir), "tiny-int4m",
+                           "--think", "0.5", "--threads", "1", "--rounds", "1", "--new-tokens", "6", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    on, off = r["summary"]["tiny-int4m/t1/think0.5/warmup-on"], r["summary"]["tiny-int4m/t1/think0.5/warmup-off"]
+    assert on["warmup_steps"] >= 1 and off["warmup_steps"] is None
+    assert on["first_tok_s"] > 0 and off["first_tok_s"] > 0 and on["same_tokens"] and off["same_tokens"]
+    assert "| tiny-int4m/t1/think0.5/warmup-on |" in proc.stdout

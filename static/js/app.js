@@ -1,12 +1,14 @@
 // The page: wires the bundle list, the loading pipeline, the session and the Pyodide runtime to the chat UI.
-// Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt or messages, opts)} (used by e2e/ and bench/).
+// Test hook: window.tinyqmoe = {ready, load(name, ep), generate(prompt or messages, opts), warmedUp(), ...} (used by
+// e2e/ and bench/).
 // URL parameters: bundle, ep, autoload, workers (decoder pool size), threads (onnxruntime-web wasm threads),
 // kv (cpu: WebGPU KV cache round-trips through the CPU), yield (frame: wait for a frame between tokens) — the last
 // two bring back the behaviour before the bench's fixes, for A/B runs; so does into=0: decoded chunks come back to
 // the page, which copies them into place, instead of the workers building whole tensors), graph (auto | fp16 | fp32 | wasm: which graph
 // runs; auto = model.fp16.onnx on a WebGPU adapter with shader-f16, model.wasm.onnx on the WASM EP when the bundle has
 // one (group schemes), else model.onnx), heap (bytes the WASM EP's heap is grown by before the weights are copied
-// in, default heapReserve's; 0: none, and the heap grows by Emscripten's own 20 % steps — the behaviour before).
+// in, default heapReserve's; 0: none, and the heap grows by Emscripten's own 20 % steps — the behaviour before),
+// warmup (0: no throwaway decode steps after a load on the WASM EP; warmUp below).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
 import { chooseProvider, DecoderSession, heapReserve, prefillRows, TOP_CANDIDATES, webgpuDevice } from "./ort-session.js";
@@ -96,6 +98,8 @@ function graphVariant(ep, f16) {
 }
 
 async function load(name, wanted = "auto", keepNotice = false) {
+  await stopWarmUp();
+  warmup = null; state.warmup = null;
   $("error").hidden = true; $("stages").innerHTML = "";
   if (!keepNotice) $("notice").hidden = true;
   document.body.dataset.ready = "";
@@ -169,6 +173,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
     if (ep === "webgpu") watchDevice(name, session);
     $("chat").hidden = false;
     document.body.dataset.ready = "1";
+    if (ep === "wasm" && params.get("warmup") !== "0") warmUp(session);
     return { ep, why, timings: state.loadTimings };
   } catch (e) {
     pool.terminate();
@@ -212,6 +217,7 @@ async function generate(messages, sampling, onText = () => {}, raw = null, reuse
   const { session, py } = state;
   state.stopRequested = false; state.busy = true;
   try {
+    await stopWarmUp();       // asked for a reply: a warm-up still running stops after its current step
     return await generateReply(session, py, messages, sampling, onText, raw, reuse);
   } finally {
     state.busy = false;       // also when Python refuses the prompt (longer than the context) or a run fails
@@ -262,6 +268,51 @@ async function generateReply(session, py, messages, sampling, onText, raw, reuse
            // the first call, session for the decode steps), push = Pyodide, yield = yieldToPage; decode steps only
            profile: { startAt: t0, firstTokenAt, steps, prefillMs, decodeMs, pushMs, yieldMs, prefillSession, stepMs,
                       session: session.takeProfile() } };
+}
+
+/** On the WASM EP a first visit's first reply is slow: V8 runs onnxruntime-web's wasm in its baseline tier first
+ * and recompiles the hot functions with its optimizing compiler, in the background, while that reply runs
+ * (docs/page-bench.md, session 25: int4-m32's first 30 decode steps at 30–60 ms instead of 29, at 2 threads
+ * 40–60 instead of ~20). A return visit takes the optimized code from V8's code cache. So while the page waits for
+ * the first message, it runs throwaway decode steps: up to WARMUP_STEPS, until the last WARMUP_SETTLED steps are
+ * within 5 % of the fastest (a return visit: a few steps); a reply asked for stops it after its current step
+ * (stopWarmUp). ?warmup=0: none. The cache it made is emptied, its profile dropped. */
+const WARMUP_STEPS = 48;
+const WARMUP_SETTLED = 6;
+let warmup = null;      // the latest: { stop, done: Promise, settled }; state.warmup: what it did, once done
+
+function warmUp(session) {
+  const w = { stop: false, settled: false };
+  w.done = (async () => {
+    const times = [];
+    let ids = [session.config.bos_token_id ?? 0];
+    const t0 = performance.now();
+    try {
+      for (let i = 0; i < WARMUP_STEPS; i++) {
+        await yieldToPage();                 // a click or a generate() call comes in between steps
+        if (w.stop || state.session !== session) break;
+        const ts = performance.now();
+        const top = await session.forward(ids, 1, 1);
+        times.push(performance.now() - ts);
+        ids = [top.ids[0]];
+        const last = times.slice(-WARMUP_SETTLED), fastest = Math.min(...times);
+        if (last.length === WARMUP_SETTLED && Math.max(...last) <= 1.05 * fastest) { w.settled = true; break; }
+      }
+      await session.rewind(0);
+    } catch (e) {
+      console.warn(`warm-up stopped: ${e.message}`);
+    } finally {
+      session.takeProfile();
+      state.warmup = { steps: times.length, ms: performance.now() - t0, settled: w.settled, stepMs: times };
+    }
+  })();
+  warmup = w;
+}
+
+async function stopWarmUp() {
+  if (!warmup) return;
+  warmup.stop = true;
+  await warmup.done;
 }
 
 /** Give the page a turn between tokens (the wasm EP and Pyodide both run on this thread), so that streamed text
@@ -373,6 +424,8 @@ window.tinyqmoe = {
                                               lookahead: opts.lookahead ?? (Number(lookaheadParam) || 0) },
                                             undefined, opts.raw ?? null, opts.reuse ?? false),
   stop: () => { state.stopRequested = true; },
+  // once the warm-up after a load (warmUp) has finished: what it did, {steps, ms, settled, stepMs}, or null
+  warmedUp: async () => { if (warmup) await warmup.done; return state.warmup ?? null; },
   /** Destroys the WebGPU device the session runs on (e2e: what a lost device does to the page). */
   loseDevice: async () => { const d = state.ep === "webgpu" ? await webgpuDevice() : null; if (d) d.destroy(); return !!d; },
   state,
