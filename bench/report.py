@@ -36,8 +36,10 @@ def stats(vals: list[float]) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _first_token_ms(gen: dict) -> float:
+    """From the generate() call to the first token: with any wait for the page's warm-up to stop (session 25's
+    askedAt; earlier runs have only the first run's start)."""
     p = gen["profile"]
-    return p["firstTokenAt"] - p["startAt"]
+    return p["firstTokenAt"] - p.get("askedAt", p["startAt"])
 
 
 def load_stages(timings: dict, gen: dict) -> dict:

@@ -537,4 +537,5 @@ def test_warmup_ab_bench_runs(bundle_dir, tmp_path):
     on, off = r["summary"]["tiny-int4m/t1/think0.5/warmup-on"], r["summary"]["tiny-int4m/t1/think0.5/warmup-off"]
     assert on["warmup_steps"] >= 1 and off["warmup_steps"] is None
     assert on["first_tok_s"] > 0 and off["first_tok_s"] > 0 and on["same_tokens"] and off["same_tokens"]
+    assert on["first_token_ms"] >= on["prefill_ms"] and off["wait_ms"] >= 0
     assert "| tiny-int4m/t1/think0.5/warmup-on |" in proc.stdout

@@ -215,10 +215,15 @@ function gpuFailed(why) {
  * measure whole prefills). */
 async function generate(messages, sampling, onText = () => {}, raw = null, reuse = false) {
   const { session, py } = state;
+  const askedAt = performance.now();
   state.stopRequested = false; state.busy = true;
   try {
     await stopWarmUp();       // asked for a reply: a warm-up still running stops after its current step
-    return await generateReply(session, py, messages, sampling, onText, raw, reuse);
+    const r = await generateReply(session, py, messages, sampling, onText, raw, reuse);
+    // from the call on (profile.startAt is the first run's start: after the warm-up's stop and the tokenizer)
+    r.profile.askedAt = askedAt;
+    r.firstTokenMs = r.profile.firstTokenAt - askedAt;
+    return r;
   } finally {
     state.busy = false;       // also when Python refuses the prompt (longer than the context) or a run fails
   }
