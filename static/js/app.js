@@ -291,9 +291,10 @@ function warmUp(session) {
   w.done = (async () => {
     const times = [];
     let ids = [session.config.bos_token_id ?? 0];
+    const steps = Math.min(WARMUP_STEPS, (session.config.max_position_embeddings || Infinity) - 1);  // in context
     const t0 = performance.now();
     try {
-      for (let i = 0; i < WARMUP_STEPS; i++) {
+      for (let i = 0; i < steps; i++) {
         await yieldToPage();                 // a click or a generate() call comes in between steps
         if (w.stop || state.session !== session) break;
         const ts = performance.now();
