@@ -327,11 +327,10 @@ def run_wllama(server: str, gguf_url: str, threads: int, gpu_layers: int, prompt
             result["load"] = page.evaluate("([u, o]) => wbench.load(u, o)",
                                            [gguf_url, {"threads": threads, "gpuLayers": gpu_layers}])
             mem.mark("ready")
-            result["generate"] = page.evaluate("([p, n, ban]) => wbench.complete(p, n, ban)",
-                                               [prompt, new_tokens, list(ban_tokens)])
+            complete = ("([p, n, ban]) => wbench.complete(p, n, ban)", [prompt, new_tokens, list(ban_tokens)])
+            result["generate"] = page.evaluate(*complete)
             mem.mark("generated")
             result["page_memory"] = page.evaluate(PAGE_MEMORY_JS)
-            complete = ("([p, n, ban]) => wbench.complete(p, n, ban)", [prompt, new_tokens, list(ban_tokens)])
             result["generate_again"] = page.evaluate(*complete)
             page.reload()
             page.wait_for_function("window.wbench && window.wbench.ready", timeout=60_000)

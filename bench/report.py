@@ -47,6 +47,7 @@ def _first_token_ms(gen: dict, ready_at: float) -> float:
 def load_stages(timings: dict, gen: dict) -> dict:
     """Navigation -> first token, split. Download overlaps LZW decoding (chunks decode as their bytes arrive);
     Pyodide starts at navigation, in parallel, so only the wait for it after the session is on the path."""
+    first_token = _first_token_ms(gen, timings["readyAt"])
     return {
         "page_start_ms": timings["loadStartAt"],                       # HTML, modules, bundle list
         "download_ms": timings["downloadMs"],                          # manifest + blobs (decoding meanwhile)
@@ -54,8 +55,8 @@ def load_stages(timings: dict, gen: dict) -> dict:
         "verify_rest_ms": timings["totalMs"] - timings["downloadMs"] - timings["decodeAfterDownloadMs"],
         "session_ms": timings["sessionMs"],
         "python_wait_ms": timings["pythonWaitMs"],
-        "first_token_ms": _first_token_ms(gen, timings["readyAt"]),
-        "ttft_ms": timings["readyAt"] + _first_token_ms(gen, timings["readyAt"]),
+        "first_token_ms": first_token,
+        "ttft_ms": timings["readyAt"] + first_token,
         "decode_busy_ms": timings["decodeMs"],                         # first chunk queued -> last decoded
         "pyodide_start_ms": timings["pyStartMs"],
     }
