@@ -41,7 +41,7 @@ def one_load(pw, server: str, bundle: str, threads: int, warmup: bool, think: fl
                 # asked -> the first run's start: the wait for the warm-up's current step, and the tokenizer
                 "wait_ms": p["startAt"] - p["askedAt"], "first_token_ms": first["firstTokenMs"],
                 "next_tok_s": again["decodeTokS"], "same_tokens": first["tokens"] == again["tokens"],
-                "first_step_ms": first["profile"]["stepMs"], "warmup": w}
+                "first_step_ms": p["stepMs"], "warmup": w}
     finally:
         browser.close()
 
