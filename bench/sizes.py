@@ -58,8 +58,10 @@ def count(path: Path) -> dict:
             codes = [stored[i] for i in t["initializers"] if i in (t["name"], t["name"] + ".q")]
             linear_codes += sum(codes)
             linear_side += sum(own) - sum(codes)                     # scales, zero points, minimums
-    files = {p.name: p.stat().st_size for p in path.iterdir()}
-    total = sum(files.values())
+    files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+    # the warm-up model the page runs while the weights load (converter/warmup_model.py): downloaded too
+    warmup = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.parent != path)
+    total = sum(files.values()) + warmup
     return {"name": path.name, "scheme": m["scheme"], "embed_scheme": m["embed_scheme"],
             "parameters": m["totals"]["parameters"], "linear_parameters": linear_params,
             "all_in": total, "blobs": sum(files[f] for f in files if f.endswith(".qzb")),
@@ -68,7 +70,7 @@ def count(path: Path) -> dict:
             "tokenizer": sum(v for k, v in files.items() if k.startswith("tokenizer")),
             "manifest": files["manifest.json"] + files.get("tables.json", files.get("tables.json.qz",
                                                                                   files.get("tables.json.zlib", 0))),
-            "runtime_bytes": m["totals"]["runtime_bytes"]}
+            "warmup_model": warmup, "runtime_bytes": m["totals"]["runtime_bytes"]}
 
 
 def nominal_bits(scheme: str) -> float:

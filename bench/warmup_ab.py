@@ -23,21 +23,27 @@ from bench.browser import Server, _launch, _wait_ready, skip_reason  # noqa: E40
 from bench.generate import PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# the page's ?warmup=: "off" none, "after" the warm-up after the load only (session 25), "on" (the default) the
+# warm-up model while the weights load too (session 26)
+WARMUP_PARAM = {"off": "0", "after": "after", "on": "1"}
 GEN_JS = "([p, n]) => window.tinyqmoe.generate(p, {raw: p, max_new_tokens: n, ignore_eos: true})"
 
 
-def one_load(pw, server: str, bundle: str, threads: int, warmup: bool, think: float, new_tokens: int) -> dict:
+def one_load(pw, server: str, bundle: str, threads: int, warmup: str, think: float, new_tokens: int) -> dict:
     browser = _launch(pw)
     try:
         page = browser.new_context().new_page()
-        page.goto(f"{server}/?bundle={bundle}&ep=wasm&threads={threads}&autoload=1&warmup={int(warmup)}")
+        page.goto(f"{server}/?bundle={bundle}&ep=wasm&threads={threads}&autoload=1&warmup={WARMUP_PARAM[warmup]}")
         _wait_ready(page, 600_000)
         time.sleep(think)
         first = page.evaluate(GEN_JS, [PROMPT, new_tokens])
         w = page.evaluate("window.tinyqmoe.warmedUp()")
+        proxy = page.evaluate("window.tinyqmoe.state.proxyWarmup")
+        lt = page.evaluate("window.tinyqmoe.state.loadTimings")
         again = page.evaluate(GEN_JS, [PROMPT, new_tokens])
         p = first["profile"]
-        return {"first_tok_s": first["decodeTokS"], "prefill_ms": p["prefillMs"],
+        return {"first_tok_s": first["decodeTokS"], "prefill_ms": p["prefillMs"], "proxy": proxy,
+                "ready_ms": lt["readyAt"] - lt["loadStartAt"],
                 # asked -> the first run's start: the wait for the warm-up's current step, and the tokenizer
                 "wait_ms": p["startAt"] - p["askedAt"], "first_token_ms": first["firstTokenMs"],
                 "next_tok_s": again["decodeTokS"], "same_tokens": first["tokens"] == again["tokens"],
@@ -54,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundles", dest="folder", default=str(ROOT / "bundles"), help="folder the dev server lists")
     ap.add_argument("--think", default="0,3", help="comma list of seconds between ready and the first message")
     ap.add_argument("--threads", default="1,2", help="comma list of onnxruntime-web thread counts")
+    ap.add_argument("--modes", default="off,on", help="comma list of warm-up modes: off, after, on")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "warmup_ab.json"))
@@ -61,9 +68,9 @@ def main(argv=None) -> int:
     if (why := skip_reason()):
         print(f"cannot run: {why}")
         return 2
-    configs = [(f"{b}/t{t}/think{think:g}/warmup-{'on' if w else 'off'}", b, t, w, think)
+    configs = [(f"{b}/t{t}/think{think:g}/warmup-{w}", b, t, w, think)
                for b in args.bundles for t in map(int, args.threads.split(","))
-               for think in map(float, args.think.split(",")) for w in (False, True)]
+               for think in map(float, args.think.split(",")) for w in args.modes.split(",")]
     runs: dict[str, list[dict]] = {label: [] for label, *_ in configs}
     with Server(Path(args.folder)) as server, sync_playwright() as pw:
         for r in range(args.rounds):
@@ -71,25 +78,32 @@ def main(argv=None) -> int:
                 got = one_load(pw, server, bundle, threads, warmup, think, args.new_tokens)
                 runs[label].append(got)
                 w = got["warmup"]
-                print(f"round {r} {label}: first reply {got['first_tok_s']:.1f} tok/s (first token after "
-                      f"{got['first_token_ms']:.0f} ms, prefill {got['prefill_ms']:.0f}), next {got['next_tok_s']:.1f}"
-                      + (f"; warm-up {w['steps']} steps, {w['ms']:.0f} ms" if w else ""), flush=True)
+                px = got["proxy"]
+                print(f"round {r} {label}: ready after {got['ready_ms']:.0f} ms, first reply {got['first_tok_s']:.1f} "
+                      f"tok/s (first token after {got['first_token_ms']:.0f} ms, prefill {got['prefill_ms']:.0f}), next "
+                      f"{got['next_tok_s']:.1f}" + (f"; warm-up {w['steps']} steps, {w['ms']:.0f} ms" if w else "")
+                      + (f"; warm-up model {px['steps']} steps, {px['ms']:.0f} ms" if px else ""), flush=True)
     med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
-    lines = ["| configuration | first reply tok/s | asked -> first token ms | of which prefill | of which waiting | "
-             "next reply tok/s | warm-up steps / ms |", "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | load -> ready ms | first reply tok/s | asked -> first token ms | of which prefill | "
+             "of which waiting | next reply tok/s | warm-up steps / ms | warm-up model steps / ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for label, rows in runs.items():
         ws = [x["warmup"] for x in rows if x["warmup"]]
-        summary[label] = {"first_tok_s": med(rows, "first_tok_s"), "prefill_ms": med(rows, "prefill_ms"),
+        ps = [x["proxy"] for x in rows if x["proxy"]]
+        summary[label] = {"ready_ms": med(rows, "ready_ms"), "first_tok_s": med(rows, "first_tok_s"), "prefill_ms": med(rows, "prefill_ms"),
                           "first_token_ms": med(rows, "first_token_ms"), "wait_ms": med(rows, "wait_ms"),
                           "next_tok_s": med(rows, "next_tok_s"),
                           "warmup_steps": statistics.median(w["steps"] for w in ws) if ws else None,
                           "warmup_ms": statistics.median(w["ms"] for w in ws) if ws else None,
+                          "proxy_steps": statistics.median(p["steps"] for p in ps) if ps else None,
+                          "proxy_ms": statistics.median(p["ms"] for p in ps) if ps else None,
                           "same_tokens": all(x["same_tokens"] for x in rows)}
         s = summary[label]
-        lines.append(f"| {label} | {s['first_tok_s']:.1f} | {s['first_token_ms']:.0f} | {s['prefill_ms']:.0f} | "
-                     f"{s['wait_ms']:.0f} | {s['next_tok_s']:.1f} | "
-                     + (f"{s['warmup_steps']:g} / {s['warmup_ms']:.0f} |" if ws else "– |"))
+        lines.append(f"| {label} | {s['ready_ms']:.0f} | {s['first_tok_s']:.1f} | {s['first_token_ms']:.0f} | "
+                     f"{s['prefill_ms']:.0f} | {s['wait_ms']:.0f} | {s['next_tok_s']:.1f} | "
+                     + (f"{s['warmup_steps']:g} / {s['warmup_ms']:.0f} |" if ws else "– |")
+                     + (f" {s['proxy_steps']:g} / {s['proxy_ms']:.0f} |" if ps else " – |"))
     table = "\n".join(lines)
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

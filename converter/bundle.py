@@ -89,6 +89,8 @@ class BuildOptions:
                                              # compressed when that saves 10%
     file_codec: str = "deflate"              # how: "deflate" (zlib, what the browser's DecompressionStream reads)
                                              # or "qz" (our LZW chunks, as version 2 did)
+    warmup_model: bool = True                # with the wasm graph: also write warmup/, a tiny model of the same
+                                             # schemes the page runs while the weights load (warmup_model.py)
 
     def resolved_embed_scheme(self) -> str:
         if self.embed_scheme:
@@ -520,7 +522,8 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
             from .calibrate import calibrate
             calib = calibrate(checkpoint, opts.scheme, embed_scheme, opts.calibration, progress,
                               None if generated is None else _first_windows(generated, opts.calibration.sequences))
-        manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph, calib)
+        extra = _write_warmup(checkpoint, tmp, opts, embed_scheme, export_graph)
+        manifest = _write_into(checkpoint, tmp, opts, embed_scheme, progress, export_graph, calib, extra)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -530,6 +533,30 @@ def write_bundle(checkpoint, out: Path, opts: BuildOptions,
         if calib is not None:
             calib.close()
         os.close(lock_fd)   # the empty .lock file stays: unlinking it would let two builds lock different inodes
+
+
+def _write_warmup(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, export_graph) -> dict:
+    """warmup/ (converter/warmup_model.py) when the bundle gets a wasm graph: the manifest entry {"warmup": ...}
+    naming it, its bytes and its manifest's SHA-256; {} when there is none."""
+    from .warmup_model import DIR, WarmupCheckpoint
+
+    if not (opts.warmup_model and opts.wasm_graph):
+        return {}
+    ck = WarmupCheckpoint(checkpoint)
+    sub = folder / DIR
+    sub.mkdir()
+    # every file deflated (they are small, the graphs compress 5-10x), the graph the page runs and model.onnx only,
+    # nothing fitted to data: the kernels are what matters, not what they compute
+    wopts = BuildOptions(scheme=opts.scheme, embed_scheme=embed_scheme, chunk_symbols=opts.chunk_symbols,
+                         max_code_bits=opts.max_code_bits, name=f"{opts.name or Path(str(checkpoint.path)).stem}-warmup",
+                         smooth="off", fp16_graph=False, wasm_graph=True, warmup_model=False, compress_files_from=0,
+                         file_codec=opts.file_codec)
+    m = _write_into(ck, sub, wopts, embed_scheme, None, export_graph)
+    if "graph_wasm" not in m:                 # float schemes: the page runs model.onnx, nothing to warm up
+        shutil.rmtree(sub)
+        return {}
+    return {"warmup": {"dir": DIR, "bytes": sum(p.stat().st_size for p in sub.iterdir()),
+                       "sha256": hashlib.sha256((sub / MANIFEST).read_bytes()).hexdigest()}}
 
 
 def _wasm_graph(cfg, weight_types: dict, initializers: list[dict], tensors: list[dict], scheme: str,
@@ -606,7 +633,8 @@ def _block_scale_types(types: dict, weights: list[str]) -> dict:
     return out
 
 
-def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None):
+def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str, progress, export_graph, calib=None,
+                extra_entries: dict | None = None):
     cfg: LlamaConfig = checkpoint.config
     t0 = time.perf_counter()
     blobs = _BlobWriter(folder, opts.blob_bytes)
@@ -678,12 +706,14 @@ def _write_into(checkpoint, folder: Path, opts: BuildOptions, embed_scheme: str,
         "tokenizer": tok_entries,
         "blobs": blobs.blobs,
         "tables": tables,
+        **(extra_entries or {}),
         "totals": {
             "parameters": n_params,
             "float32_bytes": float_bytes,
             "runtime_bytes": sum(e["nbytes"] for e in initializers),
             "blob_bytes": stored,
-            "bundle_bytes": stored + sum(_stored_bytes(g) for g in (*graphs.values(), *tok_entries.values(), tables)),
+            "bundle_bytes": stored + sum(_stored_bytes(g) for g in (*graphs.values(), *tok_entries.values(), tables))
+            + sum(e["bytes"] for e in (extra_entries or {}).values()),
             "bits_per_weight_blobs": round(8 * stored / max(quantized_params, 1), 4),
         },
     }
@@ -859,8 +889,9 @@ def _int(v, where: str, lo: int = 0, hi: int = 1 << 62) -> int:
     return v
 
 
-def load(path: str | Path) -> Bundle:
-    """Read and validate a bundle's manifest against the files on disk (blob hashes are checked on decode)."""
+def load(path: str | Path, _warmup_of: LlamaConfig | None = None) -> Bundle:
+    """Read and validate a bundle's manifest against the files on disk (blob hashes are checked on decode; those of
+    the warm-up model a bundle carries, warmup/, here). _warmup_of: the config of the bundle whose warmup/ this is."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
@@ -924,6 +955,9 @@ def load(path: str | Path) -> Bundle:
     listed = {MANIFEST, on_disk(GRAPH, m["graph"]), *(on_disk(f, i) for f, i in m["tokenizer"].items()),
               *(b["file"] for b in m["blobs"]), *([on_disk(TABLES, m["tables"])] if "tables" in m else [])} | \
         {on_disk(fname, m[key]) for key, fname in GRAPH_VARIANTS.items() if key in m}
+    if "warmup" in m:
+        _want(_warmup_of is None, f"{M}: warmup", "a warm-up model has none of its own")
+        listed.add(_check_warmup(path, m, cfg))
     unlisted = sorted(p.name for p in path.iterdir() if p.name not in listed)
     _want(not unlisted, str(path), f"holds file(s) the manifest does not list: {', '.join(unlisted[:5])}")
     _validate_initializers(m, cfg)
@@ -938,6 +972,40 @@ def load(path: str | Path) -> Bundle:
         if key in m:
             _validate_graph(path, m, fname)
     return Bundle(path, m, cfg, m["initializers"])
+
+
+def _check_warmup(path: Path, m: dict, cfg: LlamaConfig) -> str:
+    """The warm-up model (converter/warmup_model.py) the manifest lists: its folder holds exactly the bytes listed,
+    its manifest has the listed SHA-256, and it is a valid bundle of the same schemes and of warmup_config(cfg)
+    whose blobs decode (the page runs it; the reference runtime does not). Returns the folder's name."""
+    from .warmup_model import DIR, warmup_config
+
+    w, where = m["warmup"], f"{MANIFEST}: warmup"
+    _want(isinstance(w, dict) and set(w) == {"dir", "bytes", "sha256"}, where, "expected dir, bytes and sha256")
+    _want(w["dir"] == DIR, f"{where}.dir", f"expected {DIR!r}")
+    _int(w["bytes"], f"{where}.bytes")
+    _want(isinstance(w["sha256"], str) and len(w["sha256"]) == 64, f"{where}.sha256", "not a SHA-256 hex")
+    sub = path / DIR
+    _want(sub.is_dir() and not sub.is_symlink(), f"{DIR}/", "missing (the manifest lists a warm-up model)")
+    files = list(sub.iterdir())
+    _want(all(p.is_file() and not p.is_symlink() for p in files), f"{DIR}/", "holds something other than files")
+    total = sum(p.stat().st_size for p in files)
+    _want(total == w["bytes"], f"{DIR}/", f"holds {total} bytes, {where}.bytes says {w['bytes']}")
+    mpath = sub / MANIFEST
+    _want(mpath.is_file() and hashlib.sha256(mpath.read_bytes()).hexdigest() == w["sha256"], f"{DIR}/{MANIFEST}",
+          f"missing or its SHA-256 does not match {where}.sha256")
+    try:
+        wb = load(sub, _warmup_of=cfg)
+        wm = wb.manifest
+        _want((wm["scheme"], wm["embed_scheme"]) == (m["scheme"], m["embed_scheme"]), f"{MANIFEST}: scheme",
+              f"{wm['scheme']}/{wm['embed_scheme']}, the bundle's are {m['scheme']}/{m['embed_scheme']}")
+        _want(wb.config == warmup_config(cfg), f"{MANIFEST}: config", "is not the warm-up shape of the bundle's config")
+        _want("graph_wasm" in wm, MANIFEST, "has no wasm graph (the only graph the page warms up with)")
+        for _ in wb.decode_initializers():
+            pass
+    except BundleError as e:
+        raise BundleError(f"{DIR}: {e}") from None
+    return DIR
 
 
 def _merge_tables(path: Path, m: dict):
@@ -1291,7 +1359,7 @@ def _str(v, where: str) -> str:
 
 def _validate_schema(m: dict):
     M = MANIFEST
-    _keys(m, _TOP | (({"calibration", "smoothing"} | set(GRAPH_VARIANTS)) & set(m)) |
+    _keys(m, _TOP | (({"calibration", "smoothing", "warmup"} | set(GRAPH_VARIANTS)) & set(m)) |
           ({"tables"} if m["version"] >= 2 else set()), M)
     for key in GRAPH_VARIANTS:
         if key in m:

@@ -56,6 +56,31 @@ def test_warm_up_after_a_load_leaves_no_trace(page, server, bundle_dir):
     page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1&warmup=0")
     page.wait_for_function("document.body.dataset.ready", timeout=180_000)
     assert page.evaluate("window.tinyqmoe.warmedUp()") is None
+    assert page.evaluate("window.tinyqmoe.state.proxyWarmup") is None
+
+
+def test_the_warm_up_model_runs_while_the_weights_load(page, server, bundle_dir):
+    """The bundle's warm-up model (converter/warmup_model.py) runs on the WASM EP while the real weights load: at
+    least 64 steps, its session gone before the real one is made (the reply equals the CPU reference's);
+    ?warmup=after runs only the warm-up after the load; a warm-up model that fails to load only skips it."""
+    want = cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 12, graph="wasm")
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1")
+    page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+    px = page.evaluate("window.tinyqmoe.state.proxyWarmup")
+    assert px["error"] is None and 64 <= px["steps"] <= 400 and px["prompts"] >= 1, px
+    assert page_tokens(page, PROMPT, 12)["tokens"] == want
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1&warmup=after")
+    page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+    assert page.evaluate("window.tinyqmoe.state.proxyWarmup") is None
+    assert page.evaluate("window.tinyqmoe.warmedUp()")["steps"] >= 1
+    # a broken warm-up model (a 404 would be served from the page's cache of the last load): the load goes on
+    page.route("**/warmup/manifest.json", lambda route: route.fulfill(status=200, body="{not json"))
+    page.goto(f"{server}/?bundle=tiny-int8&ep=wasm&autoload=1")
+    page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+    assert page.evaluate("document.body.dataset.ready") == "1"
+    px = page.evaluate("window.tinyqmoe.state.proxyWarmup")
+    assert px["steps"] == 0 and "invalid JSON" in px["error"], px
+    assert page_tokens(page, PROMPT, 12)["tokens"] == want
 
 
 def page_tokens(page, prompt, n, raw=True, **sampling):

@@ -55,7 +55,8 @@ def mutants(bundle: Path, n: int, seed: int = 0) -> Iterator[tuple[str, dict[str
     from manifests import read_manifest, split_manifest
 
     rng = random.Random(seed)
-    files = {p.name: p.read_bytes() for p in sorted(bundle.iterdir()) if p.is_file()}
+    # every file, the warm-up model's (warmup/NAME) too
+    files = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
     on_disk = json.loads(files["manifest.json"])
     manifest = read_manifest(bundle)        # version 2: tables.json's tensors and initializers merged in
     leaves = [(p, v) for p, v in _paths(manifest) if p and p[0] != "integrity"]

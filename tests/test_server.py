@@ -86,6 +86,10 @@ def tree(tmp_path_factory) -> dict:
     blob = random.Random(0).randbytes(BLOB_SIZE)
     (bundles / "tiny-a" / "weights-000.qzb").write_bytes(blob)
     (bundles / "tiny-a" / "model.onnx").write_bytes(b"onnx-graph")
+    (bundles / "tiny-a" / "warmup").mkdir()
+    (bundles / "tiny-a" / "warmup" / "model.onnx").write_bytes(b"warm-up graph")
+    (bundles / "tiny-a" / "extra").mkdir()
+    (bundles / "tiny-a" / "extra" / "model.onnx").write_bytes(b"not listed")
     raw_b = _write_manifest(bundles / "b-second", _manifest("ternary", "int8", 999))
     _write_manifest(bundles / ".building", _manifest("int8", "int8", 1))    # build in progress
     _write_manifest(bundles / "broken", "{not json")
@@ -391,6 +395,14 @@ def test_py_serves_runtime_source(client):
     r = client.get("/py/generate.py")
     assert r.status_code == 200
     assert r.content == (REPO / "converter" / "runtime" / "generate.py").read_bytes()
+
+
+def test_bundles_are_flat_but_for_their_warm_up_model(client):
+    """A bundle's files, and those of its warm-up model (converter/warmup_model.py, folder warmup/); nothing deeper
+    and no other folder."""
+    assert client.get("/bundles/tiny-a/warmup/model.onnx").content == b"warm-up graph"
+    for url in ("/bundles/tiny-a/extra/model.onnx", "/bundles/tiny-a/warmup/x/model.onnx", "/bundles/warmup/x/y"):
+        assert client.get(url).status_code == 404, url
 
 
 @pytest.mark.parametrize("url", [

@@ -323,7 +323,9 @@ def file_endpoint(root: Path, cache_control: str, accept: Callable[[str], bool] 
 
 
 def _is_bundle_file(rel: str) -> bool:
-    return rel.count("/") == 1                  # "{name}/{file}": bundles are flat folders
+    # "{name}/{file}", and "{name}/warmup/{file}": a bundle's files and its warm-up model's (converter/warmup_model.py)
+    parts = rel.split("/")
+    return len(parts) == 2 or (len(parts) == 3 and parts[1] == "warmup")
 
 
 def _is_runtime_source(rel: str) -> bool:

@@ -99,7 +99,8 @@ function graphVariant(ep, f16) {
 
 async function load(name, wanted = "auto", keepNotice = false) {
   await stopWarmUp();
-  warmup = null; state.warmup = null;
+  warmup = null; state.warmup = null; state.proxyWarmup = null;
+  let proxy = null;
   $("error").hidden = true; $("stages").innerHTML = "";
   if (!keepNotice) $("notice").hidden = true;
   document.body.dataset.ready = "";
@@ -113,11 +114,17 @@ async function load(name, wanted = "auto", keepNotice = false) {
     // the provider decides which graph is fetched: shader-f16 WebGPU adapters run the float16 graph, the WASM EP
     // the group-GEMM graph (onnxruntime-web's wasm MatMulNBits is ~10x slower than its integer GEMM: README)
     let { ep, why, f16 } = await chooseProvider(wanted);
-    const bundle = await loadBundle(`/bundles/${encodeURIComponent(name)}/`, pool, (p) => {
+    const base = `/bundles/${encodeURIComponent(name)}/`;
+    // on the WASM EP, the bundle's warm-up model runs while the weights download and decode (proxyWarmUp)
+    const startProxy = (m) => {
+      if (ep === "wasm" && !["0", "after"].includes(params.get("warmup")) && m.warmup) proxy = proxyWarmUp(`${base}${m.warmup.dir}/`);
+    };
+    const bundle = await loadBundle(base, pool, (p) => {
       $("progress").value = p.done / p.total;
       $("progress-text").textContent = `${p.stage}: ${mb(p.done)} / ${mb(p.total)} (${(100 * p.done / p.total).toFixed(0)}%)`;
-    }, graphVariant(ep, f16), { into: params.get("into") !== "0" });
+    }, graphVariant(ep, f16), { into: params.get("into") !== "0", onManifest: startProxy });
     manifest = bundle.manifest;
+    if (proxy) state.proxyWarmup = await proxy.finish();     // stopped after its current step, its session gone
     $("progress").value = 1;
     stage("download", bundle.timings.downloadMs);
     stage("decode (after download)", bundle.timings.decodeAfterDownloadMs);
@@ -177,6 +184,7 @@ async function load(name, wanted = "auto", keepNotice = false) {
     return { ep, why, timings: state.loadTimings };
   } catch (e) {
     pool.terminate();
+    if (proxy) await proxy.finish(false);
     showError(explain(e, "loading failed", manifest));
     document.body.dataset.ready = "error";
     throw e;
@@ -313,6 +321,62 @@ function warmUp(session) {
     }
   })();
   warmup = w;
+}
+
+/** The warm-up model (converter/warmup_model.py: one small layer of random weights, the bundle's schemes and graph
+ * layout), run while the real weights download and decode: by the time the real session exists, V8 has compiled
+ * the kernels it shares with the warm-up model's session with its optimizing tier, so a first visit's first reply
+ * no longer pays for that (session 26: int4-m32 at 2 threads, first reply 23–26 -> 35–48 tok/s). Up to PROXY_STEPS
+ * decode steps, a short prompt first and again each time PROXY_WINDOW positions are used; stopped (finish) when
+ * the real weights are in — after its current step, or once it has run PROXY_MIN_STEPS (~0.2 s; fewer left the
+ * first reply half warmed up: its session only exists after onnxruntime-web's module has compiled) — and its
+ * session released before the real one is made. Any failure only skips it. ?warmup=0: none; ?warmup=after: only
+ * the warm-up after the load (warmUp). Returns { finish(full): Promise<what it did> }. */
+const PROXY_STEPS = 400;
+const PROXY_MIN_STEPS = 64;
+const PROXY_PROMPT = 8;
+const PROXY_WINDOW = 96;
+
+function proxyWarmUp(url) {
+  let stop = false, abort = false;
+  const done = (async () => {
+    const t0 = performance.now();
+    const out = { steps: 0, prompts: 0, loadMs: 0, ms: 0, error: null };
+    const pool = new DecoderPool(1);
+    let session = null;
+    try {
+      await pool.start();
+      const b = await loadBundle(url, pool, () => {}, "graph_wasm");
+      pool.terminate();
+      if (abort) return out;
+      session = await DecoderSession.create(b.graph, b.externalData, b.manifest.config, "wasm", threads, { ...sessionOpts });
+      for (const x of b.externalData) x.data.buffer.transfer?.(0);
+      out.loadMs = performance.now() - t0;
+      const span = Math.min(PROXY_WINDOW, b.manifest.config.max_position_embeddings);
+      let ids = [];
+      while ((!stop || (!abort && out.steps < PROXY_MIN_STEPS)) && out.steps < PROXY_STEPS) {
+        if (!ids.length || session.length + 1 >= span) {      // a prompt: the prefill's kernels too
+          await session.rewind(0);
+          ids = Array.from({ length: PROXY_PROMPT }, (_, i) => 1 + i);
+          out.prompts++;
+        }
+        const top = await session.forward(ids, 1, 1);
+        out.steps++;
+        ids = [top.ids[0]];
+        await yieldToPage();          // the loader's work on this thread (fetch callbacks, progress) comes in between
+      }
+    } catch (e) {
+      out.error = e.message;
+      console.warn(`warm-up model skipped: ${e.message}`);
+    } finally {
+      pool.terminate();
+      if (session) await session.session.release().catch(() => {});
+      out.ms = performance.now() - t0;
+    }
+    return out;
+  })();
+  // full = false (the load failed): stop after the current step whatever the count
+  return { finish: (full = true) => { stop = true; abort = !full; return done; } };
 }
 
 async function stopWarmUp() {

@@ -131,20 +131,21 @@ async function fetchStoredFile(base, name, info, pool, stats) {
  * @param {(p: {stage: string, done: number, total: number}) => void} progress
  * @param {string} variant the graph that will run: "graph" (model.onnx), "graph_fp16" or "graph_wasm"; model.onnx
  *   when the bundle has no such variant (the result's graphVariant says which was fetched)
- * @param {{into?: boolean}} opts into: false: every chunk comes back to this thread to be put in place (the old
- *   path, for A/B runs)
+ * @param {{into?: boolean, onManifest?: (m: object) => void}} opts into: false: every chunk comes back to this
+ *   thread to be put in place (the old path, for A/B runs); onManifest: called with the manifest (tables merged in)
+ *   before the weights are fetched
  */
-export async function loadBundle(base, pool, progress, variant = "graph", { into = true } = {}) {
+export async function loadBundle(base, pool, progress, variant = "graph", { into = true, onManifest = null } = {}) {
   const stats = { networkBytes: 0, cachedBytes: 0, cacheErrors: [], cacheKeys: [], failed: false };
   try {
-    return await loadFiles(base, pool, progress, variant, stats, into);
+    return await loadFiles(base, pool, progress, variant, stats, into, onManifest);
   } catch (e) {
     await forgetCached(stats);
     throw e;
   }
 }
 
-async function loadFiles(base, pool, progress, variant, stats, into) {
+async function loadFiles(base, pool, progress, variant, stats, into, onManifest) {
   const t = { start: performance.now() };
   let manifestText;
   const cache = await openCache();
@@ -171,6 +172,7 @@ async function loadFiles(base, pool, progress, variant, stats, into) {
     m.tensors = tables.tensors;
     m.initializers = tables.initializers;
   }
+  if (onManifest) onManifest(m);
 
   // A chunk's bytes go to its out_offset; a float tensor stored as byte planes (manifest "planes": its item size,
   // plane p = byte p of every element) has them put back at that stride — the copy happens anyway.

@@ -21,6 +21,8 @@ const MAX_PAGES = 65535;          // the glue's cap: 4294901760 bytes
 let memory = null;      // the module's WebAssembly.Memory, once instantiated
 let module = null;      // the Emscripten module object onnxruntime-web uses
 let pending = 0;        // bytes asked for before the module existed
+let initialBytes = 0;   // the heap's size as the glue made it
+let reserved = false;   // a reservation was made (a later one is refused)
 
 /** The heap's size in bytes (0 before onnxruntime-web has started its wasm module). */
 export function heapBytes() {
@@ -28,15 +30,35 @@ export function heapBytes() {
 }
 
 /**
- * Before onnxruntime-web has started its wasm module: grows the heap, as soon as it exists, by `bytes` beyond the
- * size it starts with, and from then on lets it grow by 5 % at a time (smallerSteps). Returns false when the
- * module already runs — its heap then holds earlier sessions, whose freed space the next one reuses, so it is left
- * to grow by itself.
+ * Grows the heap to `bytes` beyond the size it starts with — as soon as it exists, before onnxruntime-web has
+ * started its wasm module; now, when only a session that made no reservation has run (the page's warm-up model,
+ * whose freed space the next session reuses) — and from then on lets it grow by 5 % at a time (smallerSteps).
+ * Returns false when a reservation was made already: the heap then holds earlier sessions, whose freed space the
+ * next one reuses, so it is left to grow by itself.
  */
 export function reserveHeap(bytes) {
-  if (memory) return false;
-  pending = Math.max(pending, bytes);
+  if (reserved) return false;
+  reserved = true;
+  if (!memory) {
+    pending = bytes;
+    return true;
+  }
+  grownBy(initialBytes + bytes - memory.buffer.byteLength);
+  smallerSteps(memory);
+  refreshViews();
   return true;
+}
+
+/** Grows the heap by `bytes` (rounded up to pages; nothing when ≤ 0), never past wasm32's 4 GiB. A growth the
+ * browser refuses is no error: the heap then grows as the session needs, as it would have without one. */
+function grownBy(bytes) {
+  if (bytes <= 0) return;
+  const pages = Math.min(Math.ceil(bytes / WASM_PAGE), MAX_PAGES - memory.buffer.byteLength / WASM_PAGE);
+  try {
+    memory.grow(pages);
+  } catch (e) {
+    console.warn(`ort-heap.mjs: could not reserve ${bytes} bytes of heap (${e.message}); growing as needed`);
+  }
 }
 
 function refreshViews() {
@@ -99,15 +121,9 @@ export default async function ortWasmWithHeap(moduleArg = {}) {
     ...moduleArg,
     instantiateWasm(imports, done) {
       memory = findMemory(imports);
+      initialBytes = memory.buffer.byteLength;
       if (pending) {
-        // never more than wasm32's 4 GiB; and a reservation the browser refuses is no error: the heap then grows
-        // as the session needs, as it would have without one
-        const pages = Math.min(Math.ceil(pending / WASM_PAGE), MAX_PAGES - memory.buffer.byteLength / WASM_PAGE);
-        try {
-          memory.grow(pages);
-        } catch (e) {
-          console.warn(`ort-heap.mjs: could not reserve ${pending} bytes of heap (${e.message}); growing as needed`);
-        }
+        grownBy(pending);
         smallerSteps(memory);
       }
       instantiate(url, imports).then((r) => done(r.instance, r.module), fail);
