@@ -7,6 +7,8 @@
       model.onnx[.zlib]      decoder graph; every initializer is external data (location = its own name)
       weights-000.qzb ...    blobs: concatenated QZ chunks (docs/lzw-format.md), at most `blob_bytes` each
       tokenizer.json[.zlib], tokenizer_config.json (and generation_config.json when the source had one)
+      warmup/                with model.wasm.onnx: the warm-up model the page runs while the weights load, a bundle of
+                             its own (~45 KB; converter/warmup_model.py), listed and checked by this manifest
 
 Files from 64 KiB up are stored compressed when that saves 10%: version 3 writes one zlib stream (`fname.zlib`,
 "deflate" in the manifest entry); version 2 wrote QZ chunks (`fname.qz`, "qz"), which are still read (_write_file).
