@@ -274,8 +274,9 @@ def _build(src, out, **kw):
 def test_two_builds_are_byte_identical(tmp_path, tiny_hf):
     _build(tiny_hf[0], tmp_path / "a", scheme="int4-g32")
     _build(tiny_hf[0], tmp_path / "b", scheme="int4-g32")
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    files = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert "warmup/manifest.json" in files          # the warm-up model's files too
+    assert files == sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file())
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
