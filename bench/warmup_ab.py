@@ -1,13 +1,16 @@
-"""The page's warm-up after a load (static/js/app.js warmUp), A/B: a first visit's first reply with and without it
-(`?warmup=0`), after the user's think time — the seconds between the page being ready and the first message — of
-0 s (asked at once: the warm-up stops after its current step) and of a few seconds.
+"""The page's warm-ups, A/B: a first visit's first reply with none (`--modes off`, `?warmup=0`), with the warm-up
+after the load alone (`after`, static/js/app.js warmUp, session 25) and with the bundle's warm-up model run while
+the weights load as well (`on`, the default: proxyWarmUp, session 26), after the user's think time — the seconds
+between the page being ready and the first message — of 0 s (asked at once: a warm-up stops after its current
+step) and of a few seconds.
 
     python bench/warmup_ab.py --bundles /tmp/ab smollm2-int4-m32 --think 0,3 --rounds 3
+    python bench/warmup_ab.py smollm2-int4-m32 smollm2-int8 --think 0 --threads 2,1 --modes after,on --rounds 3
 
 Each load runs in a fresh Chromium (incognito: no V8 code cache, a first visit), generates the same greedy
-completion twice (the first reply and the next one) and records what the warm-up did. Prints decode tok/s and the
-first token's ms from the call — the prefill and the wait for the warm-up's current step among them — per
-configuration (medians over rounds) and writes bench/results/warmup_ab.json.
+completion twice (the first reply and the next one) and records what the warm-ups did. Prints load -> ready ms,
+decode tok/s and the first token's ms from the call — the prefill and the wait for the warm-up's current step among
+them — per configuration (medians over rounds) and writes bench/results/warmup_ab.json.
 """
 from __future__ import annotations
 
