@@ -1472,6 +1472,11 @@ def _validate_calibration(c):
         _int(c.get(k), f"{w}.{k}", 1, 1 << 24)
     _num(c.get("damp"), f"{w}.damp", 0, 1)
     _want(isinstance(c.get("act_order", False), bool), f"{w}.act_order", "must be true or false")
+    if "fisher_rows" in c:
+        f = c["fisher_rows"]
+        _want(isinstance(f, dict) and isinstance(f.get("kinds"), list) and all(isinstance(k, str) for k in f["kinds"]),
+              f"{w}.fisher_rows", "needs a list of the kinds of matrix weighted")
+        _num(f.get("beta"), f"{w}.fisher_rows.beta", 0, 4)
     _want(len(json.dumps(c)) < 1 << 16, w, "is too large")
     if "mixed" in c:
         mixed = c["mixed"]

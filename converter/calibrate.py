@@ -41,6 +41,7 @@ import numpy as np
 
 from .config import LlamaConfig, rope_inv_freq
 from .errors import QuantError
+from .fisher import BETA, FISHER_KINDS, LEVELS_PER_OCTAVE, relative_steps, row_fisher
 from .quant import Quantized, Scheme, entropy, errors, get_scheme
 from .smooth import row_relative
 
@@ -63,6 +64,8 @@ class CalibrationOptions:
                                          # SmolLM2 layer 2 were 0.1: q 12 %, o 14 %, down 16 % lower than at 0.01
     block: int = 128                     # GPTQ lazy-update block (columns); a multiple of the group size
     act_order: bool = False              # GPTQ's columns by decreasing diag(H) (per-row grids only: quantize_gptq)
+    fisher_rows: bool = False            # int8-eB: rows of q/k/v/up_proj get steps from their Fisher information
+                                         # (fisher.py), measured on the calibration windows
     clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
     embedding: str = "rtn"               # "rtn" or "calibrated": quantize the (tied) embedding / lm_head with
                                          # the method too (Hessian of the final normed hidden states)
@@ -84,6 +87,9 @@ class CalibrationOptions:
                 raise QuantError(f"with {scheme} linear layers (llama.cpp's blocks, kept as the GGUF stores them) only "
                                  "the embedding can be calibrated: add --calib-embedding, without --mixed")
             return self._check_numbers()
+        if self.fisher_rows and get_scheme(scheme).target_bits is None:
+            raise QuantError(f"--fisher-rows sets the per-row steps of an entropy-coded scheme (int8-eB), and {scheme} "
+                             "has none: choose int8-eB linear layers or drop it")
         if self.act_order and get_scheme(scheme).group:
             raise QuantError(f"--act-order reorders GPTQ's columns, and {scheme} chooses its grid per group of "
                              f"{get_scheme(scheme).group} columns in their order: use it with a per-row scheme "
@@ -116,6 +122,7 @@ class CalibrationOptions:
         d["clip_grid"] = list(self.clip_grid)
         d["corpus_chars"] = self.text_chars()
         d.pop("mixed"), d.pop("mixed_high")          # recorded as calibration.mixed when used
+        d.pop("fisher_rows")                          # recorded as calibration.fisher_rows when used
         return d
 
 
@@ -565,6 +572,15 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
         record["mixed"] = {"budget_bits": opts.mixed, "high": opts.mixed_high, "nominal_bits": round(bits, 4),
                            "promoted": promoted}
 
+    factors: dict[str, np.ndarray] = {}
+    if opts.fisher_rows:
+        fisher = row_fisher(checkpoint, ids, progress)
+        for name, f in fisher.items():
+            rel = row_relative(checkpoint, name)     # measured on the smoothed weights: F_r there is d_r² times the
+            factors[name] = relative_steps(f if rel is None else f * rel * rel)   # unsmoothed row's; undone
+        record["fisher_rows"] = {"kinds": list(FISHER_KINDS), "beta": BETA, "levels_per_octave": LEVELS_PER_OCTAVE,
+                                 "matrices": len(factors), "positions": int(np.asarray(ids).size)}
+
     spill = _Spill()
     errs: dict[str, float] = {}
     try:
@@ -572,7 +588,10 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
             if embedding_only(scheme):            # the bundle writer rounds (or passes through) these itself
                 return base.dequantize(base.quantize(w))
             sch = high if name in promoted else base
-            q = quantize_with(opts.method, sch, w, h, opts, relative=row_relative(checkpoint, name))
+            relative = row_relative(checkpoint, name)
+            if name in factors:
+                relative = factors[name] if relative is None else relative * factors[name]
+            q = quantize_with(opts.method, sch, w, h, opts, relative=relative)
             spill.put(name, q)
             schemes[name] = sch.name
             w_hat = sch.dequantize(q)

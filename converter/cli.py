@@ -130,11 +130,14 @@ def _calibration_options(args):
             raise TinyQMoEError("--calib-text applies to calibrated builds: add --calibrate (or --mixed)")
         if args.act_order:
             raise TinyQMoEError("--act-order applies to calibrated builds: add --calibrate gptq")
+        if args.fisher_rows:
+            raise TinyQMoEError("--fisher-rows applies to calibrated builds: add --calibrate gptq")
         return None
     from .calibrate import CalibrationOptions
     seq_len = min(256, args.calib_tokens)
     return CalibrationOptions(method=args.calibrate or "rtn", sequences=max(1, args.calib_tokens // seq_len),
                               seq_len=seq_len, mixed=args.mixed, damp=args.calib_damp, act_order=args.act_order,
+                              fisher_rows=args.fisher_rows,
                               mixed_high=SCHEME_ALIASES.get(args.mixed_high, args.mixed_high),
                               embedding="calibrated" if args.calib_embedding else "rtn", source_text=args.calib_text)
 
@@ -429,6 +432,10 @@ def configure_parser() -> argparse.ArgumentParser:
                         "model.onnx; what bench/frontier.py measures")
     b.add_argument("--act-order", action="store_true",
                    help="GPTQ rounds the columns with the largest activations first (per-row grids: int8, int8-eB)")
+    b.add_argument("--fisher-rows", action="store_true",
+                   help="int8-eB linear layers: the rows of q/k/v/up_proj get steps from their Fisher information on "
+                        "the calibration text (finer where a row moves the prediction more; the same entropy); "
+                        "holds the float model in memory for a numpy backward pass (docs/quality.md, session 27)")
     b.add_argument("--calib-embedding", action="store_true",
                    help="also calibrate the embedding / lm_head (Hessian of the final hidden states); with "
                         "--scheme source (or q4_0/q4_1/q8_0) only the embedding is calibrated")
