@@ -41,7 +41,7 @@ import numpy as np
 
 from .config import LlamaConfig, rope_inv_freq
 from .errors import QuantError
-from .fisher import BETA, FISHER_KINDS, LEVELS_PER_OCTAVE, relative_steps, row_fisher
+from .fisher import BETA, FISHER_KINDS, LEVELS_PER_OCTAVE, relative_steps, unsmoothed_row_fisher
 from .quant import Quantized, Scheme, entropy, errors, get_scheme
 from .smooth import row_relative
 
@@ -82,14 +82,14 @@ class CalibrationOptions:
             raise QuantError(f"unknown calibration method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.embedding not in ("rtn", "calibrated"):
             raise QuantError(f"calibration embedding must be rtn or calibrated, got {self.embedding!r}")
+        if self.fisher_rows and get_scheme(scheme).target_bits is None:
+            raise QuantError(f"--fisher-rows sets the per-row steps of an entropy-coded scheme (int8-eB), and {scheme} "
+                             "has none: choose int8-eB linear layers or drop it")
         if embedding_only(scheme):
             if self.embedding != "calibrated" or self.mixed is not None:
                 raise QuantError(f"with {scheme} linear layers (llama.cpp's blocks, kept as the GGUF stores them) only "
                                  "the embedding can be calibrated: add --calib-embedding, without --mixed")
             return self._check_numbers()
-        if self.fisher_rows and get_scheme(scheme).target_bits is None:
-            raise QuantError(f"--fisher-rows sets the per-row steps of an entropy-coded scheme (int8-eB), and {scheme} "
-                             "has none: choose int8-eB linear layers or drop it")
         if self.act_order and get_scheme(scheme).group:
             raise QuantError(f"--act-order reorders GPTQ's columns, and {scheme} chooses its grid per group of "
                              f"{get_scheme(scheme).group} columns in their order: use it with a per-row scheme "
@@ -574,10 +574,7 @@ def calibrate(checkpoint, scheme: str, embed_scheme: str, opts: CalibrationOptio
 
     factors: dict[str, np.ndarray] = {}
     if opts.fisher_rows:
-        fisher = row_fisher(checkpoint, ids, progress)
-        for name, f in fisher.items():
-            rel = row_relative(checkpoint, name)     # measured on the smoothed weights: F_r there is d_r² times the
-            factors[name] = relative_steps(f if rel is None else f * rel * rel)   # unsmoothed row's; undone
+        factors = {n: relative_steps(f) for n, f in unsmoothed_row_fisher(checkpoint, ids, progress).items()}
         record["fisher_rows"] = {"kinds": list(FISHER_KINDS), "beta": BETA, "levels_per_octave": LEVELS_PER_OCTAVE,
                                  "matrices": len(factors), "positions": int(np.asarray(ids).size)}
 

@@ -197,6 +197,20 @@ def row_fisher(checkpoint, ids: np.ndarray, progress: Progress | None = None, ba
     return {n: f / positions for n, f in fisher.items()}
 
 
+def unsmoothed_row_fisher(checkpoint, ids: np.ndarray, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """row_fisher of a checkpoint that may be smoothed (smooth.SmoothedCheckpoint), in the unsmoothed rows' terms:
+    smoothing divides v_proj's and up_proj's rows by d_r, so their outputs shrink by d_r and the gradients reaching
+    them grow by it; F_r is divided by d_r² again (row_relative = 1 / d_r). Then the Fisher factor multiplies the
+    smoothed row's own relative step (1 / d_r) instead of replacing it."""
+    from .smooth import row_relative
+
+    out = {}
+    for name, f in row_fisher(checkpoint, ids, progress).items():
+        rel = row_relative(checkpoint, name)
+        out[name] = f if rel is None else f * rel * rel
+    return out
+
+
 def relative_steps(fisher: np.ndarray) -> np.ndarray:
     """(rows,) float64: each row's step relative to the matrix's, (F_r / geometric mean)^(−BETA/2) rounded to
     LEVELS_PER_OCTAVE per octave. Rows with no measured information (F_r = 0: never reached by the text) are

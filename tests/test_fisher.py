@@ -12,6 +12,7 @@ from converter.bundle import BundleError, load, manifest_digest
 from converter.calibrate import CalibrationOptions, calibration_ids
 from converter.loaders import open_checkpoint
 from converter.quant.entropy import entropy_bits
+from converter.smooth import SmoothedCheckpoint, smoothing_scales
 
 
 def test_forward_is_the_reference_models(tiny_hf):
@@ -135,7 +136,24 @@ def test_fisher_rows_refused_where_it_does_not_apply(tmp_path, tiny_hf):
     assert main(["build", str(tiny_hf[0]), "--scheme", "int8-e3", "--fisher-rows", "--out", str(tmp_path / "x")]) == 2
     assert main(["build", str(tiny_hf[0]), "--scheme", "int4-g32", "--calibrate", "gptq", "--fisher-rows",
                  "--out", str(tmp_path / "y")]) == 2
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["build", str(tiny_hf[0]), "--scheme", "q4_0", "--calibrate", "gptq", "--calib-embedding",
+                 "--fisher-rows", "--out", str(tmp_path / "z")]) == 2        # linear layers kept as they are
+    assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+def test_smoothed_rows_information_is_taken_back_to_the_unsmoothed_rows(tiny_hf):
+    """calibrate measures F on the smoothed model (unsmoothed_row_fisher): smoothing divides v_proj's and up_proj's
+    rows by d_r, so their gradients grow by d_r; taken back, the information equals the unsmoothed model's."""
+    ck = open_checkpoint(tiny_hf[0])
+    ids = np.random.default_rng(3).integers(0, ck.config.vocab_size, (4, 16))
+    sm = smoothing_scales(ck, ck.config, ids[:2], 0.5, {"corpus": "test"})
+    smoothed = SmoothedCheckpoint(ck, sm)
+    plain, back, raw = FI.row_fisher(ck, ids), FI.unsmoothed_row_fisher(smoothed, ids), FI.row_fisher(smoothed, ids)
+    moved = 0
+    for n in plain:
+        np.testing.assert_allclose(back[n], plain[n], rtol=2e-3, atol=1e-12)
+        moved += not np.allclose(raw[n], plain[n], rtol=1e-2)
+    assert moved == 2 * ck.config.num_hidden_layers                 # v_proj and up_proj of every layer
 
 
 def test_manifest_fisher_rows_record_is_validated(tmp_path, tiny_hf):
