@@ -84,6 +84,8 @@ OURS_CALIBRATED = [("source", "int4-g32", "gptq+clip"), ("source", "int4-g64", "
                    # the calibration (and smoothing) text sampled from the float model (--calib-text generated)
                    ("int8-e3.15", "int8-e3.5", "gptq", 4096, "generated"),
                    ("int8-e3.15", "int8-e3.5", "gptq", 12288, "generated"),
+                   # session 27: the rows of q/k/v/up_proj stepped by their Fisher information (--fisher-rows)
+                   ("int8-e3.15", "int8-e3.5", "gptq", 12288, "generated", "fisher"),
                    # session 17: int4-m32 everywhere, calibrated, and int4-g64 everywhere calibrated alike
                    ("int4-m32", "int4-m32", "gptq"), ("int4-g64", "int4-g64", "gptq"),
                    # more calibration text (12,288 tokens instead of 4,096): better token probabilities
@@ -288,11 +290,12 @@ def main(argv=None) -> int:
         for (scheme, embed, *method), smooth in todo:
             tokens = method[1] if len(method) > 1 else 4096
             text = method[2] if len(method) > 2 else "pydoc"
-            out = root / bundle_name(scheme, embed, method[0] if method else None, tokens, smooth, text)
+            fisher = len(method) > 3 and method[3] == "fisher"
+            out = root / bundle_name(scheme, embed, method[0] if method else None, tokens, smooth, text, fisher)
             if args.match and not any(m in out.name for m in args.match):
                 continue
             calibration = CalibrationOptions(method=method[0], embedding="calibrated", sequences=tokens // 256,
-                                             source_text=text) if method else None
+                                             source_text=text, fisher_rows=fisher) if method else None
             if args.rebuild or not (out / "manifest.json").exists():
                 built.add(out)
                 log(f"build {out.name}")
@@ -316,7 +319,8 @@ def main(argv=None) -> int:
             c = m["calibration"]
             label += f" ({c['method']}" + (f", mixed → {c['mixed']['high']}" if "mixed" in c else "") + \
                 (f", {c['text']['tokens']:,} tokens" if c["text"]["tokens"] != 4096 else "") + \
-                (", generated text" if c.get("source_text") == "generated" else "") + ")"
+                (", generated text" if c.get("source_text") == "generated" else "") + \
+                (", Fisher rows" if "fisher_rows" in c else "") + ")"
         if "smoothing" in m:
             label += f", smoothed ({m['smoothing']['alpha']})"
         label = f"source: {label}" if path.name.startswith("smollm2-source") else label
@@ -346,13 +350,14 @@ def main(argv=None) -> int:
 
 
 def bundle_name(scheme: str, embed: str | None, method: str | None = None, tokens: int = 4096,
-                smooth: str | None = None, text: str = "pydoc") -> str:
+                smooth: str | None = None, text: str = "pydoc", fisher: bool = False) -> str:
     """A point's folder (bench/sizes.py uses the same names): default builds of the int4 and int8-eB schemes are
     smoothed and say so (-smooth), so a folder built before smoothing became their default is never taken for one;
-    -gen: calibrated on text sampled from the model (--calib-text generated)."""
+    -gen: calibrated on text sampled from the model (--calib-text generated); -fisher: --fisher-rows."""
     from converter.bundle import searchable
     return (f"smollm2-{scheme}-emb-{embed or 'default'}" + (f"-cal-{method.replace('+', '-')}" if method else "")
             + (f"-t{tokens}" if tokens != 4096 else "") + ("-gen" if text == "generated" else "")
+            + ("-fisher" if fisher else "")
             + ("-smooth" if searchable(scheme) and smooth is None else ""))
 
 
