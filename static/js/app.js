@@ -486,6 +486,8 @@ window.tinyqmoe = {
   pyReady,
   // bytes of onnxruntime-web's wasm heap (the plain build's; 0 for the WebGPU build's)
   ortHeapBytes: async () => (state.ortBuild === "wasm" ? (await import("./ort-heap.mjs")).heapBytes() : 0),
+  // how that heap grows past its reservation: "exact" (by what an allocation needs) or "5%" (ort-heap.mjs)
+  ortHeapGrowth: async () => (state.ortBuild === "wasm" ? (await import("./ort-heap.mjs")).heapGrowth() : ""),
   // prompt: a user message, or a whole conversation [{role, content}, ...]
   generate: (prompt, opts = {}) => generate(Array.isArray(prompt) ? prompt : [{ role: "user", content: prompt }],
                                             { max_new_tokens: opts.max_new_tokens ?? 16, temperature: opts.temperature ?? 0,

@@ -18,11 +18,18 @@ import ortWasmThreaded from "/vendor/ort/ort-wasm-simd-threaded.mjs";
 
 const WASM_PAGE = 65536;
 const MAX_PAGES = 65535;          // the glue's cap: 4294901760 bytes
+const STEP = 1 << 20;             // past a reservation, the heap grows by what is asked for, at least this much
 let memory = null;      // the module's WebAssembly.Memory, once instantiated
 let module = null;      // the Emscripten module object onnxruntime-web uses
 let pending = 0;        // bytes asked for before the module existed
 let initialBytes = 0;   // the heap's size as the glue made it
 let reserved = false;   // a reservation was made (a later one is refused)
+let exactResizeHooked = false;   // emscripten_resize_heap replaced (exactResize)
+
+/** How the heap grows past a reservation: "exact" (exactResize), else "5%" (smallerSteps alone). */
+export function heapGrowth() {
+  return exactResizeHooked ? "exact" : "5%";
+}
 
 /** The heap's size in bytes (0 before onnxruntime-web has started its wasm module). */
 export function heapBytes() {
@@ -32,7 +39,8 @@ export function heapBytes() {
 /**
  * Grows the heap to `bytes` beyond the size it starts with — as soon as it exists, before onnxruntime-web has
  * started its wasm module; now, when only a session that made no reservation has run (the page's warm-up model,
- * whose freed space the next session reuses) — and from then on lets it grow by 5 % at a time (smallerSteps).
+ * whose freed space the next session reuses) — and from then on lets it grow by what an allocation needs
+ * (exactResize), or by 5 % at a time where that hook is missing (smallerSteps).
  * Returns false when a reservation was made already: the heap then holds earlier sessions, whose freed space the
  * next one reuses, so it is left to grow by itself.
  */
@@ -94,6 +102,40 @@ function smallerSteps(mem) {
   };
 }
 
+/**
+ * Past a reservation, the heap grows by what an allocation needs — at least STEP (1 MiB), not 5 % of the heap
+ * (SmolLM2: 7.5 MiB; a Llama-3.2-1B heap: ~60 MiB) — so a conversation whose KV cache outgrows the reservation
+ * costs its own bytes. Emscripten's resize (`emscripten_resize_heap`, an import of the module) only ever asks
+ * memory.grow for 20, 10 or 5 % more and never says how much the allocation needs; this replaces that import,
+ * found by the constant only it holds (its 96 MiB cap on overgrowth, 100663296), with one that grows the memory
+ * to the requested size (rounded up to STEP). Before a reservation, when the import is not found (another
+ * onnxruntime-web build), or when the browser refuses the growth, Emscripten's own resize runs as before.
+ * Only this thread's module is hooked; a worker thread's resize still takes Emscripten's steps.
+ */
+function exactResize(imports) {
+  for (const space of Object.values(imports)) {
+    for (const [key, value] of Object.entries(space)) {
+      if (typeof value !== "function" || !String(value).includes("100663296")) continue;
+      space[key] = (requested) => {
+        const need = requested >>> 0;
+        const size = memory.buffer.byteLength;
+        if (!reserved || need <= size) return value(requested);
+        const target = Math.min(MAX_PAGES * WASM_PAGE, Math.ceil(Math.max(need, size + STEP) / WASM_PAGE) * WASM_PAGE);
+        if (target < need) return value(requested);
+        try {
+          WebAssembly.Memory.prototype.grow.call(memory, (target - size) / WASM_PAGE);   // past smallerSteps
+        } catch (e) {
+          return value(requested);
+        }
+        refreshViews();
+        return true;
+      };
+      return true;
+    }
+  }
+  return false;
+}
+
 function findMemory(imports) {
   for (const space of Object.values(imports)) {
     for (const value of Object.values(space)) if (value instanceof WebAssembly.Memory) return value;
@@ -122,6 +164,7 @@ export default async function ortWasmWithHeap(moduleArg = {}) {
     instantiateWasm(imports, done) {
       memory = findMemory(imports);
       initialBytes = memory.buffer.byteLength;
+      exactResizeHooked = exactResize(imports);
       if (pending) {
         grownBy(pending);
         smallerSteps(memory);
