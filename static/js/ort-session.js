@@ -66,9 +66,10 @@ export function partialSumBytes(manifest, variant) {
  * 1 thread): the heap's high-water mark was 16 MiB + the weights + 1.8 (int4-m32), 2.4 (int8), 3.8 (int4-g64,
  * with 3.5 MiB of partial sums) and 6.0 MiB (int4-g32, 6.9 MiB of partial sums); every position of KV cache added
  * ~42 KB (int4-m32) while the wasm graph concatenated it; appended (KvAppendCache), one copy of it less (int8 at 73
- * positions: a high-water mark 2.2 MiB lower, docs/page-bench.md session 23). A heap that has to grow past it does
- * so by 5 % steps (ort-heap.mjs): at Llama-3.2-1B's shape int4-g32's first prefill piece outgrew it by three and
- * ended 2.5 % above where Emscripten's 20 % steps had. */
+ * positions: a high-water mark 2.2 MiB lower, docs/page-bench.md session 23). A heap that has to grow past it grows
+ * by what the allocation asks for, at least 1 MiB (ort-heap.mjs, since session 27; before, by 5 % steps: at
+ * Llama-3.2-1B's shape int4-g32's first prefill piece outgrew it by three and ended 2.5 % above where Emscripten's
+ * 20 % steps had). */
 export function heapReserve(weightBytes, manifest, variant, rows) {
   return weightBytes + HEAP_MARGIN + partialSumBytes(manifest, variant) * Math.min(rows, MAX_PIECE);
 }
