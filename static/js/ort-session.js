@@ -143,7 +143,8 @@ export class DecoderSession {
       }
     }
     let heapReserved = 0;
-    if (build === "wasm" && opts.heapBytes && (await import(ORT_HEAP_MODULE)).reserveHeap(opts.heapBytes)) {
+    const heap = build === "wasm" && opts.heapBytes ? await import(ORT_HEAP_MODULE) : null;
+    if (heap && heap.reserveHeap(opts.heapBytes, opts.heapGrowth)) {
       heapReserved = opts.heapBytes;
     }
     const session = await ort.InferenceSession.create(graph, options);
