@@ -164,6 +164,8 @@ class Decoder:
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
+    """In z's own type (evaluate.scoring.log_softmax gives float64): a batch's logits, 4 × 256 positions of
+    SmolLM2's 49,152 tokens, stay 200 MB."""
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
