@@ -182,7 +182,10 @@ class MemorySampler:
 # In-page measurements
 # ---------------------------------------------------------------------------------------------------------------
 
-# whole-page memory where the browser offers it (crossOriginIsolated), plus the wasm heaps we can reach
+# whole-page memory where the browser offers it (crossOriginIsolated), plus the wasm heaps we can reach. pageMemory
+# is the UA memory API's total plus Pyodide's heap: Chromium's API counts ArrayBuffers, SharedArrayBuffers and a
+# shared WebAssembly.Memory (onnxruntime-web's heap) but not a non-shared one (Pyodide's), measured in
+# bench/ua_memory_wasm.py
 PAGE_MEMORY_JS = """async () => {
   const out = { crossOriginIsolated: self.crossOriginIsolated, hardwareConcurrency: navigator.hardwareConcurrency };
   if (performance.memory) out.jsHeapUsed = performance.memory.usedJSHeapSize;
@@ -205,6 +208,8 @@ PAGE_MEMORY_JS = """async () => {
         byScope[k] = (byScope[k] || 0) + b.bytes;
       }
       out.uaMemoryByScope = byScope;
+      // the API leaves out a non-shared WebAssembly.Memory (bench/ua_memory_wasm.py): Pyodide's heap is added
+      out.pageMemory = m.bytes + (out.pyodideHeap || 0);
     } catch (e) { out.uaMemoryError = String(e); }
   }
   return out;

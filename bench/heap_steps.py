@@ -1,5 +1,6 @@
 """onnxruntime-web's wasm heap in the page: every growth while a bundle loads and then generates, the heap the page
-reserved for it, the page memory (UA memory API) and its ratio to the weights — one fresh Chromium per configuration.
+reserved for it, the page memory (the UA memory API's total plus Pyodide's heap, which the API leaves out:
+bench/ua_memory_wasm.py) and its ratio to the weights — one fresh Chromium per configuration.
 With --high-water LO:HI, instead binary-searches the smallest heap (MiB, grown as onnxruntime-web makes it) under
 which loading and generating never grow it: what the session really needs. Measurement only: both hook
 WebAssembly.Memory in the page (docs/page-bench.md, session 18).
@@ -54,7 +55,11 @@ def run(pw, server: str, spec: str, tokens: int, pregrow_mib: float = 0) -> dict
                 "ort_heap_mib": (pm.get("ortHeap") or 0) / MIB, "weights_mib": (pm.get("weightBytes") or 0) / MIB,
                 "reserved_mib": (pm.get("heapReserved") or 0) / MIB, "ua_memory_mib": pm.get("uaMemory", 0) / MIB,
                 "ua_over_weights": pm.get("uaMemory", 0) / max(pm.get("weightBytes") or 1, 1),
-                "decode_tok_s": gen.get("decodeTokS")}
+                "pyodide_heap_mib": (pm.get("pyodideHeap") or 0) / MIB,
+                "page_memory_mib": pm.get("pageMemory", 0) / MIB,
+                "page_over_weights": pm.get("pageMemory", 0) / max(pm.get("weightBytes") or 1, 1),
+                "decode_tok_s": gen.get("decodeTokS"),
+                "ua_memory_by_scope": pm.get("uaMemoryByScope"), "ua_memory_by_type": pm.get("uaMemoryByType")}
     finally:
         browser.close()
 
@@ -95,7 +100,9 @@ def main(argv=None) -> int:
             results.append(r)
             fmt = lambda steps: ", ".join(f"{a / MIB:.1f}→{b / MIB:.1f}" for a, b in steps) or "none"  # noqa: E731
             print(f"{spec}: weights {r['weights_mib']:.1f} MiB, reserved {r['reserved_mib']:.1f}, heap "
-                  f"{r['ort_heap_mib']:.1f}, page memory {r['ua_memory_mib']:.1f} MiB ({r['ua_over_weights']:.3f}x), "
+                  f"{r['ort_heap_mib']:.1f}, UA memory API {r['ua_memory_mib']:.1f} MiB ({r['ua_over_weights']:.3f}x), "
+                  f"Pyodide heap {r['pyodide_heap_mib']:.1f}, page memory {r['page_memory_mib']:.1f} MiB "
+                  f"({r['page_over_weights']:.3f}x), "
                   f"decode {r['decode_tok_s'] or 0:.1f} tok/s\n  grew loading: {fmt(r['steps_loading'])}\n"
                   f"  grew generating: {fmt(r['steps_generating'])}", flush=True)
     if args.out:

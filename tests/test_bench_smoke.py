@@ -98,6 +98,10 @@ def test_memory(quick):
     assert mem["peak_pss_mib"]["median"] > mem["idle_pss_mib"]["median"] > 0
     assert mem["ua_memory_mib"]["median"] > 0               # crossOriginIsolated: the UA memory API answered
     assert mem["pyodide_heap_mib"]["median"] > 0
+    # the page's memory: the API's total plus Pyodide's heap, which the API does not count
+    assert mem["page_memory_mib"]["median"] > mem["ua_memory_mib"]["median"]
+    page = next(r for r in doc["summary"]["targets"]["memory"] if r["config"] == "page-wasm/int8/t1")
+    assert page["page_memory_ratio"] > page["ua_memory_ratio"] > 0
     assert cfg["ortcpu/int8/t1"]["peak_rss_mib"]["median"] > 0
     run = next(r for r in doc["runs"] if r["key"] == "page-wasm/int8/t1")
     timeline = run["result"]["memory"]["timeline"]

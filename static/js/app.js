@@ -33,7 +33,8 @@ const workers = () => Number(params.get("workers")) || navigator.hardwareConcurr
 // Pyodide starts while the user picks and downloads a bundle, on this thread; ?py=worker runs it in a worker
 // (measured on this 2-core machine: no faster to ready cold, slower warm — Pyodide's start then competes with the
 // decoder pool and onnxruntime-web for the same two cores; README "Changes landed")
-const pyReady = PyRuntime.start(params.get("py") === "worker" ? "worker" : "main");
+const pyReady = PyRuntime.start(params.get("py") === "worker" ? "worker" : "main",
+                                params.get("pyheap") === "20" ? "20%" : "5%");   // Pyodide's heap steps (A/B)
 pyReady.catch((e) => showError(`Python runtime failed to start: ${e.message}`));
 
 function showError(msg) { $("error").textContent = msg; $("error").hidden = false; }
@@ -426,12 +427,14 @@ function memoryLine() {
   return line;
 }
 
-/** Whole-page memory (JS + WASM heaps of all workers) where the browser offers it; it resolves after a GC, so the
- * status line is updated when it arrives. */
+/** Whole-page memory where the browser offers it: the UA memory API's total (JS heaps, array buffers and
+ * onnxruntime-web's shared wasm heap of the page and its workers) plus Pyodide's heap, a non-shared wasm memory
+ * that the API does not count (bench/ua_memory_wasm.py). The API resolves after a GC, so the status line is
+ * updated when it arrives. */
 function reportPageMemory() {
   if (!self.crossOriginIsolated || !performance.measureUserAgentSpecificMemory) return;
-  performance.measureUserAgentSpecificMemory().then((m) => {
-    if (!$("status").textContent.includes("page memory")) $("status").textContent += `, page memory ${mb(m.bytes)}`;
+  Promise.all([performance.measureUserAgentSpecificMemory(), state.py ? state.py.heapBytes() : 0]).then(([m, py]) => {
+    if (!$("status").textContent.includes("page memory")) $("status").textContent += `, page memory ${mb(m.bytes + py)}`;
   }).catch(() => {});
 }
 

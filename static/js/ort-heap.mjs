@@ -15,6 +15,7 @@
 // glue's exported views (Module.HEAPU8, ...) still show the old length — the glue refreshes its internal views on
 // every access, onnxruntime-web's JS reads the exported ones — so they are remade here.
 import ortWasmThreaded from "/vendor/ort/ort-wasm-simd-threaded.mjs";
+import { smallerSteps } from "./heap-steps.mjs";
 
 const WASM_PAGE = 65536;
 const MAX_PAGES = 65535;          // the glue's cap: 4294901760 bytes
@@ -81,28 +82,6 @@ function refreshViews() {
       module[key] = new view.constructor(buffer);
     }
   }
-}
-
-/**
- * Makes the heap grow by 5 % of its size at a time instead of Emscripten's 20 %. Emscripten's resize
- * (emscripten_resize_heap in its library.js; `Lb` in the minified glue) asks memory.grow for
- * max(needed, min(1.2 x size, needed + 96 MiB)), and when that throws, for the same with 1.1 x, then with
- * 1.05 x, each rounded up to 64 KiB. Here the first two attempts of a resize that would grow the heap by more
- * than 5 % are refused, so the third — 5 %, or what the allocation needs if that is more — is taken. Only this
- * thread's glue calls it: a worker thread (numThreads > 1) that grows the heap still steps by 20 %.
- */
-function smallerSteps(mem) {
-  const grow = mem.grow.bind(mem);
-  let refused = 0;    // attempts of the current resize refused so far
-  mem.grow = (delta) => {
-    const size = mem.buffer.byteLength;
-    if (delta * WASM_PAGE > Math.ceil((size * 0.05) / WASM_PAGE) * WASM_PAGE && refused < 2) {
-      refused++;
-      throw new RangeError("ort-heap.mjs: a smaller step, please");
-    }
-    refused = 0;
-    return grow(delta);
-  };
 }
 
 /**

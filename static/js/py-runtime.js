@@ -5,10 +5,10 @@
 import { startPython, pythonCalls } from "./py-glue.js";
 
 export class PyRuntime {
-  /** @param {"worker"|"main"} where */
-  static async start(where = "main") {
+  /** @param {"worker"|"main"} where @param {string} heapSteps py-glue.js startPython */
+  static async start(where = "main", heapSteps = "5%") {
     if (where === "main") {
-      const { py, glue, startMs } = await startPython();
+      const { py, glue, startMs } = await startPython(heapSteps);
       const calls = pythonCalls(py, glue);
       return new PyRuntime((method, args) => Promise.resolve(calls[method](...args)), startMs, "main");
     }
@@ -27,7 +27,7 @@ export class PyRuntime {
         resolve(ev.data.startMs);
       };
       worker.onerror = (e) => reject(new Error(`Python worker failed: ${e.message || "script error"}`));
-      worker.postMessage({ type: "start" });
+      worker.postMessage({ type: "start", heapSteps });
     });
     const call = (method, args) => new Promise((resolve, reject) => {
       const id = nextId++;
