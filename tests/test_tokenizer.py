@@ -507,3 +507,25 @@ def test_encoding_a_few_kb_is_fast(smollm2_converted):
     seconds = time.perf_counter() - t0
     assert len(text.encode("utf-8")) > 4000 and ids
     assert seconds < 0.5, f"encoding {len(text)} chars took {seconds:.3f} s"
+
+
+@pytest.mark.parametrize("vocab,merges,compact", [
+    # merged ids growing with the rank (ab 3, bc 4, abc 5): the table holds the merged ids alone
+    ({"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5}, [["a", "b"], ["b", "c"], ["ab", "c"]], True),
+    # abc made before bc: its id (4) is below bc's (5) although its merge ranks later, so the ranks are kept
+    ({"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "bc": 5}, [["a", "b"], ["b", "c"], ["ab", "c"], ["a", "bc"]], False),
+])
+def test_merge_table_stores_merged_ids_alone_only_when_they_grow_with_the_rank(vocab, merges, compact):
+    d = _minimal()
+    d["model"].update(vocab=vocab, merges=merges)
+    d["pre_tokenizer"]["trim_offsets"] = True                      # fields `tokenizers` insists on
+    d["decoder"] = {**d["pre_tokenizer"], "type": "ByteLevel"}
+    hf = hf_tokenizers.Tokenizer.from_str(json.dumps(d))
+    for tok in (Tokenizer.from_json_dict(d), Tokenizer.from_json(json.dumps(pack(d)))):
+        ids = {i: i for i in tok.vocab.values()}
+        if compact:      # the vocabulary's own int objects: no value objects of the table's own
+            assert all(v is ids[v] for v in tok.merges.values())
+        else:
+            assert sorted(v >> 21 for v in tok.merges.values()) == list(range(len(merges)))     # ranks kept
+        for text in ("abc", "abcabc", "bcab", "cab", "cbabca"):
+            assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids, text

@@ -585,7 +585,11 @@ def _parse_merge(m, index: int) -> tuple[str, str]:
 
 
 # Merges are keyed by the pair of ids, packed in one int, and map to the merge's rank and the merged token's id,
-# packed the same way: ints instead of tuples of strings keep the table at a third of the memory.
+# packed the same way: ints instead of tuples of strings keep the table at a third of the memory. A value orders
+# merges by rank (smaller first) and its low 21 bits are the merged id. Where the merged ids grow with the rank (a
+# trained vocabulary numbers its tokens in merge order: SmolLM2's merge r makes token 252 + r), the value is the
+# merged id alone — the vocabulary's own int object, so the table holds no value objects of its own (~1.2 MB less
+# in Pyodide's heap for SmolLM2's 48,900 merges).
 _ID_BITS = 21
 _ID_LIMIT = 1 << _ID_BITS                        # ids must fit in 21 bits (Llama 3: 128,256 tokens)
 _ID_MASK = _ID_LIMIT - 1
@@ -599,9 +603,10 @@ def _added_id(t: dict) -> int:
 
 
 def merge_table(vocab: dict[str, int], merges: list, consume: bool = False) -> dict[int, int]:
-    """{id_a << 21 | id_b: rank << 21 | id of a+b}, rank = index in `merges`; a later duplicate of a pair wins, as
-    in the Rust HashMap `tokenizers` builds from the list. As there, both halves and their concatenation must be
-    in the vocabulary. consume=True empties `merges` while building (the strings are freed as they are read)."""
+    """{id_a << 21 | id_b: rank << 21 | id of a+b} (or the id of a+b alone: _ids_as_ranks), rank = index in
+    `merges`; a later duplicate of a pair wins, as in the Rust HashMap `tokenizers` builds from the list. As there,
+    both halves and their concatenation must be in the vocabulary. consume=True empties `merges` while building
+    (the strings are freed as they are read)."""
     table: dict[int, int] = {}
     get = vocab.get
     for r in range(len(merges) - 1, -1, -1):     # from the end, so the first pair kept is the last duplicate
@@ -617,6 +622,19 @@ def merge_table(vocab: dict[str, int], merges: list, consume: bool = False) -> d
         key = ia << _ID_BITS | ib
         if key not in table:
             table[key] = r << _ID_BITS | inew
+    return _ids_as_ranks(table, vocab)
+
+
+def _ids_as_ranks(table: dict[int, int], vocab: dict[str, int]) -> dict[int, int]:
+    """The table with each value replaced by its merged id (the vocabulary's int object) when the merged ids,
+    taken in rank order, strictly grow: then they order the merges as the ranks do. Otherwise unchanged."""
+    ranked = sorted(table.values())
+    if any((a ^ b) & _ID_MASK == 0 or (a & _ID_MASK) > (b & _ID_MASK) for a, b in zip(ranked, ranked[1:])):
+        return table
+    del ranked
+    obj = {i: i for i in vocab.values()}               # id -> the vocabulary's own object for it
+    for key, v in table.items():
+        table[key] = obj[v & _ID_MASK]
     return table
 
 
@@ -695,12 +713,20 @@ def _packed_tables(model: dict) -> tuple[dict[str, int], dict[int, int]]:
     vocab = _packed_vocab(tokens)
     table: dict[int, int] = {}
     get = vocab.get
+    ids_as_ranks, prev = True, -1         # the merged ids grow with the rank so far: store them alone
     for r, i, p in _packed_merges(model):                # forward, so a later duplicate of a pair overwrites
         t = tokens[i]
         ia, ib = get(t[:p]), get(t[p:])
         if ia is None or ib is None:
             raise TokenizerError(f"model.merges[{r}]: {t[:p]!r} + {t[p:]!r} is not a pair of tokens")
-        table[ia << _ID_BITS | ib] = r << _ID_BITS | i
+        if ids_as_ranks and i <= prev:                   # they do not: the ranks stored so far are put back
+            ids_as_ranks = False
+            rank = {j: q for q, j, _ in _packed_merges(model) if q < r}   # ids grew so far: one rank each
+            for key, v in table.items():
+                table[key] = rank[v] << _ID_BITS | v
+            del rank
+        prev = i
+        table[ia << _ID_BITS | ib] = get(t) if ids_as_ranks else r << _ID_BITS | i
     return vocab, table
 
 
@@ -746,7 +772,8 @@ def _merge_word(word: str, vocab: dict[str, int], merges: dict[int, int]) -> lis
     Returns the ids of the final symbols (None for a character outside the vocabulary: it never merges).
 
     Symbols live in a doubly linked list over the character positions; a heap holds (rank, left position)
-    candidates, checked against the current neighbours when popped (stale entries are skipped). O(n log n)."""
+    candidates, checked against the current neighbours when popped (stale entries are skipped). O(n log n).
+    A merge's table value orders it by rank (module note above merge_table), so the heap holds the values."""
     sym: list[int | None] = [vocab.get(c) for c in word]
     n = len(sym)
     if n <= 1:
@@ -758,17 +785,17 @@ def _merge_word(word: str, vocab: dict[str, int], merges: dict[int, int]) -> lis
         a, b = sym[i], sym[i + 1]
         v = None if a is None or b is None else merges.get(a << _ID_BITS | b)
         if v is not None:
-            heap.append((v >> _ID_BITS, i))
+            heap.append((v, i))
     heapq.heapify(heap)
     while heap:
-        r, i = heapq.heappop(heap)
+        r, i = heapq.heappop(heap)                # r: the table value of the merge pushed
         j = nxt[i]
         a = sym[i]
         if a is None or a < 0 or j >= n:
             continue                              # stale: merged into its left neighbour since
         b = sym[j]
         v = None if b is None else merges.get(a << _ID_BITS | b)
-        if v is None or v >> _ID_BITS != r:
+        if v != r:
             continue                              # stale: one side has been merged since this was pushed
         sym[i] = a = v & _ID_MASK
         sym[j] = -1                               # merged away (None is taken: an unknown character)
@@ -779,12 +806,12 @@ def _merge_word(word: str, vocab: dict[str, int], merges: dict[int, int]) -> lis
         if p >= 0 and sym[p] is not None:
             vp = merges.get(sym[p] << _ID_BITS | a)
             if vp is not None:
-                heapq.heappush(heap, (vp >> _ID_BITS, p))
+                heapq.heappush(heap, (vp, p))
         k = nxt[i]
         if k < n and sym[k] is not None:
             vn = merges.get(a << _ID_BITS | sym[k])
             if vn is not None:
-                heapq.heappush(heap, (vn >> _ID_BITS, i))
+                heapq.heappush(heap, (vn, i))
     return [s for s in sym if s is None or s >= 0]
 
 
