@@ -4,7 +4,7 @@ ArrayBuffer, a SharedArrayBuffer and a shared WebAssembly.Memory (onnxruntime-we
 non-shared WebAssembly.Memory (Pyodide's heap), so the bench's page memory adds Pyodide's heap to the API's total
 (bench/browser.py PAGE_MEMORY_JS).
 
-    python bench/ua_memory_wasm.py [--mib 200] [--reps 3] [--out bench/results/session28/ua_memory_wasm.json]
+    python bench/ua_memory_wasm.py [--mib 200] [--reps 3] [--case NAME ...] [--out bench/results/session28/ua_memory_wasm.json]
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=200, help="bytes allocated per case, MiB (a multiple of 1)")
     ap.add_argument("--reps", type=int, default=3, help="fresh browsers per case (the API's answer is noisy)")
+    ap.add_argument("--case", action="append", choices=list(CASES), help="only this case (repeatable)")
     ap.add_argument("--out", help="also write the results as JSON")
     args = ap.parse_args(argv)
     if (why := skip_reason()):
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     results = []
     with Server(ROOT / "bundles") as server, sync_playwright() as pw:
         for name, make in CASES.items():
+            if args.case and name not in args.case:
+                continue
             counted = []
             for _ in range(args.reps):
                 browser = _launch(pw)

@@ -249,7 +249,50 @@ def test_heap_steps_bench_reports_the_reservation(bundle_dir, tmp_path):
     assert reserved["reserved_mib"] > reserved["weights_mib"] > 0 and natural["reserved_mib"] == 0
     assert reserved["steps_loading"] == [[16 * mib, 16 * mib + -(-int(reserved["reserved_mib"] * mib) // 65536) * 65536]]
     assert reserved["ua_memory_mib"] > reserved["ort_heap_mib"] > reserved["weights_mib"]
+    # the page memory adds Pyodide's heap (at least the 30 MiB its wasm declares) to the API's total
+    assert reserved["pyodide_heap_mib"] >= 30
+    assert abs(reserved["page_memory_mib"] - reserved["ua_memory_mib"] - reserved["pyodide_heap_mib"]) < 0.01
     assert "grew loading" in proc.stdout
+
+
+def test_ua_memory_api_leaves_out_a_non_shared_wasm_memory(tmp_path):
+    """bench/ua_memory_wasm.py: why the page memory adds Pyodide's heap to the UA memory API's total — the API
+    counts a shared wasm memory the page holds a view of (onnxruntime-web's heap) and not a non-shared one
+    (Pyodide's). Should Chromium start counting it, the bench would count Pyodide twice, and this fails."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ua.json"
+    proc = subprocess.run([sys.executable, "bench/ua_memory_wasm.py", "--mib", "200", "--reps", "3", "--case",
+                           "WebAssembly.Memory", "--case", "WebAssembly.Memory, shared, a view, unwritten",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    by_case = {r["case"]: r for r in json.loads(out.read_text())}
+    plain, shared = by_case["WebAssembly.Memory"], by_case["WebAssembly.Memory, shared, a view, unwritten"]
+    assert plain["cross_origin_isolated"] and shared["cross_origin_isolated"]
+    assert shared["median_mib"] > 150, shared
+    assert plain["median_mib"] < 50, plain
+
+
+def test_page_snapshot_finds_both_wasm_heaps(bundle_dir, tmp_path):
+    """bench/page_snapshot.py: the heap snapshot holds onnxruntime-web's and Pyodide's heaps as array buffers."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "snap.json"
+    proc = subprocess.run([sys.executable, "bench/page_snapshot.py", "tiny-int4m", "--bundles", str(bundle_dir),
+                           "--new-tokens", "4", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    buffers = [n["mib"] for n in r["snapshot"]["largest_mib"] if "JSArrayBufferData" in n["kind"]]
+    mib = lambda x: round(x, 2)  # noqa: E731
+    assert mib(r["ort_heap_mib"]) in buffers and mib(r["pyodide_heap_mib"]) in buffers, (buffers, r)
+    assert r["page_memory_mib"] > r["ua_memory_mib"] > r["ort_heap_mib"] > 0
 
 
 def test_wasm_heap_reservation_the_browser_refuses_is_no_error(page, server, bundle_dir):
