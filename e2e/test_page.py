@@ -3,6 +3,7 @@ offline reload from cache, corrupted blob."""
 import math
 import shutil
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -615,3 +616,37 @@ def test_warmup_ab_bench_runs(bundle_dir, tmp_path):
     assert on["first_tok_s"] > 0 and off["first_tok_s"] > 0 and on["same_tokens"] and off["same_tokens"]
     assert on["first_token_ms"] >= on["prefill_ms"] and off["wait_ms"] >= 0
     assert "| tiny-int4m/t1/think0.5/warmup-on |" in proc.stdout
+
+
+def test_kept_for_offline_use_loads_and_chats_with_the_server_gone(browser, bundle_dir):
+    """The "Keep for offline use" button (static/sw.js): after it, the page is reloaded through the service
+    worker, which keeps every file it passes; then the server is shut down — no network at all — and a reload
+    still loads the bundle (blobs from loader.js's cache, everything else from the worker's) and gives the CPU
+    reference's tokens."""
+    from bench.browser import Server
+
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.console_messages = []
+    page.on("console", lambda m: page.console_messages.append(m.text))
+    try:
+        with Server(bundle_dir) as own:
+            open_loaded(page, own, "tiny-int8", "wasm")
+            assert not page.evaluate("window.tinyqmoe.offline()")
+            with page.expect_navigation():
+                page.click("#offline-btn")
+            page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+            assert page.evaluate("document.body.dataset.ready") == "1", page.inner_text("#error")
+            assert page.evaluate("window.tinyqmoe.offline()") and page.is_visible("#offline-badge")
+            page.evaluate("window.tinyqmoe.warmedUp()")
+        with pytest.raises(Exception):               # the server is gone: nothing answers on its port
+            urllib.request.urlopen(f"{own}/api/bundles", timeout=5)
+        page.reload()
+        page.wait_for_function("document.body.dataset.ready", timeout=180_000)
+        assert page.evaluate("document.body.dataset.ready") == "1", (page.inner_text("#error") + "\n"
+                                                                     + "\n".join(page.console_messages[-20:]))
+        assert "0.0 MB from network" in page.inner_text("#progress-text")
+        page.evaluate("window.tinyqmoe.warmedUp()")
+        assert page_tokens(page, PROMPT, 8)["tokens"] == cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 8)
+    finally:
+        ctx.close()

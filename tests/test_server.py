@@ -74,6 +74,7 @@ def tree(tmp_path_factory) -> dict:
     static = root / "static"
     (static / "sub").mkdir(parents=True)
     (static / "index.html").write_text("<!doctype html><title>tiny-qmoe</title>\n")
+    (static / "sw.js").write_text("self.addEventListener('fetch', () => {});\n")
     (static / "app.js").write_text("export const answer = 42;\n")
     (static / "sub" / "x.wasm").write_bytes(b"\0asm\1\0\0\0")
     (static / "empty.txt").write_bytes(b"")
@@ -213,6 +214,16 @@ def test_index_and_empty_file(client):
     r = client.get("/static/empty.txt")
     assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "0"
     assert client.get("/static/empty.txt", headers={"Range": "bytes=0-"}).status_code == 416
+
+
+def test_service_worker_is_served_at_the_root(client):
+    """static/sw.js at /sw.js: a service worker's scope is its script's folder, and the page's offline copy must
+    cover the whole site; no-cache, so that a new version is picked up at the next check."""
+    r = client.get("/sw.js")
+    assert r.status_code == 200 and b"addEventListener" in r.content
+    assert r.headers["content-type"].startswith("text/javascript")
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["cross-origin-embedder-policy"] == "require-corp"
 
 
 @pytest.mark.parametrize("header, span", [

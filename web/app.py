@@ -2,6 +2,7 @@
 the bundles, every response crossOriginIsolated.
 
     GET  /                          static/index.html
+    GET  /sw.js                     static/sw.js (the page's opt-in offline copy; its scope is the whole site)
     GET  /static/{path}             files under static_dir
     GET  /api/bundles               JSON list of the bundles in bundle_dir (see list_bundles)
     GET  /bundles/{name}/{file}     the files of one bundle folder
@@ -396,6 +397,12 @@ def create_app(bundle_dir: Path, static_dir: Path | None = None, node_modules: P
             return options_response()
         return await serve_file(request, resolve_under(static_dir, "index.html"), NO_CACHE)
 
+    async def service_worker(request: Request) -> Response:
+        """static/sw.js at the site's root, so that its scope is the whole site (the page's offline copy)."""
+        if request.method == "OPTIONS":
+            return options_response()
+        return await serve_file(request, resolve_under(static_dir, "sw.js"), NO_CACHE)
+
     async def bundles(request: Request) -> Response:
         if request.method == "OPTIONS":
             return options_response()
@@ -405,6 +412,7 @@ def create_app(bundle_dir: Path, static_dir: Path | None = None, node_modules: P
     routes = [
         Route("/", index, methods=METHODS),
         Route("/api/bundles", bundles, methods=METHODS),
+        Route("/sw.js", service_worker, methods=METHODS),
         Route("/static/{path:path}", file_endpoint(static_dir, NO_CACHE), methods=METHODS),
         Route("/bundles/{path:path}", file_endpoint(bundle_dir, NO_CACHE, _is_bundle_file), methods=METHODS),
         Route("/vendor/ort/{path:path}",

@@ -475,6 +475,21 @@ async function onSend(ev) {
 }
 
 $("load-btn").onclick = () => load($("bundle-select").value, $("ep-select").value).catch(() => {});
+$("offline-btn").onclick = () => keepOffline().catch((e) => showError(`Could not keep the page for offline use: ${e.message}`));
+
+/** Opt-in offline copy (static/sw.js): registers the service worker, then reloads the page with the chosen
+ * bundle once, so that every file the page and its workers fetch passes through the worker and is kept (bundle
+ * blobs are in loader.js's cache already). Later loads still go to the network first. */
+async function keepOffline() {
+  if (!("serviceWorker" in navigator)) throw new Error("this browser has no service workers");
+  await navigator.serviceWorker.register("/sw.js");
+  await navigator.serviceWorker.ready;
+  const url = new URL(location.href);
+  url.searchParams.set("bundle", $("bundle-select").value);
+  url.searchParams.set("autoload", "1");
+  location.replace(url.href);
+}
+if (navigator.serviceWorker && navigator.serviceWorker.controller) $("offline-badge").hidden = false;
 $("chat-form").onsubmit = onSend;
 $("stop-btn").onclick = () => { state.stopRequested = true; };
 $("new-btn").onclick = () => { state.history = []; $("messages").innerHTML = ""; };
@@ -501,6 +516,8 @@ window.tinyqmoe = {
                                               lookahead: opts.lookahead ?? (Number(lookaheadParam) || 0) },
                                             undefined, opts.raw ?? null, opts.reuse ?? false),
   stop: () => { state.stopRequested = true; },
+  // the page is served through its offline copy's service worker (keepOffline)
+  offline: () => !!(navigator.serviceWorker && navigator.serviceWorker.controller),
   // once the warm-up after a load (warmUp) has finished: what it did, {steps, ms, settled, stepMs}, or null
   warmedUp: async () => { if (warmup) await warmup.done; return state.warmup ?? null; },
   /** Destroys the WebGPU device the session runs on (e2e: what a lost device does to the page). */
