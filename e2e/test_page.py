@@ -650,3 +650,21 @@ def test_kept_for_offline_use_loads_and_chats_with_the_server_gone(browser, bund
         assert page_tokens(page, PROMPT, 8)["tokens"] == cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 8)
     finally:
         ctx.close()
+
+
+def test_offline_copy_survives_a_browser_restart(bundle_dir, tmp_path):
+    """bench/offline_ab.py on the tiny bundle: a profile that pressed "Keep for offline use" is still served
+    through the service worker after its browser is closed and relaunched (the script checks it and stops
+    otherwise), and a plain profile is not."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "offline.json"
+    proc = subprocess.run([sys.executable, "bench/offline_ab.py", "--bundle", "tiny-int8", "--bundles",
+                           str(bundle_dir), "--rounds", "1", "--new-tokens", "4", "--out", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["offline"] for r in runs["plain"]] == [False] and [r["offline"] for r in runs["kept offline"]] == [True]
+    assert all(r["ready_s"] > 0 and r["decode_tok_s"] > 0 for rows in runs.values() for r in rows)
