@@ -668,3 +668,29 @@ def test_offline_copy_survives_a_browser_restart(bundle_dir, tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["offline"] for r in runs["plain"]] == [False] and [r["offline"] for r in runs["kept offline"]] == [True]
     assert all(r["ready_s"] > 0 and r["decode_tok_s"] > 0 for rows in runs.values() for r in rows)
+
+
+def test_a_rebuilt_bundle_leaves_no_old_bytes_in_the_cache(page, server, bundle_dir):
+    """loader.js pruneSuperseded: the Cache API keeps blobs under their SHA-256, so a rebuilt bundle misses the old
+    entries — and, once it has loaded, they are deleted instead of filling the device's storage."""
+    folder = bundle_dir / "tiny-rebuilt"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(bundle_dir / "tiny-int8", folder)
+    keys_js = """async () => (await (await caches.open('tiny-qmoe-v1')).keys()).map((r) => r.url)
+                   .filter((u) => u.includes('/bundles/tiny-rebuilt/') && u.includes('?sha256='))"""
+    try:
+        open_loaded(page, server, "tiny-rebuilt", "wasm")
+        before = page.evaluate(keys_js)
+        shutil.rmtree(folder)
+        shutil.copytree(bundle_dir / "tiny-int4m", folder)               # same names, other bytes
+        open_loaded(page, server, "tiny-rebuilt", "wasm")
+        after = page.evaluate(keys_js)
+        assert page_tokens(page, PROMPT, 6)["tokens"] == cpu_tokens(bundle_dir / "tiny-int4m", PROMPT, 6, graph="wasm")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    by_file: dict[str, list[str]] = {}
+    for k in after:
+        by_file.setdefault(k.split("?sha256=")[0], []).append(k)
+    assert all(len(keys) == 1 for keys in by_file.values()), by_file        # one version of each file
+    changed = [k for k in before if by_file.get(k.split("?sha256=")[0], [k]) != [k]]     # the old one went
+    assert any("/weights-000.qzb?" in k for k in changed), "the two builds must differ in their weights"

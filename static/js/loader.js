@@ -75,6 +75,23 @@ async function forgetCached(stats) {
   if (cache) await Promise.all(stats.cacheKeys.map((k) => cache.delete(k).catch(() => false)));
 }
 
+/** After a load: the cache's entries for the files this load used, kept under another SHA-256 — an earlier
+ * version of the bundle — are deleted, so a rebuilt bundle does not leave its old bytes in the browser's storage
+ * (a new version only missed them). Files of the bundle this load did not use (another graph) are left. Returns
+ * how many entries went. */
+async function pruneSuperseded(stats) {
+  const cache = await openCache();
+  if (!cache || stats.failed) return 0;
+  const used = new Set(stats.cacheKeys.map((k) => new URL(k, location.href).href));
+  const files = new Set([...used].map((k) => k.split("?sha256=")[0]));
+  let pruned = 0;
+  for (const req of await cache.keys()) {
+    const [file, sha] = req.url.split("?sha256=");
+    if (sha !== undefined && files.has(file) && !used.has(req.url) && await cache.delete(req)) pruned++;
+  }
+  return pruned;
+}
+
 /** A graph or tokenizer file stored as QZ chunks (manifest "qz": file, bytes, chunk table): fetched (or read from the cache
  * under the decoded file's SHA-256) and decoded in the worker pool like the weights. */
 async function fetchQzFile(base, name, info, pool, stats) {
@@ -374,6 +391,7 @@ async function loadFiles(base, pool, progress, variant, stats, into, onManifest)
     tok[name] = new TextDecoder().decode(await fetchStoredFile(base, name, info, pool, stats));
   }
   t.end = performance.now();
+  stats.prunedEntries = await pruneSuperseded(stats);
   /** Another graph ("graph", "graph_fp16", "graph_wasm"), e.g. when WebGPU fails and the WASM EP takes over; null
    * if the bundle has none. Its QZ chunks decode in the pool, so call it before terminating the pool. */
   const fetchGraph = async (key) => {
