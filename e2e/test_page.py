@@ -648,6 +648,13 @@ def test_kept_for_offline_use_loads_and_chats_with_the_server_gone(browser, bund
         assert "0.0 MB from network" in page.inner_text("#progress-text")
         page.evaluate("window.tinyqmoe.warmedUp()")
         assert page_tokens(page, PROMPT, 8)["tokens"] == cpu_tokens(bundle_dir / "tiny-int8", PROMPT, 8)
+        # and undone: no service worker, no kept files
+        assert page.is_hidden("#offline-btn") and page.is_visible("#forget-btn")
+        page.click("#forget-btn")
+        page.wait_for_function("!document.getElementById('notice').hidden")
+        assert page.evaluate("""async () => [(await navigator.serviceWorker.getRegistrations()).length,
+                                             (await caches.keys()).filter((n) => n.startsWith('tiny-qmoe-'))]""") == [0, []]
+        assert page.is_visible("#offline-btn") and page.is_hidden("#offline-badge")
     finally:
         ctx.close()
 

@@ -482,6 +482,8 @@ $("offline-btn").onclick = () => keepOffline().catch((e) => showError(`Could not
  * blobs are in loader.js's cache already). Later loads still go to the network first. */
 async function keepOffline() {
   if (!("serviceWorker" in navigator)) throw new Error("this browser has no service workers");
+  // ask the browser not to evict the kept files under storage pressure (it decides; refused is no error)
+  if (navigator.storage && navigator.storage.persist) await navigator.storage.persist().catch(() => false);
   await navigator.serviceWorker.register("/sw.js");
   await navigator.serviceWorker.ready;
   const url = new URL(location.href);
@@ -489,7 +491,21 @@ async function keepOffline() {
   url.searchParams.set("autoload", "1");
   location.replace(url.href);
 }
-if (navigator.serviceWorker && navigator.serviceWorker.controller) $("offline-badge").hidden = false;
+/** Undoes keepOffline: unregisters the service worker and deletes its copy and the bundle blobs' cache. */
+async function forgetOffline() {
+  for (const r of await navigator.serviceWorker.getRegistrations()) await r.unregister();
+  for (const name of await caches.keys()) if (name.startsWith("tiny-qmoe-")) await caches.delete(name);
+  $("offline-badge").hidden = true;
+  $("forget-btn").hidden = true;
+  $("offline-btn").hidden = false;
+  notice("The offline copy and the cached bundles are deleted; the next load downloads again.");
+}
+$("forget-btn").onclick = () => forgetOffline().catch((e) => showError(`Could not forget the offline copy: ${e.message}`));
+if (navigator.serviceWorker && navigator.serviceWorker.controller) {
+  $("offline-badge").hidden = false;
+  $("forget-btn").hidden = false;
+  $("offline-btn").hidden = true;
+}
 $("chat-form").onsubmit = onSend;
 $("stop-btn").onclick = () => { state.stopRequested = true; };
 $("new-btn").onclick = () => { state.history = []; $("messages").innerHTML = ""; };
