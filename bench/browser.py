@@ -12,6 +12,7 @@ they run — and a return visit with the code cache starts at the later replies'
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -27,6 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_FLAGS = ["--enable-unsafe-webgpu", "--no-sandbox", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run",
                   "--enable-blink-features=ForceEagerMeasureMemory"]
+
+
+def save_json(path: str | Path | None, doc) -> None:
+    """A script's --out: the results as indented JSON (nothing when no path was given)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def skip_reason() -> str | None:

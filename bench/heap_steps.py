@@ -11,12 +11,11 @@ WebAssembly.Memory in the page (docs/page-bench.md, session 18).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.browser import PAGE_MEMORY_JS, Server, _launch, _wait_ready, skip_reason  # noqa: E402
+from bench.browser import PAGE_MEMORY_JS, Server, _launch, _wait_ready, save_json, skip_reason  # noqa: E402
 from bench.page_ab import PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,9 +104,7 @@ def main(argv=None) -> int:
                   f"({r['page_over_weights']:.3f}x), "
                   f"decode {r['decode_tok_s'] or 0:.1f} tok/s\n  grew loading: {fmt(r['steps_loading'])}\n"
                   f"  grew generating: {fmt(r['steps_generating'])}", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    save_json(args.out, results)
     return 0
 
 

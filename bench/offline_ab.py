@@ -9,14 +9,13 @@ reply's decode speed. Interleaved rounds, medians.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.browser import Server, _launch_profile, _wait_ready, skip_reason  # noqa: E402
+from bench.browser import Server, _launch_profile, _wait_ready, save_json, skip_reason  # noqa: E402
 from bench.page_ab import PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,9 +72,7 @@ def main(argv=None) -> int:
     for label, s in summary.items():
         print(f"{label:13s} return visit: ready {s['ready_s']:.2f} s, session {s['session_s']:.2f} s, "
               f"decode {s['decode_tok_s']:.1f} tok/s (medians of {args.rounds})")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"bundle": args.bundle, "runs": runs, "summary": summary}, indent=1) + "\n")
+    save_json(args.out, {"bundle": args.bundle, "runs": runs, "summary": summary})
     return 0
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.browser import PAGE_MEMORY_JS, Server, _launch, _wait_ready, skip_reason  # noqa: E402
+from bench.browser import PAGE_MEMORY_JS, Server, _launch, _wait_ready, save_json, skip_reason  # noqa: E402
 from bench.page_ab import PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,9 +86,7 @@ def main(argv=None) -> int:
     print("largest nodes:")
     for r in out["snapshot"]["largest_mib"]:
         print(f"  {r['mib']:8.2f} MiB  {r['kind']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    save_json(args.out, out)
     return 0
 
 

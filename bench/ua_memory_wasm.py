@@ -9,13 +9,12 @@ non-shared WebAssembly.Memory (Pyodide's heap), so the bench's page memory adds 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.browser import Server, _launch, skip_reason  # noqa: E402
+from bench.browser import Server, _launch, save_json, skip_reason  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2 ** 20
@@ -82,9 +81,7 @@ def main(argv=None) -> int:
                             "cross_origin_isolated": r["crossOriginIsolated"]})
             print(f"{name:52s} {args.mib} MiB allocated, the API counts {statistics.median(counted):6.1f} MiB more "
                   f"(median; {', '.join(map(str, counted))})", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    save_json(args.out, results)
     return 0
 
 
