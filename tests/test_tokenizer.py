@@ -529,3 +529,22 @@ def test_merge_table_stores_merged_ids_alone_only_when_they_grow_with_the_rank(v
             assert sorted(v >> 21 for v in tok.merges.values()) == list(range(len(merges)))     # ranks kept
         for text in ("abc", "abcabc", "bcab", "cab", "cbabca"):
             assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_from_file_is_from_json_and_names_the_file_it_refuses(tmp_path, pair):
+    """The page builds its tokenizer from a file in Pyodide's file system (py-glue.js), so that the text is released
+    once parsed: the same tokenizer as from the text, and a broken file is refused by name."""
+    from converter.runtime.chat import ChatModel
+
+    good = tmp_path / "tokenizer.json"
+    good.write_text(json.dumps(pack(pair.json)), encoding="utf-8")
+    text = "Hello world, ünïcödé and   spaces\n\tdone."
+    assert Tokenizer.from_file(good).encode(text) == pair.ours.encode(text)
+    assert ChatModel(good, {}, {}, None).tokenizer.encode(text) == pair.ours.encode(text)
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"model": ', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="broken.json: tokenizer.json is not valid JSON"):
+        Tokenizer.from_file(bad)
+    bad.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="must hold a JSON object"):
+        Tokenizer.from_file(bad)

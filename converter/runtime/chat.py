@@ -5,6 +5,7 @@ session object (onnxruntime CPU here, onnxruntime-web there).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 from .generate import GenerationResult, SamplingConfig, generate
@@ -19,10 +20,11 @@ def _token_text(v) -> str | None:
 
 
 class ChatModel:
-    def __init__(self, tokenizer_json: dict | str, tokenizer_config: dict, model_config: dict, session,
-                 generation_config: dict | None = None):
-        # tokenizer.json as text (the page: parsed here and released as it is read) or already parsed
-        self.tokenizer = (Tokenizer.from_json(tokenizer_json) if isinstance(tokenizer_json, (str, bytes))
+    def __init__(self, tokenizer_json: dict | str | os.PathLike, tokenizer_config: dict, model_config: dict,
+                 session, generation_config: dict | None = None):
+        # tokenizer.json as a file (the page: its text released once parsed), as text, or already parsed
+        self.tokenizer = (Tokenizer.from_file(tokenizer_json) if isinstance(tokenizer_json, os.PathLike)
+                          else Tokenizer.from_json(tokenizer_json) if isinstance(tokenizer_json, (str, bytes))
                           else Tokenizer.from_json_dict(tokenizer_json))
         self.tokenizer_config = tokenizer_config or {}
         self.session = session

@@ -9,16 +9,26 @@ export const RUNTIME_FILES = ["__init__.py", "tokenizer.py", "chat_template.py",
 
 export const GLUE = `
 import json
+import os
+import pathlib
 from converter.runtime.chat import ChatModel
 from converter.runtime.generate import Generation, SamplingConfig
+# imported now, not at the first reply: compiling the template engine's source takes ~2.5 MB for a moment, which
+# Pyodide's fresh heap has free; on top of the tokenizer's tables it made the heap grow (docs/page-bench.md)
+import converter.runtime.chat_template
 
 _chat = None
 _gen = None
 
-def setup(tok_json, tok_cfg, model_cfg, gen_cfg):
+def setup(tok_path, tok_cfg, model_cfg, gen_cfg):
+    """tok_path: tokenizer.json, written into Pyodide's file system by the caller (pythonCalls.setup): read from
+    there, its text is released once parsed, before the tables are built, and the heap keeps a lower peak."""
     global _chat
-    _chat = ChatModel(tok_json, json.loads(tok_cfg or "{}"), json.loads(model_cfg), None,
-                      json.loads(gen_cfg) if gen_cfg else None)
+    try:
+        _chat = ChatModel(pathlib.Path(tok_path), json.loads(tok_cfg or "{}"), json.loads(model_cfg), None,
+                          json.loads(gen_cfg) if gen_cfg else None)
+    finally:
+        os.remove(tok_path)
     return _chat.has_template
 
 def start(messages_json, sampling_json, raw, cached_json):
@@ -83,10 +93,15 @@ export async function startPython(heapSteps = "5%") {
   return { py, glue, startMs: performance.now() - t0 };
 }
 
+const TOKENIZER_PATH = "/tmp/tokenizer.json";
+
 /** The runtime's calls, on a started Python: the same functions in the worker and on the main thread. */
 export function pythonCalls(py, glue) {
   return {
-    setup: (tok, tokCfg, modelCfg, genCfg) => glue.setup(tok, tokCfg, modelCfg, genCfg),
+    setup: (tok, tokCfg, modelCfg, genCfg) => {
+      py.FS.writeFile(TOKENIZER_PATH, tok);           // the setup reads it from there and deletes it
+      return glue.setup(TOKENIZER_PATH, tokCfg, modelCfg, genCfg);
+    },
     start: (messagesJson, samplingJson, raw, cachedJson) => glue.start(messagesJson, samplingJson, raw ?? undefined,
                                                                       cachedJson),
     push: (ids, values, positions) => glue.push(ids, values, positions),
